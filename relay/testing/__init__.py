@@ -1,0 +1,1 @@
+"""Test doubles that speak the real wire protocols, for the test suite and `relay demo`."""
