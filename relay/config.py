@@ -1,0 +1,434 @@
+"""The relay's one frozen configuration: defaults, then `relay.toml`, then `RELAY_*` environment variables.
+
+Everything is checked here, once, at start-up: a refusal is a `ConfigError` of one line naming the key (or
+the variable) and the offending value, so nothing later has to wonder whether a setting makes sense.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import string
+import tomllib
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+DEFAULT_STORAGE_PATH: Final = "data/relay.db"
+# A /subscribe body carries the anon key, a JWT of a few hundred bytes; a smaller cap would refuse real clients.
+MIN_BODY_BYTES: Final = 1024
+MAX_PORT: Final = 65535
+# Tables go into Phoenix topics (`realtime:public:<table>:<filter>`), where a ':' or '.' would change the meaning.
+TABLE_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+PLACEHOLDER: Final = "faction_id"
+URL_EXAMPLE: Final = "wss://<ref>.supabase.co/realtime/v1/websocket"
+SHOWN_CHARS: Final = 80  # a refusal stays one readable line even when the value is a pasted blob
+
+CONFIG_VARIABLE: Final = "RELAY_CONFIG"
+ENV_KEYS: Final = {
+    "RELAY_UPSTREAM_URL": "upstream.url",
+    "RELAY_UPSTREAM_ANON_KEY": "upstream.anon_key",
+    "RELAY_SERVER_HOST": "server.host",
+    "RELAY_SERVER_PORT": "server.port",
+    "RELAY_STORAGE_PATH": "storage.path",
+}
+
+
+class ConfigError(Exception):
+    """A refusal: one line for a person, naming the key (dotted, or the env var) and the offending value.
+
+    The value of a secret (`upstream.anon_key`, `auth.api_keys`) is never part of the message.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8444
+    max_body_bytes: int = 16384
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelConfig:
+    table: str
+    filter: str
+
+    def filter_for(self, faction_id: int) -> str:
+        return self.filter.format(faction_id=faction_id)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    url: str
+    anon_key: str = field(repr=False)  # so that logging a config, or a traceback, never shows it
+    heartbeat_interval: float = 25.0
+    connect_timeout: float = 10.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    channels: tuple[ChannelConfig, ...] = (
+        ChannelConfig("war_calls", "faction_id=eq.{faction_id}"),
+        ChannelConfig("faction_messages", "faction_id=eq.{faction_id}"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    events_per_faction: int = 100
+    maintenance_interval: float = 300.0
+    subscription_ttl: float = 1800.0
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_factions: int = 150
+    long_poll_max_wait: float = 30.0
+    max_clock_skew_s: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    storage: StorageConfig
+    upstream: UpstreamConfig
+    retention: RetentionConfig
+    limits: LimitsConfig
+    auth: AuthConfig
+    source: Path | None
+
+    @property
+    def accepted_api_keys(self) -> tuple[str, ...]:
+        """What /subscribe accepts: today's userscript sends the anon key, so that is the default."""
+        return self.auth.api_keys or (self.upstream.anon_key,)
+
+
+SECTIONS: Final[dict[str, type[Any]]] = {
+    "server": ServerConfig,
+    "storage": StorageConfig,
+    "upstream": UpstreamConfig,
+    "retention": RetentionConfig,
+    "limits": LimitsConfig,
+    "auth": AuthConfig,
+}
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str] | None = None,
+) -> Config:
+    """Read `path` (else `$RELAY_CONFIG`, else no file), apply `RELAY_*` from `environ` then `overrides`."""
+    env = _relay_environ(os.environ if environ is None else environ, overrides or {})
+    source = _choose_file(path, env)
+    tables = _sections(_read_toml(source, from_env=path is None) if source is not None else {})
+    labels = _apply_env(tables, env)
+    where = f"in {source}" if source is not None else "in a config file (none was read)"
+
+    def section(name: str) -> _Table:
+        return _Table(name, tables[name], SECTIONS[name], labels)
+
+    server, storage, upstream = section("server"), section("storage"), section("upstream")
+    retention, limits, auth = section("retention"), section("limits"), section("auth")
+    from_file = source is not None and "storage.path" not in labels
+    return Config(
+        server=ServerConfig(
+            host=server.string("host"),
+            port=server.integer("port", low=0, high=MAX_PORT),
+            max_body_bytes=server.integer("max_body_bytes", low=MIN_BODY_BYTES),
+        ),
+        storage=StorageConfig(
+            _absolute(storage.string("path", default=DEFAULT_STORAGE_PATH), source if from_file else None)
+        ),
+        upstream=_upstream(upstream, where),
+        retention=RetentionConfig(
+            events_per_faction=retention.integer("events_per_faction", low=1),
+            maintenance_interval=retention.seconds("maintenance_interval"),
+            subscription_ttl=retention.seconds("subscription_ttl"),
+        ),
+        limits=LimitsConfig(
+            max_factions=limits.integer("max_factions", low=1),
+            # Upper bounds rather than intervals: 0 is meaningful (answer at once, allow no skew).
+            long_poll_max_wait=limits.seconds("long_poll_max_wait", allow_zero=True),
+            max_clock_skew_s=limits.seconds("max_clock_skew_s", allow_zero=True),
+        ),
+        auth=AuthConfig(_api_keys(auth)),
+        source=source,
+    )
+
+
+def _relay_environ(environ: Mapping[str, str], overrides: Mapping[str, str]) -> dict[str, str]:
+    known = {CONFIG_VARIABLE, *ENV_KEYS}
+    for name in overrides:
+        if name not in known:
+            raise ConfigError(f"unknown override {name} (known: {', '.join(sorted(known))})")
+    return {name: value for name, value in {**environ, **overrides}.items() if name in known}
+
+
+def _choose_file(path: Path | None, env: Mapping[str, str]) -> Path | None:
+    if path is not None:
+        return Path(path).absolute()
+    named = env.get(CONFIG_VARIABLE)
+    if named is None:
+        return None
+    if not named:
+        raise ConfigError(f"{CONFIG_VARIABLE} is set but empty: name a relay.toml or unset it")
+    return Path(named).absolute()
+
+
+def _read_toml(source: Path, *, from_env: bool) -> dict[str, Any]:
+    named = f" (from {CONFIG_VARIABLE})" if from_env else ""
+    try:
+        with source.open("rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {source}{named}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message ends with "(at line N, column M)" and never quotes the text, so no secret leaks.
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from exc
+
+
+def _sections(document: Mapping[str, Any]) -> dict[str, dict[str, object]]:
+    for name in document:
+        if name not in SECTIONS:
+            known = ", ".join(f"[{section}]" for section in SECTIONS)
+            raise ConfigError(f"unknown key {name} (the file has only the sections {known})")
+    tables: dict[str, dict[str, object]] = {}
+    for name in SECTIONS:
+        table = document.get(name, {})
+        if not isinstance(table, dict):
+            # No value shown: `auth = ["key"]` for `[auth]` would otherwise print a secret.
+            raise ConfigError(f"{name} must be a table ([{name}]), got {_kind(table)}")
+        tables[name] = dict(table)
+    return tables
+
+
+def _apply_env(tables: dict[str, dict[str, object]], env: Mapping[str, str]) -> dict[str, str]:
+    """Put each variable's value in place of its key; return which dotted keys now come from which variable."""
+    labels: dict[str, str] = {}
+    for name, dotted in ENV_KEYS.items():
+        if name not in env:
+            continue
+        section, key = dotted.split(".")
+        value: object = env[name]
+        if name == "RELAY_SERVER_PORT":
+            try:
+                value = int(env[name])
+            except ValueError:
+                raise ConfigError(
+                    f"{name} must be an integer from 0 to {MAX_PORT}, got {_show(value)}"
+                ) from None
+        tables[section][key] = value
+        labels[dotted] = name
+    return labels
+
+
+def _absolute(raw: str, relative_to_file: Path | None) -> Path:
+    # Relative to the file, not the cwd, so a service manager starting the relay elsewhere finds the same database.
+    path = Path(raw)
+    if path.is_absolute():
+        return path
+    return (relative_to_file.parent if relative_to_file is not None else Path.cwd()) / path
+
+
+def _upstream(table: _Table, where: str) -> UpstreamConfig:
+    url = table.string(
+        "url", hint=f': put url = "{URL_EXAMPLE}" under [upstream] {where}, or set RELAY_UPSTREAM_URL'
+    )
+    anon_key = table.string(
+        "anon_key",
+        secret=True,
+        hint=f": set RELAY_UPSTREAM_ANON_KEY to the project's anon key, or anon_key under [upstream] {where}",
+    )
+    _check_url(table, url)
+    upstream = UpstreamConfig(
+        url=url,
+        anon_key=anon_key,
+        heartbeat_interval=table.seconds("heartbeat_interval"),
+        connect_timeout=table.seconds("connect_timeout"),
+        backoff_initial=table.seconds("backoff_initial"),
+        backoff_max=table.seconds("backoff_max"),
+        channels=_channels(table),
+    )
+    if upstream.backoff_initial > upstream.backoff_max:
+        raise ConfigError(
+            f"{table.label('backoff_initial')} ({upstream.backoff_initial:g}) must not exceed "
+            f"{table.label('backoff_max')} ({upstream.backoff_max:g})"
+        )
+    return upstream
+
+
+def _check_url(table: _Table, url: str) -> None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        query = urllib.parse.parse_qs(parts.query)
+        parts.port  # noqa: B018 -- parsing the port is what raises ValueError for a bad one
+    except ValueError:
+        parts, query = None, {}
+    if "apikey" in query:
+        # Not shown, since the value is a key; it would be replaced by upstream.anon_key anyway.
+        raise table.refuse("url", "must not carry ?apikey=: set RELAY_UPSTREAM_ANON_KEY instead")
+    if parts is None or parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise table.refuse("url", f"must be a ws:// or wss:// URL such as {URL_EXAMPLE}, got {_show(url)}")
+
+
+def _channels(upstream: _Table) -> tuple[ChannelConfig, ...]:
+    entries = upstream.value("channels")
+    if isinstance(entries, tuple):  # the default, already valid
+        return entries
+    label = upstream.label("channels")
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise ConfigError(f"{label} must be [[{label}]] tables, got {_show(entries)} ({_kind(entries)})")
+    if not entries:
+        raise ConfigError(
+            f"{label} must hold at least one [[{label}]] entry: with none, no faction sees a change"
+        )
+    channels: list[ChannelConfig] = []
+    for index, entry in enumerate(entries):
+        table = _Table(f"{label}[{index}]", entry, ChannelConfig, {})
+        channel = ChannelConfig(table.string("table"), table.string("filter"))
+        if not TABLE_NAME.fullmatch(channel.table):
+            raise table.refuse(
+                "table", f"must be a plain table name (letters, digits, _), got {_show(channel.table)}"
+            )
+        if any(seen.table == channel.table for seen in channels):
+            raise table.refuse("table", f"repeats {_show(channel.table)}: one channel per table")
+        _check_filter(table, channel.filter)
+        channels.append(channel)
+    return tuple(channels)
+
+
+def _check_filter(table: _Table, template: str) -> None:
+    try:
+        fields = [
+            (name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+        ]
+    except ValueError as exc:
+        raise table.refuse(
+            "filter",
+            f"is not a valid template ({exc}; write {{{{ or }}}} for a brace), got {_show(template)}",
+        ) from None
+    for name, spec, conversion in fields:
+        if name is not None and (name != PLACEHOLDER or spec or conversion):
+            raise table.refuse(
+                "filter", f"may use only {{{PLACEHOLDER}}} as a placeholder, got {_show(template)}"
+            )
+    if all(name is None for name, _, _ in fields):
+        # Without it every faction's socket would receive every faction's rows.
+        raise table.refuse("filter", f"must contain {{{PLACEHOLDER}}}, got {_show(template)}")
+
+
+def _api_keys(auth: _Table) -> tuple[str, ...]:
+    keys = auth.value("api_keys")
+    if isinstance(keys, tuple):  # the default
+        return keys
+    # Entries are described by position and kind only: they are secrets.
+    if not isinstance(keys, list):
+        raise auth.refuse("api_keys", f"must be an array of non-empty strings, got {_kind(keys)}")
+    for index, key in enumerate(keys):
+        if not isinstance(key, str) or not key.strip():
+            problem = "an empty string" if isinstance(key, str) else _kind(key)
+            raise auth.refuse(
+                "api_keys", f"must be an array of non-empty strings; entry {index} is {problem}"
+            )
+    return tuple(keys)
+
+
+class _Table:
+    """One TOML table being read: the dataclass it becomes gives the known keys and their defaults.
+
+    Unknown keys are refused before any value is read, so `urll = ...` is reported as itself rather
+    than as a missing `url`.
+    """
+
+    def __init__(self, prefix: str, table: Mapping[str, object], shape: type[Any], labels: Mapping[str, str]):
+        self._prefix = prefix
+        self._table = table
+        self._labels = labels
+        self._defaults: dict[str, object] = {f.name: f.default for f in dataclasses.fields(shape)}
+        for key in table:
+            if key not in self._defaults:
+                # The value is not shown: a mistyped key may well hold a secret (anonkey = "...").
+                raise ConfigError(f"unknown key {prefix}.{key} (known here: {', '.join(self._defaults)})")
+
+    def label(self, key: str) -> str:
+        dotted = f"{self._prefix}.{key}"
+        return self._labels.get(dotted, dotted)
+
+    def refuse(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.label(key)} {problem}")
+
+    def value(self, key: str, *, default: object = dataclasses.MISSING, hint: str = "") -> object:
+        if key in self._table:
+            return self._table[key]
+        if default is dataclasses.MISSING:
+            default = self._defaults[key]
+        if default is dataclasses.MISSING:
+            raise self.refuse(key, f"is not set{hint}")
+        return default
+
+    def string(
+        self, key: str, *, default: object = dataclasses.MISSING, secret: bool = False, hint: str = ""
+    ) -> str:
+        value = self.value(key, default=default, hint=hint)
+        if not isinstance(value, str):
+            raise self.refuse(key, _expected("a string", value, secret=secret))
+        if not value.strip():
+            raise self.refuse(key, f"must not be empty{hint}")
+        return value
+
+    def integer(self, key: str, *, low: int, high: int | None = None) -> int:
+        value = self.value(key)
+        if isinstance(value, bool) or not isinstance(value, int):  # TOML's true is a Python int
+            raise self.refuse(key, _expected("an integer", value))
+        if value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise self.refuse(key, f"must be {bounds}, got {value}")
+        return value
+
+    def seconds(self, key: str, *, allow_zero: bool = False) -> float:
+        value = self.value(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.refuse(key, _expected("a number of seconds", value))
+        least = "zero or more" if allow_zero else "more than zero"
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise self.refuse(key, f"must be a finite number of seconds, {least}, got {_show(value)}")
+        return float(value)
+
+
+def _expected(what: str, value: object, *, secret: bool = False) -> str:
+    if secret:
+        return f"must be {what}, got {_kind(value)}"
+    return f"must be {what}, got {_show(value)} ({_kind(value)})"
+
+
+def _kind(value: object) -> str:
+    kinds = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array"}
+    return kinds.get(type(value), "a table" if isinstance(value, dict) else f"a {type(value).__name__}")
+
+
+def _show(value: object) -> str:
+    """The value as TOML would spell it, on one line and cut short."""
+    if isinstance(value, bool):
+        shown = "true" if value else "false"
+    elif isinstance(value, str | list | dict):
+        shown = json.dumps(value, ensure_ascii=False, default=str)
+    else:  # numbers, dates and times read the same in TOML and Python
+        shown = str(value)
+    return shown if len(shown) <= SHOWN_CHARS else shown[: SHOWN_CHARS - 1] + "…"
