@@ -1,0 +1,454 @@
+"""Events, subscriptions and the relay's clock: async outside, SQLite in worker threads inside.
+
+One write connection behind one `CapacityLimiter(1)` serializes every write, and every event's stamp
+is assigned inside the transaction that stores it; a second connection serves the reads that need the
+database. Polls are answered from memory: the newest events of each faction, published only after
+their commit returns. Errors: `StoreError` for any storage fault; `MigrationError` from opening.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import sqlite3
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from relay.migrations import apply_migrations
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# How long a statement waits on a lock held by another connection (the operator's sqlite3 shell, or
+# our own reader during a checkpoint) before giving up; long enough to ride out a manual query.
+BUSY_TIMEOUT_MS = 5_000
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class StoreError(Exception):
+    """The database could not do what was asked; the relay's data is unchanged by the failed call."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    id: int
+    faction_id: int
+    timestamp: int
+    type: str
+    data_json: str  # the event's data, JSON text exactly as stored
+    json: str  # the whole event as served, built once so that a poll only joins strings
+
+    @classmethod
+    def build(cls, id: int, faction_id: int, timestamp: int, type: str, data_json: str) -> StoredEvent:
+        served = f'{{"id":{id},"type":{json.dumps(type)},"timestamp":{timestamp},"data":{data_json}}}'
+        return cls(id, faction_id, timestamp, type, data_json, served)
+
+    def data(self) -> Any:
+        return json.loads(self.data_json)
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    faction_id: int
+    active: bool
+    subscribed_at: int
+    last_activity_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class FactionCounts:
+    events_stored: int
+    last_event_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatistics:
+    factions: int
+    active_factions: int
+    events_in_memory: int
+    clock_high_water: int
+
+
+@asynccontextmanager
+async def open_store(
+    path: Path, *, events_per_faction: int, now_ms: Callable[[], int] = wall_clock_ms
+) -> AsyncIterator[Store]:
+    """Open (creating and migrating as needed) the database at `path`; on exit flush and close it."""
+    opened = await trio.to_thread.run_sync(_open, path, events_per_faction)
+    store = Store(*opened, events_per_faction=events_per_faction, now_ms=now_ms)
+    try:
+        yield store
+    finally:
+        # Writes are never abandoned, so shutdown waits for the final flush rather than losing it.
+        with trio.CancelScope(shield=True):
+            await store._close()
+
+
+class Store:
+    """Create with `open_store`. Methods that cannot block are sync and answer from memory."""
+
+    def __init__(
+        self,
+        writer: sqlite3.Connection,
+        reader: sqlite3.Connection,
+        subscriptions: Iterable[Subscription],
+        events: Iterable[StoredEvent],
+        high_water: int,
+        *,
+        events_per_faction: int,
+        now_ms: Callable[[], int],
+    ) -> None:
+        self._writer, self._reader = writer, reader
+        self._write_limiter = trio.CapacityLimiter(1)  # the single write limiter: writes in order
+        self._read_limiter = trio.CapacityLimiter(1)
+        self._events_per_faction = events_per_faction
+        self._now_ms = now_ms
+        self._subscriptions = {sub.faction_id: sub for sub in subscriptions}
+        self._dirty_activity: set[int] = set()  # touched since the last flush
+        self._events: dict[int, deque[StoredEvent]] = {}
+        # Every stamp ever assigned or promised; the next stamp is above it. Only changed by the
+        # write thread, under the write limiter.
+        self._high_water = high_water
+        # The cursor safe to hand out: no stamp at or below it can still be on its way to memory.
+        # Only changed in Trio, when a commit has returned.
+        self._visible = high_water
+        for event in events:
+            self._publish(event)
+
+    def __repr__(self) -> str:
+        return f"<Store factions={len(self._subscriptions)} cursor={self._visible}>"
+
+    # --- events and the clock ---
+
+    def cursor(self) -> int:
+        """A cursor for an answer with no event: every event stored later is stamped above it."""
+        return self._visible
+
+    def read_since(self, faction_id: int, since: int | None) -> tuple[list[StoredEvent], int]:
+        """Retained events stamped after `since` (all when None), oldest first, and the next cursor."""
+        retained = self._events.get(faction_id, ())
+        found: list[StoredEvent] = []
+        for event in reversed(retained):  # a poll usually wants the last few, so walk from the end
+            if since is not None and event.timestamp <= since:
+                break
+            found.append(event)
+        found.reverse()
+        return found, (found[-1].timestamp if found else self._visible)
+
+    async def advance_clock(self, since: int) -> None:
+        """Lamport's rule: after this returns, every later event is stamped above `since`."""
+        if since <= self._visible:
+            return
+
+        def advance(conn: sqlite3.Connection) -> None:
+            # Also when no write is needed, passing through the write limiter waits for the writes
+            # already stamped at or below `since` to be published.
+            if since > self._high_water:
+                conn.execute("UPDATE relay_clock SET high_water = ? WHERE id = 1", (since,))
+                self._high_water = since
+
+        await self._write(advance)
+        self._visible = max(self._visible, since)
+
+    async def append_events(self, faction_id: int, items: Sequence[tuple[str, Any]]) -> list[StoredEvent]:
+        """Stamp, commit, then publish `items` (type, data); returns them as stored."""
+        # allow_nan=False: browsers' JSON.parse refuses NaN, so such data is refused here, up front.
+        encoded = [(kind, json.dumps(data, separators=(",", ":"), allow_nan=False)) for kind, data in items]
+        if not encoded:
+            return []
+
+        def insert(conn: sqlite3.Connection) -> list[StoredEvent]:
+            stored = []
+            for kind, data_json in encoded:
+                # Burnt on failure (never reused), which only leaves a gap.
+                self._high_water = stamp = max(self._now_ms(), self._high_water + 1)
+                row = conn.execute(
+                    "INSERT INTO events (faction_id, timestamp, type, data) VALUES (?, ?, ?, ?)",
+                    (faction_id, stamp, kind, data_json),
+                )
+                assert row.lastrowid is not None
+                stored.append(StoredEvent.build(row.lastrowid, faction_id, stamp, kind, data_json))
+            conn.execute("UPDATE relay_clock SET high_water = ? WHERE id = 1", (self._high_water,))
+            return stored
+
+        # Shielded: once committed, an event must reach memory, or pollers would never see it.
+        with trio.CancelScope(shield=True):
+            stored = await self._write(insert)
+            # No checkpoint between the commit returning and these lines: publishing and raising the
+            # cursor happen in the same Trio step, before the next writer's result can be handled.
+            for event in stored:
+                self._publish(event)
+            self._visible = max(self._visible, stored[-1].timestamp)
+        return stored
+
+    def _publish(self, event: StoredEvent) -> None:
+        retained = self._events.get(event.faction_id)
+        if retained is None:
+            retained = self._events[event.faction_id] = deque(maxlen=self._events_per_faction)
+        retained.append(event)
+
+    # --- subscriptions ---
+
+    async def subscribe(self, faction_id: int) -> Subscription:
+        """Active from now on; idempotent (the first `subscribed_at` is kept), and counts as activity."""
+        known = self._subscriptions.get(faction_id)
+        subscription = await self._activate(faction_id)
+        if known is None or not known.active:  # one log line per change, not per page load
+            log.info("%r: faction %d subscribed", self, faction_id)
+        return subscription
+
+    async def revive(self, faction_id: int) -> Subscription:
+        """A known faction polled after it expired: active again, as if it had re-subscribed."""
+        subscription = await self._activate(faction_id)
+        log.info("%r: faction %d revived by a poll", self, faction_id)
+        return subscription
+
+    async def _activate(self, faction_id: int) -> Subscription:
+        now = self._now_ms()
+        known = self._subscriptions.get(faction_id)
+        subscription = Subscription(faction_id, True, known.subscribed_at if known else now, now)
+        await self._write(
+            lambda conn: conn.execute(
+                "INSERT INTO subscriptions (faction_id, active, subscribed_at, last_activity_at)"
+                " VALUES (?, 1, ?, ?) ON CONFLICT (faction_id) DO UPDATE"
+                " SET active = 1, last_activity_at = excluded.last_activity_at",
+                (faction_id, subscription.subscribed_at, now),
+            )
+        )
+        self._subscriptions[faction_id] = subscription
+        return subscription
+
+    def subscription(self, faction_id: int) -> Subscription | None:
+        return self._subscriptions.get(faction_id)
+
+    def active_factions(self) -> list[int]:
+        return sorted(f for f, sub in self._subscriptions.items() if sub.active)
+
+    def known_factions(self) -> list[int]:
+        """Every faction ever subscribed, expired ones included."""
+        return sorted(self._subscriptions)
+
+    def touch(self, faction_id: int) -> None:
+        """A request about the faction: activity, kept in memory (a write per poll would be wasteful)."""
+        subscription = self._subscriptions.get(faction_id)
+        if subscription is not None:
+            self._subscriptions[faction_id] = dataclasses.replace(
+                subscription, last_activity_at=self._now_ms()
+            )
+            self._dirty_activity.add(faction_id)
+
+    def last_activity_at(self, faction_id: int) -> int | None:
+        subscription = self._subscriptions.get(faction_id)
+        return subscription.last_activity_at if subscription else None
+
+    async def flush_activity(self) -> None:
+        """Write the activity that `touch` kept in memory."""
+        activity = self._activity_snapshot()
+        if activity:
+            await self._write(lambda conn: _write_activity(conn, activity))
+            self._forget_flushed(activity)
+
+    async def expire_idle(self, idle_for_ms: int) -> list[int]:
+        """Deactivate the active factions nobody asked about for `idle_for_ms`; returns their ids."""
+        cutoff = self._now_ms() - idle_for_ms
+        idle = [
+            f
+            for f, sub in sorted(self._subscriptions.items())
+            if sub.active and sub.last_activity_at < cutoff
+        ]
+        activity = self._activity_snapshot()
+        if not idle and not activity:
+            return []
+
+        def expire(conn: sqlite3.Connection) -> None:
+            _write_activity(conn, activity)
+            conn.executemany("UPDATE subscriptions SET active = 0 WHERE faction_id = ?", [(f,) for f in idle])
+
+        await self._write(expire)
+        self._forget_flushed(activity)
+        for faction_id in idle:
+            self._subscriptions[faction_id] = dataclasses.replace(
+                self._subscriptions[faction_id], active=False
+            )
+            log.info("%r: faction %d expired after %d ms without a request", self, faction_id, idle_for_ms)
+        return idle
+
+    def _activity_snapshot(self) -> dict[int, int]:
+        return {f: self._subscriptions[f].last_activity_at for f in self._dirty_activity}
+
+    def _forget_flushed(self, activity: dict[int, int]) -> None:
+        # A faction touched again while the write ran stays dirty for the next flush.
+        for faction_id, at in activity.items():
+            if self._subscriptions[faction_id].last_activity_at == at:
+                self._dirty_activity.discard(faction_id)
+
+    # --- upkeep and introspection ---
+
+    async def trim(self) -> int:
+        """Delete all but the newest `events_per_faction` events of each faction; returns how many."""
+
+        def delete(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "DELETE FROM events WHERE id IN (SELECT id FROM (SELECT id, row_number() OVER"
+                " (PARTITION BY faction_id ORDER BY timestamp DESC) AS newest FROM events) WHERE newest > ?)",
+                (self._events_per_faction,),
+            ).rowcount
+
+        return await self._write(delete)
+
+    async def checkpoint(self) -> None:
+        """Fold the WAL back into the database file and truncate it, so it cannot grow without bound."""
+        await self._write(
+            lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall(), transaction=False
+        )
+
+    async def counts(self) -> dict[int, FactionCounts]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT faction_id, count(*), max(timestamp) FROM events GROUP BY faction_id"
+            ).fetchall()
+        )
+        return {faction_id: FactionCounts(count, newest) for faction_id, count, newest in rows}
+
+    async def check_health(self) -> None:
+        """Raise `StoreError` unless the database answers a query (writes nothing)."""
+        await self._read(lambda conn: conn.execute("SELECT high_water FROM relay_clock").fetchall())
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(
+            factions=len(self._subscriptions),
+            active_factions=sum(sub.active for sub in self._subscriptions.values()),
+            events_in_memory=sum(len(retained) for retained in self._events.values()),
+            clock_high_water=self._high_water,
+        )
+
+    # --- threads ---
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], *, transaction: bool = True) -> T:
+        # Never abandon_on_cancel: a write that was started must finish before anyone goes on.
+        call = functools.partial(_in_transaction, fn) if transaction else fn
+        try:
+            return await trio.to_thread.run_sync(call, self._writer, limiter=self._write_limiter)
+        except sqlite3.Error as exc:
+            raise StoreError(f"database write failed: {exc}") from exc
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        # A read changes nothing, so a cancelled caller may leave it running; the limiter stays held
+        # until it ends, so the connection is still used by one thread at a time.
+        try:
+            return await trio.to_thread.run_sync(
+                fn, self._reader, limiter=self._read_limiter, abandon_on_cancel=True
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"database read failed: {exc}") from exc
+
+    async def _close(self) -> None:
+        try:
+            await self.flush_activity()
+            await self.checkpoint()
+        except StoreError as exc:
+            log.error("%r: closing without a final flush: %s", self, exc)
+        finally:
+            await trio.to_thread.run_sync(self._writer.close, limiter=self._write_limiter)
+            await trio.to_thread.run_sync(self._reader.close, limiter=self._read_limiter)
+
+
+def _in_transaction(fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
+    # IMMEDIATE takes the write lock up front, so a busy database fails before anything is stamped.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+        conn.execute("COMMIT")
+    except Exception:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _write_activity(conn: sqlite3.Connection, activity: dict[int, int]) -> None:
+    conn.executemany(
+        "UPDATE subscriptions SET last_activity_at = ? WHERE faction_id = ?",
+        [(at, faction_id) for faction_id, at in activity.items()],
+    )
+
+
+def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves. check_same_thread=False: each connection
+    # is used by whichever worker thread holds its limiter, one at a time.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        # FULL syncs the WAL on every commit: a crash (even power loss) loses no event a client has seen.
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if read_only:
+            conn.execute("PRAGMA query_only = ON")
+        elif conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+            raise StoreError(f"{path} cannot use WAL mode (is it on a network filesystem?)")
+    except Exception:
+        conn.close()
+        raise
+    return conn
+
+
+_Opened = tuple[sqlite3.Connection, sqlite3.Connection, list[Subscription], list[StoredEvent], int]
+
+
+def _open(path: Path, per_faction: int) -> _Opened:
+    """Both connections, migrated, and what the store keeps in memory; nothing left open on failure."""
+    opened: list[sqlite3.Connection] = []
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        opened.append(_connect(path, read_only=False))
+        apply_migrations(opened[0])
+        opened.append(_connect(path, read_only=True))
+        return (opened[0], opened[1], *_load(opened[0], per_faction))
+    except (OSError, sqlite3.Error) as exc:
+        _close_all(opened)
+        raise StoreError(f"cannot open the database {path}: {exc}") from exc
+    except Exception:  # MigrationError, StoreError: already say what went wrong
+        _close_all(opened)
+        raise
+
+
+def _close_all(connections: list[sqlite3.Connection]) -> None:
+    for conn in connections:
+        conn.close()
+
+
+def _load(conn: sqlite3.Connection, per_faction: int) -> tuple[list[Subscription], list[StoredEvent], int]:
+    """Subscriptions, the newest `per_faction` events of each faction (oldest first), the high water."""
+    subscriptions = [
+        Subscription(faction_id, bool(active), subscribed_at, last_activity_at)
+        for faction_id, active, subscribed_at, last_activity_at in conn.execute(
+            "SELECT faction_id, active, subscribed_at, last_activity_at FROM subscriptions"
+        )
+    ]
+    events = [
+        StoredEvent.build(*row)
+        for row in conn.execute(
+            "SELECT id, faction_id, timestamp, type, data FROM (SELECT *, row_number() OVER"
+            " (PARTITION BY faction_id ORDER BY timestamp DESC) AS newest FROM events)"
+            " WHERE newest <= ? ORDER BY timestamp",
+            (per_faction,),
+        )
+    ]
+    # Both count: a clock advance survives only in relay_clock, an event's stamp is in its row.
+    (high_water,) = conn.execute(
+        "SELECT max((SELECT high_water FROM relay_clock WHERE id = 1),"
+        " (SELECT coalesce(max(timestamp), 0) FROM events))"
+    ).fetchone()
+    return subscriptions, events, high_water

@@ -1,0 +1,435 @@
+"""The store on real SQLite files: cursors, stamping across restarts, retention, subscriptions.
+
+These tests use worker threads, so they run on the real Trio clock (no autojump); the wall clock the
+store stamps with is a hand-set fake that can also hold one call inside the write thread, which is how
+a write "in progress" is made deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager, closing, contextmanager
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from relay.store import FactionCounts, Store, StoredEvent, StoreError, Subscription, open_store
+
+FACTION = 46666
+OTHER = 11581
+THIRD = 9001
+START_MS = 1_732_460_000_000
+TEST_TIMEOUT_S = 10
+# A held clock call gives up after this long, so a failing test cannot leave a write thread stuck.
+HOLD_LIMIT_S = 5
+
+
+class WallClock:
+    """A wall clock in ms that moves only when told to; `hold` parks one future call until released."""
+
+    def __init__(self, now_ms: int = START_MS) -> None:
+        self.now_ms = now_ms
+        self.calls = 0
+        self.holding = threading.Event()
+        self._release = threading.Event()
+        self._hold_at: int | None = None
+
+    def __call__(self) -> int:
+        self.calls += 1
+        if self.calls == self._hold_at:
+            self.holding.set()
+            self._release.wait(HOLD_LIMIT_S)
+        return self.now_ms
+
+    @contextmanager
+    def hold(self, nth_call: int) -> Iterator[None]:
+        """Park the `nth_call`-th call from now until the block ends."""
+        self._hold_at = self.calls + nth_call
+        try:
+            yield
+        finally:
+            self._release.set()
+
+    async def wait_until_holding(self) -> None:
+        assert await trio.to_thread.run_sync(self.holding.wait, HOLD_LIMIT_S)
+
+
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "relay.db"
+
+
+def open_test_store(
+    tmp_path: Path, clock: WallClock, *, events_per_faction: int = 100
+) -> AbstractAsyncContextManager[Store]:
+    return open_store(db_path(tmp_path), events_per_faction=events_per_faction, now_ms=clock)
+
+
+def query(tmp_path: Path, sql: str) -> list[tuple[object, ...]]:
+    """What an operator would see with the sqlite3 shell."""
+    with closing(sqlite3.connect(db_path(tmp_path), isolation_level=None)) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def timestamps(events: list[StoredEvent]) -> list[int]:
+    return [event.timestamp for event in events]
+
+
+def all_retained(store: Store) -> list[StoredEvent]:
+    return [event for faction in (FACTION, OTHER, THIRD) for event in store.read_since(faction, None)[0]]
+
+
+async def test_the_database_is_created_in_wal_mode(tmp_path: Path) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, WallClock()) as store:
+            await store.check_health()
+            assert query(tmp_path, "PRAGMA journal_mode") == [("wal",)]
+        # Closing checkpoints with TRUNCATE: the WAL is folded back into the file.
+        wal = db_path(tmp_path).with_name("relay.db-wal")
+        assert not wal.exists() or wal.stat().st_size == 0
+
+
+async def test_appended_events_are_read_oldest_first(tmp_path: Path) -> None:
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, clock) as store:
+            data = [{"table": "war_calls", "n": n} for n in range(3)]
+            stored = await store.append_events(FACTION, [("postgres_changes", d) for d in data])
+            found, cursor = store.read_since(FACTION, None)
+            assert found == stored
+            assert [event.data() for event in found] == data
+            assert timestamps(found) == [START_MS, START_MS + 1, START_MS + 2]
+            assert cursor == found[-1].timestamp == store.cursor()
+            assert json.loads(found[0].json) == {
+                "id": found[0].id,
+                "type": "postgres_changes",
+                "timestamp": START_MS,
+                "data": data[0],
+            }
+            assert " " not in found[0].json  # compact: it goes out on every poll
+            assert store.read_since(OTHER, None) == ([], store.cursor())
+
+
+async def test_since_returns_only_later_events(tmp_path: Path) -> None:
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, clock) as store:
+            first, second, third = await store.append_events(FACTION, [("t", 1), ("t", 2), ("t", 3)])
+            assert store.read_since(FACTION, first.timestamp) == ([second, third], third.timestamp)
+            assert store.read_since(FACTION, first.timestamp - 1)[0] == [first, second, third]
+            assert store.read_since(FACTION, third.timestamp) == ([], store.cursor())
+            assert store.read_since(FACTION, None)[0] == [first, second, third]
+
+
+async def test_memory_keeps_the_newest_events_per_faction(tmp_path: Path) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, WallClock(), events_per_faction=3) as store:
+            stored = await store.append_events(FACTION, [("t", n) for n in range(5)])
+            await store.append_events(OTHER, [("t", "other")])
+            assert store.read_since(FACTION, None)[0] == stored[-3:]
+            assert store.statistics().events_in_memory == 4
+            # The database keeps them all until `trim` runs.
+            assert (await store.counts())[FACTION].events_stored == 5
+
+
+async def test_events_survive_reopening_unchanged(tmp_path: Path) -> None:
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, clock) as store:
+            stored = await store.append_events(FACTION, [("postgres_changes", {"n": n}) for n in range(4)])
+            other = await store.append_events(OTHER, [("hospital_update", [1, 2])])
+            cursor = store.cursor()
+        async with open_test_store(tmp_path, clock, events_per_faction=2) as store:
+            assert store.read_since(FACTION, None)[0] == stored[-2:]  # same id, timestamp and json
+            assert store.read_since(OTHER, None)[0] == other
+            assert store.cursor() == cursor
+
+
+async def test_stamps_increase_when_the_wall_clock_stands_still_or_goes_back(tmp_path: Path) -> None:
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, clock) as store:
+            seen = await store.append_events(FACTION, [("t", 1), ("t", 2)])
+            seen += await store.append_events(OTHER, [("t", 3)])
+            clock.now_ms -= 60_000  # an NTP step backwards
+            seen += await store.append_events(FACTION, [("t", 4)])
+            clock.now_ms += 120_000
+            seen += await store.append_events(FACTION, [("t", 5)])
+            assert timestamps(seen) == [START_MS, START_MS + 1, START_MS + 2, START_MS + 3, START_MS + 60_000]
+        clock.now_ms = START_MS - 3_600_000  # restarted on a machine whose clock is an hour behind
+        async with open_test_store(tmp_path, clock) as store:
+            (after_restart,) = await store.append_events(FACTION, [("t", 6)])
+            assert after_restart.timestamp == START_MS + 60_001
+
+
+async def test_a_future_since_pushes_the_clock_also_across_restarts(tmp_path: Path) -> None:
+    clock = WallClock()
+    ahead = START_MS + 300_000  # a member whose browser clock runs five minutes fast
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, clock) as store:
+            await store.advance_clock(ahead)
+            assert store.cursor() == ahead
+            assert store.read_since(FACTION, ahead) == ([], ahead)
+            (event,) = await store.append_events(FACTION, [("t", 1)])
+            assert event.timestamp == ahead + 1
+            await store.advance_clock(ahead + 1_000)
+        assert query(tmp_path, "SELECT high_water FROM relay_clock") == [(ahead + 1_000,)]
+        async with open_test_store(tmp_path, clock) as store:
+            # No event was stored after the advance: only relay_clock remembers it.
+            assert store.cursor() == ahead + 1_000
+            (event,) = await store.append_events(FACTION, [("t", 2)])
+            assert event.timestamp == ahead + 1_001
+
+
+async def test_a_since_behind_the_cursor_writes_nothing(tmp_path: Path) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, WallClock()) as store:
+            await store.append_events(FACTION, [("t", 1)])
+            await store.advance_clock(START_MS - 5_000)
+            assert store.cursor() == START_MS
+            assert query(tmp_path, "SELECT high_water FROM relay_clock") == [(START_MS,)]
+
+
+async def test_a_cursor_handed_out_during_a_write_is_below_its_stamps(tmp_path: Path) -> None:
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, clock) as store:
+            (earlier,) = await store.append_events(FACTION, [("t", 0)])
+            clock.now_ms += 1_000
+            written: list[StoredEvent] = []
+            advanced = trio.Event()
+
+            async def append() -> None:
+                written.extend(await store.append_events(FACTION, [("t", 1), ("t", 2)]))
+
+            async def advance() -> None:
+                # A client whose since equals the stamp of the event being written right now.
+                await store.advance_clock(clock.now_ms)
+                advanced.set()
+
+            async with trio.open_nursery() as nursery:
+                # Hold the second event's clock call: by then the first is stamped and inserted.
+                with clock.hold(2):
+                    nursery.start_soon(append)
+                    await clock.wait_until_holding()
+                    nursery.start_soon(advance)
+                    await trio.testing.wait_all_tasks_blocked()
+                    # The first event is stamped, but neither it nor its stamp is visible yet.
+                    assert store.statistics().clock_high_water == clock.now_ms
+                    assert store.read_since(FACTION, earlier.timestamp) == ([], earlier.timestamp)
+                    handed_out = [store.cursor(), store.read_since(OTHER, None)[1]]
+                    assert not advanced.is_set()  # the advance waits for the write to be published
+            assert handed_out == [earlier.timestamp, earlier.timestamp]
+            assert all(cursor < event.timestamp for cursor in handed_out for event in written)
+            assert store.read_since(FACTION, earlier.timestamp)[0] == written
+            assert store.cursor() >= clock.now_ms
+
+
+async def test_no_cursor_reaches_an_event_published_after_it(tmp_path: Path) -> None:
+    """Concurrent writers and clock advances; whatever the interleaving, the invariant holds."""
+    clock = WallClock()  # standing still, so the stamps and the advances compete for the same values
+    observed: list[tuple[int, set[int]]] = []  # (a cursor handed out, ids visible at that moment)
+    written: list[StoredEvent] = []
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, clock, events_per_faction=1_000) as store:
+
+            async def write(faction_id: int) -> None:
+                for n in range(15):
+                    written.extend(await store.append_events(faction_id, [("t", n), ("t", -n)]))
+
+            async def advance() -> None:
+                for _ in range(15):
+                    await store.advance_clock(store.cursor() + 3)
+
+            async def watch() -> None:
+                last_seen = None
+                while True:
+                    cursors = {store.cursor()} | {store.read_since(f, None)[1] for f in (FACTION, OTHER)}
+                    # Recorded only when something changed, so that spinning here stays cheap.
+                    seen = (frozenset(cursors), store.statistics().events_in_memory)
+                    if seen != last_seen:
+                        visible = {event.id for event in all_retained(store)}
+                        observed.extend((cursor, visible) for cursor in cursors)
+                        last_seen = seen
+                    await trio.lowlevel.checkpoint()
+
+            async with trio.open_nursery() as outer:
+                outer.start_soon(watch)
+                async with trio.open_nursery() as nursery:
+                    for faction_id in (FACTION, OTHER, THIRD):
+                        nursery.start_soon(write, faction_id)
+                    nursery.start_soon(advance)
+                outer.cancel_scope.cancel()
+    assert len(written) == 90
+    assert len({event.timestamp for event in written}) == 90
+    assert len(observed) > 30  # the watcher saw the writes land one by one
+    for cursor, visible in observed:
+        assert all(cursor < event.timestamp for event in written if event.id not in visible)
+
+
+async def test_a_failed_write_publishes_nothing_and_burns_its_stamps(tmp_path: Path) -> None:
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, clock) as store:
+            query(
+                tmp_path,
+                "CREATE TRIGGER refuse_poison BEFORE INSERT ON events WHEN NEW.type = 'poison'"
+                " BEGIN SELECT RAISE(ABORT, 'poison refused'); END",
+            )
+            with pytest.raises(StoreError, match="poison refused"):
+                await store.append_events(FACTION, [("fine", 1), ("poison", 2)])
+            assert store.read_since(FACTION, None) == ([], 0)
+            assert query(tmp_path, "SELECT count(*) FROM events") == [(0,)]
+            burnt = store.statistics().clock_high_water
+            (event,) = await store.append_events(FACTION, [("fine", 3)])
+            assert event.timestamp > burnt
+
+
+async def test_unencodable_data_is_refused_before_anything_is_stamped(tmp_path: Path) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, WallClock()) as store:
+            with pytest.raises(ValueError, match="JSON"):
+                await store.append_events(FACTION, [("t", float("nan"))])
+            assert store.statistics().clock_high_water == 0
+            assert await store.append_events(FACTION, []) == []
+
+
+async def test_a_cancelled_append_still_stores_and_publishes_its_events(tmp_path: Path) -> None:
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, clock) as store:
+            scopes: list[trio.CancelScope] = []
+
+            async def append(faction_id: int, *items: tuple[str, object]) -> None:
+                with trio.CancelScope() as scope:
+                    scopes.append(scope)
+                    await store.append_events(faction_id, items)
+
+            async with trio.open_nursery() as nursery:
+                with clock.hold(2):
+                    # One append is mid-write in its thread, the other waits for the write limiter.
+                    nursery.start_soon(append, FACTION, ("t", 1), ("t", 2))
+                    await clock.wait_until_holding()
+                    nursery.start_soon(append, OTHER, ("t", 3))
+                    await trio.testing.wait_all_tasks_blocked()
+                    for scope in scopes:
+                        scope.cancel()
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert all_retained(store) == []
+            found = all_retained(store)
+            assert timestamps(found) == [START_MS, START_MS + 1, START_MS + 2]
+            assert store.cursor() == START_MS + 2
+        async with open_test_store(tmp_path, clock) as store:
+            assert all_retained(store) == found
+
+
+async def test_trim_keeps_the_newest_events_and_ids_are_never_reused(tmp_path: Path) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, WallClock(), events_per_faction=2) as store:
+            mine = await store.append_events(FACTION, [("t", n) for n in range(5)])
+            others = await store.append_events(OTHER, [("t", "x")])
+            assert await store.trim() == 3
+            assert await store.trim() == 0
+            kept = query(tmp_path, "SELECT id FROM events ORDER BY id")
+            assert kept == [(mine[3].id,), (mine[4].id,), (others[0].id,)]
+            # Delete the newest row too, as an operator might: AUTOINCREMENT still never reuses its id.
+            query(tmp_path, f"DELETE FROM events WHERE id = {others[0].id}")
+            (fresh,) = await store.append_events(THIRD, [("t", "y")])
+            assert fresh.id > others[0].id
+
+
+async def test_subscriptions_and_their_activity(tmp_path: Path) -> None:
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, clock) as store:
+            assert store.subscription(FACTION) is None
+            assert await store.subscribe(FACTION) == Subscription(FACTION, True, START_MS, START_MS)
+            clock.now_ms += 1_000
+            again = await store.subscribe(FACTION)
+            assert (again.subscribed_at, again.last_activity_at) == (START_MS, START_MS + 1_000)
+            assert store.subscription(FACTION) == again
+            assert store.active_factions() == [FACTION]
+
+            clock.now_ms += 1_000
+            store.touch(FACTION)
+            store.touch(OTHER)  # never subscribed: nothing to record
+            assert store.last_activity_at(FACTION) == START_MS + 2_000
+            assert store.last_activity_at(OTHER) is None
+            activity = "SELECT last_activity_at FROM subscriptions"
+            assert query(tmp_path, activity) == [(START_MS + 1_000,)]  # a poll writes nothing...
+            await store.flush_activity()
+            assert query(tmp_path, activity) == [(START_MS + 2_000,)]  # ...until the flush
+
+
+async def test_idle_factions_expire_and_revive(tmp_path: Path) -> None:
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, clock) as store:
+            await store.subscribe(FACTION)
+            await store.subscribe(OTHER)
+            clock.now_ms += 60_000
+            store.touch(OTHER)
+            assert await store.expire_idle(30_000) == [FACTION]
+            assert await store.expire_idle(30_000) == []
+            assert store.active_factions() == [OTHER]
+            assert store.known_factions() == [OTHER, FACTION]
+            rows = "SELECT faction_id, active, last_activity_at FROM subscriptions ORDER BY faction_id"
+            assert query(tmp_path, rows) == [(OTHER, 1, START_MS + 60_000), (FACTION, 0, START_MS)]
+
+            clock.now_ms += 1_000
+            revived = await store.revive(FACTION)
+            assert revived == Subscription(FACTION, True, START_MS, START_MS + 61_000)
+            assert store.active_factions() == [OTHER, FACTION]
+            await store.expire_idle(-1)  # a cutoff in the future: both expire
+            clock.now_ms += 1_000
+            store.touch(OTHER)  # left for the close to flush
+        async with open_test_store(tmp_path, clock) as store:
+            assert store.active_factions() == []
+            assert store.subscription(OTHER) == Subscription(OTHER, False, START_MS, START_MS + 62_000)
+            assert store.statistics().factions == 2
+
+
+async def test_counts_come_from_the_database(tmp_path: Path) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, WallClock(), events_per_faction=1) as store:
+            assert await store.counts() == {}
+            await store.append_events(FACTION, [("t", 1), ("t", 2)])
+            (last,) = await store.append_events(OTHER, [("t", 3)])
+            assert await store.counts() == {
+                FACTION: FactionCounts(2, START_MS + 1),
+                OTHER: FactionCounts(1, last.timestamp),
+            }
+
+
+async def test_check_health_reports_a_broken_database(tmp_path: Path) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, WallClock()) as store:
+            await store.check_health()
+            query(tmp_path, "DROP TABLE relay_clock")
+            with pytest.raises(StoreError, match="relay_clock"):
+                await store.check_health()
+
+
+async def test_statistics_snapshot(tmp_path: Path) -> None:
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, clock) as store:
+            await store.subscribe(FACTION)
+            await store.subscribe(OTHER)
+            await store.expire_idle(-1)  # everything is idle when the cutoff is in the future
+            await store.subscribe(FACTION)
+            await store.append_events(FACTION, [("t", 1), ("t", 2)])
+            stats = store.statistics()
+            assert (stats.factions, stats.active_factions) == (2, 1)
+            assert (stats.events_in_memory, stats.clock_high_water) == (2, START_MS + 1)
+
+
+async def test_an_unusable_path_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "data").write_text("a file where the folder should be")
+    with trio.fail_after(TEST_TIMEOUT_S), pytest.raises(StoreError, match="cannot open the database"):
+        async with open_test_store(tmp_path, WallClock()):
+            pass
