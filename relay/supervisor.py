@@ -1,0 +1,236 @@
+"""Per-faction upstream supervisors and the registry that holds their nursery.
+
+A supervisor keeps one faction's upstream connection alive: it runs a connection, records how it
+ended, waits a jittered backoff and tries again, forever, until it is stopped. It is the project's
+one broad `except Exception`, an explicit restart policy: whatever goes wrong with one faction is
+logged, shown in `/status`, and retried, and never reaches another faction or the HTTP server.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from relay.backoff import Backoff
+from relay.phoenix import ChangeIgnored, ChangeReceived, ChannelSpec, UpstreamError
+from relay.upstream import ConnectionHooks, ConnectionSettings, run_connection
+
+log = logging.getLogger(__name__)
+
+Ingest = Callable[[int, Sequence[ChangeReceived]], Awaitable[None]]
+WallClockMs = Callable[[], int]
+
+
+class UpstreamState(enum.StrEnum):
+    CONNECTING = "connecting"  # opening, joining, or joined but not yet "Subscribed to PostgreSQL"
+    CONNECTED = "connected"  # every channel live
+    BACKOFF = "backoff"
+    AUTH_FAILED = "auth_failed"  # the key was refused; retried at the capped delay
+    STOPPED = "stopped"  # expired for lack of polls; stays listed
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorSettings:
+    connection: ConnectionSettings
+    channels: Sequence[tuple[str, str]]  # (table, filter template with {faction_id})
+    backoff_initial_s: float
+    backoff_max_s: float
+    # How long a connection must stay live before its failures are forgiven and the delay starts
+    # over: long enough that a socket dying right after "Subscribed" keeps backing off.
+    healthy_after_s: float = 30.0
+
+    def channel_specs(self, faction_id: int) -> list[ChannelSpec]:
+        return [
+            ChannelSpec(table, template.format(faction_id=faction_id)) for table, template in self.channels
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamStatistics:
+    state: UpstreamState
+    attempts: int  # connection attempts since the upstream was last live
+    last_error: str | None
+    connected_since: int | None  # wall-clock ms
+    next_attempt_in_s: float | None
+    reconnects: int
+    changes_received: int
+    changes_ignored: int
+
+
+class FactionSupervisor:
+    def __init__(
+        self,
+        faction_id: int,
+        settings: SupervisorSettings,
+        ingest: Ingest,
+        *,
+        rng: random.Random,
+        wall_clock_ms: WallClockMs,
+    ) -> None:
+        self.faction_id = faction_id
+        self._settings = settings
+        self._ingest = ingest
+        self._wall_clock_ms = wall_clock_ms
+        self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s, rng)
+        self._scope = trio.CancelScope()
+        self.stopped = trio.Event()
+        self._state = UpstreamState.CONNECTING
+        self._attempts = 0
+        self._reconnects = 0
+        self._last_error: str | None = None
+        self._live_since: float | None = None  # trio clock, for the healthy rule
+        self._connected_since: int | None = None  # wall clock, for people
+        self._next_attempt_at: float | None = None
+        self._received = 0
+        self._ignored = 0
+
+    def __repr__(self) -> str:
+        return f"FactionSupervisor({self.faction_id})"
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with self._scope:
+                task_status.started()
+                while True:
+                    error = await self._run_one_connection()
+                    await self._wait_after(error)
+        finally:
+            self._set_state(UpstreamState.STOPPED)
+            self._next_attempt_at = None
+            self.stopped.set()
+
+    def stop(self) -> None:
+        self._scope.cancel()
+
+    async def _run_one_connection(self) -> BaseException:
+        self._attempts += 1
+        self._set_state(UpstreamState.CONNECTING)
+        hooks = ConnectionHooks(deliver=self._deliver, on_live=self._on_live, on_ignored=self._on_ignored)
+        specs = self._settings.channel_specs(self.faction_id)
+        try:
+            await run_connection(self._settings.connection, specs, hooks)
+        except UpstreamError as exc:
+            return exc
+        except Exception as exc:  # the restart policy: a bug or a store fault must not kill the faction
+            log.exception("%r: connection failed unexpectedly", self)
+            return exc
+
+    async def _wait_after(self, error: BaseException) -> None:
+        live_for = None if self._live_since is None else trio.current_time() - self._live_since
+        if live_for is not None and live_for >= self._settings.healthy_after_s:
+            self._backoff.reset()
+        self._live_since = None
+        self._connected_since = None
+        self._reconnects += 1
+        self._last_error = f"{type(error).__name__}: {error}"
+        auth = isinstance(error, UpstreamError) and error.auth
+        delay = self._backoff.capped_delay() if auth else self._backoff.next_delay()
+        retry_after = error.retry_after_s if isinstance(error, UpstreamError) else None
+        delay = max(delay, retry_after or 0.0)
+        self._set_state(
+            UpstreamState.AUTH_FAILED if auth else UpstreamState.BACKOFF,
+            f"{self._last_error}; retry in {delay:.1f} s",
+        )
+        self._next_attempt_at = trio.current_time() + delay
+        await trio.sleep_until(self._next_attempt_at)
+        self._next_attempt_at = None
+
+    async def _deliver(self, changes: Sequence[ChangeReceived]) -> None:
+        await self._ingest(self.faction_id, changes)
+        self._received += len(changes)
+
+    def _on_live(self) -> None:
+        self._attempts = 0
+        self._live_since = trio.current_time()
+        self._connected_since = self._wall_clock_ms()
+        self._set_state(UpstreamState.CONNECTED)
+
+    def _on_ignored(self, ignored: ChangeIgnored) -> None:
+        self._ignored += 1
+        log.debug("%r: ignored a %s change: %s", self, ignored.table, ignored.reason)
+
+    def _set_state(self, state: UpstreamState, detail: str | None = None) -> None:
+        if state != self._state or detail:
+            log.info("%r: %s -> %s%s", self, self._state, state, f" ({detail})" if detail else "")
+        self._state = state
+
+    def statistics(self) -> UpstreamStatistics:
+        next_in = (
+            None if self._next_attempt_at is None else max(0.0, self._next_attempt_at - trio.current_time())
+        )
+        return UpstreamStatistics(
+            state=self._state,
+            attempts=self._attempts,
+            last_error=self._last_error,
+            connected_since=self._connected_since,
+            next_attempt_in_s=next_in,
+            reconnects=self._reconnects,
+            changes_received=self._received,
+            changes_ignored=self._ignored,
+        )
+
+
+class Supervisors:
+    """The registry: one supervisor per subscribed faction, all in one nursery this object owns.
+
+    The only place in the relay that keeps a nursery: request handlers ask for a faction to be
+    running, and the supervisor task is started here, in the relay's task tree.
+    """
+
+    def __init__(
+        self,
+        settings: SupervisorSettings,
+        ingest: Ingest,
+        *,
+        rng: random.Random | None = None,
+        wall_clock_ms: WallClockMs,
+    ) -> None:
+        self._settings = settings
+        self._ingest = ingest
+        self._rng = rng or random.Random()
+        self._wall_clock_ms = wall_clock_ms
+        self._nursery: trio.Nursery | None = None
+        self._supervisors: dict[int, FactionSupervisor] = {}
+
+    async def run(
+        self,
+        initial_factions: Sequence[int] = (),
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for faction_id in initial_factions:
+                self.ensure_running(faction_id)
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def ensure_running(self, faction_id: int) -> None:
+        """Start the faction's supervisor unless one is running; a running one keeps its socket."""
+        current = self._supervisors.get(faction_id)
+        if current is not None and not current.stopped.is_set():
+            return
+        if self._nursery is None:
+            raise RuntimeError("Supervisors.run is not running")
+        supervisor = FactionSupervisor(
+            faction_id, self._settings, self._ingest, rng=self._rng, wall_clock_ms=self._wall_clock_ms
+        )
+        self._supervisors[faction_id] = supervisor
+        self._nursery.start_soon(supervisor.run, name=repr(supervisor))
+
+    async def stop(self, faction_id: int) -> None:
+        supervisor = self._supervisors.get(faction_id)
+        if supervisor is not None:
+            supervisor.stop()
+            await supervisor.stopped.wait()
+
+    def statistics(self) -> dict[int, UpstreamStatistics]:
+        return {faction_id: sup.statistics() for faction_id, sup in self._supervisors.items()}

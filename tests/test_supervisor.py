@@ -1,0 +1,198 @@
+"""Supervisors in virtual time against the fake Supabase over real loopback sockets.
+
+No store here: the autojump clock must not see worker threads, so changes go to a list. Each test
+names `autojump_clock` itself: pytest-trio only runs a test under a clock the test asks for directly.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+
+from relay.phoenix import ChangeReceived
+from relay.supervisor import Supervisors, SupervisorSettings, UpstreamState
+from relay.testing.fake_supabase import FakeSupabase
+from relay.upstream import ConnectionSettings
+from tests.conftest import eventually
+
+KEY = "anon"
+A, B = 46666, 11581
+HEARTBEAT_S = 25.0
+INITIAL_S, MAX_S = 1.0, 60.0
+SEED = 4
+
+
+@dataclass
+class Collected:
+    changes: dict[int, list[ChangeReceived]] = field(default_factory=dict)
+
+    async def ingest(self, faction_id: int, changes: Sequence[ChangeReceived]) -> None:
+        self.changes.setdefault(faction_id, []).extend(changes)
+
+    def types(self, faction_id: int) -> list[str]:
+        return [change.data["eventType"] for change in self.changes.get(faction_id, [])]
+
+
+@dataclass
+class Harness:
+    fake: FakeSupabase
+    supervisors: Supervisors
+    collected: Collected
+
+    def state(self, faction_id: int) -> UpstreamState:
+        return self.supervisors.statistics()[faction_id].state
+
+    async def wait_state(self, faction_id: int, state: UpstreamState) -> None:
+        await eventually(lambda: self.state(faction_id) == state)
+
+
+@pytest.fixture
+async def harness(nursery: trio.Nursery, autojump_clock: trio.abc.Clock) -> Harness:
+    fake = FakeSupabase(valid_keys=(KEY,))
+    await nursery.start(fake.run)
+    settings = SupervisorSettings(
+        connection=ConnectionSettings(
+            fake.url, KEY, heartbeat_interval_s=HEARTBEAT_S, connect_timeout_s=10.0
+        ),
+        channels=[("war_calls", "faction_id=eq.{faction_id}")],
+        backoff_initial_s=INITIAL_S,
+        backoff_max_s=MAX_S,
+    )
+    collected = Collected()
+    supervisors = Supervisors(
+        settings, collected.ingest, rng=random.Random(SEED), wall_clock_ms=lambda: 1_000
+    )
+    await nursery.start(supervisors.run, [A])
+    return Harness(fake, supervisors, collected)
+
+
+def call(faction_id: int, call_id: int) -> dict[str, object]:
+    return {"id": call_id, "faction_id": faction_id, "target_id": 900 + call_id, "caller_name": "alice"}
+
+
+async def test_connected_only_after_subscribed_and_changes_flow_in_order(
+    harness: Harness, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.fail_after(30):
+        await harness.wait_state(A, UpstreamState.CONNECTED)
+        stats = harness.supervisors.statistics()[A]
+        assert (stats.attempts, stats.last_error, stats.connected_since) == (0, None, 1_000)
+        harness.fake.insert("war_calls", call(A, 1))
+        harness.fake.update("war_calls", 1, {"caller_name": "bob"})
+        harness.fake.delete("war_calls", 1)
+        await eventually(lambda: len(harness.collected.types(A)) >= 3)
+    assert harness.collected.types(A) == ["INSERT", "UPDATE", "DELETE"]
+    delete = harness.collected.changes[A][2].data
+    assert delete["old"]["target_id"] == 901
+
+
+async def test_dropped_socket_reconnects_after_the_jittered_delay(
+    harness: Harness, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.fail_after(60):
+        await harness.wait_state(A, UpstreamState.CONNECTED)
+        attempts_before = harness.fake.upgrade_attempts
+        dropped_at = trio.current_time()
+        harness.fake.drop_connections(None)
+        await harness.wait_state(A, UpstreamState.BACKOFF)
+        stats = harness.supervisors.statistics()[A]
+        assert stats.last_error is not None
+        assert "without a close frame" in stats.last_error
+        await harness.fake.wait_until(lambda: harness.fake.upgrade_attempts > attempts_before)
+        expected = random.Random(SEED).uniform(0.0, INITIAL_S)
+        # Never before the seeded draw; real loopback I/O may let the autojump clock slip a few ms past it.
+        assert expected <= trio.current_time() - dropped_at <= expected + 0.05
+        await harness.wait_state(A, UpstreamState.CONNECTED)
+
+
+async def test_refused_key_is_auth_failed_and_retried_at_the_capped_delay(
+    harness: Harness, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.fail_after(600):
+        await harness.wait_state(A, UpstreamState.CONNECTED)
+        harness.fake.valid_keys.clear()
+        harness.fake.drop_connections(1012)
+        await harness.wait_state(A, UpstreamState.BACKOFF)
+        await harness.wait_state(A, UpstreamState.AUTH_FAILED)
+        stats = harness.supervisors.statistics()[A]
+        assert stats.last_error is not None
+        assert "401" in stats.last_error
+        assert stats.next_attempt_in_s is not None
+        assert MAX_S / 2 <= stats.next_attempt_in_s <= MAX_S
+        harness.fake.valid_keys.add(KEY)
+        await harness.wait_state(A, UpstreamState.CONNECTED)
+
+
+async def test_missing_heartbeat_reply_is_a_dead_socket_within_one_interval(
+    harness: Harness, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.fail_after(300):
+        await harness.wait_state(A, UpstreamState.CONNECTED)
+        heartbeats = harness.fake.connections[0].heartbeats
+        await harness.fake.wait_until(lambda: harness.fake.connections[0].heartbeats > heartbeats)
+        harness.fake.stop_heartbeat_replies()
+        stopped_at = trio.current_time()
+        await harness.wait_state(A, UpstreamState.BACKOFF)
+        # The next heartbeat goes out within one interval and is declared dead one interval later.
+        assert trio.current_time() - stopped_at <= 2 * HEARTBEAT_S + 0.1
+        stats = harness.supervisors.statistics()[A]
+        assert stats.last_error is not None
+        assert "HeartbeatTimeout" in stats.last_error
+        harness.fake.resume_heartbeat_replies()
+        await harness.wait_state(A, UpstreamState.CONNECTED)
+
+
+async def test_one_factions_channel_failing_leaves_the_other_flowing(
+    harness: Harness, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.fail_after(60):
+        harness.supervisors.ensure_running(B)
+        await harness.wait_state(A, UpstreamState.CONNECTED)
+        await harness.wait_state(B, UpstreamState.CONNECTED)
+        harness.fake.fail_joins("RealtimeRestarting: Realtime is restarting, please standby")
+        harness.fake.shutdown_channel(f"realtime:public:war_calls:faction_id=eq.{A}", "Node request timeout")
+        await harness.wait_state(A, UpstreamState.BACKOFF)
+        harness.fake.insert("war_calls", call(B, 2))
+        await eventually(lambda: harness.collected.types(B) == ["INSERT"])
+        assert harness.state(B) == UpstreamState.CONNECTED
+        assert harness.supervisors.statistics()[B].reconnects == 0
+        stats = harness.supervisors.statistics()[A]
+        assert stats.last_error is not None
+        assert "Node request timeout" in stats.last_error
+
+
+async def test_backoff_grows_across_failures_and_resets_after_a_healthy_connection(
+    harness: Harness, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.fail_after(900):
+        await harness.wait_state(A, UpstreamState.CONNECTED)
+        harness.fake.refuse_upgrades(503, "Service Unavailable")
+        harness.fake.drop_connections(None)
+        first_refused = harness.fake.upgrade_attempts + 1
+        await harness.fake.wait_until(lambda: harness.fake.upgrade_attempts >= first_refused + 4)
+        assert harness.supervisors.statistics()[A].attempts >= 4
+        harness.fake.accept_upgrades()
+        await harness.wait_state(A, UpstreamState.CONNECTED)
+        assert harness.supervisors.statistics()[A].attempts == 0
+        await trio.sleep(31.0)  # longer than healthy_after_s: the failures are forgiven
+        harness.fake.drop_connections(None)
+        await harness.wait_state(A, UpstreamState.BACKOFF)
+        next_in = harness.supervisors.statistics()[A].next_attempt_in_s
+        assert next_in is not None
+        assert next_in <= INITIAL_S
+
+
+async def test_stop_closes_the_socket_and_shows_stopped(
+    harness: Harness, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.fail_after(30):
+        await harness.wait_state(A, UpstreamState.CONNECTED)
+        await harness.supervisors.stop(A)
+        assert harness.state(A) == UpstreamState.STOPPED
+        await harness.fake.wait_until(lambda: not harness.fake.connections)
+        harness.supervisors.ensure_running(A)
+        await harness.wait_state(A, UpstreamState.CONNECTED)
