@@ -1,0 +1,872 @@
+"""A scriptable fake Supabase Realtime server (vsn 1.0.0 framing) on real loopback sockets.
+
+It is written from `shared/reference/supabase-realtime-protocol.md` (section numbers below point
+there) and never imports the relay's own protocol code, so a misreading of the protocol in the relay
+shows up as a failing test instead of being shared by both sides. Known simplifications: legacy joins
+(no `config`) are answered but never get changes; vsn 2.0.0 upgrades are accepted as the real server
+does, then closed (1011) because only 1.0.0 framing is spoken; `select`, `not.`, comma-ANDed filters
+and RLS are not modelled; rows are stored as given, so a column a test leaves out is absent, not null.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import operator
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Generic, Literal, TypeAlias, TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
+
+logger = logging.getLogger(__name__)
+
+# The hosted gateway's path, and a self-hosted server's own Phoenix socket path (1.1).
+WEBSOCKET_PATHS = ("/realtime/v1/websocket", "/socket/websocket")
+# `:erlang.phash2/1` yields 0..2^27-1; ids stay in the range a client may have learnt to expect (4.2).
+BINDING_ID_MASK = 2**27 - 1
+DEFAULT_IDLE_TIMEOUT_S = 60.0  # Phoenix's websocket `timeout: 60_000`, which Realtime keeps (8)
+# Bounds for our own waits, so a client that never finishes a handshake cannot pin a task forever.
+HANDSHAKE_TIMEOUT_S = 10.0
+CLOSE_HANDSHAKE_TIMEOUT_S = 5.0
+RECEIVED_FRAMES_KEPT = 256  # enough for assertions, bounded for a long `relay demo`
+CHANGE_TYPES = ("INSERT", "UPDATE", "DELETE")
+FILTER_OPERATORS = ("eq", "neq", "lt", "lte", "gt", "gte", "in")
+ORDERINGS: dict[str, Callable[[Any, Any], Any]] = {
+    "lt": operator.lt,
+    "lte": operator.le,
+    "gt": operator.gt,
+    "gte": operator.ge,
+}
+# Join errors after which the real server also disconnects the whole socket with 1001 (4.2, 12).
+DISCONNECTING_JOIN_ERRORS = ("ClientJoinRateLimitReached", "TenantNotFound")
+SUBSCRIBED = "Subscribed to PostgreSQL"
+NO_PARAMS = "No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: "
+NOT_ENABLED = (
+    "Unable to subscribe to changes with given parameters. "
+    "Please check Realtime is enabled for the given connect parameters: "
+)
+BAD_PARAMS = (
+    "Unable to subscribe to changes with given parameters. "
+    "An exception happened so please check your connect parameters: "
+)
+
+WAR_CALLS_COLUMNS = {
+    "id": "int8",
+    "faction_id": "int8",
+    "war_id": "int8",
+    "target_id": "int8",
+    "target_name": "text",
+    "caller_id": "int8",
+    "caller_name": "text",
+    "created_at": "timestamptz",
+}
+FACTION_MESSAGES_COLUMNS = {
+    "id": "int8",
+    "faction_id": "int8",
+    "author_id": "int8",
+    "author_name": "text",
+    "message": "text",
+    "created_at": "timestamptz",
+}
+
+Row: TypeAlias = dict[str, Any]
+ReplicaIdentity: TypeAlias = Literal["default", "full"]
+ChangeType: TypeAlias = Literal["INSERT", "UPDATE", "DELETE"]
+T = TypeVar("T")
+
+
+# --- frames (2.1): exactly topic, event, payload, ref; ref null on pushes; never join_ref -------------
+
+
+def _frame(topic: str, event: str, payload: Mapping[str, Any], ref: Any = None) -> str:
+    return json.dumps({"topic": topic, "event": event, "payload": payload, "ref": ref})
+
+
+def _reply(topic: str, ref: Any, status: str, response: Mapping[str, Any]) -> str:
+    return _frame(topic, "phx_reply", {"status": status, "response": response}, ref)
+
+
+def _system(topic: str, *, extension: str, status: str, message: str) -> str:
+    payload = {"channel": topic.removeprefix("realtime:"), "extension": extension, "status": status}
+    return _frame(topic, "system", {**payload, "message": message})
+
+
+@dataclass(frozen=True)
+class _Inbound:
+    topic: str
+    event: str
+    payload: dict[str, Any]
+    ref: Any
+    raw: dict[str, Any]
+
+
+def _parse_inbound(message: str | bytes) -> _Inbound | None:
+    """A client frame, or None for what the real server logs and drops (2.1)."""
+    if isinstance(message, bytes):
+        return None
+    try:
+        decoded = json.loads(message)
+    except ValueError:
+        return None
+    if not isinstance(decoded, dict) or not {"topic", "event", "payload", "ref"} <= decoded.keys():
+        return None
+    topic, event, payload = decoded["topic"], decoded["event"], decoded["payload"]
+    if not (isinstance(topic, str) and isinstance(event, str) and isinstance(payload, dict)):
+        return None
+    return _Inbound(topic, event, payload, decoded["ref"], decoded)
+
+
+def binding_id(entry: Mapping[str, Any]) -> int:
+    """A pure function of the entry's content, like the server's `phash2` (4.2); not its value."""
+    canonical = json.dumps(entry, sort_keys=True, separators=(",", ":"))
+    return zlib.crc32(canonical.encode()) & BINDING_ID_MASK
+
+
+def _commit_timestamp(at: datetime) -> str:
+    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+
+
+def _inspect(params: Mapping[str, Any]) -> str:
+    """Roughly how Elixir prints a map, as the real error messages quote the params."""
+    items = ", ".join(
+        f"{json.dumps(k)} => {'nil' if v is None else json.dumps(v)}" for k, v in params.items()
+    )
+    return f"%{{{items}}}"
+
+
+# --- tables and filters (6, 7) ---------------------------------------------------------------------
+
+
+def _infer_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int8"
+    if isinstance(value, float):
+        return "float8"
+    if isinstance(value, dict | list):
+        return "jsonb"
+    return "text"
+
+
+@dataclass(eq=False)
+class _Table:
+    name: str
+    key: str
+    replica_identity: ReplicaIdentity
+    columns: dict[str, str]  # name -> Postgres type, in table order
+    rows: dict[Any, Row] = field(default_factory=dict)
+
+    def key_of(self, row: Mapping[str, Any]) -> Any:
+        if row.get(self.key) is None:
+            raise ValueError(f"{self.name}: a row needs its key column {self.key!r}")
+        return row[self.key]
+
+    def row(self, key_value: Any) -> Row:
+        try:
+            return self.rows[key_value]
+        except KeyError:
+            raise KeyError(f"{self.name}: no row with {self.key} = {key_value!r}") from None
+
+    def learn_columns(self, row: Mapping[str, Any]) -> None:
+        for name, value in row.items():
+            self.columns.setdefault(name, _infer_type(value))
+
+    def old_record(self, old: Row) -> Row:
+        """What the WAL carries of the previous row under this table's replica identity (6.2)."""
+        if self.replica_identity == "full":
+            return copy.deepcopy(old)
+        return {self.key: old[self.key]}
+
+    def change_data(self, change: ChangeType, *, new: Row | None, old: Row | None) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "schema": "public",
+            "table": self.name,
+            "commit_timestamp": _commit_timestamp(datetime.now(UTC)),
+            "type": change,
+            "columns": [{"name": name, "type": kind} for name, kind in self.columns.items()],
+            "errors": None,
+        }
+        # INSERT has no old_record key and DELETE no record key at all, not empty ones (6.1).
+        if new is not None:
+            data["record"] = copy.deepcopy(new)
+        if old is not None:
+            data["old_record"] = self.old_record(old)
+        return data
+
+
+def _filter_text(value: Any) -> str:
+    # Postgres casts the filter text to the column's type; comparing with the value's own text form
+    # gives the same answer for the int, text and bool columns used here.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _ordered(left: str, right: str) -> tuple[float, float] | tuple[str, str]:
+    try:
+        return float(left), float(right)
+    except ValueError:
+        return left, right
+
+
+class _SubscriptionError(Exception):
+    """The message of the `postgres_changes` system error that replaces "Subscribed" (5.2)."""
+
+
+@dataclass(frozen=True)
+class _Filter:
+    column: str
+    op: str
+    values: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> _Filter | None:
+        if not text.strip():
+            return None  # an empty filter is no filter (7)
+        column, _, rest = text.partition("=")
+        parts = rest.split(".", 1)
+        if len(parts) != 2 or parts[0] not in FILTER_OPERATORS or not column:
+            raise _SubscriptionError(f"Error parsing `filter` params: {json.dumps(parts)}")
+        op, value = parts
+        if op != "in":
+            return cls(column, op, (value,))
+        if not (value.startswith("(") and value.endswith(")")):
+            raise _SubscriptionError(
+                'Error parsing `filter` params: "`in` filter value must be wrapped by parentheses"'
+            )
+        return cls(column, op, tuple(value[1:-1].split(",")))
+
+    def matches(self, row: Mapping[str, Any]) -> bool:
+        # A missing column (a key-only old_record) or NULL satisfies no operator (7).
+        if row.get(self.column) is None:
+            return False
+        actual = _filter_text(row[self.column])
+        if self.op == "in":
+            return actual in self.values
+        if self.op in ("eq", "neq"):
+            return (actual == self.values[0]) == (self.op == "eq")
+        left, right = _ordered(actual, self.values[0])
+        return bool(ORDERINGS[self.op](left, right))
+
+
+@dataclass(frozen=True)
+class _Binding:
+    id: int
+    event: str  # INSERT, UPDATE, DELETE or *
+    table: str  # a table name or *
+    filter: _Filter | None
+
+    def wants(self, table: str, change: ChangeType) -> bool:
+        return self.table in ("*", table) and self.event in ("*", change)
+
+
+def _parse_binding(entry: Mapping[str, Any], tables: Mapping[str, _Table]) -> _Binding:
+    """One `postgres_changes` entry as the server accepts it (4.1), or the error it reports (5.2)."""
+    schema, table, raw_filter = entry.get("schema"), entry.get("table"), entry.get("filter", "")
+    has_filter = "filter" in entry
+    accepted = (
+        (isinstance(schema, str) and isinstance(table, str) and isinstance(raw_filter, str))
+        or (isinstance(schema, str) and "table" not in entry and not has_filter)
+        or ("schema" not in entry and isinstance(table, str) and not has_filter)
+    )
+    if not accepted:
+        raise _SubscriptionError(NO_PARAMS + _inspect(entry))
+    schema = "public" if schema is None else schema
+    table = "*" if table is None else table
+    event = str(entry.get("event", "*")).upper()
+    filter_ = _Filter.parse(raw_filter)
+    if schema not in ("public", "*") or (table != "*" and table not in tables):
+        raise _SubscriptionError(
+            f"{NOT_ENABLED}[event: {event}, schema: {schema}, table: {table}, filters: {raw_filter}]"
+        )
+    if filter_ is not None and table != "*" and filter_.column not in tables[table].columns:
+        raise _SubscriptionError(
+            f"{BAD_PARAMS}[schema: {schema}, table: {table}, filters: {raw_filter}]. "
+            f"Exception: ERROR 42703 (undefined_column) column {filter_.column} does not exist"
+        )
+    return _Binding(binding_id(entry), event if event in CHANGE_TYPES else "*", table, filter_)
+
+
+# --- one socket ------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Channel:
+    topic: str
+    join_ref: Any  # the client's join_ref; null when it sent none, and phx_close then says null (9)
+    bindings: list[_Binding]
+    live: bool = False  # only after "Subscribed to PostgreSQL": earlier changes are lost (5.1)
+
+
+@dataclass(frozen=True)
+class _Subscription:
+    """What a channel's process does after an ok join reply: subscribe, or report why not (5.1, 5.2)."""
+
+    channel: _Channel
+    bindings: list[_Binding]
+    error: str | None
+
+
+@dataclass(frozen=True)
+class _Close:
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Abort:
+    """End with no close frame: the client sees 1006."""
+
+
+@dataclass(frozen=True)
+class _PeerGone:
+    """The client closed, or the socket broke under us."""
+
+
+_Ending: TypeAlias = _Close | _Abort | _PeerGone
+_Outgoing: TypeAlias = str | _Close
+
+
+class FakeConnection:
+    """One accepted socket as a test sees it; `FakeSupabase` does the protocol work on it."""
+
+    def __init__(self, ws: WebSocketConnection, stream: trio.SocketStream, *, apikey: str) -> None:
+        self.apikey = apikey
+        self.heartbeats = 0
+        self.received: deque[dict[str, Any]] = deque(maxlen=RECEIVED_FRAMES_KEPT)
+        self.frozen = False
+        self._ws = ws
+        self._stream = stream
+        self._channels: dict[str, _Channel] = {}
+        # Unbounded so that the scripting methods and mutations can stay synchronous.
+        self._outbox, self._outbox_receive = trio.open_memory_channel[_Outgoing](math.inf)
+        self._ending: _Ending | None = None
+        self._ended = trio.Event()
+        self._io_scope = trio.CancelScope()
+        self._last_received = trio.current_time()
+
+    @property
+    def joined_topics(self) -> list[str]:
+        return list(self._channels)
+
+    def _send(self, item: _Outgoing) -> None:
+        self._outbox.send_nowait(item)
+
+    def __repr__(self) -> str:
+        return f"<FakeConnection {id(self):#x} topics={self.joined_topics} heartbeats={self.heartbeats}>"
+
+
+@dataclass
+class _Fault(Generic[T]):
+    value: T
+    remaining: int | None  # None: until cleared
+
+
+def _take(fault: _Fault[T] | None) -> tuple[T | None, _Fault[T] | None]:
+    """This occurrence's value, and what is left of the fault afterwards."""
+    if fault is None:
+        return None, None
+    if fault.remaining is None:
+        return fault.value, fault
+    left = fault.remaining - 1
+    return fault.value, (_Fault(fault.value, left) if left > 0 else None)
+
+
+def _fault(value: T, count: int | None) -> _Fault[T]:
+    if count is not None and count < 1:
+        raise ValueError(f"count must be at least 1 or None, not {count}")
+    return _Fault(value, count)
+
+
+def _vsn_supported(vsn: str) -> bool:
+    # Phoenix matches `~> 1.0.0` and `~> 2.0.0`; an unparsable version is refused too (1.3).
+    parts = vsn.split(".")
+    if len(parts) != 3 or not all(part.isdigit() for part in parts):
+        return False
+    return int(parts[0]) in (1, 2) and int(parts[1]) == 0
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    status: int
+    error: str | None
+    delayed: bool
+
+
+# --- the server ------------------------------------------------------------------------------------
+
+
+class FakeSupabase:
+    """Serve the Realtime socket on `url` until cancelled; script faults and table changes from a test.
+
+    Plain attributes are knobs read at the moment they apply, so a test may change them at any time.
+    """
+
+    def __init__(
+        self, *, valid_keys: Iterable[str] = ("anon-key",), host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        if isinstance(valid_keys, str):
+            raise TypeError("valid_keys is a collection of keys, not one key")
+        self.valid_keys: set[str] = set(valid_keys)
+        self.refusal_delay_s = 0.0  # the real server waits 2 s before each refusal (1.3)
+        self.subscribe_delay_s = 0.0
+        self.join_error_delay_s = 0.0  # the real server waits 5 s before each join error (4.2)
+        self.frame_delay_s = 0.0
+        self.idle_timeout_s = DEFAULT_IDLE_TIMEOUT_S
+        self.deliver_deletes_unfiltered = False  # the 2022-09..2024-08 servers (7)
+        self.ignore_filters = False  # lets a test check the relay's own filter check
+        self.upgrade_attempts = 0
+        self.joins = 0
+        self._host = host
+        self._requested_port = port
+        self._port: int | None = None
+        self._connections: list[FakeConnection] = []
+        self._tables: dict[str, _Table] = {}
+        self._heartbeat_replies = True
+        self._refusal: _Fault[tuple[int, str | None]] | None = None
+        self._join_failure: _Fault[str] | None = None
+        self._subscription_failure: _Fault[str] | None = None
+        self._changed = trio.Event()
+        # FULL so that a DELETE still carries faction_id and reaches the faction's filtered channel.
+        self.define_table("war_calls", replica_identity="full", columns=WAR_CALLS_COLUMNS)
+        self.define_table("faction_messages", replica_identity="full", columns=FACTION_MESSAGES_COLUMNS)
+
+    def __repr__(self) -> str:
+        return f"<FakeSupabase port={self._port} connections={len(self._connections)}>"
+
+    # --- introspection ---
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("FakeSupabase has no port before run() has started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"ws://{host}:{self.port}{WEBSOCKET_PATHS[0]}"
+
+    @property
+    def connections(self) -> list[FakeConnection]:
+        """Accepted sockets that have not begun to end."""
+        return list(self._connections)
+
+    def rows(self, table: str) -> list[Row]:
+        return copy.deepcopy(list(self._table(table).rows.values()))
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Return once `predicate()` holds, re-checking it after every change of the fake's state."""
+        await trio.lowlevel.checkpoint()
+        while True:
+            changed = self._changed
+            if predicate():
+                return
+            await changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # --- scripting ---
+
+    def refuse_upgrades(self, status: int, error: str | None = None, count: int | None = None) -> None:
+        """Answer the next `count` upgrades (all until `accept_upgrades()`) with `status`, JSON body if `error`."""
+        self._refusal = _fault((status, error), count)
+
+    def accept_upgrades(self) -> None:
+        self._refusal = None
+
+    def fail_joins(self, reason: str, count: int | None = None) -> None:
+        """Answer the next `count` joins (all until `accept_joins()`) with `{"reason": reason}`."""
+        self._join_failure = _fault(reason, count)
+
+    def accept_joins(self) -> None:
+        self._join_failure = None
+
+    def fail_subscriptions(self, message: str, count: int | None = None) -> None:
+        """After an ok join, send a `postgres_changes` system error instead of "Subscribed" (5.2)."""
+        self._subscription_failure = _fault(message, count)
+
+    def accept_subscriptions(self) -> None:
+        self._subscription_failure = None
+
+    def stop_heartbeat_replies(self) -> None:
+        self._heartbeat_replies = False
+
+    def resume_heartbeat_replies(self) -> None:
+        self._heartbeat_replies = True
+
+    def freeze(self) -> None:
+        """Stop reading and writing on the current sockets but keep their TCP open: a half-open peer."""
+        for connection in self._connections:
+            connection.frozen = True
+            connection._io_scope.cancel()
+        self._notify()
+
+    def drop_connections(self, code: int | None = None, reason: str = "") -> None:
+        """End every socket: with no close frame (the client sees 1006) when `code` is None."""
+        for connection in list(self._connections):
+            if code is None:
+                self._end(connection, _Abort())
+            elif connection.frozen:
+                self._end(connection, _Close(code, reason))
+            else:
+                connection._send(_Close(code, reason))  # after what is already queued, as a drain does
+
+    def send_raw(self, text: str) -> None:
+        for connection in self._connections:
+            connection._send(text)
+
+    def send_system_disconnect(self) -> None:
+        """A project configuration change: "Server requested disconnect" on every channel, then 1012 (5.4)."""
+        for connection in self._connections:
+            for topic in connection._channels:
+                payload = {"extension": "system", "status": "ok", "message": "Server requested disconnect"}
+                connection._send(_frame(topic, "system", payload))  # this one has no `channel` key
+            connection._send(_Close(1012, ""))
+
+    def shutdown_channel(self, topic: str, message: str) -> None:
+        """The server ends a channel: system error (extension "system"), then phx_close (5.3)."""
+        for connection in self._connections:
+            channel = connection._channels.pop(topic, None)
+            if channel is not None:
+                connection._send(_system(topic, extension="system", status="error", message=message))
+                connection._send(_frame(topic, "phx_close", {}, channel.join_ref))
+        self._notify()
+
+    # --- tables ---
+
+    def define_table(
+        self,
+        name: str,
+        key: str = "id",
+        replica_identity: ReplicaIdentity = "default",
+        columns: Mapping[str, str] | None = None,
+    ) -> None:
+        """Define or redefine a table, keeping its rows (and columns unless given: name -> Postgres type)."""
+        previous = self._tables.get(name)
+        if columns is None:
+            columns = previous.columns if previous is not None else {key: "int8"}
+        rows = previous.rows if previous is not None else {}
+        self._tables[name] = _Table(name, key, replica_identity, dict(columns), rows)
+
+    def insert(self, table: str, row: Mapping[str, Any], deliver: bool = True) -> Row:
+        target = self._table(table)
+        new = copy.deepcopy(dict(row))
+        key = target.key_of(new)
+        if key in target.rows:
+            raise ValueError(f"{table}: duplicate key {key!r}")
+        target.learn_columns(new)
+        target.rows[key] = new
+        if deliver:
+            self._publish(target, target.change_data("INSERT", new=new, old=None), new)
+        self._notify()
+        return copy.deepcopy(new)
+
+    def update(self, table: str, key_value: Any, changes: Mapping[str, Any], deliver: bool = True) -> Row:
+        target = self._table(table)
+        old = target.row(key_value)
+        new = {**old, **copy.deepcopy(dict(changes))}
+        new_key = target.key_of(new)
+        if new_key != key_value and new_key in target.rows:
+            raise ValueError(f"{table}: duplicate key {new_key!r}")
+        target.learn_columns(new)
+        del target.rows[key_value]
+        target.rows[new_key] = new
+        if deliver:
+            # Filters see the new row only: a row moving out of a faction is not sent to it (7).
+            self._publish(target, target.change_data("UPDATE", new=new, old=old), new)
+        self._notify()
+        return copy.deepcopy(new)
+
+    def delete(self, table: str, key_value: Any, deliver: bool = True) -> Row:
+        target = self._table(table)
+        old = target.row(key_value)
+        del target.rows[key_value]
+        if deliver:
+            data = target.change_data("DELETE", new=None, old=old)
+            self._publish(target, data, data["old_record"])  # filters see only the identity columns (7)
+        self._notify()
+        return old
+
+    def _table(self, name: str) -> _Table:
+        try:
+            return self._tables[name]
+        except KeyError:
+            raise KeyError(f"no table {name!r}; define_table() it first") from None
+
+    def _publish(self, table: _Table, data: dict[str, Any], filter_row: Row) -> None:
+        for connection in self._connections:
+            if connection.frozen:
+                continue
+            for channel in connection._channels.values():
+                ids = self._matching_ids(channel, table.name, data["type"], filter_row)
+                if ids:  # one message per channel, listing every binding of it that matched (6.1)
+                    connection._send(_frame(channel.topic, "postgres_changes", {"ids": ids, "data": data}))
+
+    def _matching_ids(self, channel: _Channel, table: str, change: ChangeType, filter_row: Row) -> list[int]:
+        ids: list[int] = []
+        if not channel.live:
+            return ids
+        for binding in channel.bindings:
+            if not binding.wants(table, change) or binding.id in ids:
+                continue
+            unfiltered = (
+                binding.filter is None
+                or self.ignore_filters
+                or (change == "DELETE" and self.deliver_deletes_unfiltered)
+            )
+            if unfiltered or (binding.filter is not None and binding.filter.matches(filter_row)):
+                ids.append(binding.id)
+        return ids
+
+    # --- serving ---
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self._requested_port, host=self._host)
+        self._port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle_stream, listeners)
+            logger.debug("%r listening", self)
+            task_status.started()
+
+    async def _handle_stream(self, stream: trio.SocketStream) -> None:
+        # trio-websocket's own reader task lives here; wrapping the stream ourselves (rather than
+        # serve_websocket) keeps the raw stream at hand for an abort without a close frame.
+        async with trio.open_nursery() as websocket_tasks:
+            request: WebSocketRequest | None = None
+            with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+                request = await wrap_server_stream(websocket_tasks, stream)
+            if request is not None:
+                with contextlib.suppress(ConnectionClosed):  # the client left during the handshake
+                    await self._handle_request(request, stream)
+            websocket_tasks.cancel_scope.cancel()
+
+    async def _handle_request(self, request: WebSocketRequest, stream: trio.SocketStream) -> None:
+        self.upgrade_attempts += 1
+        self._notify()
+        decision = self._upgrade_decision(request)
+        if isinstance(decision, _Refusal):
+            logger.debug("%r refused an upgrade with %d", self, decision.status)
+            if decision.delayed and self.refusal_delay_s > 0:
+                await trio.sleep(self.refusal_delay_s)
+            if decision.error is None:
+                await request.reject(decision.status)
+            else:
+                body = json.dumps({"error": decision.error}).encode()
+                await request.reject(
+                    decision.status, extra_headers=[(b"content-type", b"application/json")], body=body
+                )
+            return
+        apikey, vsn = decision
+        ws = await request.accept()
+        if not vsn.startswith("1."):
+            await ws.aclose(1011, "this fake speaks vsn 1.0.0 framing only")
+            return
+        await self._serve(FakeConnection(ws, stream, apikey=apikey))
+
+    def _upgrade_decision(self, request: WebSocketRequest) -> _Refusal | tuple[str, str]:
+        """The refusal for this upgrade (1.3), or the accepted (apikey, vsn)."""
+        target = urlsplit(request.path)
+        if target.path not in WEBSOCKET_PATHS:
+            return _Refusal(404, None, delayed=False)
+        # The gateway in front answers before Realtime looks at anything.
+        scripted, self._refusal = _take(self._refusal)
+        if scripted is not None:
+            return _Refusal(scripted[0], scripted[1], delayed=True)
+        params = parse_qs(target.query)
+        vsn = params.get("vsn", ["1.0.0"])[0]
+        if not _vsn_supported(vsn):
+            return _Refusal(403, None, delayed=False)  # Phoenix refuses before connect/3: no backoff
+        headers = {name.lower(): value for name, value in request.headers}
+        header_key = headers.get(b"x-api-key", b"").decode("latin-1")
+        apikey = header_key or params.get("apikey", [""])[0]  # the header wins (1.1)
+        if not apikey:
+            return _Refusal(401, "API key is missing", delayed=True)
+        if apikey not in self.valid_keys:
+            return _Refusal(401, "Failed to validate JWT signature", delayed=True)
+        return apikey, vsn
+
+    async def _serve(self, connection: FakeConnection) -> None:
+        self._connections.append(connection)
+        self._notify()
+        try:
+            with connection._io_scope:
+                async with trio.open_nursery() as io:
+                    io.start_soon(self._read_loop, connection, io)
+                    io.start_soon(self._write_loop, connection)
+                    io.start_soon(self._idle_watch, connection)
+            await connection._ended.wait()  # a frozen socket stays open until it is dropped
+            await self._finish(connection)
+        finally:
+            if connection in self._connections:  # the whole server was cancelled
+                self._connections.remove(connection)
+                self._notify()
+
+    def _end(self, connection: FakeConnection, how: _Ending) -> None:
+        if connection._ending is not None:
+            return
+        connection._ending = how
+        connection._io_scope.cancel()
+        connection._ended.set()
+        self._connections.remove(connection)
+        self._notify()
+
+    async def _finish(self, connection: FakeConnection) -> None:
+        ending = connection._ending
+        if isinstance(ending, _Close):
+            with trio.move_on_after(CLOSE_HANDSHAKE_TIMEOUT_S):
+                await connection._ws.aclose(ending.code, ending.reason or None)
+        elif isinstance(ending, _Abort):
+            await trio.aclose_forcefully(connection._stream)
+        logger.debug("%r ended %r", connection, ending)
+        self._notify()
+
+    async def _read_loop(self, connection: FakeConnection, io: trio.Nursery) -> None:
+        while True:
+            try:
+                message = await connection._ws.get_message()
+            except ConnectionClosed:
+                self._end(connection, _PeerGone())
+                return
+            connection._last_received = trio.current_time()  # any frame resets the idle timer (8)
+            frame = _parse_inbound(message)
+            if frame is None:
+                continue  # logged and dropped by the real server; the socket stays open (2.1)
+            connection.received.append(frame.raw)
+            await self._dispatch(connection, frame, io)
+            self._notify()
+
+    async def _write_loop(self, connection: FakeConnection) -> None:
+        async for item in connection._outbox_receive:
+            if isinstance(item, _Close):
+                self._end(connection, item)
+                return
+            if self.frame_delay_s > 0:
+                await trio.sleep(self.frame_delay_s)
+            try:
+                await connection._ws.send_message(item)
+            except ConnectionClosed:
+                self._end(connection, _PeerGone())
+                return
+            self._notify()
+
+    async def _idle_watch(self, connection: FakeConnection) -> None:
+        while True:
+            deadline = connection._last_received + self.idle_timeout_s
+            if trio.current_time() >= deadline:
+                self._end(connection, _Close(1000, ""))  # cowboy's idle timeout: 1000, empty reason (8)
+                return
+            await trio.sleep_until(deadline)
+
+    # --- channel protocol (3, 4, 5, 8, 9) ---
+
+    async def _dispatch(self, connection: FakeConnection, frame: _Inbound, io: trio.Nursery) -> None:
+        if frame.topic == "phoenix" and frame.event == "heartbeat":
+            connection.heartbeats += 1
+            if self._heartbeat_replies:
+                connection._send(_reply("phoenix", frame.ref, "ok", {}))
+            return
+        if frame.event == "phx_join":
+            await self._join(connection, frame, io)
+            return
+        channel = connection._channels.get(frame.topic)
+        if channel is None:
+            # A leave for an unjoined topic is answered ok; anything else there is unmatched (3).
+            if frame.event == "phx_leave":
+                connection._send(_reply(frame.topic, frame.ref, "ok", {}))
+            else:
+                connection._send(_reply(frame.topic, frame.ref, "error", {"reason": "unmatched topic"}))
+        elif frame.event == "phx_leave":
+            del connection._channels[frame.topic]
+            connection._send(_reply(frame.topic, frame.ref, "ok", {}))
+            connection._send(_frame(frame.topic, "phx_close", {}, channel.join_ref))
+        # access_token, broadcast and presence on a joined channel change nothing for postgres_changes.
+
+    async def _join(self, connection: FakeConnection, frame: _Inbound, io: trio.Nursery) -> None:
+        self.joins += 1
+        self._notify()
+        topic = frame.topic
+        if not topic.startswith("realtime:"):
+            connection._send(_reply(topic, frame.ref, "error", {"reason": "unmatched topic"}))
+            return
+        # A duplicate join ends the old channel at once; its phx_close follows the new join's reply,
+        # and comes before the new channel's "Subscribed", which needs a database round trip (3).
+        old = connection._channels.pop(topic, None)
+        reason, self._join_failure = _take(self._join_failure)
+        if reason is None and topic == "realtime:":
+            reason = "TopicNameRequired: You must provide a topic name"
+        subscription = None
+        if reason is not None:
+            if self.join_error_delay_s > 0:
+                # Phoenix's socket waits for the channel's answer, so this socket's other frames wait too.
+                await trio.sleep(self.join_error_delay_s)
+            connection._send(_reply(topic, frame.ref, "error", {"reason": reason}))
+        else:
+            subscription = self._open_channel(connection, frame)
+        if old is not None:
+            connection._send(_frame(topic, "phx_close", {}, old.join_ref))
+        if reason is not None and reason.startswith(DISCONNECTING_JOIN_ERRORS):
+            connection._send(_Close(1001, ""))
+        if subscription is not None and self.subscribe_delay_s > 0:
+            io.start_soon(self._subscribe_later, connection, subscription)
+        elif subscription is not None:
+            self._subscribe(connection, subscription)
+
+    def _open_channel(self, connection: FakeConnection, frame: _Inbound) -> _Subscription | None:
+        """Join the channel and send the ok reply; the subscription still to be made, if any."""
+        config = frame.payload.get("config")
+        raw_entries = config.get("postgres_changes") if isinstance(config, dict) else None
+        # null entries are skipped (4.1); an unreadable config is only logged and the join goes on.
+        entries = (
+            [entry for entry in raw_entries if isinstance(entry, dict)]
+            if isinstance(raw_entries, list)
+            else []
+        )
+        channel = _Channel(frame.topic, frame.raw.get("join_ref"), [])
+        connection._channels[frame.topic] = channel
+        if "config" not in frame.payload:
+            connection._send(_reply(frame.topic, frame.ref, "ok", {}))  # legacy mode: not emulated
+            return None
+        echoed = [{**entry, "id": binding_id(entry)} for entry in entries]  # echoed exactly, plus id (4.2)
+        connection._send(_reply(frame.topic, frame.ref, "ok", {"postgres_changes": echoed}))
+        if not entries:
+            return None  # nothing to subscribe, so no system message either (4.2)
+        try:
+            bindings = [_parse_binding(entry, self._tables) for entry in entries]
+        except _SubscriptionError as exc:
+            return _Subscription(channel, [], str(exc))
+        error, self._subscription_failure = _take(self._subscription_failure)
+        return _Subscription(channel, bindings, error)
+
+    async def _subscribe_later(self, connection: FakeConnection, subscription: _Subscription) -> None:
+        await trio.sleep(self.subscribe_delay_s)
+        self._subscribe(connection, subscription)
+        self._notify()
+
+    def _subscribe(self, connection: FakeConnection, subscription: _Subscription) -> None:
+        channel = subscription.channel
+        if connection._channels.get(channel.topic) is not channel:
+            return  # left, replaced or shut down before the subscription was made
+        if subscription.error is not None:
+            error = subscription.error
+            connection._send(
+                _system(channel.topic, extension="postgres_changes", status="error", message=error)
+            )
+            return
+        channel.bindings = subscription.bindings
+        channel.live = True
+        connection._send(
+            _system(channel.topic, extension="postgres_changes", status="ok", message=SUBSCRIBED)
+        )
