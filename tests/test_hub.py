@@ -1,0 +1,52 @@
+"""Wake-ups after commit, and the stopping flag that releases every held request."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from relay.hub import Hub
+
+
+async def test_notify_wakes_every_waiter_of_that_faction_only() -> None:
+    hub = Hub()
+    woken: list[str] = []
+
+    async def wait(name: str, faction_id: int) -> None:
+        await hub.wait_for_events(faction_id)
+        woken.append(name)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait, "a", 1)
+            nursery.start_soon(wait, "b", 1)
+            nursery.start_soon(wait, "other", 2)
+            await trio.testing.wait_all_tasks_blocked()
+            assert hub.statistics().factions_waited_on == 2
+            hub.notify(1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert sorted(woken) == ["a", "b"]
+            hub.notify(2)
+    assert sorted(woken) == ["a", "b", "other"]
+
+
+async def test_a_waiter_arriving_after_a_notify_waits_for_the_next_one(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    hub = Hub()
+    hub.notify(1)
+    with trio.move_on_after(1) as scope:
+        await hub.wait_for_events(1)
+    assert scope.cancelled_caught
+
+
+async def test_stopping_releases_waiters_and_later_ones_return_at_once() -> None:
+    hub = Hub()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hub.wait_for_events, 1)
+            nursery.start_soon(hub.wait_for_events, 2)
+            await trio.testing.wait_all_tasks_blocked()
+            hub.begin_stopping()
+        await hub.wait_for_events(3)
+    assert hub.statistics().stopping
