@@ -1,0 +1,81 @@
+"""The `relay` command: argument parsing, logging set-up, `trio.run`, and user errors as one line."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+import relay
+from relay.config import ConfigError, load_config
+from relay.migrations import MigrationError
+from relay.service import run_relay
+from relay.store import StoreError
+
+log = logging.getLogger("relay")
+
+EXIT_USER_ERROR = 2
+EXIT_RUNTIME_ERROR = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay", description="CAT Relay: Supabase Realtime for Torn factions over HTTP"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {relay.__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the relay until SIGINT/SIGTERM")
+    serve.add_argument(
+        "--config", type=Path, default=None, help="relay.toml to read (default: $RELAY_CONFIG)"
+    )
+
+    demo = commands.add_parser("demo", help="run the relay against a built-in fake Supabase with war traffic")
+    demo.add_argument("--port", type=int, default=8444, help="HTTP port (default 8444; 0 picks a free one)")
+    demo.add_argument(
+        "--factions", type=int, nargs="+", default=[46666, 11581, 9356], help="demo faction ids"
+    )
+    demo.add_argument(
+        "--changes-per-s", type=float, default=2.0, help="upstream changes per second, all factions"
+    )
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        if args.command == "serve":
+            config = load_config(args.config)
+            trio.run(functools.partial(run_relay, config, handle_signals=True))
+        else:
+            from relay.testing.demo import run_demo  # the fake server is only loaded for the demo
+
+            trio.run(
+                functools.partial(
+                    run_demo, port=args.port, factions=args.factions, changes_per_s=args.changes_per_s
+                )
+            )
+    except (ConfigError, MigrationError) as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (StoreError, OSError) as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

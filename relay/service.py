@@ -1,0 +1,162 @@
+"""The composition root: the relay's one top-level nursery, its start order and its shutdown order.
+
+    trio.run(run_relay)
+    └── async with open_store(...)                     # closed last: checkpoint, close
+        └── nursery "relay"
+            ├── watch_signals → hub.begin_stopping      # SIGINT/SIGTERM (a second one cuts short)
+            ├── Supervisors.run (its own nursery)
+            │   └── faction 46666 (own CancelScope) ── upstream connection (reader + heartbeat)
+            ├── run_schedule(maintenance_pass)
+            └── hypercorn.trio.serve(app, shutdown_trigger=hub.stopping.wait)
+
+Shutdown: `stopping` is set, so held requests return at once; hypercorn stops accepting, answers
+what is in flight and cuts whatever is still open after GRACEFUL_TIMEOUT_S; then the supervisors
+and the schedule are cancelled (each upstream socket closes politely within a bounded, shielded
+wait); last, the store checkpoints and closes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from quart_trio import QuartTrio
+
+import relay
+from relay.api import Services, create_app
+from relay.config import Config
+from relay.hub import Hub
+from relay.maintenance import maintenance_pass, run_schedule
+from relay.phoenix import ChangeReceived
+from relay.store import Store, open_store, wall_clock_ms
+from relay.supervisor import Supervisors, SupervisorSettings
+from relay.upstream import ConnectionSettings
+
+log = logging.getLogger(__name__)
+
+# Long enough for any answer in flight (milliseconds; held requests return at `stopping`). Hypercorn
+# 0.18 also keeps idle keep-alive connections open until this deadline, so it is what a clean
+# shutdown costs whenever a browser is connected: keep it short.
+GRACEFUL_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class RunningRelay:
+    """What a started relay hands its starter: where it listens and how to stop it."""
+
+    urls: Sequence[str]
+    app: QuartTrio
+    store: Store
+    supervisors: Supervisors
+    hub: Hub
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    def stop(self) -> None:
+        self.hub.begin_stopping()
+
+
+def supervisor_settings(config: Config) -> SupervisorSettings:
+    upstream = config.upstream
+    return SupervisorSettings(
+        connection=ConnectionSettings(
+            url=upstream.url,
+            api_key=upstream.anon_key,
+            heartbeat_interval_s=upstream.heartbeat_interval,
+            connect_timeout_s=upstream.connect_timeout,
+        ),
+        channels=[(channel.table, channel.filter) for channel in upstream.channels],
+        backoff_initial_s=upstream.backoff_initial,
+        backoff_max_s=upstream.backoff_max,
+    )
+
+
+def hypercorn_config(config: Config) -> HypercornConfig:
+    server = HypercornConfig()
+    host = config.server.host
+    server.bind = [f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"]
+    server.graceful_timeout = GRACEFUL_TIMEOUT_S
+    server.accesslog = None
+    # A Logger (not a path) makes hypercorn log through the relay's logging set-up, once.
+    server.errorlog = logging.getLogger("hypercorn.error")
+    return server
+
+
+async def run_relay(
+    config: Config,
+    *,
+    handle_signals: bool = False,
+    task_status: trio.TaskStatus[RunningRelay] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until stopped (a signal, or `RunningRelay.stop`); return once everything is closed."""
+    started_at = trio.current_time()
+    async with open_store(
+        config.storage.path, events_per_faction=config.retention.events_per_faction, now_ms=wall_clock_ms
+    ) as store:
+        hub = Hub()
+
+        async def ingest(faction_id: int, changes: Sequence[ChangeReceived]) -> None:
+            await store.append_events(faction_id, [("postgres_changes", change.data) for change in changes])
+            hub.notify(faction_id)
+
+        supervisors = Supervisors(supervisor_settings(config), ingest, wall_clock_ms=wall_clock_ms)
+        services = Services(config, store, supervisors, hub, relay.__version__, started_at, wall_clock_ms)
+        async with trio.open_nursery() as nursery:
+            if handle_signals:
+                nursery.start_soon(watch_signals, hub, nursery.cancel_scope, name="watch_signals")
+            await nursery.start(supervisors.run, store.active_factions(), name="supervisors")
+            run_pass = functools.partial(
+                maintenance_pass, store, supervisors, subscription_ttl_s=config.retention.subscription_ttl
+            )
+            await nursery.start(
+                run_schedule, config.retention.maintenance_interval, run_pass, name="maintenance"
+            )
+            http_done = trio.Event()
+            app = create_app(services)
+            urls = await nursery.start(serve_http, app, config, hub, http_done, name="http")
+            log.info(
+                "relay %s listening on %s with %d active factions",
+                relay.__version__,
+                urls[0],
+                len(store.active_factions()),
+            )
+            task_status.started(RunningRelay(urls, app, store, supervisors, hub))
+            await http_done.wait()
+            log.info("HTTP server drained; closing upstream sockets")
+            nursery.cancel_scope.cancel()
+    log.info("relay stopped")
+
+
+async def serve_http(
+    app: QuartTrio,
+    config: Config,
+    hub: Hub,
+    done: trio.Event,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    try:
+        await serve(
+            app, hypercorn_config(config), shutdown_trigger=hub.stopping.wait, task_status=task_status
+        )
+    finally:
+        done.set()
+
+
+async def watch_signals(hub: Hub, relay_scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if not hub.stopping.is_set():
+                log.info("%s received: shutting down", signal.Signals(signum).name)
+                hub.begin_stopping()
+            else:
+                log.warning("%s received again: stopping now", signal.Signals(signum).name)
+                relay_scope.cancel()

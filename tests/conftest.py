@@ -1,0 +1,67 @@
+"""Shared fixtures: a fake Supabase on a loopback port, and the real relay in-process on port 0."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from relay.config import Config, load_config
+from relay.service import RunningRelay, run_relay
+from relay.testing.fake_supabase import FakeSupabase
+
+ANON_KEY = "test-anon-key"
+FACTION = 46666
+OTHER_FACTION = 11581
+
+
+async def eventually(condition: Callable[[], object], step_s: float = 0.01) -> None:
+    """Wait until `condition()` holds.
+
+    The relay shows its state as `statistics()` snapshots rather than events to wait on (as Trio's own
+    objects do), so tests look again every `step_s`: free in virtual time, and a bounded, small cost
+    under the real clock, where every caller is inside `fail_after`.
+    """
+    while not condition():  # noqa: ASYNC110 - there is no event to wait on, by design (see above)
+        await trio.sleep(step_s)
+
+
+@pytest.fixture
+async def fake_upstream(nursery: trio.Nursery) -> FakeSupabase:
+    fake = FakeSupabase(valid_keys=(ANON_KEY,))
+    await nursery.start(fake.run)
+    return fake
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, fake_upstream: FakeSupabase) -> Callable[..., Config]:
+    """A config pointed at the fake, with small timings so real-clock tests stay quick."""
+
+    def make(toml: str = "", **overrides: str) -> Config:
+        config_file = tmp_path / "relay.toml"
+        config_file.write_text(
+            "[upstream]\nheartbeat_interval = 2.0\nconnect_timeout = 2.0\n"
+            "backoff_initial = 0.05\nbackoff_max = 0.5\n" + toml
+        )
+        env = {
+            "RELAY_UPSTREAM_URL": fake_upstream.url,
+            "RELAY_UPSTREAM_ANON_KEY": ANON_KEY,
+            "RELAY_SERVER_PORT": "0",
+            "RELAY_STORAGE_PATH": str(tmp_path / "data" / "relay.db"),
+            **overrides,
+        }
+        return load_config(config_file, environ={}, overrides=env)
+
+    return make
+
+
+@pytest.fixture
+async def relay(make_config: Callable[..., Config]) -> AsyncIterator[RunningRelay]:
+    """The relay in a nursery of its own, so teardown is a real shutdown the fake upstream outlives."""
+    async with trio.open_nursery() as nursery:
+        running: RunningRelay = await nursery.start(functools.partial(run_relay, make_config()))
+        yield running
+        running.stop()

@@ -1,0 +1,163 @@
+"""The HTTP contract through Quart's test client, on the app of a real running relay."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from quart.typing import TestClientProtocol as QuartClient
+
+from relay.config import Config
+from relay.service import RunningRelay, run_relay
+from tests.conftest import ANON_KEY, FACTION, OTHER_FACTION
+
+
+def client(relay: RunningRelay) -> QuartClient:
+    return relay.app.test_client()
+
+
+async def subscribe(relay: RunningRelay, faction_id: Any = FACTION, key: str = ANON_KEY) -> Any:
+    response = await client(relay).post("/subscribe", json={"faction_id": faction_id, "api_key": key})
+    return response.status_code, await response.get_json()
+
+
+async def events(relay: RunningRelay, query: str) -> tuple[int, Any]:
+    response = await client(relay).get(f"/events?{query}")
+    return response.status_code, await response.get_json()
+
+
+def change(n: int) -> dict[str, Any]:
+    return {"table": "war_calls", "eventType": "INSERT", "new": {"id": n, "faction_id": FACTION}, "old": {}}
+
+
+async def test_ping_tells_todays_script_the_relay_is_there(relay: RunningRelay) -> None:
+    response = await client(relay).get("/ping")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "application/json; charset=utf-8"
+    body = await response.get_json()
+    assert body["status"] == "ok"
+    assert body["deployed"] is True
+    assert body["online"] is True
+    assert body["version"].count(".") == 2
+
+
+async def test_health_answers_while_the_store_does(relay: RunningRelay) -> None:
+    response = await client(relay).get("/health")
+    assert (response.status_code, await response.get_json()) == (200, {"status": "ok"})
+
+
+async def test_subscribe_accepts_numbers_and_digit_strings_and_is_idempotent(relay: RunningRelay) -> None:
+    status, body = await subscribe(relay, FACTION)
+    assert status == 200
+    assert body == {"status": "subscribed", "faction_id": FACTION, "timestamp": relay.store.cursor()}
+    status, again = await subscribe(relay, str(FACTION))
+    assert (status, again["faction_id"]) == (200, FACTION)
+    assert relay.store.active_factions() == [FACTION]
+
+
+async def test_events_since_returns_newer_events_oldest_first_with_the_cursor(relay: RunningRelay) -> None:
+    await subscribe(relay)
+    stored = await relay.store.append_events(FACTION, [("postgres_changes", change(n)) for n in range(3)])
+    status, body = await events(relay, f"faction_id={FACTION}")
+    assert status == 200
+    assert [event["id"] for event in body["events"]] == [event.id for event in stored]
+    assert body["timestamp"] == stored[-1].timestamp
+    first = body["events"][0]
+    assert first == {
+        "id": stored[0].id,
+        "type": "postgres_changes",
+        "timestamp": stored[0].timestamp,
+        "data": change(0),
+    }
+    status, body = await events(relay, f"faction_id={FACTION}&since={stored[0].timestamp}")
+    assert [event["data"]["new"]["id"] for event in body["events"]] == [1, 2]
+    status, body = await events(relay, f"faction_id={FACTION}&since={stored[-1].timestamp}")
+    assert body["events"] == []
+    assert body["timestamp"] >= stored[-1].timestamp
+    (later,) = await relay.store.append_events(FACTION, [("postgres_changes", change(3))])
+    assert later.timestamp > body["timestamp"]
+
+
+async def test_empty_since_means_everything_retained(relay: RunningRelay) -> None:
+    await subscribe(relay)
+    await relay.store.append_events(FACTION, [("postgres_changes", change(1))])
+    status, body = await events(relay, f"faction_id={FACTION}&since=")
+    assert (status, len(body["events"])) == (200, 1)
+
+
+async def test_a_since_ahead_of_the_relay_clock_does_not_hide_later_events(relay: RunningRelay) -> None:
+    await subscribe(relay)
+    ahead = relay.store.cursor() + 120_000  # a member whose clock runs two minutes fast
+    status, body = await events(relay, f"faction_id={FACTION}&since={ahead}")
+    assert (status, body["events"]) == (200, [])
+    assert body["timestamp"] >= ahead
+    await relay.store.append_events(FACTION, [("postgres_changes", change(1))])
+    status, body = await events(relay, f"faction_id={FACTION}&since={ahead}")
+    assert [event["data"]["new"]["id"] for event in body["events"]] == [1]
+
+
+async def test_events_are_per_faction(relay: RunningRelay) -> None:
+    await subscribe(relay, FACTION)
+    await subscribe(relay, OTHER_FACTION)
+    await relay.store.append_events(OTHER_FACTION, [("postgres_changes", change(1))])
+    status, body = await events(relay, f"faction_id={FACTION}&since=0")
+    assert (status, body["events"]) == (200, [])
+
+
+async def test_a_poll_of_an_expired_faction_revives_it(relay: RunningRelay) -> None:
+    await subscribe(relay)
+    assert await relay.store.expire_idle(-1) == [FACTION]
+    await relay.supervisors.stop(FACTION)
+    status, _ = await events(relay, f"faction_id={FACTION}")
+    assert status == 200
+    assert relay.store.active_factions() == [FACTION]
+    assert relay.supervisors.statistics()[FACTION].state != "stopped"
+
+
+async def test_status_lists_each_faction_with_its_upstream(relay: RunningRelay) -> None:
+    await subscribe(relay)
+    await relay.store.append_events(FACTION, [("postgres_changes", change(1))])
+    response = await client(relay).get("/status")
+    body = await response.get_json()
+    assert set(body) == {"online", "timestamp", "version", "uptime_s", "factions"}
+    assert body["online"] is True
+    (faction,) = body["factions"]
+    assert set(faction) == {"faction_id", "upstream", "events_stored", "last_event_at", "last_poll_at"}
+    assert set(faction["upstream"]) == {
+        "state",
+        "attempts",
+        "last_error",
+        "connected_since",
+        "next_attempt_in_s",
+    }
+    assert faction["upstream"]["state"] in {"connecting", "connected"}
+    assert (faction["faction_id"], faction["events_stored"]) == (FACTION, 1)
+    assert faction["last_event_at"] == relay.store.cursor()
+
+
+async def test_cors_on_every_answer_and_preflight_answered(relay: RunningRelay) -> None:
+    for path in ["/ping", "/events?faction_id=x", "/nowhere"]:
+        response = await client(relay).get(path)
+        assert response.headers["Access-Control-Allow-Origin"] == "*", path
+    preflight = await client(relay).options(
+        "/subscribe", headers={"Origin": "https://www.torn.com", "Access-Control-Request-Method": "POST"}
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == "*"
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    assert "Content-Type" in preflight.headers["Access-Control-Allow-Headers"]
+
+
+async def test_max_factions_refuses_the_next_faction_but_not_a_known_one(
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
+    small: RunningRelay = await nursery.start(
+        functools.partial(run_relay, make_config("[limits]\nmax_factions = 1\n"))
+    )
+    assert (await subscribe(small, FACTION))[0] == 200
+    assert (await subscribe(small, FACTION))[0] == 200
+    status, body = await subscribe(small, OTHER_FACTION)
+    assert (status, body["code"]) == (429, "too_many_factions")
+    small.stop()

@@ -1,0 +1,187 @@
+"""`relay serve` as an operator runs it: a real process, signals, a kill -9 and a restart."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from relay.testing.fake_supabase import FakeSupabase
+from tests.conftest import ANON_KEY, FACTION, eventually
+from tests.test_end_to_end import Userscript, call, wait_connected
+
+RELAY = str(Path(sys.executable).parent / "relay")
+LISTENING = re.compile(r"listening on (http://\S+)")
+
+
+class RelayProcess:
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.log: list[str] = []
+        self.url = ""
+        self._listening = trio.Event()
+
+    async def collect_log(self) -> None:
+        assert self.process.stderr is not None
+        buffered = b""
+        async for chunk in self.process.stderr:
+            buffered += chunk
+            *lines, buffered = buffered.split(b"\n")
+            for line in lines:
+                self.log.append(line.decode())
+                found = LISTENING.search(self.log[-1])
+                if found and not self._listening.is_set():
+                    self.url = found.group(1)
+                    self._listening.set()
+
+    def text(self) -> str:
+        return "\n".join(self.log)
+
+
+@pytest.fixture
+def serve_config(tmp_path: Path, fake_upstream: FakeSupabase) -> tuple[Path, dict[str, str]]:
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        '[server]\nport = 0\n[storage]\npath = "data/relay.db"\n[upstream]\nheartbeat_interval = 2.0\n'
+    )
+    env = {**os.environ, "RELAY_UPSTREAM_URL": fake_upstream.url, "RELAY_UPSTREAM_ANON_KEY": ANON_KEY}
+    return config, env
+
+
+@asynccontextmanager
+async def relay_process(config: Path, env: dict[str, str]) -> AsyncIterator[RelayProcess]:
+    process = await trio.lowlevel.open_process(
+        [RELAY, "serve", "--config", str(config)], stderr=subprocess.PIPE, env=env
+    )
+    running = RelayProcess(process)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(running.collect_log)
+            await running._listening.wait()
+            yield running
+            nursery.cancel_scope.cancel()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+
+
+async def test_sigterm_shuts_down_cleanly(
+    serve_config: tuple[Path, dict[str, str]], fake_upstream: FakeSupabase
+) -> None:
+    config, env = serve_config
+    with trio.fail_after(30):
+        async with relay_process(config, env) as relay:
+            async with httpx.AsyncClient(base_url=relay.url) as http:
+                await Userscript(http, FACTION).start()
+                await wait_connected(http, FACTION)
+            relay.process.send_signal(signal.SIGTERM)
+            with trio.fail_after(10):
+                assert await relay.process.wait() == 0
+            await eventually(lambda: "relay stopped" in relay.text())
+    assert not fake_upstream.connections
+    assert "Traceback" not in relay.text()
+    database = config.parent / "data" / "relay.db"
+    wal = database.with_name("relay.db-wal")
+    assert not wal.exists() or wal.stat().st_size == 0  # checkpointed and closed
+
+
+async def test_kill_9_loses_nothing_a_client_saw_and_resumes_without_resubscribing(
+    serve_config: tuple[Path, dict[str, str]], fake_upstream: FakeSupabase
+) -> None:
+    config, env = serve_config
+    with trio.fail_after(60):
+        async with relay_process(config, env) as relay:
+            async with httpx.AsyncClient(base_url=relay.url) as http:
+                script = Userscript(http, FACTION)
+                await script.start()
+                await wait_connected(http, FACTION)
+                for n in range(1, 6):
+                    fake_upstream.insert("war_calls", call(FACTION, n))
+                await script.poll_until(5)
+                seen = (await http.get("/events", params={"faction_id": FACTION, "since": 0})).json()[
+                    "events"
+                ]
+            relay.process.kill()
+            await relay.process.wait()
+        joins_before = fake_upstream.joins
+        async with relay_process(config, env) as restarted:
+            await fake_upstream.wait_until(lambda: fake_upstream.joins > joins_before)
+            async with httpx.AsyncClient(base_url=restarted.url) as http:
+                await wait_connected(http, FACTION)
+                after = (await http.get("/events", params={"faction_id": FACTION, "since": 0})).json()[
+                    "events"
+                ]
+                assert after == seen
+                script.http = http  # the same member, talking to the restarted relay, never re-subscribing
+                fake_upstream.insert("war_calls", call(FACTION, 6))
+                await script.poll_until(6)
+            restarted.process.send_signal(signal.SIGTERM)
+            assert await restarted.process.wait() == 0
+    assert [m["payload"]["new"]["id"] for m in script.messages] == [1, 2, 3, 4, 5, 6]
+    stamps = [event["timestamp"] for event in seen]
+    assert stamps == sorted(set(stamps))
+    with sqlite3.connect(config.parent / "data" / "relay.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+async def test_a_config_error_is_one_line_and_exit_status_2(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text('[upstream]\nurl = "wss://example.supabase.co/realtime/v1/websocket"\n')
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RELAY_")}
+    result = await trio.run_process(
+        [RELAY, "serve", "--config", str(config)], env=env, capture_stderr=True, check=False
+    )
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("relay: ")
+    assert "anon_key" in lines[0]
+
+
+async def test_demo_serves_live_war_traffic_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    process = await trio.lowlevel.open_process(
+        [RELAY, "demo", "--port", "0", "--changes-per-s", "50"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    try:
+        with trio.fail_after(30):
+            assert process.stdout is not None
+            banner = b""
+            while b"curl -s http" not in banner:
+                banner += await process.stdout.receive_some()
+            url = re.search(rb"CAT Relay demo: (http://\S+)", banner)
+            assert url is not None
+            async with httpx.AsyncClient(base_url=url.group(1).decode()) as http:
+                events: list[Any] = []
+
+                async def fetch() -> None:
+                    events[:] = (await http.get("/events", params={"faction_id": 46666, "since": 0})).json()[
+                        "events"
+                    ]
+
+                while not events:
+                    await fetch()
+                    await trio.sleep(0.05)
+            assert {event["data"]["table"] for event in events} <= {"war_calls", "faction_messages"}
+            process.send_signal(signal.SIGINT)
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()

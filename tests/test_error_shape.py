@@ -1,0 +1,110 @@
+"""Every refusal the API can give: its status, its `code`, and the one error shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from relay.service import RunningRelay
+from tests.conftest import ANON_KEY, FACTION
+
+BAD_FACTION_IDS: list[Any] = [
+    None,
+    0,
+    -1,
+    2**31,
+    2**63,
+    1.5,
+    46666.0,
+    True,
+    "",
+    "12a",
+    "-5",
+    " 5",
+    "٣",
+    "1" * 11,
+    [1],
+    {},
+]
+
+
+def assert_error(status: int, body: Any, expected_status: int, code: str) -> None:
+    assert status == expected_status, body
+    assert set(body) == {"error", "code"}, body
+    assert body["code"] == code
+    assert isinstance(body["error"], str)
+    assert body["error"]
+
+
+async def post(relay: RunningRelay, path: str, data: bytes, **headers: str) -> tuple[int, Any]:
+    response = await relay.app.test_client().post(path, data=data, headers=headers)
+    return response.status_code, await response.get_json()
+
+
+async def get(relay: RunningRelay, path: str) -> tuple[int, Any]:
+    response = await relay.app.test_client().get(path)
+    return response.status_code, await response.get_json()
+
+
+@pytest.mark.parametrize("faction_id", BAD_FACTION_IDS)
+async def test_subscribe_invalid_faction_id(relay: RunningRelay, faction_id: Any) -> None:
+    response = await relay.app.test_client().post(
+        "/subscribe", json={"faction_id": faction_id, "api_key": ANON_KEY}
+    )
+    assert_error(response.status_code, await response.get_json(), 400, "invalid_faction_id")
+
+
+async def test_subscribe_faction_id_that_overflows_to_infinity(relay: RunningRelay) -> None:
+    body = f'{{"faction_id": 1e999999, "api_key": "{ANON_KEY}"}}'.encode()
+    assert_error(*await post(relay, "/subscribe", body), 400, "invalid_faction_id")
+
+
+async def test_subscribe_missing_faction_id(relay: RunningRelay) -> None:
+    response = await relay.app.test_client().post("/subscribe", json={"api_key": ANON_KEY})
+    assert_error(response.status_code, await response.get_json(), 400, "invalid_faction_id")
+
+
+@pytest.mark.parametrize("body", [b"", b"not json", b"[1, 2]", b'"text"', b"\xff\xfe\x00", b"[" * 5000])
+async def test_subscribe_invalid_json(relay: RunningRelay, body: bytes) -> None:
+    assert_error(
+        *await post(relay, "/subscribe", body, **{"Content-Type": "application/json"}), 400, "invalid_json"
+    )
+
+
+@pytest.mark.parametrize("key", [None, "", "wrong", 12345, ["test-anon-key"], "tëst"])
+async def test_subscribe_invalid_api_key(relay: RunningRelay, key: Any) -> None:
+    response = await relay.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": key})
+    assert_error(response.status_code, await response.get_json(), 401, "invalid_api_key")
+    assert relay.store.subscription(FACTION) is None
+
+
+async def test_subscribe_body_too_large(relay: RunningRelay) -> None:
+    padding = "x" * 20_000
+    body = f'{{"faction_id": {FACTION}, "api_key": "{ANON_KEY}", "pad": "{padding}"}}'.encode()
+    assert_error(*await post(relay, "/subscribe", body), 413, "body_too_large")
+
+
+@pytest.mark.parametrize("faction_id", ["", "abc", "0", "-1", "2147483648", "1.5", "%D9%A3", "99999999999"])
+async def test_events_invalid_faction_id(relay: RunningRelay, faction_id: str) -> None:
+    assert_error(*await get(relay, f"/events?faction_id={faction_id}"), 400, "invalid_faction_id")
+
+
+async def test_events_missing_faction_id(relay: RunningRelay) -> None:
+    assert_error(*await get(relay, "/events"), 400, "invalid_faction_id")
+
+
+async def test_events_not_subscribed(relay: RunningRelay) -> None:
+    assert_error(*await get(relay, f"/events?faction_id={FACTION}"), 404, "not_subscribed")
+
+
+@pytest.mark.parametrize("since", ["abc", "-1", "1.5", "1e9", "%D9%A3", "1" * 17, "99999999999999"])
+async def test_events_invalid_since(relay: RunningRelay, since: str) -> None:
+    await relay.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
+    assert_error(*await get(relay, f"/events?faction_id={FACTION}&since={since}"), 400, "invalid_since")
+
+
+async def test_unknown_path_and_wrong_method(relay: RunningRelay) -> None:
+    assert_error(*await get(relay, "/nowhere"), 404, "not_found")
+    assert_error(*await get(relay, "/subscribe"), 405, "method_not_allowed")
+    assert_error(*await post(relay, "/events", b"{}"), 405, "method_not_allowed")

@@ -1,0 +1,58 @@
+"""The README's promises: its two first commands, and a configuration table that matches the code."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+from relay.config import (
+    AuthConfig,
+    LimitsConfig,
+    RetentionConfig,
+    ServerConfig,
+    UpstreamConfig,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text()
+SECTIONS = {
+    "server": ServerConfig,
+    "upstream": UpstreamConfig,
+    "retention": RetentionConfig,
+    "limits": LimitsConfig,
+    "auth": AuthConfig,
+}
+NOT_A_PLAIN_VALUE = {"upstream.url", "upstream.anon_key", "upstream.channels"}
+
+
+def test_the_first_screen_is_make_demo_and_make_test() -> None:
+    first_block = README.split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#", 1)[0].strip() for line in first_block.strip().splitlines()]
+    assert commands == ["make demo", "make test"]
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r"^demo:", makefile, re.MULTILINE)
+    assert re.search(r"^test:", makefile, re.MULTILINE)
+    assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+def readme_defaults() -> dict[str, str]:
+    rows = re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \| ([^|]+) \|", README, re.MULTILINE)
+    return {key: default.strip() for key, default in rows}
+
+
+def test_the_configuration_table_lists_every_key_with_its_default() -> None:
+    documented = readme_defaults()
+    expected_keys = {"storage.path"} | {
+        f"{section}.{field.name}" for section, cls in SECTIONS.items() for field in dataclasses.fields(cls)
+    }
+    assert set(documented) == expected_keys
+    for section, cls in SECTIONS.items():
+        for field in dataclasses.fields(cls):
+            key = f"{section}.{field.name}"
+            if key in NOT_A_PLAIN_VALUE:
+                continue
+            default = list(field.default) if isinstance(field.default, tuple) else field.default
+            assert documented[key] == f"`{json.dumps(default)}`", key
+    assert documented["storage.path"] == '`"data/relay.db"`'
