@@ -107,6 +107,11 @@ class FactionSupervisor:
     def stop(self) -> None:
         self._scope.cancel()
 
+    @property
+    def stopping(self) -> bool:
+        """Asked to stop (it may still be closing its socket) or already stopped."""
+        return self._scope.cancel_called or self.stopped.is_set()
+
     async def _run_one_connection(self) -> BaseException:
         self._attempts += 1
         self._set_state(UpstreamState.CONNECTING)
@@ -216,7 +221,9 @@ class Supervisors:
     def ensure_running(self, faction_id: int) -> None:
         """Start the faction's supervisor unless one is running; a running one keeps its socket."""
         current = self._supervisors.get(faction_id)
-        if current is not None and not current.stopped.is_set():
+        # One being stopped does not count: a poll can revive a faction while maintenance is still
+        # closing its old socket, and the old supervisor will not come back by itself.
+        if current is not None and not current.stopping:
             return
         if self._nursery is None:
             raise RuntimeError("Supervisors.run is not running")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
+import trio.testing
 
 from relay.phoenix import ChangeReceived
 from relay.supervisor import Supervisors, SupervisorSettings, UpstreamState
@@ -196,3 +197,17 @@ async def test_stop_closes_the_socket_and_shows_stopped(
         await harness.fake.wait_until(lambda: not harness.fake.connections)
         harness.supervisors.ensure_running(A)
         await harness.wait_state(A, UpstreamState.CONNECTED)
+
+
+async def test_a_faction_revived_while_its_supervisor_is_stopping_gets_a_new_one(
+    harness: Harness, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.fail_after(30):
+        await harness.wait_state(A, UpstreamState.CONNECTED)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(harness.supervisors.stop, A)
+            await trio.testing.wait_all_tasks_blocked()  # asked to stop; its socket is still closing
+            assert harness.supervisors.statistics()[A].state == UpstreamState.CONNECTED
+            harness.supervisors.ensure_running(A)
+        await harness.wait_state(A, UpstreamState.CONNECTED)
+        await harness.fake.wait_until(lambda: len(harness.fake.connections) == 1)
