@@ -1,16 +1,18 @@
-"""The HTTP API: routes, input parsing, CORS, and the one error shape every failure is rendered in.
+"""The HTTP API: routes, CORS, and the one renderer every refusal goes through.
 
 `create_app(services)` builds the Quart-Trio app around services that are already running; the
 app starts no tasks of its own (hypercorn's lifespan nursery is not the relay's task tree).
+Parsing lives in `relay.inputs`, holding requests in `relay.delivery`.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 from typing import Any
 
 import trio
@@ -19,24 +21,30 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from relay.config import Config
+from relay.delivery import HeldRequests, next_poll_ms, stream_events, wait_for_events
 from relay.hub import Hub
+from relay.inputs import (
+    ApiError,
+    check_api_key,
+    check_body_size,
+    parse_faction_id,
+    parse_json_object,
+    parse_since,
+    parse_wait,
+)
 from relay.store import Store, StoreError
 from relay.supervisor import Supervisors, UpstreamState
 
 log = logging.getLogger(__name__)
 
 JSON_TYPE = "application/json; charset=utf-8"
-MAX_FACTION_ID = 2**31 - 1
-# Longest digit strings worth parsing: ten digits hold 2**31-1, sixteen hold any ms timestamp
-# for the next 300,000 years; anything longer is refused before int() spends time on it.
-MAX_FACTION_ID_DIGITS = 10
-MAX_SINCE_DIGITS = 16
 CORS_HEADERS = {"Access-Control-Allow-Origin": "*"}
 PREFLIGHT_HEADERS = {
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
     "Access-Control-Allow-Headers": "Content-Type, Last-Event-ID",
     "Access-Control-Max-Age": "86400",
 }
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 HTTP_ERROR_CODES = {
     400: "bad_request",
     404: "not_found",
@@ -45,16 +53,12 @@ HTTP_ERROR_CODES = {
     414: "uri_too_long",
     431: "headers_too_large",
 }
-
-
-class ApiError(Exception):
-    """A request the relay refuses: rendered as {"error": message, "code": code} with `status`."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+# What the legacy publishing paths carry, and under which body key: (event type, body key).
+LEGACY_PUBLISH = {
+    "/hospital": ("hospital_update", "data"),
+    "/faction-members": ("faction_members_update", "members"),
+}
+STREAM_RETRY_AFTER_S = "30"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +67,7 @@ class Services:
     store: Store
     supervisors: Supervisors
     hub: Hub
+    held: HeldRequests
     version: str
     started_at: float  # trio clock
     wall_clock_ms: Callable[[], int]
@@ -72,59 +77,61 @@ def json_response(payload: Any, status: int = 200) -> Response:
     return Response(json.dumps(payload, separators=(",", ":")), status=status, content_type=JSON_TYPE)
 
 
-def error_response(status: int, code: str, message: str) -> Response:
-    return json_response({"error": message, "code": code}, status)
-
-
-def parse_faction_id(value: object) -> int:
-    """A JSON integer, or a string of ASCII digits, from 1 to 2**31-1."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif (
-        isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= MAX_FACTION_ID_DIGITS
-    ):
-        number = int(value)
-    else:
-        raise ApiError(400, "invalid_faction_id", "faction_id must be an integer from 1 to 2147483647")
-    if not 1 <= number <= MAX_FACTION_ID:
-        raise ApiError(400, "invalid_faction_id", "faction_id must be an integer from 1 to 2147483647")
-    return number
-
-
-def parse_since(value: str | None) -> int | None:
-    if value is None or value == "":
-        return None
-    if not (value.isascii() and value.isdigit() and len(value) <= MAX_SINCE_DIGITS):
-        raise ApiError(400, "invalid_since", "since must be a cursor: a whole number of milliseconds")
-    return int(value)
-
-
-def parse_json_object(body: str | bytes) -> Mapping[str, Any]:
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):
-        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
-    if not isinstance(payload, dict):
-        raise ApiError(400, "invalid_json", "the request body must be a JSON object")
-    return payload
-
-
-def check_api_key(presented: object, accepted: tuple[str, ...]) -> None:
-    """Constant-time comparison against every accepted key; the key itself is never logged."""
-    if not isinstance(presented, str) or not presented:
-        raise ApiError(401, "invalid_api_key", "an api_key is required")
-    candidate = presented.encode("utf-8", "surrogatepass")
-    matched = False
-    for key in accepted:
-        matched |= hmac.compare_digest(candidate, key.encode("utf-8"))
-    if not matched:
-        raise ApiError(401, "invalid_api_key", "the api_key is not accepted by this relay")
+@cache
+def client_script() -> bytes:
+    return resources.files("relay").joinpath("static/client.js").read_bytes()
 
 
 def create_app(services: Services) -> QuartTrio:
     app = QuartTrio(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = services.config.server.max_body_bytes
-    store, supervisors, config = services.store, services.supervisors, services.config
+    config, store, supervisors, hub, held = (
+        services.config,
+        services.store,
+        services.supervisors,
+        services.hub,
+        services.held,
+    )
+    # Quart applies one body limit to every route; the publishing routes need the larger one, and
+    # the others check their own (smaller) limit before reading.
+    app.config["MAX_CONTENT_LENGTH"] = max(config.server.max_body_bytes, config.publish.max_body_bytes)
+    app.config["RESPONSE_TIMEOUT"] = None  # SSE streams are meant to stay open; shutdown ends them
+
+    async def read_json(limit: int) -> Mapping[str, Any]:
+        check_body_size(request.content_length, limit)
+        body = await request.get_data(as_text=False)
+        check_body_size(len(body), limit)
+        return parse_json_object(body)
+
+    def ensure_capacity(faction_id: int) -> None:
+        # One upstream socket per active faction counts against the Supabase project's connections.
+        subscription = store.subscription(faction_id)
+        already_active = subscription is not None and subscription.active
+        if not already_active and len(store.active_factions()) >= config.limits.max_factions:
+            raise ApiError(
+                429, "too_many_factions", f"this relay serves at most {config.limits.max_factions} factions"
+            )
+
+    async def known_faction(faction_id: int) -> None:
+        """A request about a faction: 404 if never subscribed; revives an expired one; is activity."""
+        subscription = store.subscription(faction_id)
+        if subscription is None:
+            raise ApiError(
+                404, "not_subscribed", f"faction {faction_id} is not subscribed; POST /subscribe first"
+            )
+        if not subscription.active:
+            # Today's script never re-subscribes, so its poll is what brings an expired faction back.
+            ensure_capacity(faction_id)
+            await store.revive(faction_id)
+            supervisors.ensure_running(faction_id)
+        store.touch(faction_id)
+
+    async def apply_client_clock(since: int | None) -> None:
+        """Lamport's rule for a `since` ahead of the relay, within the allowed skew."""
+        if since is None or since <= store.cursor():
+            return
+        if since > services.wall_clock_ms() + int(config.limits.max_clock_skew_s * 1000):
+            raise ApiError(400, "invalid_since", "since is further ahead of the relay's clock than allowed")
+        await store.advance_clock(since)
 
     @app.get("/ping")
     async def ping() -> Response:
@@ -140,18 +147,13 @@ def create_app(services: Services) -> QuartTrio:
             )
         return json_response({"status": "ok"})
 
-    def ensure_capacity(faction_id: int) -> None:
-        # One upstream socket per active faction counts against the Supabase project's connections.
-        subscription = store.subscription(faction_id)
-        already_active = subscription is not None and subscription.active
-        if not already_active and len(store.active_factions()) >= config.limits.max_factions:
-            raise ApiError(
-                429, "too_many_factions", f"this relay serves at most {config.limits.max_factions} factions"
-            )
+    @app.get("/client.js")
+    async def client_js() -> Response:
+        return Response(client_script(), content_type="application/javascript; charset=utf-8")
 
     @app.post("/subscribe")
     async def subscribe() -> Response:
-        payload = parse_json_object(await request.get_data(as_text=False))
+        payload = await read_json(config.server.max_body_bytes)
         check_api_key(payload.get("api_key"), config.accepted_api_keys)
         faction_id = parse_faction_id(payload.get("faction_id"))
         ensure_capacity(faction_id)
@@ -163,78 +165,133 @@ def create_app(services: Services) -> QuartTrio:
     async def events() -> Response:
         faction_id = parse_faction_id(request.args.get("faction_id"))
         since = parse_since(request.args.get("since"))
-        subscription = store.subscription(faction_id)
-        if subscription is None:
-            raise ApiError(
-                404, "not_subscribed", f"faction {faction_id} is not subscribed; POST /subscribe first"
-            )
-        if not subscription.active:
-            # Today's script never re-subscribes, so its poll is what brings an expired faction back.
-            ensure_capacity(faction_id)
-            await store.revive(faction_id)
-            supervisors.ensure_running(faction_id)
-        store.touch(faction_id)
-        if since is not None:
-            await apply_client_clock(since)
+        wait_s = parse_wait(request.args.get("wait"), config.limits.long_poll_max_wait)
+        await known_faction(faction_id)
+        await apply_client_clock(since)
         found, cursor = store.read_since(faction_id, since)
-        body = '{"events":[' + ",".join(event.json for event in found) + '],"timestamp":' + str(cursor) + "}"
+        if not found and wait_s > 0:
+            with held.long_poll() as may_hold:
+                if may_hold:
+                    found, cursor = await wait_for_events(
+                        store,
+                        hub,
+                        faction_id,
+                        since,
+                        wait_s=wait_s,
+                        linger_s=config.limits.long_poll_linger_s,
+                    )
+        advice = next_poll_ms(store, held, faction_id, services.wall_clock_ms())
+        body = (
+            '{"events":['
+            + ",".join(event.json for event in found)
+            + f'],"timestamp":{cursor},"next_poll_ms":{advice}}}'
+        )
         return Response(body, content_type=JSON_TYPE)
 
-    async def apply_client_clock(since: int) -> None:
-        """Lamport's rule for a `since` ahead of the relay, within the allowed skew."""
-        if since <= store.cursor():
-            return
-        limit = services.wall_clock_ms() + int(config.limits.max_clock_skew_s * 1000)
-        if since > limit:
-            raise ApiError(400, "invalid_since", "since is further ahead of the relay's clock than allowed")
-        await store.advance_clock(since)
+    @app.get("/events/stream")
+    async def events_stream() -> Response:
+        faction_id = parse_faction_id(request.args.get("faction_id"))
+        resume = request.headers.get("Last-Event-ID")
+        since = parse_since(resume if resume is not None else request.args.get("since"))
+        await known_faction(faction_id)
+        await apply_client_clock(since)
+        if not held.try_open_stream():
+            raise ApiError(
+                503,
+                "too_many_streams",
+                "this relay holds as many streams as it can; poll /events instead",
+                {"Retry-After": STREAM_RETRY_AFTER_S},
+            )
+        body = stream_events(store, hub, held, faction_id, since)
+        return Response(body, content_type="text/event-stream; charset=utf-8", headers=SSE_HEADERS)
+
+    async def publish(faction_id: int, event_type: str, data: object) -> Response:
+        if event_type not in config.publish.types:
+            allowed = ", ".join(config.publish.types)
+            raise ApiError(400, "invalid_type", f"type must be one of: {allowed}")
+        if not isinstance(data, dict | list):
+            raise ApiError(400, "invalid_data", "data must be a JSON object or array")
+        await known_faction(faction_id)
+        (stored,) = await store.append_events(faction_id, [(event_type, data)])
+        hub.notify(faction_id)
+        return json_response({"status": "published", "id": stored.id, "timestamp": stored.timestamp})
+
+    @app.post("/events")
+    async def publish_event() -> Response:
+        payload = await read_json(config.publish.max_body_bytes)
+        check_api_key(payload.get("api_key"), config.accepted_api_keys)
+        faction_id = parse_faction_id(payload.get("faction_id"))
+        event_type = payload.get("type")
+        return await publish(
+            faction_id, event_type if isinstance(event_type, str) else "", payload.get("data")
+        )
+
+    @app.post("/hospital")
+    @app.post("/faction-members")
+    async def publish_legacy() -> Response:
+        event_type, data_key = LEGACY_PUBLISH[request.path]
+        payload = await read_json(config.publish.max_body_bytes)
+        check_api_key(payload.get("api_key", request.args.get("apikey")), config.accepted_api_keys)
+        faction_id = parse_faction_id(payload.get("faction_id"))
+        return await publish(faction_id, event_type, payload.get(data_key))
 
     @app.get("/status")
     async def status() -> Response:
-        counts = await store.counts()
-        upstream = supervisors.statistics()
-        factions = []
-        for faction_id in sorted(set(counts) | set(upstream) | set(store.known_factions())):
-            stats = upstream.get(faction_id)
-            faction_counts = counts.get(faction_id)
-            factions.append(
-                {
-                    "faction_id": faction_id,
-                    "upstream": {
-                        "state": str(stats.state if stats else UpstreamState.STOPPED),
-                        "attempts": stats.attempts if stats else 0,
-                        "last_error": stats.last_error if stats else None,
-                        "connected_since": stats.connected_since if stats else None,
-                        "next_attempt_in_s": _rounded(stats.next_attempt_in_s) if stats else None,
-                    },
-                    "events_stored": faction_counts.events_stored if faction_counts else 0,
-                    "last_event_at": faction_counts.last_event_at if faction_counts else None,
-                    "last_poll_at": store.last_activity_at(faction_id),
-                }
-            )
-        return json_response(
-            {
-                "online": True,
-                "timestamp": store.cursor(),
-                "version": services.version,
-                "uptime_s": round(trio.current_time() - services.started_at, 3),
-                "factions": factions,
-            }
-        )
+        return json_response(await status_document(services))
 
     install_error_handlers(app)
     install_cors(app)
     return app
 
 
+async def status_document(services: Services) -> dict[str, Any]:
+    store = services.store
+    counts = await store.counts()
+    upstream = services.supervisors.statistics()
+    factions = []
+    for faction_id in sorted(set(counts) | set(upstream) | set(store.known_factions())):
+        stats = upstream.get(faction_id)
+        faction_counts = counts.get(faction_id)
+        factions.append(
+            {
+                "faction_id": faction_id,
+                "upstream": {
+                    "state": str(stats.state if stats else UpstreamState.STOPPED),
+                    "attempts": stats.attempts if stats else 0,
+                    "last_error": stats.last_error if stats else None,
+                    "connected_since": stats.connected_since if stats else None,
+                    "next_attempt_in_s": _rounded(stats.next_attempt_in_s) if stats else None,
+                },
+                "events_stored": faction_counts.events_stored if faction_counts else 0,
+                "last_event_at": faction_counts.last_event_at if faction_counts else None,
+                "last_poll_at": store.last_activity_at(faction_id),
+            }
+        )
+    return {
+        "online": True,
+        "timestamp": store.cursor(),
+        "version": services.version,
+        "uptime_s": round(trio.current_time() - services.started_at, 3),
+        "factions": factions,
+    }
+
+
 def _rounded(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 3)
+
+
+def error_response(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    response = json_response({"error": message, "code": code}, status)
+    response.headers.update(headers or {})
+    return response
 
 
 def install_error_handlers(app: QuartTrio) -> None:
     @app.errorhandler(ApiError)
     async def api_error(exc: ApiError) -> Response:
-        return error_response(exc.status, exc.code, exc.message)
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

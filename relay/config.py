@@ -92,7 +92,15 @@ class RetentionConfig:
 class LimitsConfig:
     max_factions: int = 150
     long_poll_max_wait: float = 30.0
+    long_poll_linger_s: float = 0.05
+    max_held_requests: int = 10000
     max_clock_skew_s: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class PublishConfig:
+    types: tuple[str, ...] = ("hospital_update", "faction_members_update")
+    max_body_bytes: int = 262144
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +115,7 @@ class Config:
     upstream: UpstreamConfig
     retention: RetentionConfig
     limits: LimitsConfig
+    publish: PublishConfig
     auth: AuthConfig
     source: Path | None
 
@@ -122,6 +131,7 @@ SECTIONS: Final[dict[str, type[Any]]] = {
     "upstream": UpstreamConfig,
     "retention": RetentionConfig,
     "limits": LimitsConfig,
+    "publish": PublishConfig,
     "auth": AuthConfig,
 }
 
@@ -144,6 +154,7 @@ def load_config(
 
     server, storage, upstream = section("server"), section("storage"), section("upstream")
     retention, limits, auth = section("retention"), section("limits"), section("auth")
+    publish = section("publish")
     from_file = source is not None and "storage.path" not in labels
     return Config(
         server=ServerConfig(
@@ -164,7 +175,13 @@ def load_config(
             max_factions=limits.integer("max_factions", low=1),
             # Upper bounds rather than intervals: 0 is meaningful (answer at once, allow no skew).
             long_poll_max_wait=limits.seconds("long_poll_max_wait", allow_zero=True),
+            long_poll_linger_s=limits.seconds("long_poll_linger_s", allow_zero=True),
+            max_held_requests=limits.integer("max_held_requests", low=0),
             max_clock_skew_s=limits.seconds("max_clock_skew_s", allow_zero=True),
+        ),
+        publish=PublishConfig(
+            types=_publish_types(publish),
+            max_body_bytes=publish.integer("max_body_bytes", low=MIN_BODY_BYTES),
         ),
         auth=AuthConfig(_api_keys(auth)),
         source=source,
@@ -332,6 +349,18 @@ def _check_filter(table: _Table, template: str) -> None:
     if all(name is None for name, _, _ in fields):
         # Without it every faction's socket would receive every faction's rows.
         raise table.refuse("filter", f"must contain {{{PLACEHOLDER}}}, got {_show(template)}")
+
+
+def _publish_types(publish: _Table) -> tuple[str, ...]:
+    types = publish.value("types")
+    if isinstance(types, tuple):  # the default
+        return types
+    if not isinstance(types, list) or not all(isinstance(t, str) and t.isidentifier() for t in types):
+        raise publish.refuse("types", f"must be an array of event type names, got {types!r}")
+    if "postgres_changes" in types:
+        # Upstream rows are the relay's to vouch for: a client must not be able to forge one.
+        raise publish.refuse("types", "must not include postgres_changes")
+    return tuple(types)
 
 
 def _api_keys(auth: _Table) -> tuple[str, ...]:

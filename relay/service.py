@@ -31,6 +31,7 @@ from quart_trio import QuartTrio
 import relay
 from relay.api import Services, create_app
 from relay.config import Config
+from relay.delivery import HeldRequests
 from relay.hub import Hub
 from relay.maintenance import maintenance_pass, run_schedule
 from relay.phoenix import ChangeReceived
@@ -52,13 +53,23 @@ class RunningRelay:
 
     urls: Sequence[str]
     app: QuartTrio
-    store: Store
-    supervisors: Supervisors
-    hub: Hub
+    services: Services
 
     @property
     def url(self) -> str:
         return self.urls[0]
+
+    @property
+    def store(self) -> Store:
+        return self.services.store
+
+    @property
+    def supervisors(self) -> Supervisors:
+        return self.services.supervisors
+
+    @property
+    def hub(self) -> Hub:
+        return self.services.hub
 
     def stop(self) -> None:
         self.hub.begin_stopping()
@@ -108,7 +119,10 @@ async def run_relay(
             hub.notify(faction_id)
 
         supervisors = Supervisors(supervisor_settings(config), ingest, wall_clock_ms=wall_clock_ms)
-        services = Services(config, store, supervisors, hub, relay.__version__, started_at, wall_clock_ms)
+        held = HeldRequests(config.limits.max_held_requests)
+        services = Services(
+            config, store, supervisors, hub, held, relay.__version__, started_at, wall_clock_ms
+        )
         async with trio.open_nursery() as nursery:
             if handle_signals:
                 nursery.start_soon(watch_signals, hub, nursery.cancel_scope, name="watch_signals")
@@ -128,7 +142,7 @@ async def run_relay(
                 urls[0],
                 len(store.active_factions()),
             )
-            task_status.started(RunningRelay(urls, app, store, supervisors, hub))
+            task_status.started(RunningRelay(urls, app, services))
             await http_done.wait()
             log.info("HTTP server drained; closing upstream sockets")
             nursery.cancel_scope.cancel()

@@ -147,6 +147,10 @@ class Store:
         found.reverse()
         return found, (found[-1].timestamp if found else self._visible)
 
+    def newest_timestamp(self, faction_id: int) -> int | None:
+        retained = self._events.get(faction_id)
+        return retained[-1].timestamp if retained else None
+
     async def advance_clock(self, since: int) -> None:
         """Lamport's rule: after this returns, every later event is stamped above `since`."""
         if since <= self._visible:

@@ -54,7 +54,7 @@ def test_defaults_with_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert config.upstream == UpstreamConfig(URL, KEY, 25.0, 10.0, 1.0, 60.0)
     assert [channel.table for channel in config.upstream.channels] == ["war_calls", "faction_messages"]
     assert config.retention == RetentionConfig(100, 300.0, 1800.0)
-    assert config.limits == LimitsConfig(150, 30.0, 600.0)
+    assert config.limits == LimitsConfig(max_factions=150, long_poll_max_wait=30.0, max_clock_skew_s=600.0)
     assert config.auth == AuthConfig(())
     assert config.accepted_api_keys == (KEY,)
 
@@ -100,7 +100,7 @@ def test_file_values(tmp_path: Path) -> None:
     )
     assert type(config.upstream.heartbeat_interval) is float
     assert config.retention == RetentionConfig(10, 60.0, 600.0)
-    assert config.limits == LimitsConfig(3, 0.0, 0.0)
+    assert config.limits == LimitsConfig(max_factions=3, long_poll_max_wait=0.0, max_clock_skew_s=0.0)
     assert config.accepted_api_keys == ("one", "two")
     assert config.source == tmp_path / "relay.toml"
 

@@ -11,7 +11,7 @@ import trio
 
 from relay.service import RunningRelay
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, FACTION, OTHER_FACTION
+from tests.conftest import ANON_KEY, FACTION, OTHER_FACTION, eventually
 
 POLL_S = 0.05  # the script polls every 3 s; the test only needs the same behaviour faster
 
@@ -130,13 +130,23 @@ async def test_one_faction_faulted_upstream_while_another_keeps_flowing(
     assert [m["payload"]["new"]["id"] for m in faulted.messages] == [10]
 
 
-async def test_shutdown_answers_a_request_in_flight_and_closes_upstream(
+async def test_shutdown_answers_a_long_poll_in_flight_and_closes_upstream(
     relay: RunningRelay, fake_upstream: FakeSupabase
 ) -> None:
+    answers: list[httpx.Response] = []
+
+    async def long_poll(http: httpx.AsyncClient) -> None:
+        answers.append(await http.get("/events", params={"faction_id": FACTION, "wait": 30}))
+
     with trio.fail_after(20):
-        async with httpx.AsyncClient(base_url=relay.url) as http:
+        async with httpx.AsyncClient(base_url=relay.url, timeout=60) as http:
             script = Userscript(http, FACTION)
             await script.start()
             await wait_connected(http, FACTION)
-            relay.stop()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(long_poll, http)
+                await eventually(lambda: relay.services.held.statistics().held_long_polls == 1)
+                relay.stop()
             await fake_upstream.wait_until(lambda: not fake_upstream.connections)
+    (answer,) = answers
+    assert (answer.status_code, answer.json()["events"]) == (200, [])

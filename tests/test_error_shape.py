@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -107,4 +108,59 @@ async def test_events_invalid_since(relay: RunningRelay, since: str) -> None:
 async def test_unknown_path_and_wrong_method(relay: RunningRelay) -> None:
     assert_error(*await get(relay, "/nowhere"), 404, "not_found")
     assert_error(*await get(relay, "/subscribe"), 405, "method_not_allowed")
-    assert_error(*await post(relay, "/events", b"{}"), 405, "method_not_allowed")
+    response = await relay.app.test_client().put("/events", data=b"{}")
+    assert_error(response.status_code, await response.get_json(), 405, "method_not_allowed")
+
+
+@pytest.mark.parametrize("wait", ["abc", "-1", "nan", "inf", "1e400", "%D9%A3", "1" * 17])
+async def test_events_invalid_wait(relay: RunningRelay, wait: str) -> None:
+    await relay.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
+    assert_error(*await get(relay, f"/events?faction_id={FACTION}&wait={wait}"), 400, "invalid_wait")
+
+
+async def publish(relay: RunningRelay, body: dict[str, Any], path: str = "/events") -> tuple[int, Any]:
+    response = await relay.app.test_client().post(path, json=body)
+    return response.status_code, await response.get_json()
+
+
+@pytest.mark.parametrize("event_type", [None, 5, "", "postgres_changes", "war_calls", "hospital_update "])
+async def test_publish_invalid_type(relay: RunningRelay, event_type: Any) -> None:
+    await relay.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
+    body = {"faction_id": FACTION, "api_key": ANON_KEY, "type": event_type, "data": {}}
+    assert_error(*await publish(relay, body), 400, "invalid_type")
+
+
+@pytest.mark.parametrize("data", [None, "text", 5, True])
+async def test_publish_invalid_data(relay: RunningRelay, data: Any) -> None:
+    await relay.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
+    body = {"faction_id": FACTION, "api_key": ANON_KEY, "type": "hospital_update", "data": data}
+    assert_error(*await publish(relay, body), 400, "invalid_data")
+    assert_error(
+        *await publish(relay, {"faction_id": FACTION, "api_key": ANON_KEY, "data": data}, "/hospital"),
+        400,
+        "invalid_data",
+    )
+
+
+@pytest.mark.parametrize("path", ["/events", "/hospital", "/faction-members"])
+async def test_publish_needs_the_key_and_a_subscribed_faction(relay: RunningRelay, path: str) -> None:
+    body = {"faction_id": FACTION, "type": "hospital_update", "data": {}, "members": {}}
+    assert_error(*await publish(relay, body, path), 401, "invalid_api_key")
+    assert_error(*await publish(relay, {**body, "api_key": "wrong"}, path), 401, "invalid_api_key")
+    assert_error(*await publish(relay, {**body, "api_key": ANON_KEY}, path), 404, "not_subscribed")
+    assert_error(
+        *await publish(relay, {**body, "api_key": ANON_KEY, "faction_id": "x"}, path),
+        400,
+        "invalid_faction_id",
+    )
+
+
+async def test_publish_body_limit_is_its_own(relay: RunningRelay) -> None:
+    members = {str(n): {"name": "x" * 200} for n in range(1500)}  # ~330 KB: over publish.max_body_bytes
+    body = json.dumps({"faction_id": FACTION, "api_key": ANON_KEY, "members": members}).encode()
+    assert_error(*await post(relay, "/faction-members", body), 413, "body_too_large")
+
+
+async def test_stream_of_an_unknown_faction_is_refused_before_streaming(relay: RunningRelay) -> None:
+    assert_error(*await get(relay, f"/events/stream?faction_id={FACTION}"), 404, "not_subscribed")
+    assert_error(*await get(relay, "/events/stream?faction_id=0"), 400, "invalid_faction_id")

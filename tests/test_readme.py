@@ -10,6 +10,7 @@ from pathlib import Path
 from relay.config import (
     AuthConfig,
     LimitsConfig,
+    PublishConfig,
     RetentionConfig,
     ServerConfig,
     UpstreamConfig,
@@ -22,6 +23,7 @@ SECTIONS = {
     "upstream": UpstreamConfig,
     "retention": RetentionConfig,
     "limits": LimitsConfig,
+    "publish": PublishConfig,
     "auth": AuthConfig,
 }
 NOT_A_PLAIN_VALUE = {"upstream.url", "upstream.anon_key", "upstream.channels"}

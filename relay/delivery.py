@@ -1,0 +1,140 @@
+"""Holding requests for a faction's next events: long-poll answers, SSE streams, the cap on how many
+are held at once, and the `next_poll_ms` advice to plain pollers.
+
+Nothing here stores or parses: the store has published an event before the hub wakes anyone, so a
+woken request always finds it in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import trio
+
+from relay.hub import Hub
+from relay.store import Store, StoredEvent
+
+# The comment an SSE stream sends when it has nothing else to say: proxies and browsers drop
+# connections that stay silent for a minute or so.
+SSE_KEEPALIVE_S = 15.0
+SSE_RETRY_MS = 3000
+# next_poll_ms: how soon a plain poller should come back, by how lately its faction was active.
+ACTIVE_WITHIN_MS, ACTIVE_POLL_MS = 60_000, 1_000
+RECENT_WITHIN_MS, RECENT_POLL_MS = 600_000, 3_000
+IDLE_POLL_MS = 10_000
+# Above this share of max_held_requests the relay asks plain pollers to come back half as often.
+BUSY_SHARE = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryStatistics:
+    held_long_polls: int
+    open_streams: int
+    refused_over_cap: int
+
+
+class HeldRequests:
+    """How many long-polls and streams are held, against `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._long_polls = 0
+        self._streams = 0
+        self._refused = 0
+
+    @property
+    def held(self) -> int:
+        return self._long_polls + self._streams
+
+    @property
+    def busy(self) -> bool:
+        return self.held > self.limit * BUSY_SHARE
+
+    @contextmanager
+    def long_poll(self) -> Iterator[bool]:
+        """Yields whether this request may be held; one that may not is answered at once."""
+        if self.held >= self.limit:
+            self._refused += 1
+            yield False
+            return
+        self._long_polls += 1
+        try:
+            yield True
+        finally:
+            self._long_polls -= 1
+
+    def try_open_stream(self) -> bool:
+        if self.held >= self.limit:
+            self._refused += 1
+            return False
+        self._streams += 1
+        return True
+
+    def stream_closed(self) -> None:
+        self._streams -= 1
+
+    def statistics(self) -> DeliveryStatistics:
+        return DeliveryStatistics(self._long_polls, self._streams, self._refused)
+
+
+async def wait_for_events(
+    store: Store, hub: Hub, faction_id: int, since: int | None, *, wait_s: float, linger_s: float
+) -> tuple[list[StoredEvent], int]:
+    """What a long-poll answers: events after `since` at once if there are any, else the first burst
+    committed within `wait_s` (gathered for `linger_s` after its first event), else none.
+    """
+    found, cursor = store.read_since(faction_id, since)
+    if found or hub.stopping.is_set():
+        return found, cursor
+    with trio.move_on_after(wait_s):
+        while not hub.stopping.is_set():
+            await hub.wait_for_events(faction_id)
+            if store.read_since(faction_id, since)[0]:
+                # Several members' wake-ups for one burst of calls cost one answer each, not one per call.
+                with trio.move_on_after(linger_s):
+                    await hub.stopping.wait()
+                break
+    return store.read_since(faction_id, since)
+
+
+async def stream_events(
+    store: Store, hub: Hub, held: HeldRequests, faction_id: int, since: int | None
+) -> AsyncIterator[bytes]:
+    """An SSE body: `retry:`, then every event after `since` (or after now), keep-alives, until shutdown.
+
+    The caller has already counted this stream in `held`; it is released when the body ends, however
+    it ends (client gone, shutdown).
+    """
+    try:
+        yield f"retry: {SSE_RETRY_MS}\n\n".encode()
+        cursor = store.cursor() if since is None else since
+        while not hub.stopping.is_set():
+            store.touch(faction_id)  # an open stream is a member still watching
+            found, _ = store.read_since(faction_id, cursor)
+            if found:
+                yield "".join(
+                    f"id: {e.timestamp}\nevent: {e.type}\ndata: {e.json}\n\n" for e in found
+                ).encode()
+                cursor = found[-1].timestamp
+                continue
+            with trio.move_on_after(SSE_KEEPALIVE_S) as quiet:
+                await hub.wait_for_events(faction_id)
+            if quiet.cancelled_caught:
+                yield b": keep-alive\n\n"
+    finally:
+        held.stream_closed()
+
+
+def next_poll_ms(store: Store, held: HeldRequests, faction_id: int, now_ms: int) -> int:
+    """Advice for a plain poller: sooner while its faction is active, later when idle or the relay busy."""
+    newest = store.newest_timestamp(faction_id)
+    idle_ms = None if newest is None else now_ms - newest
+    if idle_ms is not None and idle_ms < ACTIVE_WITHIN_MS:
+        advice = ACTIVE_POLL_MS
+    elif idle_ms is not None and idle_ms < RECENT_WITHIN_MS:
+        advice = RECENT_POLL_MS
+    else:
+        advice = IDLE_POLL_MS
+    return advice * 2 if held.busy else advice

@@ -1,0 +1,93 @@
+"""What a request may carry, parsed and refused in one place: every refusal is an `ApiError`, which
+the API renders as the one error shape."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+MAX_FACTION_ID = 2**31 - 1
+# Longest digit strings worth parsing: ten digits hold 2**31-1, sixteen hold any ms timestamp
+# for the next 300,000 years; anything longer is refused before int() spends time on it.
+MAX_FACTION_ID_DIGITS = 10
+MAX_SINCE_DIGITS = 16
+MAX_WAIT_CHARS = 16
+
+
+class ApiError(Exception):
+    """A request the relay refuses: rendered as {"error": message, "code": code} with `status`."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def parse_faction_id(value: object) -> int:
+    """A JSON integer, or a string of ASCII digits, from 1 to 2**31-1."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif (
+        isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= MAX_FACTION_ID_DIGITS
+    ):
+        number = int(value)
+    else:
+        raise ApiError(400, "invalid_faction_id", "faction_id must be an integer from 1 to 2147483647")
+    if not 1 <= number <= MAX_FACTION_ID:
+        raise ApiError(400, "invalid_faction_id", "faction_id must be an integer from 1 to 2147483647")
+    return number
+
+
+def parse_since(value: str | None) -> int | None:
+    if value is None or value == "":
+        return None
+    if not (value.isascii() and value.isdigit() and len(value) <= MAX_SINCE_DIGITS):
+        raise ApiError(400, "invalid_since", "since must be a cursor: a whole number of milliseconds")
+    return int(value)
+
+
+def parse_wait(value: str | None, max_wait_s: float) -> float:
+    """Seconds to hold a poll: 0 when absent; above the limit is clamped rather than refused."""
+    if value is None or value == "":
+        return 0.0
+    try:
+        seconds = float(value) if value.isascii() and len(value) <= MAX_WAIT_CHARS else math.nan
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ApiError(400, "invalid_wait", "wait must be a number of seconds, 0 or more")
+    return min(seconds, max_wait_s)
+
+
+def parse_json_object(body: str | bytes) -> Mapping[str, Any]:
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "invalid_json", "the request body must be a JSON object")
+    return payload
+
+
+def check_api_key(presented: object, accepted: tuple[str, ...]) -> None:
+    """Constant-time comparison against every accepted key; the key itself is never logged."""
+    if not isinstance(presented, str) or not presented:
+        raise ApiError(401, "invalid_api_key", "an api_key is required")
+    candidate = presented.encode("utf-8", "surrogatepass")
+    matched = False
+    for key in accepted:
+        matched |= hmac.compare_digest(candidate, key.encode("utf-8"))
+    if not matched:
+        raise ApiError(401, "invalid_api_key", "the api_key is not accepted by this relay")
+
+
+def check_body_size(length: int | None, limit: int) -> None:
+    if length is not None and length > limit:
+        raise ApiError(413, "body_too_large", "the request body is larger than this relay accepts")

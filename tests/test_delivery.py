@@ -1,0 +1,202 @@
+"""Long-poll, SSE, next_poll_ms and publishing, over real sockets against hypercorn."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from relay.config import Config
+from relay.service import RunningRelay, run_relay
+from tests.conftest import ANON_KEY, FACTION, OTHER_FACTION, eventually
+from tests.sse_client import open_sse
+
+
+@pytest.fixture
+async def http(relay: RunningRelay) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=relay.url, timeout=30) as client:
+        subscribed = await client.post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
+        assert subscribed.status_code == 200
+        yield client
+
+
+async def append(relay: RunningRelay, *numbers: int, faction_id: int = FACTION) -> list[int]:
+    """What ingest does for an upstream change: commit, then wake the faction's waiters."""
+    changes = [("postgres_changes", {"table": "war_calls", "new": {"id": n}}) for n in numbers]
+    stored = await relay.store.append_events(faction_id, changes)
+    relay.hub.notify(faction_id)
+    return [event.timestamp for event in stored]
+
+
+def ids(body: dict[str, Any]) -> list[int]:
+    return [event["data"]["new"]["id"] for event in body["events"]]
+
+
+async def long_poll(http: httpx.AsyncClient, since: int, wait: float, into: list[dict[str, Any]]) -> None:
+    response = await http.get("/events", params={"faction_id": FACTION, "since": since, "wait": wait})
+    assert response.status_code == 200
+    into.append(response.json())
+
+
+async def test_a_long_poll_with_events_waiting_answers_at_once(
+    relay: RunningRelay, http: httpx.AsyncClient
+) -> None:
+    (stamp,) = await append(relay, 1)
+    with trio.fail_after(5):
+        body = (
+            await http.get("/events", params={"faction_id": FACTION, "since": stamp - 1, "wait": 25})
+        ).json()
+    assert ids(body) == [1]
+    assert body["timestamp"] == stamp
+
+
+async def test_a_held_long_poll_answers_with_the_next_burst(
+    relay: RunningRelay, http: httpx.AsyncClient
+) -> None:
+    answers: list[dict[str, Any]] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(long_poll, http, relay.store.cursor(), 25, answers)
+            await eventually(lambda: relay.services.held.statistics().held_long_polls == 1)
+            stamps = await append(relay, 1)
+            stamps += await append(relay, 2, 3)  # within the linger: the same answer
+    (body,) = answers
+    assert ids(body) == [1, 2, 3]
+    assert body["timestamp"] == stamps[-1]
+    assert relay.services.held.statistics().held_long_polls == 0
+
+
+async def test_a_long_poll_ignores_other_factions_and_times_out_with_a_valid_cursor(
+    relay: RunningRelay, http: httpx.AsyncClient
+) -> None:
+    await http.post("/subscribe", json={"faction_id": OTHER_FACTION, "api_key": ANON_KEY})
+    answers: list[dict[str, Any]] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(long_poll, http, relay.store.cursor(), 0.3, answers)
+            await eventually(lambda: relay.services.held.statistics().held_long_polls == 1)
+            await append(relay, 9, faction_id=OTHER_FACTION)
+    (body,) = answers
+    assert body["events"] == []
+    (later,) = await append(relay, 1)
+    assert later > body["timestamp"]
+
+
+async def test_shutdown_answers_held_long_polls_at_once(relay: RunningRelay, http: httpx.AsyncClient) -> None:
+    answers: list[dict[str, Any]] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(long_poll, http, relay.store.cursor(), 25, answers)
+            await eventually(lambda: relay.services.held.statistics().held_long_polls == 1)
+            relay.stop()
+    assert answers[0]["events"] == []
+
+
+async def test_over_the_cap_a_long_poll_is_answered_as_a_plain_poll(
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
+    capped: RunningRelay = await nursery.start(
+        functools.partial(run_relay, make_config("[limits]\nmax_held_requests = 0\n"))
+    )
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(base_url=capped.url) as http:
+            await http.post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
+            response = await http.get("/events", params={"faction_id": FACTION, "wait": 25})
+            assert (response.status_code, response.json()["events"]) == (200, [])
+            assert capped.services.held.statistics().refused_over_cap == 1
+            stream = await http.get("/events/stream", params={"faction_id": FACTION})
+            assert (stream.status_code, stream.json()["code"]) == (503, "too_many_streams")
+            assert stream.headers["Retry-After"] == "30"
+    capped.stop()
+
+
+async def test_next_poll_ms_follows_the_factions_activity(
+    relay: RunningRelay, http: httpx.AsyncClient
+) -> None:
+    idle = (await http.get("/events", params={"faction_id": FACTION})).json()
+    assert idle["next_poll_ms"] == 10_000
+    await append(relay, 1)
+    active = (await http.get("/events", params={"faction_id": FACTION})).json()
+    assert active["next_poll_ms"] == 1_000
+
+
+async def test_sse_streams_new_events_with_ids_types_and_the_event_json(
+    relay: RunningRelay, http: httpx.AsyncClient
+) -> None:
+    with trio.fail_after(10):
+        async with open_sse(relay.url, f"/events/stream?faction_id={FACTION}") as stream:
+            assert stream.status == 200
+            assert stream.headers["content-type"] == "text/event-stream; charset=utf-8"
+            assert stream.headers["cache-control"] == "no-cache"
+            assert stream.headers["x-accel-buffering"] == "no"
+            assert stream.headers["access-control-allow-origin"] == "*"
+            await eventually(lambda: relay.services.held.statistics().open_streams == 1)
+            stamps = await append(relay, 1, 2)
+            first, second = await stream.next_record(), await stream.next_record()
+    assert stream.retry == "3000"
+    assert [first["id"], second["id"]] == [str(stamp) for stamp in stamps]
+    assert first["event"] == "postgres_changes"
+    assert json.loads(first["data"])["data"]["new"]["id"] == 1
+    assert json.loads(first["data"])["timestamp"] == stamps[0]
+    await eventually(lambda: relay.services.held.statistics().open_streams == 0)
+
+
+@pytest.mark.parametrize("resume", ["since", "Last-Event-ID"])
+async def test_sse_resumes_after_since_or_last_event_id(
+    relay: RunningRelay, http: httpx.AsyncClient, resume: str
+) -> None:
+    first, _second = await append(relay, 1, 2)
+    if resume == "since":
+        path, headers = f"/events/stream?faction_id={FACTION}&since={first}", {}
+    else:
+        # The header wins: EventSource reconnects with the URL it started with, plus Last-Event-ID.
+        path, headers = f"/events/stream?faction_id={FACTION}&since=0", {"Last-Event-ID": str(first)}
+    with trio.fail_after(10):
+        async with open_sse(relay.url, path, headers) as stream:
+            record = await stream.next_record()
+    assert json.loads(record["data"])["data"]["new"]["id"] == 2
+
+
+async def test_sse_keep_alive_comment_and_shutdown_ends_the_stream(
+    relay: RunningRelay, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("relay.delivery.SSE_KEEPALIVE_S", 0.05)
+    with trio.fail_after(10):
+        async with open_sse(relay.url, f"/events/stream?faction_id={FACTION}") as stream:
+            assert await stream.next_record() == {"comment": "keep-alive"}
+            relay.stop()
+            rest = await stream.read_body()
+    assert b"id:" not in rest
+
+
+async def test_published_events_are_stored_and_delivered_like_upstream_ones(
+    relay: RunningRelay, http: httpx.AsyncClient
+) -> None:
+    since = relay.store.cursor()
+    hospital = {"members": [{"id": 7, "until": 1732460000}]}
+    published = await http.post(
+        "/events",
+        json={"faction_id": FACTION, "api_key": ANON_KEY, "type": "hospital_update", "data": hospital},
+    )
+    assert published.status_code == 200
+    assert published.json()["status"] == "published"
+    legacy = await http.post(
+        f"/faction-members?apikey={ANON_KEY}", json={"faction_id": FACTION, "members": {"7": {}}}
+    )
+    assert legacy.status_code == 200
+    hospital_legacy = await http.post(
+        "/hospital", json={"faction_id": str(FACTION), "api_key": ANON_KEY, "data": {}}
+    )
+    assert hospital_legacy.status_code == 200
+    body = (await http.get("/events", params={"faction_id": FACTION, "since": since})).json()
+    assert [(event["type"], event["data"]) for event in body["events"]] == [
+        ("hospital_update", hospital),
+        ("faction_members_update", {"7": {}}),
+        ("hospital_update", {}),
+    ]
+    assert body["events"][0]["id"] == published.json()["id"]
