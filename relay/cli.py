@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import resource
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,16 +54,37 @@ def configure_logging(level: str) -> None:
     )
 
 
+def raise_file_limit() -> None:
+    """Every held long-poll, SSE stream and upstream socket is a descriptor; the usual soft limit of
+    1024 would cap a relay near a thousand members, so take the hard limit the system allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, UNLIMITED_FILES_TARGET)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d: %s", soft, exc)
+            return
+        soft = target
+    log.info("open-file limit: %d", soft)
+
+
+# When the hard limit is unlimited, a fixed generous target (setrlimit refuses RLIM_INFINITY for files).
+UNLIMITED_FILES_TARGET = 1_048_576
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     try:
         if args.command == "serve":
             config = load_config(args.config)
+            raise_file_limit()
             trio.run(functools.partial(run_relay, config, handle_signals=True))
         else:
             from relay.testing.demo import run_demo  # the fake server is only loaded for the demo
 
+            raise_file_limit()
             trio.run(
                 functools.partial(
                     run_demo, port=args.port, factions=args.factions, changes_per_s=args.changes_per_s
