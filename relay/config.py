@@ -75,6 +75,7 @@ class UpstreamConfig:
     connect_timeout: float = 10.0
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
+    joins_per_second: float = 20.0
     channels: tuple[ChannelConfig, ...] = (
         ChannelConfig("war_calls", "faction_id=eq.{faction_id}"),
         ChannelConfig("faction_messages", "faction_id=eq.{faction_id}"),
@@ -281,6 +282,7 @@ def _upstream(table: _Table, where: str) -> UpstreamConfig:
         connect_timeout=table.seconds("connect_timeout"),
         backoff_initial=table.seconds("backoff_initial"),
         backoff_max=table.seconds("backoff_max"),
+        joins_per_second=table.rate("joins_per_second"),
         channels=_channels(table),
     )
     if upstream.backoff_initial > upstream.backoff_max:
@@ -430,6 +432,15 @@ class _Table:
             bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
             raise self.refuse(key, f"must be {bounds}, got {value}")
         return value
+
+    def rate(self, key: str) -> float:
+        """A positive, finite number of things per second."""
+        value = self.value(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.refuse(key, _expected("a number per second", value))
+        if not math.isfinite(value) or value <= 0:
+            raise self.refuse(key, f"must be a number above 0, got {value!r}")
+        return float(value)
 
     def seconds(self, key: str, *, allow_zero: bool = False) -> float:
         value = self.value(key)

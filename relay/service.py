@@ -87,6 +87,7 @@ def supervisor_settings(config: Config) -> SupervisorSettings:
         channels=[(channel.table, channel.filter) for channel in upstream.channels],
         backoff_initial_s=upstream.backoff_initial,
         backoff_max_s=upstream.backoff_max,
+        joins_per_second=upstream.joins_per_second,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,25 @@ Ingest = Callable[[int, Sequence[ChangeReceived]], Awaitable[None]]
 WallClockMs = Callable[[], int]
 
 
+class JoinPacer:
+    """Spaces channel joins out across every faction: at most `joins_per_second`, in arrival order.
+
+    Supabase disconnects the whole socket of a project that exceeds its joins per second (protocol
+    reference 10), so a restart with 150 factions, or a region-wide blip that drops them all, must
+    reach them one after another rather than in one burst. Each connection reserves its slots in a
+    shared schedule and sleeps until its turn; a cancelled waiter simply leaves its slot unused.
+    """
+
+    def __init__(self, joins_per_second: float) -> None:
+        self._interval_s = 1.0 / joins_per_second
+        self._next_free = -math.inf
+
+    async def wait_turn(self, joins: int) -> None:
+        start = max(trio.current_time(), self._next_free)
+        self._next_free = start + joins * self._interval_s
+        await trio.sleep_until(start)
+
+
 class UpstreamState(enum.StrEnum):
     CONNECTING = "connecting"  # opening, joining, or joined but not yet "Subscribed to PostgreSQL"
     CONNECTED = "connected"  # every channel live
@@ -40,6 +60,7 @@ class SupervisorSettings:
     channels: Sequence[tuple[str, str]]  # (table, filter template with {faction_id})
     backoff_initial_s: float
     backoff_max_s: float
+    joins_per_second: float = 20.0
     # How long a connection must stay live before its failures are forgiven and the delay starts
     # over: long enough that a socket dying right after "Subscribed" keeps backing off.
     healthy_after_s: float = 30.0
@@ -69,11 +90,13 @@ class FactionSupervisor:
         settings: SupervisorSettings,
         ingest: Ingest,
         *,
+        pacer: JoinPacer,
         rng: random.Random,
         wall_clock_ms: WallClockMs,
     ) -> None:
         self.faction_id = faction_id
         self._settings = settings
+        self._pacer = pacer
         self._ingest = ingest
         self._wall_clock_ms = wall_clock_ms
         self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s, rng)
@@ -117,6 +140,7 @@ class FactionSupervisor:
         self._set_state(UpstreamState.CONNECTING)
         hooks = ConnectionHooks(deliver=self._deliver, on_live=self._on_live, on_ignored=self._on_ignored)
         specs = self._settings.channel_specs(self.faction_id)
+        await self._pacer.wait_turn(len(specs))
         try:
             await run_connection(self._settings.connection, specs, hooks)
         except UpstreamError as exc:
@@ -201,6 +225,7 @@ class Supervisors:
         self._wall_clock_ms = wall_clock_ms
         self._nursery: trio.Nursery | None = None
         self._supervisors: dict[int, FactionSupervisor] = {}
+        self._pacer = JoinPacer(settings.joins_per_second)
 
     async def run(
         self,
@@ -228,7 +253,12 @@ class Supervisors:
         if self._nursery is None:
             raise RuntimeError("Supervisors.run is not running")
         supervisor = FactionSupervisor(
-            faction_id, self._settings, self._ingest, rng=self._rng, wall_clock_ms=self._wall_clock_ms
+            faction_id,
+            self._settings,
+            self._ingest,
+            pacer=self._pacer,
+            rng=self._rng,
+            wall_clock_ms=self._wall_clock_ms,
         )
         self._supervisors[faction_id] = supervisor
         self._nursery.start_soon(supervisor.run, name=repr(supervisor))

@@ -96,7 +96,7 @@ def test_file_values(tmp_path: Path) -> None:
     assert config.server == ServerConfig("0.0.0.0", 9000, 4096)
     assert config.storage.path == Path("/var/lib/relay/relay.db")
     assert config.upstream == UpstreamConfig(
-        URL, KEY, 5.0, 2.5, 0.5, 30.0, (ChannelConfig("wars", "faction_id=eq.{faction_id}"),)
+        URL, KEY, 5.0, 2.5, 0.5, 30.0, channels=(ChannelConfig("wars", "faction_id=eq.{faction_id}"),)
     )
     assert type(config.upstream.heartbeat_interval) is float
     assert config.retention == RetentionConfig(10, 60.0, 600.0)

@@ -211,3 +211,47 @@ async def test_a_faction_revived_while_its_supervisor_is_stopping_gets_a_new_one
             harness.supervisors.ensure_running(A)
         await harness.wait_state(A, UpstreamState.CONNECTED)
         await harness.fake.wait_until(lambda: len(harness.fake.connections) == 1)
+
+
+async def test_a_restart_with_150_factions_paces_its_joins(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    rate = 20.0
+    fake = FakeSupabase(valid_keys=(KEY,))
+    await nursery.start(fake.run)
+    settings = SupervisorSettings(
+        connection=ConnectionSettings(
+            fake.url, KEY, heartbeat_interval_s=HEARTBEAT_S, connect_timeout_s=10.0
+        ),
+        channels=[
+            ("war_calls", "faction_id=eq.{faction_id}"),
+            ("faction_messages", "faction_id=eq.{faction_id}"),
+        ],
+        backoff_initial_s=INITIAL_S,
+        backoff_max_s=MAX_S,
+        joins_per_second=rate,
+    )
+    supervisors = Supervisors(settings, Collected().ingest, rng=random.Random(SEED), wall_clock_ms=lambda: 0)
+    factions = list(range(1, 151))
+    started = trio.current_time()
+    joins_at: list[tuple[float, int]] = []
+
+    async def record_joins() -> None:
+        while True:
+            joins_at.append((trio.current_time() - started, fake.joins))
+            await trio.sleep(0.05)
+
+    with trio.fail_after(120):
+        nursery.start_soon(record_joins)
+        await nursery.start(supervisors.run, factions)
+        await eventually(
+            lambda: all(stats.state == UpstreamState.CONNECTED for stats in supervisors.statistics().values())
+        )
+    finished = trio.current_time() - started
+    # 300 channel joins at 20 a second: about 15 s, never a burst above the rate in any second.
+    assert 14.0 <= finished <= 16.0
+    for at, joins in joins_at:
+        later = [count for when, count in joins_at if at < when <= at + 1.0]
+        if later:
+            assert max(later) - joins <= rate + 2, (at, joins, max(later))
+    assert fake.upgrade_attempts == 150

@@ -1,0 +1,553 @@
+/*
+ * CAT Relay browser client: a faction's events from a CAT Relay, delivered the way today's CAT
+ * userscript consumes them. A drop-in for `new CATRelayClient(relayUrl, factionId, apiKey)` and
+ * `createCATRelayConnection(wsUrl)`; the API is described in docs/client.md.
+ *
+ * Plain ES2017 with no modules, so it runs from a <script> tag, a Tampermonkey @require or text
+ * injected by TornPDA. The exports are top-level `var`s: globals on a page, and names in scope for
+ * the userscript when it is @require'd into the script's own wrapper.
+ */
+var CATRelay = (function () {
+  'use strict';
+
+  var DEFAULTS = {
+    transport: 'auto', // or 'sse', 'long-poll', 'poll' to pin one
+    request: null, // a GM_xmlhttpRequest-style function; when given there is no SSE (Torn's CSP applies to it)
+    EventSource: null, // defaults to the page's; tests and odd hosts may pass their own
+    waitS: 25, // long-poll hold: below the relay's 30 s cap and below common 30-60 s proxy idle timeouts
+    backoffInitialMs: 1000,
+    backoffMaxMs: 30000,
+    errorsBeforeFallback: 3, // consecutive failures of one transport before trying a simpler one
+    random: Math.random,
+    log: typeof console !== 'undefined' ? console : null, // anything with warn/info; null for silence
+  };
+  var PING_TIMEOUT_MS = 5000; // what today's script allows /ping
+  var REQUEST_TIMEOUT_MS = 15000;
+  var HELD_MARGIN_MS = 10000; // a long-poll gets this much beyond its wait before we call it dead
+  var LEGACY_POLL_MS = 3000; // today's cadence, for a relay that gives no next_poll_ms
+  var RETRY_BETTER_AFTER_MS = 5 * 60 * 1000; // a fallback is not forever: networks and proxies change
+  var STREAM_HEALTHY_MS = 60000; // a stream that lasted this long before ending did not "fail"
+  // EventSource dispatches by the `event:` field, so every type the relay may send is listened for.
+  var STREAM_TYPES = ['postgres_changes', 'hospital_update', 'faction_members_update', 'message'];
+  // The two types today's script hands to handlers instead of its WebSocket message path.
+  var HANDLERS = { hospital_update: 'onHospitalUpdate', faction_members_update: 'onFactionMembersUpdate' };
+  var CONNECTING = 0, OPEN = 1, CLOSING = 2, CLOSED = 3;
+
+  function later(fn) { setTimeout(fn, 0); }
+
+  function makeEvent(type, target, fields) {
+    return Object.assign({ type: type, target: target, currentTarget: target, timeStamp: Date.now() }, fields);
+  }
+
+  // A throwing handler must not stop delivery to the others, yet should still show in the console.
+  function invoke(listener, target, event) {
+    try {
+      if (typeof listener === 'function') listener.call(target, event);
+      else if (listener && typeof listener.handleEvent === 'function') listener.handleEvent(event);
+    } catch (error) {
+      setTimeout(function () { throw error; }, 0);
+    }
+  }
+
+  function parseJson(text) {
+    try { return JSON.parse(text); } catch (error) { return null; }
+  }
+
+  /* addEventListener/removeEventListener with several listeners per type, as EventTarget does. */
+  class Emitter {
+    constructor() { this._listeners = {}; }
+
+    addEventListener(type, listener) {
+      var list = this._listeners[type] || (this._listeners[type] = []);
+      if (listener && list.indexOf(listener) < 0) list.push(listener);
+    }
+
+    removeEventListener(type, listener) {
+      var list = this._listeners[type] || [];
+      var at = list.indexOf(listener);
+      if (at >= 0) list.splice(at, 1);
+    }
+
+    _emit(type, event, property) {
+      if (property) invoke(this[property], this, event);
+      (this._listeners[type] || []).slice().forEach(function (l) { invoke(l, this, event); }, this);
+    }
+  }
+
+  /* XMLHttpRequest behind GM_xmlhttpRequest's interface, so both go through one code path. */
+  function xhrRequest(details) {
+    var xhr = new XMLHttpRequest();
+    xhr.open(details.method, details.url);
+    xhr.timeout = details.timeout || 0;
+    Object.keys(details.headers || {}).forEach(function (k) { xhr.setRequestHeader(k, details.headers[k]); });
+    xhr.onload = function () { details.onload({ status: xhr.status, responseText: xhr.responseText }); };
+    xhr.onerror = function () { details.onerror({ status: 0 }); };
+    xhr.ontimeout = function () { details.ontimeout({ status: 0 }); };
+    xhr.onabort = function () { details.onabort({ status: 0 }); };
+    xhr.send(details.data === undefined ? null : details.data);
+    return xhr;
+  }
+
+  class CATRelayClient extends Emitter {
+    constructor(relayUrl, factionId, apiKey, options) {
+      super();
+      this.relayUrl = String(relayUrl).replace(/\/+$/, '');
+      this.factionId = factionId;
+      this.apiKey = apiKey;
+      this.options = Object.assign({}, DEFAULTS, options || {});
+      // Today's script starts from the browser's clock; subscribe() replaces it with the relay's cursor.
+      this.cursor = Date.now();
+      this.subscribed = false;
+      this.transport = null; // 'sse' | 'long-poll' | 'poll' while delivering
+      this.lastError = null;
+      this.lastStatus = null;
+      this.onHospitalUpdate = null; // called with event.data, as today's handlers are
+      this.onFactionMembersUpdate = null;
+      this.onMessage = null; // called with the WebSocket-style message event
+      this._running = false;
+      this._connecting = null;
+      this._attempt = 0; // bumped per request/stream; a callback from an older one is ignored
+      this._timer = null;
+      this._requests = [];
+      this._source = null;
+      this._errors = 0; // consecutive, for the backoff
+      this._levelErrors = 0; // consecutive, for the current transport
+      this._level = 0;
+      this._retryBetterAt = 0;
+      this._delivered = false;
+      this._resubscribe = false;
+      CATRelayClient.latest = this; // what createCATRelayConnection uses by default
+    }
+
+    get running() { return this._running; }
+
+    /* Resolves true when the relay answers 200 with a truthy `deployed` or `status`; never rejects. */
+    async ping() {
+      try {
+        var answer = await this._call('GET', '/ping', undefined, PING_TIMEOUT_MS);
+        return answer.status === 200 && !!answer.body && !!(answer.body.deployed || answer.body.status);
+      } catch (error) {
+        this.lastError = error.message;
+        return false;
+      }
+    }
+
+    /* Resolves true on "subscribed" and takes the starting cursor from the answer; false otherwise
+     * (lastStatus and lastError say why; lastStatus 0 means no answer). Never rejects. */
+    async subscribe() {
+      var body = { faction_id: this.factionId, api_key: this.apiKey };
+      var answer;
+      try {
+        answer = await this._call('POST', '/subscribe', body, REQUEST_TIMEOUT_MS);
+      } catch (error) {
+        answer = { status: 0, body: { error: error.message } };
+      }
+      this.lastStatus = answer.status;
+      this.subscribed = answer.status === 200 && !!answer.body && answer.body.status === 'subscribed';
+      if (!this.subscribed) {
+        this.lastError = describe(answer);
+        return false;
+      }
+      var stamp = answer.body.timestamp;
+      // Before anything was delivered the relay's cursor replaces ours (our clock may be off); after,
+      // it may only move forward, or events already handed out could come again.
+      if (typeof stamp === 'number') this.cursor = this._delivered ? Math.max(this.cursor, stamp) : stamp;
+      return true;
+    }
+
+    /* Subscribes if needed and starts delivery; resolves true once it runs, false if the relay refused. */
+    connect() {
+      if (this._running) return Promise.resolve(true);
+      if (this._connecting) return this._connecting;
+      this._connecting = (this.subscribed ? Promise.resolve(true) : this.subscribe())
+        .then((ok) => {
+          this._connecting = null;
+          if (!ok) return false;
+          this._running = true;
+          this._errors = this._levelErrors = this._level = 0;
+          this._step();
+          this._emit('open', makeEvent('open', this));
+          return true;
+        });
+      return this._connecting;
+    }
+
+    /* Stops delivery; publishes already sent still complete. */
+    close() {
+      this._stop(1000, '', true);
+    }
+
+    /* POST /events; resolves with the relay's answer {status, id, timestamp}, rejects if refused. */
+    async publish(type, data) {
+      var body = { faction_id: this.factionId, api_key: this.apiKey, type: type, data: data };
+      var answer = await this._call('POST', '/events', body, REQUEST_TIMEOUT_MS, false);
+      if (answer.status === 200 && answer.body && answer.body.status === 'published') return answer.body;
+      throw new Error('publishing ' + type + ' was refused: ' + describe(answer));
+    }
+
+    _stop(code, reason, wasClean) {
+      var wasRunning = this._running;
+      this._running = false;
+      this._attempt++;
+      clearTimeout(this._timer);
+      this._closeSource();
+      this._requests.splice(0).forEach(function (r) { if (r && r.abort) r.abort(); });
+      this._setTransport(null);
+      if (wasRunning) this._emit('close', makeEvent('close', this, { code: code, reason: reason, wasClean: wasClean }));
+    }
+
+    /* Resolves {status, body (parsed JSON or null)} for any answer; rejects when there is none. */
+    _call(method, path, payload, timeoutMs, track) {
+      var request = this.options.request || xhrRequest;
+      var requests = this._requests;
+      var handle;
+      return new Promise((resolve, reject) => {
+        function settle(fn, value) {
+          var at = requests.indexOf(handle);
+          if (at >= 0) requests.splice(at, 1);
+          fn(value);
+        }
+        function fail(what) {
+          return function () { settle(reject, new Error(method + ' ' + path + ' ' + what)); };
+        }
+        handle = request({
+          method: method,
+          url: this.relayUrl + path,
+          headers: payload === undefined ? {} : { 'Content-Type': 'application/json' },
+          data: payload === undefined ? undefined : JSON.stringify(payload),
+          timeout: timeoutMs,
+          onload: function (r) { settle(resolve, { status: r.status, body: parseJson(r.responseText) }); },
+          onerror: fail('failed'),
+          ontimeout: fail('timed out'),
+          onabort: fail('was aborted'),
+        });
+        if (track !== false) requests.push(handle);
+      });
+    }
+
+    /* One delivery request or stream: resubscribe if the relay forgot us, then the current transport. */
+    async _step() {
+      var token = ++this._attempt;
+      if (this._resubscribe) {
+        var ok = await this.subscribe();
+        if (token !== this._attempt) return;
+        // A refused key or faction is final, as it is for today's script; a busy or absent relay is not.
+        if (!ok && (this.lastStatus === 400 || this.lastStatus === 401)) return this._refusedForGood();
+        if (!ok) return this._failed(token, new Error('subscribing failed: ' + this.lastError), false);
+        this._resubscribe = false;
+      }
+      var kind = this._pickTransport();
+      this._setTransport(kind);
+      if (kind === 'sse') this._openStream(token);
+      else this._poll(token, kind === 'long-poll' ? this.options.waitS : 0);
+    }
+
+    _transports() {
+      var pinned = this.options.transport;
+      if (pinned && pinned !== 'auto') return [pinned];
+      var sse = !this.options.request && this._eventSource() ? ['sse'] : [];
+      return sse.concat(['long-poll', 'poll']);
+    }
+
+    _eventSource() {
+      return this.options.EventSource || (typeof EventSource === 'function' ? EventSource : null);
+    }
+
+    _pickTransport() {
+      var list = this._transports();
+      if (this._level > 0 && Date.now() >= this._retryBetterAt) this._level = this._levelErrors = 0;
+      return list[Math.min(this._level, list.length - 1)];
+    }
+
+    _setTransport(kind) {
+      if (kind === this.transport) return;
+      var previous = this.transport;
+      this.transport = kind;
+      if (kind) this._log('info', 'delivering by ' + kind + (previous ? ' (was ' + previous + ')' : ''));
+      this._emit('transport', makeEvent('transport', this, { transport: kind, previous: previous }));
+    }
+
+    async _poll(token, waitS) {
+      var started = Date.now();
+      var path = '/events?faction_id=' + encodeURIComponent(this.factionId) + '&since=' + this.cursor +
+        (waitS ? '&wait=' + waitS : '');
+      var answer;
+      try {
+        answer = await this._call('GET', path, undefined, waitS * 1000 + (waitS ? HELD_MARGIN_MS : REQUEST_TIMEOUT_MS));
+      } catch (error) {
+        return this._failed(token, error, true);
+      }
+      if (token !== this._attempt) return;
+      var body = answer.body;
+      if (answer.status !== 200 || !body || !Array.isArray(body.events)) return this._refused(token, answer);
+      this._errors = this._levelErrors = 0;
+      this._deliver(body.events);
+      // An empty answer's cursor is safe to adopt: the relay stamps every later event above it.
+      if (typeof body.timestamp === 'number' && body.timestamp > this.cursor) this.cursor = body.timestamp;
+      var pause = typeof body.next_poll_ms === 'number' ? body.next_poll_ms : LEGACY_POLL_MS;
+      // An empty long-poll that came back early was not held (shutdown, a relay at its cap, or one that
+      // ignores wait=): pausing keeps that from turning into a tight loop.
+      var held = waitS && (body.events.length > 0 || Date.now() - started >= waitS * 500);
+      this._schedule(held ? 0 : pause);
+    }
+
+    _openStream(token) {
+      var url = this.relayUrl + '/events/stream?faction_id=' + encodeURIComponent(this.factionId) +
+        '&since=' + this.cursor;
+      var source, openedAt = 0, self = this;
+      try { source = new (this._eventSource())(url); } catch (error) { return this._failed(token, error, true); }
+      this._source = source;
+      function current() { return token === self._attempt; }
+      source.onopen = function () {
+        if (!current()) return;
+        openedAt = Date.now();
+        self._errors = 0;
+      };
+      function onEvent(message) {
+        if (!current()) return;
+        var event = parseJson(message.data);
+        if (!event) return;
+        self._levelErrors = 0; // the stream really delivers, so it is not one to fall back from
+        self._deliver([event]);
+      }
+      STREAM_TYPES.forEach(function (type) { source.addEventListener(type, onEvent); });
+      source.onerror = function () {
+        if (!current()) return;
+        // EventSource would reconnect by itself, but then the backoff, the resume point and the
+        // fallback to polling would be out of our hands.
+        self._closeSource();
+        if (openedAt && Date.now() - openedAt >= STREAM_HEALTHY_MS) self._levelErrors = 0;
+        self._failed(token, new Error('the event stream ' + (openedAt ? 'ended' : 'could not be opened')), true);
+      };
+    }
+
+    _closeSource() {
+      if (this._source) this._source.close();
+      this._source = null;
+    }
+
+    /* Oldest first; anything at or below the cursor was delivered already (transports overlap). */
+    _deliver(events) {
+      for (var i = 0; i < events.length && this._running; i++) {
+        var event = events[i];
+        if (!event || typeof event.timestamp !== 'number' || event.timestamp <= this.cursor) continue;
+        this.cursor = event.timestamp;
+        this._delivered = true;
+        this._dispatch(event);
+      }
+    }
+
+    _dispatch(event) {
+      var handler = HANDLERS[event.type];
+      var id = String(event.timestamp);
+      if (handler) {
+        invoke(this[handler], this, event.data);
+        this._emit(event.type, makeEvent(event.type, this, { data: event.data, lastEventId: id, event: event }));
+        return;
+      }
+      var data = JSON.stringify({ event: 'postgres_changes', payload: event.data });
+      var origin = this.relayUrl.replace(/^(\w+:\/\/[^/]+).*$/, '$1');
+      this._emit('message', makeEvent('message', this, { data: data, origin: origin, lastEventId: id }), 'onMessage');
+    }
+
+    _refused(token, answer) {
+      var code = answer.body && answer.body.code;
+      if (answer.status === 401) return this._refusedForGood(answer);
+      if (code === 'not_subscribed') this._resubscribe = true; // the relay lost us (a new database)
+      if (code === 'invalid_since') {
+        // Our cursor is far ahead of this relay's clock: it is not the relay that handed it out.
+        this._resubscribe = true;
+        this._delivered = false;
+      }
+      var transportFault = !answer.body || answer.status >= 500 || code === 'invalid_wait';
+      this._failed(token, new Error('the relay answered ' + describe(answer)), transportFault);
+    }
+
+    _refusedForGood(answer) {
+      if (answer) this.lastError = describe(answer);
+      this._log('warn', 'the relay refused this client: ' + this.lastError);
+      this._emit('error', makeEvent('error', this, { message: this.lastError, fatal: true }));
+      this._stop(1008, this.lastError || 'refused', false);
+    }
+
+    _failed(token, error, transportFault) {
+      if (token !== this._attempt || !this._running) return;
+      this.lastError = error.message;
+      this._errors++;
+      if (transportFault) this._levelErrors++;
+      this._log('warn', error.message + ' (' + this._errors + ' in a row)');
+      this._emit('error', makeEvent('error', this, { message: error.message, fatal: false }));
+      var list = this._transports();
+      if (this._levelErrors >= this.options.errorsBeforeFallback && this._level < list.length - 1) {
+        this._level++;
+        this._levelErrors = 0;
+        this._retryBetterAt = Date.now() + RETRY_BETTER_AFTER_MS;
+        return this._schedule(0); // the next transport gets its chance at once
+      }
+      // Full jitter: members of a faction whose relay restarts do not all come back at the same moment.
+      var ceiling = Math.min(this.options.backoffMaxMs, this.options.backoffInitialMs * Math.pow(2, this._errors - 1));
+      this._schedule(this.options.random() * ceiling);
+    }
+
+    _schedule(delayMs) {
+      var token = ++this._attempt;
+      clearTimeout(this._timer);
+      this._timer = setTimeout(() => { if (token === this._attempt && this._running) this._step(); }, delayMs);
+    }
+
+    _log(level, text) {
+      var log = this.options.log;
+      if (log && typeof log[level] === 'function') log[level]('[CAT Relay] ' + text);
+    }
+  }
+
+  function describe(answer) {
+    var body = answer.body;
+    return answer.status + (body && body.code ? ' ' + body.code : '') + (body && body.error ? ': ' + body.error : '');
+  }
+
+  /* What a caller may send() instead of a Supabase frame: {event|type: 'hospital_update', data|payload}. */
+  function clientUpdate(frame) {
+    var source = frame;
+    if (frame.event === 'broadcast' && frame.payload) source = frame.payload; // a Realtime broadcast frame
+    var type = HANDLERS[source.event] ? source.event : HANDLERS[source.type] ? source.type : null;
+    if (!type) return null;
+    var data = 'data' in source ? source.data : 'payload' in source ? source.payload : source.members;
+    return { type: type, data: data };
+  }
+
+  /* Phoenix v1 {topic, event, payload, ref} or v2 [join_ref, ref, topic, event, payload]. */
+  function phoenixFrame(frame) {
+    if (Array.isArray(frame) && frame.length === 5) {
+      return { joinRef: frame[0], ref: frame[1], topic: frame[2], event: frame[3], array: true };
+    }
+    if (frame && typeof frame.topic === 'string' && typeof frame.event === 'string') {
+      return { joinRef: frame.join_ref, ref: frame.ref, topic: frame.topic, event: frame.event, array: false };
+    }
+    return null;
+  }
+
+  function phoenixReply(p) {
+    var payload = { status: 'ok', response: {} };
+    if (p.array) return [p.joinRef === undefined ? null : p.joinRef, p.ref, p.topic, 'phx_reply', payload];
+    var reply = { topic: p.topic, event: 'phx_reply', payload: payload, ref: p.ref };
+    if (p.joinRef !== undefined) reply.join_ref = p.joinRef;
+    return reply;
+  }
+
+  /* A WebSocket look-alike over a CATRelayClient, for code written against today's relay socket. */
+  class CATRelayConnection extends Emitter {
+    constructor(url, client) {
+      super();
+      this.url = url;
+      this.client = client;
+      this.readyState = CONNECTING;
+      this.protocol = '';
+      this.extensions = '';
+      this.bufferedAmount = 0;
+      this.binaryType = 'blob';
+      this.onopen = this.onmessage = this.onerror = this.onclose = null;
+      this._queue = [];
+      this._forward = (event) => {
+        this._emit(event.type, Object.assign({}, event, { target: this, currentTarget: this }), 'on' + event.type);
+      };
+      this._clientClosed = (event) => {
+        this.readyState = CLOSING;
+        this._detach();
+        later(() => this._finish(event.code, event.reason, event.wasClean));
+      };
+      later(() => this._start()); // as with a WebSocket, the caller sets its handlers first
+    }
+
+    async _start() {
+      if (this.readyState !== CONNECTING) return;
+      var ok = await this.client.connect();
+      if (this.readyState !== CONNECTING) return; // closed meanwhile
+      if (!ok) return this._finish(1006, 'the relay is unavailable: ' + this.client.lastError, false);
+      ['message', 'hospital_update', 'faction_members_update'].forEach(function (t) {
+        this.client.addEventListener(t, this._forward);
+      }, this);
+      this.client.addEventListener('close', this._clientClosed);
+      this.readyState = OPEN;
+      this._emit('open', makeEvent('open', this), 'onopen');
+      this._queue.splice(0).forEach(this.send, this);
+    }
+
+    /* Client updates are published; Phoenix frames get an "ok" reply; anything else is dropped. */
+    send(text) {
+      if (this.readyState === CONNECTING) return void this._queue.push(text);
+      if (this.readyState !== OPEN) return; // a closed WebSocket drops data too
+      var frame = typeof text === 'string' ? parseJson(text) : null;
+      var update = frame && clientUpdate(frame);
+      var phoenix = frame && phoenixFrame(frame);
+      if (update) {
+        this.client.publish(update.type, update.data).catch((error) => {
+          this.client._log('warn', error.message);
+          this._emit('error', makeEvent('error', this, { message: error.message }), 'onerror');
+        });
+      }
+      if (phoenix && phoenix.ref !== undefined && phoenix.ref !== null) {
+        var data = JSON.stringify(phoenixReply(phoenix));
+        later(() => {
+          if (this.readyState !== OPEN) return;
+          this._emit('message', makeEvent('message', this, { data: data, origin: '', lastEventId: '' }), 'onmessage');
+        });
+      }
+      if (!update && !phoenix) this.client._log('warn', 'send() ignored a frame it does not know');
+    }
+
+    /* Closing the connection stops its client's delivery, as closing the socket did. */
+    close(code, reason) {
+      if (this.readyState === CLOSING || this.readyState === CLOSED) return;
+      this.readyState = CLOSING;
+      this._detach();
+      this.client.close();
+      later(() => this._finish(code === undefined ? 1000 : code, reason || '', true));
+    }
+
+    _detach() {
+      ['message', 'hospital_update', 'faction_members_update'].forEach(function (t) {
+        this.client.removeEventListener(t, this._forward);
+      }, this);
+      this.client.removeEventListener('close', this._clientClosed);
+    }
+
+    _finish(code, reason, wasClean) {
+      if (this.readyState === CLOSED) return;
+      this.readyState = CLOSED;
+      if (!wasClean) this._emit('error', makeEvent('error', this, { message: reason }), 'onerror');
+      this._emit('close', makeEvent('close', this, { code: code, reason: reason, wasClean: wasClean }), 'onclose');
+    }
+  }
+
+  [CATRelayConnection, CATRelayConnection.prototype].forEach(function (o) {
+    Object.assign(o, { CONNECTING: CONNECTING, OPEN: OPEN, CLOSING: CLOSING, CLOSED: CLOSED });
+  });
+
+  /* Over the most recent CATRelayClient, unless options name relayUrl, factionId or apiKey: then over a
+   * new client, the rest taken from the latest client (or the key from wsUrl's apikey parameter). */
+  function createCATRelayConnection(wsUrl, options) {
+    options = options || {};
+    var latest = CATRelayClient.latest;
+    if (latest && !options.relayUrl && !options.factionId && !options.apiKey) {
+      return new CATRelayConnection(wsUrl, latest);
+    }
+    var fromUrl = /[?&]apikey=([^&]*)/.exec(String(wsUrl || ''));
+    var relayUrl = options.relayUrl || (latest && latest.relayUrl);
+    var factionId = options.factionId || (latest && latest.factionId);
+    var apiKey = options.apiKey || (latest && latest.apiKey) || (fromUrl && decodeURIComponent(fromUrl[1]));
+    if (!relayUrl || !factionId || !apiKey) {
+      throw new TypeError('createCATRelayConnection: create a CATRelayClient first, or pass options.relayUrl, factionId and apiKey');
+    }
+    return new CATRelayConnection(wsUrl, new CATRelayClient(relayUrl, factionId, apiKey, options));
+  }
+  Object.assign(createCATRelayConnection, { CONNECTING: CONNECTING, OPEN: OPEN, CLOSING: CLOSING, CLOSED: CLOSED });
+
+  return {
+    CATRelayClient: CATRelayClient,
+    CATRelayConnection: CATRelayConnection,
+    createCATRelayConnection: createCATRelayConnection,
+  };
+})();
+var CATRelayClient = CATRelay.CATRelayClient;
+var createCATRelayConnection = CATRelay.createCATRelayConnection;
