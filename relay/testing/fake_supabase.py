@@ -345,6 +345,9 @@ class FakeConnection:
         self.heartbeats = 0
         self.received: deque[dict[str, Any]] = deque(maxlen=RECEIVED_FRAMES_KEPT)
         self.frozen = False
+        # Per socket, so that a test can fault one faction's socket while another's keeps working.
+        self.heartbeat_replies = True
+        self.frame_delay_s = 0.0
         self._ws = ws
         self._stream = stream
         self._channels: dict[str, _Channel] = {}
@@ -501,22 +504,37 @@ class FakeSupabase:
     def accept_subscriptions(self) -> None:
         self._subscription_failure = None
 
-    def stop_heartbeat_replies(self) -> None:
-        self._heartbeat_replies = False
+    def connections_with(self, topic_part: str) -> list[FakeConnection]:
+        """The live sockets with a joined channel whose topic contains `topic_part` (e.g. a faction id)."""
+        return [c for c in self._connections if any(topic_part in topic for topic in c._channels)]
+
+    def _chosen(self, only: Iterable[FakeConnection] | None) -> list[FakeConnection]:
+        return list(self._connections) if only is None else [c for c in only if c in self._connections]
+
+    def stop_heartbeat_replies(self, only: Iterable[FakeConnection] | None = None) -> None:
+        """Every socket, now and later; or only the given sockets."""
+        if only is None:
+            self._heartbeat_replies = False
+        for connection in self._chosen(only):
+            connection.heartbeat_replies = False
 
     def resume_heartbeat_replies(self) -> None:
         self._heartbeat_replies = True
-
-    def freeze(self) -> None:
-        """Stop reading and writing on the current sockets but keep their TCP open: a half-open peer."""
         for connection in self._connections:
+            connection.heartbeat_replies = True
+
+    def freeze(self, only: Iterable[FakeConnection] | None = None) -> None:
+        """Stop reading and writing on the current sockets but keep their TCP open: a half-open peer."""
+        for connection in self._chosen(only):
             connection.frozen = True
             connection._io_scope.cancel()
         self._notify()
 
-    def drop_connections(self, code: int | None = None, reason: str = "") -> None:
-        """End every socket: with no close frame (the client sees 1006) when `code` is None."""
-        for connection in list(self._connections):
+    def drop_connections(
+        self, code: int | None = None, reason: str = "", only: Iterable[FakeConnection] | None = None
+    ) -> None:
+        """End the sockets: with no close frame (the client sees 1006) when `code` is None."""
+        for connection in self._chosen(only):
             if code is None:
                 self._end(connection, _Abort())
             elif connection.frozen:
@@ -524,13 +542,13 @@ class FakeSupabase:
             else:
                 connection._send(_Close(code, reason))  # after what is already queued, as a drain does
 
-    def send_raw(self, text: str) -> None:
-        for connection in self._connections:
+    def send_raw(self, text: str, only: Iterable[FakeConnection] | None = None) -> None:
+        for connection in self._chosen(only):
             connection._send(text)
 
-    def send_system_disconnect(self) -> None:
+    def send_system_disconnect(self, only: Iterable[FakeConnection] | None = None) -> None:
         """A project configuration change: "Server requested disconnect" on every channel, then 1012 (5.4)."""
-        for connection in self._connections:
+        for connection in self._chosen(only):
             for topic in connection._channels:
                 payload = {"extension": "system", "status": "ok", "message": "Server requested disconnect"}
                 connection._send(_frame(topic, "system", payload))  # this one has no `channel` key
@@ -753,8 +771,9 @@ class FakeSupabase:
             if isinstance(item, _Close):
                 self._end(connection, item)
                 return
-            if self.frame_delay_s > 0:
-                await trio.sleep(self.frame_delay_s)
+            delay = max(self.frame_delay_s, connection.frame_delay_s)
+            if delay > 0:
+                await trio.sleep(delay)
             try:
                 await connection._ws.send_message(item)
             except ConnectionClosed:
@@ -775,7 +794,7 @@ class FakeSupabase:
     async def _dispatch(self, connection: FakeConnection, frame: _Inbound, io: trio.Nursery) -> None:
         if frame.topic == "phoenix" and frame.event == "heartbeat":
             connection.heartbeats += 1
-            if self._heartbeat_replies:
+            if self._heartbeat_replies and connection.heartbeat_replies:
                 connection._send(_reply("phoenix", frame.ref, "ok", {}))
             return
         if frame.event == "phx_join":
