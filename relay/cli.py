@@ -6,6 +6,7 @@ import argparse
 import functools
 import logging
 import resource
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,6 +77,9 @@ UNLIMITED_FILES_TARGET = 1_048_576
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
+    # A file-size limit (RLIMIT_FSIZE, as a full quota behaves) must surface as a failed write that
+    # /health reports and the relay recovers from, not as SIGXFSZ killing the process.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         if args.command == "serve":
             config = load_config(args.config)

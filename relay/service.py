@@ -35,8 +35,8 @@ from relay.delivery import HeldRequests
 from relay.hub import Hub
 from relay.maintenance import maintenance_pass, run_schedule
 from relay.phoenix import ChangeReceived
-from relay.store import Store, open_store, wall_clock_ms
-from relay.supervisor import Supervisors, SupervisorSettings
+from relay.store import Store, StoreError, open_store, wall_clock_ms
+from relay.supervisor import DeliveryFailed, Supervisors, SupervisorSettings
 from relay.upstream import ConnectionSettings
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,13 @@ async def run_relay(
         hub = Hub()
 
         async def ingest(faction_id: int, changes: Sequence[ChangeReceived]) -> None:
-            await store.append_events(faction_id, [("postgres_changes", change.data) for change in changes])
+            try:
+                await store.append_events(
+                    faction_id, [("postgres_changes", change.data) for change in changes]
+                )
+            except StoreError as exc:
+                # The connection ends and is retried with backoff; these changes were never served.
+                raise DeliveryFailed(f"{len(changes)} change(s) not stored: {exc}") from exc
             hub.notify(faction_id)
 
         supervisors = Supervisors(supervisor_settings(config), ingest, wall_clock_ms=wall_clock_ms)

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import sqlite3
 import time
 from collections import deque
@@ -31,6 +32,8 @@ T = TypeVar("T")
 # How long a statement waits on a lock held by another connection (the operator's sqlite3 shell, or
 # our own reader during a checkpoint) before giving up; long enough to ride out a manual query.
 BUSY_TIMEOUT_MS = 5_000
+# /health proves the database writable by committing a no-op write, but not more often than this.
+HEALTH_PROBE_INTERVAL_S = 1.0
 
 
 def wall_clock_ms() -> int:
@@ -112,6 +115,8 @@ class Store:
     ) -> None:
         self._writer, self._reader = writer, reader
         self._write_limiter = trio.CapacityLimiter(1)  # the single write limiter: writes in order
+        self._write_fault: str | None = None
+        self._last_write_at = -math.inf  # trio clock
         self._read_limiter = trio.CapacityLimiter(1)
         self._events_per_faction = events_per_faction
         self._now_ms = now_ms
@@ -327,8 +332,23 @@ class Store:
         return {faction_id: FactionCounts(count, newest) for faction_id, count, newest in rows}
 
     async def check_health(self) -> None:
-        """Raise `StoreError` unless the database answers a query (writes nothing)."""
+        """Raise `StoreError` (saying why) unless the database can be read and written right now.
+
+        Reading alone would call a full disk or a locked file healthy, so this also commits a small
+        real change (relay_health.probed_at), at most once per HEALTH_PROBE_INTERVAL_S; between
+        probes the outcome of the last real write stands.
+        """
         await self._read(lambda conn: conn.execute("SELECT high_water FROM relay_clock").fetchall())
+        if trio.current_time() - self._last_write_at >= HEALTH_PROBE_INTERVAL_S:
+            now = self._now_ms()
+            await self._write(lambda conn: conn.execute("UPDATE relay_health SET probed_at = ?", (now,)))
+        elif self._write_fault is not None:
+            raise StoreError(self._write_fault)
+
+    @property
+    def write_fault(self) -> str | None:
+        """Why the last write failed, until one succeeds again."""
+        return self._write_fault
 
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(
@@ -344,9 +364,17 @@ class Store:
         # Never abandon_on_cancel: a write that was started must finish before anyone goes on.
         call = functools.partial(_in_transaction, fn) if transaction else fn
         try:
-            return await trio.to_thread.run_sync(call, self._writer, limiter=self._write_limiter)
+            result = await trio.to_thread.run_sync(call, self._writer, limiter=self._write_limiter)
         except sqlite3.Error as exc:
-            raise StoreError(f"database write failed: {exc}") from exc
+            fault = f"database write failed: {exc}"
+            if fault != self._write_fault:
+                log.error("%r: %s", self, fault)
+            self._write_fault, self._last_write_at = fault, trio.current_time()
+            raise StoreError(fault) from exc
+        if self._write_fault is not None:
+            log.info("%r: writes work again (after: %s)", self, self._write_fault)
+        self._write_fault, self._last_write_at = None, trio.current_time()
+        return result
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         # A read changes nothing, so a cancelled caller may leave it running; the limiter stays held

@@ -27,6 +27,11 @@ Ingest = Callable[[int, Sequence[ChangeReceived]], Awaitable[None]]
 WallClockMs = Callable[[], int]
 
 
+class DeliveryFailed(Exception):
+    """The ingest sink could not take the changes (the store could not write them): a designed
+    failure, logged in one line and retried like an upstream fault, with no traceback."""
+
+
 class JoinPacer:
     """Spaces channel joins out across every faction: at most `joins_per_second`, in arrival order.
 
@@ -143,7 +148,7 @@ class FactionSupervisor:
         await self._pacer.wait_turn(len(specs))
         try:
             await run_connection(self._settings.connection, specs, hooks)
-        except UpstreamError as exc:
+        except (UpstreamError, DeliveryFailed) as exc:
             return exc
         except Exception as exc:  # the restart policy: a bug or a store fault must not kill the faction
             log.exception("%r: connection failed unexpectedly", self)

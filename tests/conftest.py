@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -65,3 +66,13 @@ async def relay(make_config: Callable[..., Config]) -> AsyncIterator[RunningRela
         running: RunningRelay = await nursery.start(functools.partial(run_relay, make_config()))
         yield running
         running.stop()
+
+
+@pytest.fixture
+def serve_config(tmp_path: Path, fake_upstream: FakeSupabase) -> tuple[Path, dict[str, str]]:
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        '[server]\nport = 0\n[storage]\npath = "data/relay.db"\n[upstream]\nheartbeat_interval = 2.0\n'
+    )
+    env = {**os.environ, "RELAY_UPSTREAM_URL": fake_upstream.url, "RELAY_UPSTREAM_ANON_KEY": ANON_KEY}
+    return config, env

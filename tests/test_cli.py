@@ -7,75 +7,16 @@ import re
 import signal
 import sqlite3
 import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import trio
 
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, FACTION, eventually
+from tests.conftest import FACTION, eventually
+from tests.relay_process import RELAY, relay_process
 from tests.test_end_to_end import Userscript, call, wait_connected
-
-RELAY = str(Path(sys.executable).parent / "relay")
-LISTENING = re.compile(r"listening on (http://\S+)")
-
-
-class RelayProcess:
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self.log: list[str] = []
-        self.url = ""
-        self._listening = trio.Event()
-
-    async def collect_log(self) -> None:
-        assert self.process.stderr is not None
-        buffered = b""
-        async for chunk in self.process.stderr:
-            buffered += chunk
-            *lines, buffered = buffered.split(b"\n")
-            for line in lines:
-                self.log.append(line.decode())
-                found = LISTENING.search(self.log[-1])
-                if found and not self._listening.is_set():
-                    self.url = found.group(1)
-                    self._listening.set()
-
-    def text(self) -> str:
-        return "\n".join(self.log)
-
-
-@pytest.fixture
-def serve_config(tmp_path: Path, fake_upstream: FakeSupabase) -> tuple[Path, dict[str, str]]:
-    config = tmp_path / "relay.toml"
-    config.write_text(
-        '[server]\nport = 0\n[storage]\npath = "data/relay.db"\n[upstream]\nheartbeat_interval = 2.0\n'
-    )
-    env = {**os.environ, "RELAY_UPSTREAM_URL": fake_upstream.url, "RELAY_UPSTREAM_ANON_KEY": ANON_KEY}
-    return config, env
-
-
-@asynccontextmanager
-async def relay_process(config: Path, env: dict[str, str]) -> AsyncIterator[RelayProcess]:
-    process = await trio.lowlevel.open_process(
-        [RELAY, "serve", "--config", str(config)], stderr=subprocess.PIPE, env=env
-    )
-    running = RelayProcess(process)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(running.collect_log)
-            await running._listening.wait()
-            yield running
-            nursery.cancel_scope.cancel()
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
 
 
 async def test_sigterm_shuts_down_cleanly(

@@ -46,10 +46,13 @@ def test_a_checkout_finds_the_repository_migrations() -> None:
     assert (CHECKOUT_DIR / "0001_initial.sql").is_file()
 
 
-def test_a_fresh_database_gets_0001_recorded(conn: sqlite3.Connection) -> None:
-    assert apply_migrations(conn) == [1]
-    assert recorded(conn) == [(1, "initial")]
-    (applied_at,) = conn.execute("SELECT applied_at FROM schema_migrations").fetchone()
+SHIPPED = [(1, "initial"), (2, "relay_health")]
+
+
+def test_a_fresh_database_gets_every_shipped_migration_recorded(conn: sqlite3.Connection) -> None:
+    assert apply_migrations(conn) == [version for version, _ in SHIPPED]
+    assert recorded(conn) == SHIPPED
+    (applied_at,) = conn.execute("SELECT applied_at FROM schema_migrations WHERE version = 1").fetchone()
     assert applied_at.endswith("+00:00")
     assert conn.execute("SELECT id, high_water FROM relay_clock").fetchall() == [(1, 0)]
 
@@ -57,7 +60,7 @@ def test_a_fresh_database_gets_0001_recorded(conn: sqlite3.Connection) -> None:
 def test_reapplying_is_a_no_op(conn: sqlite3.Connection) -> None:
     apply_migrations(conn)
     assert apply_migrations(conn) == []
-    assert recorded(conn) == [(1, "initial")]
+    assert recorded(conn) == SHIPPED
 
 
 def test_the_tables_have_plain_names_for_the_sqlite3_shell(tmp_path: Path, conn: sqlite3.Connection) -> None:
@@ -90,11 +93,11 @@ def test_a_failing_migration_rolls_back_completely(tmp_path: Path, conn: sqlite3
 
 def test_a_database_newer_than_the_files_is_refused(conn: sqlite3.Connection) -> None:
     apply_migrations(conn)
-    conn.execute("INSERT INTO schema_migrations VALUES (3, 'from_the_future', '2030-01-01T00:00:00+00:00')")
+    conn.execute("INSERT INTO schema_migrations VALUES (9, 'from_the_future', '2030-01-01T00:00:00+00:00')")
     with pytest.raises(DatabaseTooNew) as refused:
         apply_migrations(conn)
     assert str(refused.value) == (
-        "database schema version 3 is newer than this relay supports (1); upgrade the relay"
+        f"database schema version 9 is newer than this relay supports ({len(SHIPPED)}); upgrade the relay"
     )
     assert isinstance(refused.value, MigrationError)
 

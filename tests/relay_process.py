@@ -1,0 +1,58 @@
+"""`relay serve` in a real process, for the tests that need signals, kill -9 or OS-level faults."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+RELAY = str(Path(sys.executable).parent / "relay")
+LISTENING = re.compile(r"listening on (http://\S+)")
+
+
+class RelayProcess:
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.log: list[str] = []
+        self.url = ""
+        self._listening = trio.Event()
+
+    async def collect_log(self) -> None:
+        assert self.process.stderr is not None
+        buffered = b""
+        async for chunk in self.process.stderr:
+            buffered += chunk
+            *lines, buffered = buffered.split(b"\n")
+            for line in lines:
+                self.log.append(line.decode())
+                found = LISTENING.search(self.log[-1])
+                if found and not self._listening.is_set():
+                    self.url = found.group(1)
+                    self._listening.set()
+
+    def text(self) -> str:
+        return "\n".join(self.log)
+
+
+@asynccontextmanager
+async def relay_process(config: Path, env: dict[str, str]) -> AsyncIterator[RelayProcess]:
+    process = await trio.lowlevel.open_process(
+        [RELAY, "serve", "--config", str(config)], stderr=subprocess.PIPE, env=env
+    )
+    running = RelayProcess(process)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(running.collect_log)
+            await running._listening.wait()
+            yield running
+            nursery.cancel_scope.cancel()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()

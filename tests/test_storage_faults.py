@@ -1,0 +1,98 @@
+"""Storage faults on a real `relay serve`: a full disk and a locked database are reported by /health,
+polls keep being answered from memory, nothing crashes, and the relay recovers by itself.
+
+The full disk is the kernel's own: RLIMIT_FSIZE set on the relay process makes every database write
+fail with EFBIG, as a full quota does. The lock is another connection holding the write lock, as an
+operator's `sqlite3` shell in the middle of a transaction does.
+"""
+
+from __future__ import annotations
+
+import resource
+import sqlite3
+from pathlib import Path
+
+import httpx
+import trio
+
+from relay.testing.fake_supabase import FakeSupabase
+from tests.conftest import FACTION, eventually
+from tests.relay_process import relay_process
+from tests.test_end_to_end import Userscript, call, wait_connected
+
+# Only the soft limit moves: raising a hard limit again would need CAP_SYS_RESOURCE.
+FILE_SIZE_HARD_LIMIT = resource.RLIM_INFINITY
+
+
+async def health(http: httpx.AsyncClient) -> httpx.Response:
+    return await http.get("/health", timeout=30)
+
+
+async def wait_health(http: httpx.AsyncClient, status: int) -> dict[str, str]:
+    for _ in range(150):  # bounded: the caller's fail_after is the real limit
+        response = await health(http)
+        if response.status_code == status:
+            body: dict[str, str] = response.json()
+            return body
+        await trio.sleep(0.2)
+    raise AssertionError(f"/health never answered {status}")
+
+
+async def test_a_full_disk_is_reported_served_around_and_recovered_from(
+    serve_config: tuple[Path, dict[str, str]], fake_upstream: FakeSupabase
+) -> None:
+    config, env = serve_config
+    with trio.fail_after(60):
+        async with relay_process(config, env) as relay, httpx.AsyncClient(base_url=relay.url) as http:
+            script = Userscript(http, FACTION)
+            await script.start()
+            await wait_connected(http, FACTION)
+            for n in (1, 2):
+                fake_upstream.insert("war_calls", call(FACTION, n))
+            await script.poll_until(2)
+
+            resource.prlimit(relay.process.pid, resource.RLIMIT_FSIZE, (1, FILE_SIZE_HARD_LIMIT))
+            try:
+                unhealthy = await wait_health(http, 503)
+                assert unhealthy["code"] == "storage_unavailable"
+                assert "write failed" in unhealthy["error"]
+                served = await http.get("/events", params={"faction_id": FACTION, "since": 0})
+                assert served.status_code == 200
+                assert [e["data"]["new"]["id"] for e in served.json()["events"]] == [1, 2]
+                fake_upstream.insert("war_calls", call(FACTION, 3))  # cannot be stored: lost, not half-served
+                await eventually(lambda: "DeliveryFailed" in relay.text())
+            finally:
+                resource.prlimit(
+                    relay.process.pid, resource.RLIMIT_FSIZE, (FILE_SIZE_HARD_LIMIT, FILE_SIZE_HARD_LIMIT)
+                )
+
+            assert (await wait_health(http, 200)) == {"status": "ok"}
+            await wait_connected(http, FACTION)
+            fake_upstream.insert("war_calls", call(FACTION, 4))
+            await script.poll_until(3)
+            assert relay.process.returncode is None
+    assert [m["payload"]["new"]["id"] for m in script.messages] == [1, 2, 4]
+    assert "Traceback" not in relay.text()
+
+
+async def test_a_locked_database_is_reported_and_recovered_from(
+    serve_config: tuple[Path, dict[str, str]], fake_upstream: FakeSupabase
+) -> None:
+    config, env = serve_config
+    with trio.fail_after(60):
+        async with relay_process(config, env) as relay, httpx.AsyncClient(base_url=relay.url) as http:
+            script = Userscript(http, FACTION)
+            await script.start()
+            await wait_connected(http, FACTION)
+            operator_shell = sqlite3.connect(config.parent / "data" / "relay.db", isolation_level=None)
+            try:
+                operator_shell.execute("BEGIN IMMEDIATE")  # holds the write lock until rolled back
+                unhealthy = await wait_health(http, 503)
+                assert "locked" in unhealthy["error"]
+                assert (await http.get("/ping")).status_code == 200
+                operator_shell.execute("ROLLBACK")
+            finally:
+                operator_shell.close()
+            assert (await wait_health(http, 200)) == {"status": "ok"}
+            fake_upstream.insert("war_calls", call(FACTION, 1))
+            await script.poll_until(1)
