@@ -96,6 +96,8 @@ class LimitsConfig:
     long_poll_linger_s: float = 0.05
     max_held_requests: int = 10000
     max_clock_skew_s: float = 600.0
+    client_rate: float = 20.0
+    client_burst: int = 120
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +181,8 @@ def load_config(
             long_poll_linger_s=limits.seconds("long_poll_linger_s", allow_zero=True),
             max_held_requests=limits.integer("max_held_requests", low=0),
             max_clock_skew_s=limits.seconds("max_clock_skew_s", allow_zero=True),
+            client_rate=limits.rate("client_rate", allow_zero=True),
+            client_burst=limits.integer("client_burst", low=1),
         ),
         publish=PublishConfig(
             types=_publish_types(publish),
@@ -433,13 +437,15 @@ class _Table:
             raise self.refuse(key, f"must be {bounds}, got {value}")
         return value
 
-    def rate(self, key: str) -> float:
-        """A positive, finite number of things per second."""
+    def rate(self, key: str, *, allow_zero: bool = False) -> float:
+        """A finite number of things per second: above 0, or 0 too where 0 means "off"."""
         value = self.value(key)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.refuse(key, _expected("a number per second", value))
-        if not math.isfinite(value) or value <= 0:
-            raise self.refuse(key, f"must be a number above 0, got {value!r}")
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise self.refuse(
+                key, f"must be a number {'of 0 or more' if allow_zero else 'above 0'}, got {value!r}"
+            )
         return float(value)
 
     def seconds(self, key: str, *, allow_zero: bool = False) -> float:

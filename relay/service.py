@@ -29,12 +29,13 @@ from hypercorn.trio import serve
 from quart_trio import QuartTrio
 
 import relay
-from relay.api import Services, create_app
+from relay.api import EndAfterResponse, Services, create_app
 from relay.config import Config
 from relay.delivery import HeldRequests
 from relay.hub import Hub
 from relay.maintenance import maintenance_pass, run_schedule
 from relay.phoenix import ChangeReceived
+from relay.ratelimit import RateLimiter
 from relay.store import Store, StoreError, open_store, wall_clock_ms
 from relay.supervisor import DeliveryFailed, Supervisors, SupervisorSettings
 from relay.upstream import ConnectionSettings
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 # 0.18 also keeps idle keep-alive connections open until this deadline, so it is what a clean
 # shutdown costs whenever a browser is connected: keep it short.
 GRACEFUL_TIMEOUT_S = 2.0
+KEEP_ALIVE_S = 5.0
+MAX_HEAD_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,12 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     host = config.server.host
     server.bind = [f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"]
     server.graceful_timeout = GRACEFUL_TIMEOUT_S
+    # Set deliberately rather than inherited: an idle connection (including one that never sends a
+    # request) is closed after KEEP_ALIVE_S; request heads are capped at MAX_HEAD_BYTES. There is no
+    # read timeout, as a held long-poll or an SSE stream legitimately sends nothing for minutes.
+    server.keep_alive_timeout = KEEP_ALIVE_S
+    server.h11_max_incomplete_size = MAX_HEAD_BYTES
+    server.read_timeout = None
     server.accesslog = None
     # A Logger (not a path) makes hypercorn log through the relay's logging set-up, once.
     server.errorlog = logging.getLogger("hypercorn.error")
@@ -127,8 +136,9 @@ async def run_relay(
 
         supervisors = Supervisors(supervisor_settings(config), ingest, wall_clock_ms=wall_clock_ms)
         held = HeldRequests(config.limits.max_held_requests)
+        limiter = RateLimiter(config.limits.client_rate, config.limits.client_burst)
         services = Services(
-            config, store, supervisors, hub, held, relay.__version__, started_at, wall_clock_ms
+            config, store, supervisors, hub, held, limiter, relay.__version__, started_at, wall_clock_ms
         )
         async with trio.open_nursery() as nursery:
             if handle_signals:
@@ -166,7 +176,10 @@ async def serve_http(
 ) -> None:
     try:
         await serve(
-            app, hypercorn_config(config), shutdown_trigger=hub.stopping.wait, task_status=task_status
+            EndAfterResponse(app),
+            hypercorn_config(config),
+            shutdown_trigger=hub.stopping.wait,
+            task_status=task_status,
         )
     finally:
         done.set()

@@ -1,0 +1,112 @@
+"""Abuse over real sockets: rate limits per address, sockets a client leaves open, oversized heads."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import urllib.parse
+from collections.abc import Callable
+
+import httpx
+import pytest
+import trio
+
+from relay.config import Config
+from relay.service import RunningRelay, run_relay
+from tests.conftest import ANON_KEY, FACTION
+
+
+async def start_relay(nursery: trio.Nursery, config: Config) -> RunningRelay:
+    running: RunningRelay = await nursery.start(functools.partial(run_relay, config))
+    return running
+
+
+async def raw_exchange(url: str, request: bytes) -> tuple[bytes, bool]:
+    """Send `request`, read until the server closes (True) or 3 s pass with the socket open (False)."""
+    parts = urllib.parse.urlsplit(url)
+    stream = await trio.open_tcp_stream(parts.hostname or "127.0.0.1", parts.port or 80)
+    async with stream:
+        # The server may close before taking all of it; what it answered is still there to read.
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(request)
+        received = b""
+        with trio.move_on_after(3):
+            while chunk := await stream.receive_some():
+                received += chunk
+            return received, True
+        return received, False
+
+
+async def test_an_address_over_its_rate_gets_429_with_retry_after(
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
+    relay = await start_relay(nursery, make_config("[limits]\nclient_rate = 0.5\nclient_burst = 3\n"))
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(base_url=relay.url) as http:
+            await http.post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
+            statuses = [
+                (await http.get("/events", params={"faction_id": FACTION})).status_code for _ in range(2)
+            ]
+            refused = await http.get("/events", params={"faction_id": FACTION})
+            assert (await http.get("/ping")).status_code == 200  # only the costly routes are limited
+            assert (await http.get("/status")).status_code == 200
+    assert statuses == [200, 200]
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "rate_limited"
+    assert refused.headers["Retry-After"] == "2"
+    assert refused.headers["Access-Control-Allow-Origin"] == "*"
+    relay.stop()
+
+
+async def test_client_rate_zero_turns_the_limit_off(
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
+    relay = await start_relay(nursery, make_config("[limits]\nclient_rate = 0\nclient_burst = 1\n"))
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(base_url=relay.url) as http:
+            await http.post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
+            statuses = {
+                (await http.get("/events", params={"faction_id": FACTION})).status_code for _ in range(50)
+            }
+    assert statuses == {200}
+    relay.stop()
+
+
+@pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0"])
+async def test_connection_close_is_answered_and_the_socket_closed(relay: RunningRelay, version: str) -> None:
+    with trio.fail_after(10):
+        answer, closed = await raw_exchange(
+            relay.url, f"GET /ping {version}\r\nHost: r\r\nConnection: close\r\n\r\n".encode()
+        )
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert b'"deployed":true' in answer
+    assert closed
+
+
+async def test_a_keep_alive_exchange_still_reuses_the_socket(relay: RunningRelay) -> None:
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(base_url=relay.url) as http:
+            first = await http.get("/ping", extensions={"trace": None})
+            second = await http.get("/ping")
+    assert first.status_code == second.status_code == 200
+
+
+async def test_a_connection_that_never_sends_a_request_is_closed(
+    nursery: trio.Nursery, make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("relay.service.KEEP_ALIVE_S", 0.5)
+    relay = await start_relay(nursery, make_config())
+    with trio.fail_after(10):
+        answer, closed = await raw_exchange(relay.url, b"")
+    assert (answer, closed) == (b"", True)
+    relay.stop()
+
+
+async def test_an_oversized_request_head_is_refused_without_a_5xx(relay: RunningRelay) -> None:
+    # Over MAX_HEAD_BYTES and more than one read: h11 only limits what it holds incomplete.
+    huge = b"X-Padding: " + b"a" * 300_000 + b"\r\n"
+    with trio.fail_after(10):
+        answer, closed = await raw_exchange(relay.url, b"GET /ping HTTP/1.1\r\nHost: r\r\n" + huge + b"\r\n")
+    assert closed
+    assert not answer.startswith(b"HTTP/1.1 5")
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 4")
