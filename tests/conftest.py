@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,17 @@ async def eventually(condition: Callable[[], object], step_s: float = 0.01) -> N
     """
     while not condition():  # noqa: ASYNC110 - there is no event to wait on, by design (see above)
         await trio.sleep(step_s)
+
+
+async def eventually_async(
+    step: Callable[[], Awaitable[object]], condition: Callable[[], object], pause_s: float = 0.02
+) -> None:
+    """Run `step` (a poll, say) until `condition()` holds; callers bound it with `fail_after`."""
+    while True:
+        await step()
+        if condition():
+            return
+        await trio.sleep(pause_s)
 
 
 @pytest.fixture

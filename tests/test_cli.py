@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -14,7 +15,7 @@ import httpx
 import trio
 
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import FACTION, eventually
+from tests.conftest import FACTION, eventually, eventually_async
 from tests.relay_process import RELAY, relay_process
 from tests.test_end_to_end import Userscript, call, wait_connected
 
@@ -39,41 +40,58 @@ async def test_sigterm_shuts_down_cleanly(
     assert not wal.exists() or wal.stat().st_size == 0  # checkpointed and closed
 
 
-async def test_kill_9_loses_nothing_a_client_saw_and_resumes_without_resubscribing(
+async def test_kill_9_mid_stream_loses_nothing_a_client_saw_and_resumes_without_resubscribing(
     serve_config: tuple[Path, dict[str, str]], fake_upstream: FakeSupabase
 ) -> None:
     config, env = serve_config
+    emitted = 0
+
+    async def stream_changes() -> None:
+        nonlocal emitted
+        while True:
+            emitted += 1
+            fake_upstream.insert("war_calls", call(FACTION, emitted))
+            await trio.sleep(0.01)
+
+    async def keep_polling(script: Userscript) -> None:
+        while True:
+            with contextlib.suppress(httpx.TransportError):  # as today's script: log and poll on
+                await script.poll()
+            await trio.sleep(0.02)
+
     with trio.fail_after(60):
-        async with relay_process(config, env) as relay:
-            async with httpx.AsyncClient(base_url=relay.url) as http:
-                script = Userscript(http, FACTION)
-                await script.start()
-                await wait_connected(http, FACTION)
-                for n in range(1, 6):
-                    fake_upstream.insert("war_calls", call(FACTION, n))
-                await script.poll_until(5)
-                seen = (await http.get("/events", params={"faction_id": FACTION, "since": 0})).json()[
-                    "events"
-                ]
-            relay.process.kill()
-            await relay.process.wait()
+        async with relay_process(config, env) as relay, httpx.AsyncClient(base_url=relay.url) as http:
+            script = Userscript(http, FACTION)
+            await script.start()
+            await wait_connected(http, FACTION)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream_changes)
+                nursery.start_soon(keep_polling, script)
+                await eventually(lambda: len(script.events) >= 20)
+                relay.process.kill()  # SIGKILL while changes stream in and the client polls
+                await relay.process.wait()
+                nursery.cancel_scope.cancel()
+        seen = list(script.events)
         joins_before = fake_upstream.joins
-        async with relay_process(config, env) as restarted:
-            await fake_upstream.wait_until(lambda: fake_upstream.joins > joins_before)
-            async with httpx.AsyncClient(base_url=restarted.url) as http:
-                await wait_connected(http, FACTION)
-                after = (await http.get("/events", params={"faction_id": FACTION, "since": 0})).json()[
-                    "events"
-                ]
-                assert after == seen
-                script.http = http  # the same member, talking to the restarted relay, never re-subscribing
-                fake_upstream.insert("war_calls", call(FACTION, 6))
-                await script.poll_until(6)
+        async with relay_process(config, env) as restarted, httpx.AsyncClient(base_url=restarted.url) as http:
+            await fake_upstream.wait_until(lambda: fake_upstream.joins > joins_before)  # nobody re-subscribed
+            await wait_connected(http, FACTION)
+            served = (await http.get("/events", params={"faction_id": FACTION, "since": 0})).json()["events"]
+            by_id = {event["id"]: event for event in served}
+            assert [by_id.get(event["id"]) for event in seen] == seen  # same id, timestamp and data
+            script.http = http  # the same member, now talking to the restarted relay
+            fake_upstream.insert("war_calls", call(FACTION, 10_000))
+            # Events committed before the kill that the client had not polled yet come first.
+            await eventually_async(script.poll, lambda: script.events[-1]["data"]["new"]["id"] == 10_000)
             restarted.process.send_signal(signal.SIGTERM)
             assert await restarted.process.wait() == 0
-    assert [m["payload"]["new"]["id"] for m in script.messages] == [1, 2, 3, 4, 5, 6]
-    stamps = [event["timestamp"] for event in seen]
-    assert stamps == sorted(set(stamps))
+    newest = script.events[-1]
+    assert newest["data"]["new"]["id"] == 10_000
+    assert newest["timestamp"] > max(event["timestamp"] for event in served)
+    stamps = [event["timestamp"] for event in script.events]
+    assert stamps == sorted(set(stamps))  # the client's view: strictly increasing across the crash
+    call_ids = [event["data"]["new"]["id"] for event in script.events]
+    assert call_ids == sorted(set(call_ids))  # nothing twice, nothing out of order
     with sqlite3.connect(config.parent / "data" / "relay.db") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 

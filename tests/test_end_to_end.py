@@ -24,6 +24,7 @@ class Userscript:
         self.faction_id = faction_id
         self.cursor = int(time.time() * 1000)  # the browser's own Date.now() when the client is made
         self.messages: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []  # as received, for checks that they are served unchanged
 
     async def start(self) -> None:
         ping = await self.http.get("/ping", timeout=5)
@@ -40,6 +41,7 @@ class Userscript:
             "/events", params={"faction_id": self.faction_id, "since": self.cursor}
         )
         body = response.json()
+        self.events.extend(body["events"])
         for event in body["events"]:
             # Anything but the two client types is dispatched as a WebSocket-style message.
             self.messages.append(
