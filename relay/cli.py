@@ -83,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             config = load_config(args.config)
+            log.debug("configuration: %r", config)  # the config's repr leaves out every key
             raise_file_limit()
             trio.run(functools.partial(run_relay, config, handle_signals=True))
         else:

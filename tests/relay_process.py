@@ -40,9 +40,11 @@ class RelayProcess:
 
 
 @asynccontextmanager
-async def relay_process(config: Path, env: dict[str, str]) -> AsyncIterator[RelayProcess]:
+async def relay_process(
+    config: Path, env: dict[str, str], *, log_level: str = "INFO"
+) -> AsyncIterator[RelayProcess]:
     process = await trio.lowlevel.open_process(
-        [RELAY, "serve", "--config", str(config)], stderr=subprocess.PIPE, env=env
+        [RELAY, "--log-level", log_level, "serve", "--config", str(config)], stderr=subprocess.PIPE, env=env
     )
     running = RelayProcess(process)
     try:

@@ -8,6 +8,7 @@ import re
 import signal
 import sqlite3
 import subprocess
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import httpx
 import trio
 
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import FACTION, eventually, eventually_async
+from tests.conftest import ANON_KEY, FACTION, eventually, eventually_async
 from tests.relay_process import RELAY, relay_process
 from tests.test_end_to_end import Userscript, call, wait_connected
 
@@ -144,3 +145,37 @@ async def test_demo_serves_live_war_traffic_and_stops_on_ctrl_c(tmp_path: Path) 
             process.kill()
             with trio.CancelScope(shield=True):
                 await process.wait()
+
+
+async def test_keys_never_reach_the_log_even_at_debug_level_through_faults(
+    serve_config: tuple[Path, dict[str, str]], fake_upstream: FakeSupabase
+) -> None:
+    config, env = serve_config
+    wrong_key = "wrong-key-that-must-not-be-logged"
+    with trio.fail_after(60):
+        async with (
+            relay_process(config, env, log_level="DEBUG") as relay,
+            httpx.AsyncClient(base_url=relay.url) as http,
+        ):
+            script = Userscript(http, FACTION)
+            await script.start()
+            await wait_connected(http, FACTION)
+            await http.post("/subscribe", json={"faction_id": FACTION, "api_key": wrong_key})
+            await http.post(f"/hospital?apikey={wrong_key}", json={"faction_id": FACTION, "data": {}})
+            await http.post(
+                "/events",
+                json={"faction_id": FACTION, "api_key": ANON_KEY, "type": "hospital_update", "data": {}},
+            )
+            fake_upstream.refuse_upgrades(401, "Failed to validate JWT signature")
+            fake_upstream.drop_connections(None)  # reconnects meet the refused key: auth_failed
+            await eventually(lambda: "auth_failed" in relay.text())
+            fake_upstream.accept_upgrades()
+            fake_upstream.drop_connections(1012)
+            fake_upstream.insert("war_calls", call(FACTION, 1))
+            relay.process.send_signal(signal.SIGTERM)
+            assert await relay.process.wait() == 0
+    log = relay.text()
+    assert "DEBUG   relay: configuration:" in log  # the run really was at debug level, config included
+    for secret in (ANON_KEY, wrong_key):
+        for form in (secret, urllib.parse.quote(secret), urllib.parse.quote_plus(secret)):
+            assert form not in log
