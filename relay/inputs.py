@@ -66,9 +66,30 @@ def parse_wait(value: str | None, max_wait_s: float) -> float:
     return min(seconds, max_wait_s)
 
 
+class _NonFiniteNumber(ValueError):
+    pass
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):  # 1e999 is valid JSON syntax that no JSON reader can give back
+        raise _NonFiniteNumber(text)
+    return number
+
+
+def _refuse_constant(name: str) -> float:
+    raise _NonFiniteNumber(name)  # NaN, Infinity, -Infinity: Python reads them, JSON has none
+
+
 def parse_json_object(body: str | bytes) -> Mapping[str, Any]:
+    """A JSON object whose every number is finite: what the relay stores it serves to browsers,
+    whose JSON.parse would refuse NaN or Infinity in an answer."""
     try:
-        payload = json.loads(body)
+        payload = json.loads(body, parse_float=_finite_float, parse_constant=_refuse_constant)
+    except _NonFiniteNumber:
+        raise ApiError(
+            400, "invalid_json", "the request body has a number JSON cannot carry (NaN or infinite)"
+        ) from None
     except (ValueError, RecursionError):
         raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
     if not isinstance(payload, dict):
