@@ -161,3 +161,13 @@ async def test_max_factions_refuses_the_next_faction_but_not_a_known_one(
     status, body = await subscribe(small, OTHER_FACTION)
     assert (status, body["code"]) == (429, "too_many_factions")
     small.stop()
+
+
+async def test_the_browser_client_is_served_as_javascript(relay: RunningRelay) -> None:
+    response = await client(relay).get("/client.js")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "application/javascript; charset=utf-8"
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    source = await response.get_data(as_text=True)
+    assert "function createCATRelayConnection" in source
+    assert "CATRelayClient" in source

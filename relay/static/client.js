@@ -1,20 +1,20 @@
 /*
  * CAT Relay browser client: a faction's events from a CAT Relay, delivered the way today's CAT
  * userscript consumes them. A drop-in for `new CATRelayClient(relayUrl, factionId, apiKey)` and
- * `createCATRelayConnection(wsUrl)`; the API is described in docs/client.md.
+ * `createCATRelayConnection(wsUrl)`; docs/client.md describes the API.
  *
- * Plain ES2017 with no modules, so it runs from a <script> tag, a Tampermonkey @require or text
- * injected by TornPDA. The exports are top-level `var`s: globals on a page, and names in scope for
- * the userscript when it is @require'd into the script's own wrapper.
+ * Plain ES2017 without modules, so that it runs from a <script> tag, a Tampermonkey @require or text
+ * injected by TornPDA. The exports are top-level `var`s: globals on a page, and names in scope for a
+ * userscript that @requires it into its own wrapper.
  */
 var CATRelay = (function () {
   'use strict';
 
   var DEFAULTS = {
     transport: 'auto', // or 'sse', 'long-poll', 'poll' to pin one
-    request: null, // a GM_xmlhttpRequest-style function; when given there is no SSE (Torn's CSP applies to it)
-    EventSource: null, // defaults to the page's; tests and odd hosts may pass their own
-    waitS: 25, // long-poll hold: below the relay's 30 s cap and below common 30-60 s proxy idle timeouts
+    request: null, // a GM_xmlhttpRequest-style function; SSE cannot go through it, so it long-polls
+    EventSource: null, // defaults to the page's
+    waitS: 25, // long-poll hold: under the relay's 30 s cap and common 30-60 s proxy idle timeouts
     backoffInitialMs: 1000,
     backoffMaxMs: 30000,
     errorsBeforeFallback: 3, // consecutive failures of one transport before trying a simpler one
@@ -26,17 +26,21 @@ var CATRelay = (function () {
   var HELD_MARGIN_MS = 10000; // a long-poll gets this much beyond its wait before we call it dead
   var LEGACY_POLL_MS = 3000; // today's cadence, for a relay that gives no next_poll_ms
   var RETRY_BETTER_AFTER_MS = 5 * 60 * 1000; // a fallback is not forever: networks and proxies change
-  var STREAM_HEALTHY_MS = 60000; // a stream that lasted this long before ending did not "fail"
-  // EventSource dispatches by the `event:` field, so every type the relay may send is listened for.
+  var STREAM_HEALTHY_MS = 60000; // a stream that lasted this long before it ended did not "fail"
+  // EventSource dispatches on the `event:` field, so each type the relay may send is listened for.
   var STREAM_TYPES = ['postgres_changes', 'hospital_update', 'faction_members_update', 'message'];
-  // The two types today's script hands to handlers instead of its WebSocket message path.
+  // The two types today's script hands to handlers rather than to its WebSocket message path.
   var HANDLERS = { hospital_update: 'onHospitalUpdate', faction_members_update: 'onFactionMembersUpdate' };
-  var CONNECTING = 0, OPEN = 1, CLOSING = 2, CLOSED = 3;
+  var FORWARDED = ['message', 'hospital_update', 'faction_members_update']; // client -> connection
+  var STATES = { CONNECTING: 0, OPEN: 1, CLOSING: 2, CLOSED: 3 };
 
-  function later(fn) { setTimeout(fn, 0); }
+  function later(fn) {
+    setTimeout(fn, 0);
+  }
 
   function makeEvent(type, target, fields) {
-    return Object.assign({ type: type, target: target, currentTarget: target, timeStamp: Date.now() }, fields);
+    var event = { type: type, target: target, currentTarget: target, timeStamp: Date.now() };
+    return Object.assign(event, fields);
   }
 
   // A throwing handler must not stop delivery to the others, yet should still show in the console.
@@ -45,17 +49,28 @@ var CATRelay = (function () {
       if (typeof listener === 'function') listener.call(target, event);
       else if (listener && typeof listener.handleEvent === 'function') listener.handleEvent(event);
     } catch (error) {
-      setTimeout(function () { throw error; }, 0);
+      later(function () { throw error; });
     }
   }
 
   function parseJson(text) {
-    try { return JSON.parse(text); } catch (error) { return null; }
+    try {
+      return JSON.parse(text);
+    } catch (error) {
+      return null;
+    }
   }
 
-  /* addEventListener/removeEventListener with several listeners per type, as EventTarget does. */
+  function describe(answer) {
+    var body = answer.body || {};
+    return answer.status + (body.code ? ' ' + body.code : '') + (body.error ? ': ' + body.error : '');
+  }
+
+  /* addEventListener/removeEventListener with several listeners per type, as on an EventTarget. */
   class Emitter {
-    constructor() { this._listeners = {}; }
+    constructor() {
+      this._listeners = {};
+    }
 
     addEventListener(type, listener) {
       var list = this._listeners[type] || (this._listeners[type] = []);
@@ -64,26 +79,26 @@ var CATRelay = (function () {
 
     removeEventListener(type, listener) {
       var list = this._listeners[type] || [];
-      var at = list.indexOf(listener);
-      if (at >= 0) list.splice(at, 1);
+      if (list.indexOf(listener) >= 0) list.splice(list.indexOf(listener), 1);
     }
 
+    // The `on…` property first, then the listeners in the order they were added.
     _emit(type, event, property) {
       if (property) invoke(this[property], this, event);
       (this._listeners[type] || []).slice().forEach(function (l) { invoke(l, this, event); }, this);
     }
   }
 
-  /* XMLHttpRequest behind GM_xmlhttpRequest's interface, so both go through one code path. */
+  /* XMLHttpRequest behind GM_xmlhttpRequest's interface, so that both take one code path. */
   function xhrRequest(details) {
     var xhr = new XMLHttpRequest();
     xhr.open(details.method, details.url);
-    xhr.timeout = details.timeout || 0;
-    Object.keys(details.headers || {}).forEach(function (k) { xhr.setRequestHeader(k, details.headers[k]); });
+    xhr.timeout = details.timeout;
+    Object.keys(details.headers).forEach(function (k) { xhr.setRequestHeader(k, details.headers[k]); });
     xhr.onload = function () { details.onload({ status: xhr.status, responseText: xhr.responseText }); };
-    xhr.onerror = function () { details.onerror({ status: 0 }); };
-    xhr.ontimeout = function () { details.ontimeout({ status: 0 }); };
-    xhr.onabort = function () { details.onabort({ status: 0 }); };
+    ['onerror', 'ontimeout', 'onabort'].forEach(function (on) {
+      xhr[on] = function () { details[on]({ status: 0 }); };
+    });
     xhr.send(details.data === undefined ? null : details.data);
     return xhr;
   }
@@ -94,54 +109,45 @@ var CATRelay = (function () {
       this.relayUrl = String(relayUrl).replace(/\/+$/, '');
       this.factionId = factionId;
       this.apiKey = apiKey;
-      this.options = Object.assign({}, DEFAULTS, options || {});
-      // Today's script starts from the browser's clock; subscribe() replaces it with the relay's cursor.
-      this.cursor = Date.now();
+      this.options = Object.assign({}, DEFAULTS, options);
+      this.cursor = Date.now(); // as today's script starts; subscribe() replaces it with the relay's
       this.subscribed = false;
       this.transport = null; // 'sse' | 'long-poll' | 'poll' while delivering
+      this.lastStatus = null; // of the last /subscribe; 0 when it got no answer
       this.lastError = null;
-      this.lastStatus = null;
       this.onHospitalUpdate = null; // called with event.data, as today's handlers are
       this.onFactionMembersUpdate = null;
-      this.onMessage = null; // called with the WebSocket-style message event
+      this.onMessage = null; // called with each WebSocket-style message event
       this._running = false;
       this._connecting = null;
-      this._attempt = 0; // bumped per request/stream; a callback from an older one is ignored
+      this._attempt = 0; // bumped per request, stream or timer: a callback from an older one is stale
       this._timer = null;
-      this._requests = [];
+      this._requests = []; // delivery requests in flight, which close() aborts
       this._source = null;
-      this._errors = 0; // consecutive, for the backoff
-      this._levelErrors = 0; // consecutive, for the current transport
-      this._level = 0;
+      this._errors = 0; // consecutive failures, for the backoff
+      this._levelErrors = 0; // consecutive failures of the current transport, for the fallback
+      this._level = 0; // index into _transports(): 0 is the best this page allows
       this._retryBetterAt = 0;
       this._delivered = false;
       this._resubscribe = false;
       CATRelayClient.latest = this; // what createCATRelayConnection uses by default
     }
 
-    get running() { return this._running; }
-
     /* Resolves true when the relay answers 200 with a truthy `deployed` or `status`; never rejects. */
     async ping() {
-      try {
-        var answer = await this._call('GET', '/ping', undefined, PING_TIMEOUT_MS);
-        return answer.status === 200 && !!answer.body && !!(answer.body.deployed || answer.body.status);
-      } catch (error) {
-        this.lastError = error.message;
-        return false;
-      }
+      var answer = await this._call('GET', '/ping', undefined, PING_TIMEOUT_MS).catch(function () {
+        return { status: 0, body: null };
+      });
+      return answer.status === 200 && !!answer.body && !!(answer.body.deployed || answer.body.status);
     }
 
-    /* Resolves true on "subscribed" and takes the starting cursor from the answer; false otherwise
-     * (lastStatus and lastError say why; lastStatus 0 means no answer). Never rejects. */
+    /* Resolves true on "subscribed", taking the starting cursor from the answer; else false, with
+     * lastStatus and lastError saying why. Never rejects. */
     async subscribe() {
-      var body = { faction_id: this.factionId, api_key: this.apiKey };
-      var answer;
-      try {
-        answer = await this._call('POST', '/subscribe', body, REQUEST_TIMEOUT_MS);
-      } catch (error) {
-        answer = { status: 0, body: { error: error.message } };
-      }
+      var payload = { faction_id: this.factionId, api_key: this.apiKey };
+      var answer = await this._call('POST', '/subscribe', payload, REQUEST_TIMEOUT_MS).catch(function (e) {
+        return { status: 0, body: { error: e.message } };
+      });
       this.lastStatus = answer.status;
       this.subscribed = answer.status === 200 && !!answer.body && answer.body.status === 'subscribed';
       if (!this.subscribed) {
@@ -149,18 +155,17 @@ var CATRelay = (function () {
         return false;
       }
       var stamp = answer.body.timestamp;
-      // Before anything was delivered the relay's cursor replaces ours (our clock may be off); after,
-      // it may only move forward, or events already handed out could come again.
+      // Before any delivery the relay's cursor replaces ours (our clock may be off); after, it may only
+      // move forward, or events already handed out would come again.
       if (typeof stamp === 'number') this.cursor = this._delivered ? Math.max(this.cursor, stamp) : stamp;
       return true;
     }
 
-    /* Subscribes if needed and starts delivery; resolves true once it runs, false if the relay refused. */
+    /* Subscribes unless already subscribed, then delivers until close(); resolves false if refused. */
     connect() {
       if (this._running) return Promise.resolve(true);
-      if (this._connecting) return this._connecting;
-      this._connecting = (this.subscribed ? Promise.resolve(true) : this.subscribe())
-        .then((ok) => {
+      if (!this._connecting) {
+        this._connecting = (this.subscribed ? Promise.resolve(true) : this.subscribe()).then((ok) => {
           this._connecting = null;
           if (!ok) return false;
           this._running = true;
@@ -169,18 +174,19 @@ var CATRelay = (function () {
           this._emit('open', makeEvent('open', this));
           return true;
         });
+      }
       return this._connecting;
     }
 
-    /* Stops delivery; publishes already sent still complete. */
+    /* Stops delivery. Publications already sent still complete. */
     close() {
       this._stop(1000, '', true);
     }
 
-    /* POST /events; resolves with the relay's answer {status, id, timestamp}, rejects if refused. */
+    /* POST /events; resolves with the relay's {status, id, timestamp}, rejects when refused. */
     async publish(type, data) {
-      var body = { faction_id: this.factionId, api_key: this.apiKey, type: type, data: data };
-      var answer = await this._call('POST', '/events', body, REQUEST_TIMEOUT_MS, false);
+      var payload = { faction_id: this.factionId, api_key: this.apiKey, type: type, data: data };
+      var answer = await this._call('POST', '/events', payload, REQUEST_TIMEOUT_MS, false);
       if (answer.status === 200 && answer.body && answer.body.status === 'published') return answer.body;
       throw new Error('publishing ' + type + ' was refused: ' + describe(answer));
     }
@@ -193,18 +199,19 @@ var CATRelay = (function () {
       this._closeSource();
       this._requests.splice(0).forEach(function (r) { if (r && r.abort) r.abort(); });
       this._setTransport(null);
-      if (wasRunning) this._emit('close', makeEvent('close', this, { code: code, reason: reason, wasClean: wasClean }));
+      if (!wasRunning) return;
+      this._emit('close', makeEvent('close', this, { code: code, reason: reason, wasClean: wasClean }));
     }
 
-    /* Resolves {status, body (parsed JSON or null)} for any answer; rejects when there is none. */
+    /* Resolves {status, body: parsed JSON or null} for any answer; rejects when there is none. */
     _call(method, path, payload, timeoutMs, track) {
       var request = this.options.request || xhrRequest;
       var requests = this._requests;
-      var handle;
+      var handle, settled = false;
       return new Promise((resolve, reject) => {
         function settle(fn, value) {
-          var at = requests.indexOf(handle);
-          if (at >= 0) requests.splice(at, 1);
+          settled = true;
+          if (requests.indexOf(handle) >= 0) requests.splice(requests.indexOf(handle), 1);
           fn(value);
         }
         function fail(what) {
@@ -221,7 +228,7 @@ var CATRelay = (function () {
           ontimeout: fail('timed out'),
           onabort: fail('was aborted'),
         });
-        if (track !== false) requests.push(handle);
+        if (track !== false && !settled) requests.push(handle);
       });
     }
 
@@ -245,8 +252,7 @@ var CATRelay = (function () {
     _transports() {
       var pinned = this.options.transport;
       if (pinned && pinned !== 'auto') return [pinned];
-      var sse = !this.options.request && this._eventSource() ? ['sse'] : [];
-      return sse.concat(['long-poll', 'poll']);
+      return (!this.options.request && this._eventSource() ? ['sse'] : []).concat(['long-poll', 'poll']);
     }
 
     _eventSource() {
@@ -260,8 +266,8 @@ var CATRelay = (function () {
     }
 
     _setTransport(kind) {
-      if (kind === this.transport) return;
       var previous = this.transport;
+      if (kind === previous) return;
       this.transport = kind;
       if (kind) this._log('info', 'delivering by ' + kind + (previous ? ' (was ' + previous + ')' : ''));
       this._emit('transport', makeEvent('transport', this, { transport: kind, previous: previous }));
@@ -269,11 +275,11 @@ var CATRelay = (function () {
 
     async _poll(token, waitS) {
       var started = Date.now();
-      var path = '/events?faction_id=' + encodeURIComponent(this.factionId) + '&since=' + this.cursor +
-        (waitS ? '&wait=' + waitS : '');
+      var path = '/events?faction_id=' + encodeURIComponent(this.factionId) + '&since=' + this.cursor;
       var answer;
       try {
-        answer = await this._call('GET', path, undefined, waitS * 1000 + (waitS ? HELD_MARGIN_MS : REQUEST_TIMEOUT_MS));
+        var timeoutMs = waitS ? waitS * 1000 + HELD_MARGIN_MS : REQUEST_TIMEOUT_MS;
+        answer = await this._call('GET', path + (waitS ? '&wait=' + waitS : ''), undefined, timeoutMs);
       } catch (error) {
         return this._failed(token, error, true);
       }
@@ -284,40 +290,42 @@ var CATRelay = (function () {
       this._deliver(body.events);
       // An empty answer's cursor is safe to adopt: the relay stamps every later event above it.
       if (typeof body.timestamp === 'number' && body.timestamp > this.cursor) this.cursor = body.timestamp;
-      var pause = typeof body.next_poll_ms === 'number' ? body.next_poll_ms : LEGACY_POLL_MS;
       // An empty long-poll that came back early was not held (shutdown, a relay at its cap, or one that
       // ignores wait=): pausing keeps that from turning into a tight loop.
       var held = waitS && (body.events.length > 0 || Date.now() - started >= waitS * 500);
-      this._schedule(held ? 0 : pause);
+      this._schedule(held ? 0 : typeof body.next_poll_ms === 'number' ? body.next_poll_ms : LEGACY_POLL_MS);
     }
 
     _openStream(token) {
+      var self = this, source, openedAt = 0;
       var url = this.relayUrl + '/events/stream?faction_id=' + encodeURIComponent(this.factionId) +
         '&since=' + this.cursor;
-      var source, openedAt = 0, self = this;
-      try { source = new (this._eventSource())(url); } catch (error) { return this._failed(token, error, true); }
+      try {
+        source = new (this._eventSource())(url);
+      } catch (error) {
+        return this._failed(token, error, true);
+      }
       this._source = source;
-      function current() { return token === self._attempt; }
       source.onopen = function () {
-        if (!current()) return;
+        if (token !== self._attempt) return;
         openedAt = Date.now();
         self._errors = 0;
       };
-      function onEvent(message) {
-        if (!current()) return;
-        var event = parseJson(message.data);
-        if (!event) return;
-        self._levelErrors = 0; // the stream really delivers, so it is not one to fall back from
-        self._deliver([event]);
-      }
-      STREAM_TYPES.forEach(function (type) { source.addEventListener(type, onEvent); });
+      STREAM_TYPES.forEach(function (type) {
+        source.addEventListener(type, function (message) {
+          var event = token === self._attempt && parseJson(message.data);
+          if (!event) return;
+          self._levelErrors = 0; // this stream really delivers: not one to fall back from
+          self._deliver([event]);
+        });
+      });
       source.onerror = function () {
-        if (!current()) return;
+        if (token !== self._attempt) return;
         // EventSource would reconnect by itself, but then the backoff, the resume point and the
         // fallback to polling would be out of our hands.
         self._closeSource();
         if (openedAt && Date.now() - openedAt >= STREAM_HEALTHY_MS) self._levelErrors = 0;
-        self._failed(token, new Error('the event stream ' + (openedAt ? 'ended' : 'could not be opened')), true);
+        self._failed(token, new Error('the event stream ' + (openedAt ? 'ended' : 'did not open')), true);
       };
     }
 
@@ -342,12 +350,14 @@ var CATRelay = (function () {
       var id = String(event.timestamp);
       if (handler) {
         invoke(this[handler], this, event.data);
-        this._emit(event.type, makeEvent(event.type, this, { data: event.data, lastEventId: id, event: event }));
+        var fields = { data: event.data, lastEventId: id, event: event };
+        this._emit(event.type, makeEvent(event.type, this, fields));
         return;
       }
       var data = JSON.stringify({ event: 'postgres_changes', payload: event.data });
       var origin = this.relayUrl.replace(/^(\w+:\/\/[^/]+).*$/, '$1');
-      this._emit('message', makeEvent('message', this, { data: data, origin: origin, lastEventId: id }), 'onMessage');
+      var message = makeEvent('message', this, { data: data, origin: origin, lastEventId: id });
+      this._emit('message', message, 'onMessage');
     }
 
     _refused(token, answer) {
@@ -355,7 +365,7 @@ var CATRelay = (function () {
       if (answer.status === 401) return this._refusedForGood(answer);
       if (code === 'not_subscribed') this._resubscribe = true; // the relay lost us (a new database)
       if (code === 'invalid_since') {
-        // Our cursor is far ahead of this relay's clock: it is not the relay that handed it out.
+        // Our cursor is far ahead of this relay's clock, so this relay did not hand it out: start afresh.
         this._resubscribe = true;
         this._delivered = false;
       }
@@ -367,7 +377,7 @@ var CATRelay = (function () {
       if (answer) this.lastError = describe(answer);
       this._log('warn', 'the relay refused this client: ' + this.lastError);
       this._emit('error', makeEvent('error', this, { message: this.lastError, fatal: true }));
-      this._stop(1008, this.lastError || 'refused', false);
+      this._stop(1008, this.lastError, false);
     }
 
     _failed(token, error, transportFault) {
@@ -377,22 +387,25 @@ var CATRelay = (function () {
       if (transportFault) this._levelErrors++;
       this._log('warn', error.message + ' (' + this._errors + ' in a row)');
       this._emit('error', makeEvent('error', this, { message: error.message, fatal: false }));
-      var list = this._transports();
-      if (this._levelErrors >= this.options.errorsBeforeFallback && this._level < list.length - 1) {
+      var simpler = this._level < this._transports().length - 1;
+      if (simpler && this._levelErrors >= this.options.errorsBeforeFallback) {
         this._level++;
         this._levelErrors = 0;
         this._retryBetterAt = Date.now() + RETRY_BETTER_AFTER_MS;
         return this._schedule(0); // the next transport gets its chance at once
       }
-      // Full jitter: members of a faction whose relay restarts do not all come back at the same moment.
-      var ceiling = Math.min(this.options.backoffMaxMs, this.options.backoffInitialMs * Math.pow(2, this._errors - 1));
-      this._schedule(this.options.random() * ceiling);
+      // Full jitter: the members of a faction whose relay restarts do not all come back at one moment.
+      var o = this.options;
+      var ceiling = Math.min(o.backoffMaxMs, o.backoffInitialMs * Math.pow(2, this._errors - 1));
+      this._schedule(o.random() * ceiling);
     }
 
     _schedule(delayMs) {
       var token = ++this._attempt;
       clearTimeout(this._timer);
-      this._timer = setTimeout(() => { if (token === this._attempt && this._running) this._step(); }, delayMs);
+      this._timer = setTimeout(() => {
+        if (token === this._attempt && this._running) this._step();
+      }, delayMs);
     }
 
     _log(level, text) {
@@ -401,37 +414,29 @@ var CATRelay = (function () {
     }
   }
 
-  function describe(answer) {
-    var body = answer.body;
-    return answer.status + (body && body.code ? ' ' + body.code : '') + (body && body.error ? ': ' + body.error : '');
-  }
-
-  /* What a caller may send() instead of a Supabase frame: {event|type: 'hospital_update', data|payload}. */
+  /* A client update a caller may send(): {event|type: 'hospital_update', data|payload|members}, bare or
+   * as a Realtime broadcast frame's payload. */
   function clientUpdate(frame) {
-    var source = frame;
-    if (frame.event === 'broadcast' && frame.payload) source = frame.payload; // a Realtime broadcast frame
+    if (Array.isArray(frame)) frame = { event: frame[3], payload: frame[4] }; // Phoenix v2
+    var source = frame.event === 'broadcast' && frame.payload ? frame.payload : frame;
     var type = HANDLERS[source.event] ? source.event : HANDLERS[source.type] ? source.type : null;
     if (!type) return null;
     var data = 'data' in source ? source.data : 'payload' in source ? source.payload : source.members;
     return { type: type, data: data };
   }
 
-  /* Phoenix v1 {topic, event, payload, ref} or v2 [join_ref, ref, topic, event, payload]. */
-  function phoenixFrame(frame) {
-    if (Array.isArray(frame) && frame.length === 5) {
-      return { joinRef: frame[0], ref: frame[1], topic: frame[2], event: frame[3], array: true };
+  /* The reply a Phoenix server would give a v1 {topic, event, payload, ref} or v2 [join_ref, ref, topic,
+   * event, payload] frame with a ref (heartbeat, phx_join, ...): "ok". Null for anything else. */
+  function phoenixReply(frame) {
+    var ok = { status: 'ok', response: {} };
+    if (Array.isArray(frame) && frame.length === 5 && frame[1] != null) {
+      return [frame[0], frame[1], frame[2], 'phx_reply', ok];
     }
-    if (frame && typeof frame.topic === 'string' && typeof frame.event === 'string') {
-      return { joinRef: frame.join_ref, ref: frame.ref, topic: frame.topic, event: frame.event, array: false };
+    if (!frame || typeof frame.topic !== 'string' || typeof frame.event !== 'string' || frame.ref == null) {
+      return null;
     }
-    return null;
-  }
-
-  function phoenixReply(p) {
-    var payload = { status: 'ok', response: {} };
-    if (p.array) return [p.joinRef === undefined ? null : p.joinRef, p.ref, p.topic, 'phx_reply', payload];
-    var reply = { topic: p.topic, event: 'phx_reply', payload: payload, ref: p.ref };
-    if (p.joinRef !== undefined) reply.join_ref = p.joinRef;
+    var reply = { topic: frame.topic, event: 'phx_reply', payload: ok, ref: frame.ref };
+    if (frame.join_ref !== undefined) reply.join_ref = frame.join_ref;
     return reply;
   }
 
@@ -441,7 +446,7 @@ var CATRelay = (function () {
       super();
       this.url = url;
       this.client = client;
-      this.readyState = CONNECTING;
+      this.readyState = STATES.CONNECTING;
       this.protocol = '';
       this.extensions = '';
       this.bufferedAmount = 0;
@@ -449,10 +454,11 @@ var CATRelay = (function () {
       this.onopen = this.onmessage = this.onerror = this.onclose = null;
       this._queue = [];
       this._forward = (event) => {
-        this._emit(event.type, Object.assign({}, event, { target: this, currentTarget: this }), 'on' + event.type);
+        var copy = Object.assign({}, event, { target: this, currentTarget: this });
+        this._emit(event.type, copy, 'on' + event.type);
       };
       this._clientClosed = (event) => {
-        this.readyState = CLOSING;
+        this.readyState = STATES.CLOSING;
         this._detach();
         later(() => this._finish(event.code, event.reason, event.wasClean));
       };
@@ -460,88 +466,79 @@ var CATRelay = (function () {
     }
 
     async _start() {
-      if (this.readyState !== CONNECTING) return;
-      var ok = await this.client.connect();
-      if (this.readyState !== CONNECTING) return; // closed meanwhile
+      var ok = this.readyState === STATES.CONNECTING && (await this.client.connect());
+      if (this.readyState !== STATES.CONNECTING) return; // closed meanwhile
       if (!ok) return this._finish(1006, 'the relay is unavailable: ' + this.client.lastError, false);
-      ['message', 'hospital_update', 'faction_members_update'].forEach(function (t) {
-        this.client.addEventListener(t, this._forward);
-      }, this);
+      FORWARDED.forEach(function (type) { this.client.addEventListener(type, this._forward); }, this);
       this.client.addEventListener('close', this._clientClosed);
-      this.readyState = OPEN;
+      this.readyState = STATES.OPEN;
       this._emit('open', makeEvent('open', this), 'onopen');
       this._queue.splice(0).forEach(this.send, this);
     }
 
-    /* Client updates are published; Phoenix frames get an "ok" reply; anything else is dropped. */
+    /* Client updates are published; Phoenix frames get an "ok" reply; anything else is dropped.
+     * Unlike a WebSocket, sending while CONNECTING queues rather than throws. */
     send(text) {
-      if (this.readyState === CONNECTING) return void this._queue.push(text);
-      if (this.readyState !== OPEN) return; // a closed WebSocket drops data too
+      if (this.readyState === STATES.CONNECTING) return void this._queue.push(text);
+      if (this.readyState !== STATES.OPEN) return; // a closed WebSocket drops data too
       var frame = typeof text === 'string' ? parseJson(text) : null;
       var update = frame && clientUpdate(frame);
-      var phoenix = frame && phoenixFrame(frame);
+      var reply = frame && phoenixReply(frame);
       if (update) {
         this.client.publish(update.type, update.data).catch((error) => {
           this.client._log('warn', error.message);
           this._emit('error', makeEvent('error', this, { message: error.message }), 'onerror');
         });
       }
-      if (phoenix && phoenix.ref !== undefined && phoenix.ref !== null) {
-        var data = JSON.stringify(phoenixReply(phoenix));
-        later(() => {
-          if (this.readyState !== OPEN) return;
-          this._emit('message', makeEvent('message', this, { data: data, origin: '', lastEventId: '' }), 'onmessage');
-        });
+      if (reply) {
+        var fields = { data: JSON.stringify(reply), origin: '', lastEventId: '' };
+        var message = makeEvent('message', this, fields);
+        later(() => { if (this.readyState === STATES.OPEN) this._emit('message', message, 'onmessage'); });
       }
-      if (!update && !phoenix) this.client._log('warn', 'send() ignored a frame it does not know');
+      if (!update && !reply) this.client._log('warn', 'send() dropped a frame it does not know');
     }
 
     /* Closing the connection stops its client's delivery, as closing the socket did. */
     close(code, reason) {
-      if (this.readyState === CLOSING || this.readyState === CLOSED) return;
-      this.readyState = CLOSING;
+      if (this.readyState >= STATES.CLOSING) return;
+      this.readyState = STATES.CLOSING;
       this._detach();
       this.client.close();
       later(() => this._finish(code === undefined ? 1000 : code, reason || '', true));
     }
 
     _detach() {
-      ['message', 'hospital_update', 'faction_members_update'].forEach(function (t) {
-        this.client.removeEventListener(t, this._forward);
-      }, this);
+      FORWARDED.forEach(function (type) { this.client.removeEventListener(type, this._forward); }, this);
       this.client.removeEventListener('close', this._clientClosed);
     }
 
     _finish(code, reason, wasClean) {
-      if (this.readyState === CLOSED) return;
-      this.readyState = CLOSED;
+      if (this.readyState === STATES.CLOSED) return;
+      this.readyState = STATES.CLOSED;
       if (!wasClean) this._emit('error', makeEvent('error', this, { message: reason }), 'onerror');
-      this._emit('close', makeEvent('close', this, { code: code, reason: reason, wasClean: wasClean }), 'onclose');
+      var event = makeEvent('close', this, { code: code, reason: reason, wasClean: wasClean });
+      this._emit('close', event, 'onclose');
     }
   }
 
-  [CATRelayConnection, CATRelayConnection.prototype].forEach(function (o) {
-    Object.assign(o, { CONNECTING: CONNECTING, OPEN: OPEN, CLOSING: CLOSING, CLOSED: CLOSED });
-  });
+  [CATRelayConnection, CATRelayConnection.prototype].forEach(function (o) { Object.assign(o, STATES); });
 
   /* Over the most recent CATRelayClient, unless options name relayUrl, factionId or apiKey: then over a
-   * new client, the rest taken from the latest client (or the key from wsUrl's apikey parameter). */
+   * new client, the rest taken from the latest client (the key also from wsUrl's apikey parameter). */
   function createCATRelayConnection(wsUrl, options) {
-    options = options || {};
+    var o = options || {};
     var latest = CATRelayClient.latest;
-    if (latest && !options.relayUrl && !options.factionId && !options.apiKey) {
-      return new CATRelayConnection(wsUrl, latest);
-    }
-    var fromUrl = /[?&]apikey=([^&]*)/.exec(String(wsUrl || ''));
-    var relayUrl = options.relayUrl || (latest && latest.relayUrl);
-    var factionId = options.factionId || (latest && latest.factionId);
-    var apiKey = options.apiKey || (latest && latest.apiKey) || (fromUrl && decodeURIComponent(fromUrl[1]));
+    if (latest && !o.relayUrl && !o.factionId && !o.apiKey) return new CATRelayConnection(wsUrl, latest);
+    var keyInUrl = /[?&]apikey=([^&]*)/.exec(String(wsUrl));
+    var relayUrl = o.relayUrl || (latest && latest.relayUrl);
+    var factionId = o.factionId || (latest && latest.factionId);
+    var apiKey = o.apiKey || (latest && latest.apiKey) || (keyInUrl && decodeURIComponent(keyInUrl[1]));
     if (!relayUrl || !factionId || !apiKey) {
-      throw new TypeError('createCATRelayConnection: create a CATRelayClient first, or pass options.relayUrl, factionId and apiKey');
+      throw new TypeError('createCATRelayConnection: needs a CATRelayClient, or relayUrl, factionId, apiKey');
     }
-    return new CATRelayConnection(wsUrl, new CATRelayClient(relayUrl, factionId, apiKey, options));
+    return new CATRelayConnection(wsUrl, new CATRelayClient(relayUrl, factionId, apiKey, o));
   }
-  Object.assign(createCATRelayConnection, { CONNECTING: CONNECTING, OPEN: OPEN, CLOSING: CLOSING, CLOSED: CLOSED });
+  Object.assign(createCATRelayConnection, STATES);
 
   return {
     CATRelayClient: CATRelayClient,
