@@ -96,3 +96,35 @@ async def test_a_locked_database_is_reported_and_recovered_from(
             assert (await wait_health(http, 200)) == {"status": "ok"}
             fake_upstream.insert("war_calls", call(FACTION, 1))
             await script.poll_until(1)
+
+
+async def chattr(flag: str, *paths: Path) -> None:
+    await trio.run_process(["chattr", flag, *map(str, paths)])
+
+
+async def test_a_read_only_database_file_is_reported_and_recovered_from(
+    serve_config: tuple[Path, dict[str, str]], fake_upstream: FakeSupabase
+) -> None:
+    """Immutable files (chattr +i) refuse writes even to root, unlike file permissions."""
+    config, env = serve_config
+    database = config.parent / "data" / "relay.db"
+    files = (database, database.with_name("relay.db-wal"))
+    with trio.fail_after(60):
+        async with relay_process(config, env) as relay, httpx.AsyncClient(base_url=relay.url) as http:
+            script = Userscript(http, FACTION)
+            await script.start()
+            await wait_connected(http, FACTION)
+            fake_upstream.insert("war_calls", call(FACTION, 1))
+            await script.poll_until(1)
+            await chattr("+i", *files)
+            try:
+                unhealthy = await wait_health(http, 503)
+                assert "write failed" in unhealthy["error"]
+                served = await http.get("/events", params={"faction_id": FACTION, "since": 0})
+                assert [e["data"]["new"]["id"] for e in served.json()["events"]] == [1]
+            finally:
+                await chattr("-i", *files)
+            assert (await wait_health(http, 200)) == {"status": "ok"}
+            fake_upstream.insert("war_calls", call(FACTION, 2))
+            await script.poll_until(2)
+    assert "Traceback" not in relay.text()
