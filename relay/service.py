@@ -99,9 +99,11 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     host = config.server.host
     server.bind = [f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"]
     server.graceful_timeout = GRACEFUL_TIMEOUT_S
-    # Set deliberately rather than inherited: an idle connection (including one that never sends a
-    # request) is closed after KEEP_ALIVE_S; request heads are capped at MAX_HEAD_BYTES. There is no
-    # read timeout, as a held long-poll or an SSE stream legitimately sends nothing for minutes.
+    # Set deliberately rather than inherited: an idle connection is closed after KEEP_ALIVE_S, and
+    # hypercorn counts a connection idle until a whole request head has arrived, so this also cuts a
+    # head trickled byte by byte (slowloris) and a socket that never sends one. Heads are capped at
+    # MAX_HEAD_BYTES. There is no read timeout: a held long-poll or an SSE stream legitimately sends
+    # nothing for minutes.
     server.keep_alive_timeout = KEEP_ALIVE_S
     server.h11_max_incomplete_size = MAX_HEAD_BYTES
     server.read_timeout = None

@@ -110,3 +110,27 @@ async def test_an_oversized_request_head_is_refused_without_a_5xx(relay: Running
     assert closed
     assert not answer.startswith(b"HTTP/1.1 5")
     assert answer == b"" or answer.startswith(b"HTTP/1.1 4")
+
+
+async def test_a_request_head_trickled_byte_by_byte_is_cut_off(
+    nursery: trio.Nursery, make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slowloris: hypercorn counts a connection idle until a whole head has arrived, so the
+    keep-alive timer (KEEP_ALIVE_S) also bounds how long a head may take."""
+    monkeypatch.setattr("relay.service.KEEP_ALIVE_S", 0.5)
+    relay = await start_relay(nursery, make_config())
+    parts = urllib.parse.urlsplit(relay.url)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(parts.hostname or "127.0.0.1", parts.port or 80)
+        async with stream:
+            await stream.send_all(b"GET /ping HTTP/1.1\r\nHost: r\r\n")
+            sent = 0
+            with contextlib.suppress(trio.BrokenResourceError):
+                while sent < 100:  # 10 s of trickle at most; the server must cut it long before
+                    await stream.send_all(b"X")
+                    sent += 1
+                    with trio.move_on_after(0.1):
+                        if await stream.receive_some() == b"":
+                            break
+    assert sent < 30
+    relay.stop()
