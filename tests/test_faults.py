@@ -14,16 +14,12 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from relay.supervisor import Supervisors, SupervisorSettings, UpstreamState
+from relay.supervisor import Supervisors, UpstreamState
 from relay.testing.fake_supabase import FakeConnection, FakeSupabase
-from relay.upstream import ConnectionSettings
 from tests.conftest import eventually
-from tests.test_supervisor import Collected, call
+from tests.test_supervisor import HEARTBEAT_S, KEY, MAX_S, Collected, call, war_calls_settings
 
-KEY = "anon"
 A, B = 46666, 11581
-HEARTBEAT_S = 25.0
-MAX_S = 60.0
 TOPIC_A = f"realtime:public:war_calls:faction_id=eq.{A}"
 
 Fault = Callable[[FakeSupabase, list[FakeConnection]], None]
@@ -97,14 +93,7 @@ CASES = {
 async def start(nursery: trio.Nursery) -> tuple[FakeSupabase, Supervisors, Collected]:
     fake = FakeSupabase(valid_keys=(KEY,))
     await nursery.start(fake.run)
-    settings = SupervisorSettings(
-        connection=ConnectionSettings(
-            fake.url, KEY, heartbeat_interval_s=HEARTBEAT_S, connect_timeout_s=10.0
-        ),
-        channels=[("war_calls", "faction_id=eq.{faction_id}")],
-        backoff_initial_s=1.0,
-        backoff_max_s=MAX_S,
-    )
+    settings = war_calls_settings(fake.url)
     collected = Collected()
     supervisors = Supervisors(settings, collected.ingest, rng=random.Random(9), wall_clock_ms=lambda: 0)
     await nursery.start(supervisors.run, [A, B])

@@ -6,6 +6,7 @@ names `autojump_clock` itself: pytest-trio only runs a test under a clock the te
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,18 +52,22 @@ class Harness:
         await eventually(lambda: self.state(faction_id) == state)
 
 
-@pytest.fixture
-async def harness(nursery: trio.Nursery, autojump_clock: trio.abc.Clock) -> Harness:
-    fake = FakeSupabase(valid_keys=(KEY,))
-    await nursery.start(fake.run)
+def war_calls_settings(url: str, **overrides: object) -> SupervisorSettings:
+    """Supervisors of one war_calls channel per faction, with the timings these tests assert."""
     settings = SupervisorSettings(
-        connection=ConnectionSettings(
-            fake.url, KEY, heartbeat_interval_s=HEARTBEAT_S, connect_timeout_s=10.0
-        ),
+        connection=ConnectionSettings(url, KEY, heartbeat_interval_s=HEARTBEAT_S, connect_timeout_s=10.0),
         channels=[("war_calls", "faction_id=eq.{faction_id}")],
         backoff_initial_s=INITIAL_S,
         backoff_max_s=MAX_S,
     )
+    return dataclasses.replace(settings, **overrides)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def harness(nursery: trio.Nursery, autojump_clock: trio.abc.Clock) -> Harness:
+    fake = FakeSupabase(valid_keys=(KEY,))
+    await nursery.start(fake.run)
+    settings = war_calls_settings(fake.url)
     collected = Collected()
     supervisors = Supervisors(
         settings, collected.ingest, rng=random.Random(SEED), wall_clock_ms=lambda: 1_000
