@@ -29,7 +29,8 @@ from hypercorn.trio import serve
 from quart_trio import QuartTrio
 
 import relay
-from relay.api import EndAfterResponse, Services, create_app
+from relay.api import Services, create_app
+from relay.asgi import EndAfterResponse
 from relay.config import Config
 from relay.delivery import HeldRequests
 from relay.hub import Hub

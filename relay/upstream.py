@@ -76,12 +76,13 @@ async def run_connection(
     session = Session(channels, settings.api_key)
     ending: list[UpstreamError] = []
     with _translated_errors():
-        stream = await _open_stream(settings)
+        target = urllib.parse.urlsplit(socket_url(settings.url, settings.api_key))
+        stream = await _open_stream(target, settings.connect_timeout_s)
         # The stream is ours to close: trio-websocket 0.12 leaves the socket of a refused upgrade open.
         async with stream:
             try:
                 async with trio.open_nursery() as ws_nursery:
-                    ws = await _handshake(ws_nursery, stream, settings)
+                    ws = await _handshake(ws_nursery, stream, target, settings.connect_timeout_s)
                     try:
                         await _converse(ws, session, hooks, settings.heartbeat_interval_s, ending)
                     finally:
@@ -104,21 +105,20 @@ async def _close_politely(ws: trio_websocket.WebSocketConnection) -> None:
         await ws.aclose()
 
 
-async def _open_stream(settings: ConnectionSettings) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
-    parts = urllib.parse.urlsplit(socket_url(settings.url, settings.api_key))
-    secure = parts.scheme == "wss"
-    host, port = parts.hostname or "", parts.port or (443 if secure else 80)
+async def _open_stream(
+    target: urllib.parse.SplitResult, timeout_s: float
+) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
+    secure = target.scheme == "wss"
+    host, port = target.hostname or "", target.port or (443 if secure else 80)
     try:
-        with trio.fail_after(settings.connect_timeout_s):
+        with trio.fail_after(timeout_s):
             if secure:
                 return await trio.open_ssl_over_tcp_stream(
                     host, port, ssl_context=ssl.create_default_context(), https_compatible=True
                 )
             return await trio.open_tcp_stream(host, port)
     except trio.TooSlowError:
-        raise ConnectTimeout(
-            f"no connection to {host}:{port} within {settings.connect_timeout_s:g} s"
-        ) from None
+        raise ConnectTimeout(f"no connection to {host}:{port} within {timeout_s:g} s") from None
     except OSError as exc:
         raise ConnectFailed(f"cannot connect to {host}:{port}: {exc}") from None
 
@@ -126,19 +126,19 @@ async def _open_stream(settings: ConnectionSettings) -> trio.SocketStream | trio
 async def _handshake(
     nursery: trio.Nursery,
     stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
-    settings: ConnectionSettings,
+    target: urllib.parse.SplitResult,
+    timeout_s: float,
 ) -> trio_websocket.WebSocketConnection:
-    parts = urllib.parse.urlsplit(socket_url(settings.url, settings.api_key))
-    resource = parts.path + (f"?{parts.query}" if parts.query else "")
-    host = parts.netloc.rpartition("@")[2]
+    resource = target.path + (f"?{target.query}" if target.query else "")
+    host = target.netloc.rpartition("@")[2]
     try:
-        # The whole upgrade shares the connect timeout with the TCP connection it rides on.
-        with trio.fail_after(settings.connect_timeout_s):
+        # The upgrade gets the connect timeout again, as realtime-js gives the join its own.
+        with trio.fail_after(timeout_s):
             return await trio_websocket.wrap_client_stream(
                 nursery, stream, host, resource, max_message_size=MAX_FRAME_BYTES
             )
     except trio.TooSlowError:
-        raise ConnectTimeout(f"no WebSocket upgrade within {settings.connect_timeout_s:g} s") from None
+        raise ConnectTimeout(f"no WebSocket upgrade within {timeout_s:g} s") from None
 
 
 async def _converse(

@@ -260,3 +260,24 @@ async def test_a_restart_with_150_factions_paces_its_joins(
         if later:
             assert max(later) - joins <= rate + 2, (at, joins, max(later))
     assert fake.upgrade_attempts == 150
+
+
+async def test_nothing_listening_is_a_failed_connect_retried_with_backoff(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.socket.socket() as placeholder:  # a loopback port that is free, so nothing answers on it
+        await placeholder.bind(("127.0.0.1", 0))
+        port = placeholder.getsockname()[1]
+    supervisors = Supervisors(
+        war_calls_settings(f"ws://127.0.0.1:{port}/realtime/v1/websocket"),
+        Collected().ingest,
+        rng=random.Random(SEED),
+        wall_clock_ms=lambda: 0,
+    )
+    with trio.fail_after(60):
+        await nursery.start(supervisors.run, [A])
+        await eventually(lambda: supervisors.statistics()[A].attempts >= 3)
+    stats = supervisors.statistics()[A]
+    assert stats.state == UpstreamState.BACKOFF
+    assert stats.last_error is not None
+    assert stats.last_error.startswith("ConnectFailed: cannot connect to 127.0.0.1:")
