@@ -18,7 +18,8 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from relay.testing.fake_supabase import WAR_CALLS_COLUMNS, FakeSupabase
+from relay.testing.fake_supabase import FakeSupabase
+from relay.testing.fake_tables import WAR_CALLS_COLUMNS
 from relay.testing.war_traffic import generate_war_traffic
 
 KEY = "test-anon-key"

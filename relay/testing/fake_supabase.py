@@ -15,72 +15,40 @@ import copy
 import json
 import logging
 import math
-import operator
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Generic, Literal, TypeAlias, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeAlias, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
+
+from relay.testing.fake_tables import (
+    FACTION_MESSAGES_COLUMNS,
+    WAR_CALLS_COLUMNS,
+    Binding,
+    ChangeType,
+    ReplicaIdentity,
+    Row,
+    SubscriptionError,
+    Table,
+    binding_id,
+    parse_binding,
+)
 
 logger = logging.getLogger(__name__)
 
 # The hosted gateway's path, and a self-hosted server's own Phoenix socket path (1.1).
 WEBSOCKET_PATHS = ("/realtime/v1/websocket", "/socket/websocket")
 # `:erlang.phash2/1` yields 0..2^27-1; ids stay in the range a client may have learnt to expect (4.2).
-BINDING_ID_MASK = 2**27 - 1
 DEFAULT_IDLE_TIMEOUT_S = 60.0  # Phoenix's websocket `timeout: 60_000`, which Realtime keeps (8)
 # Bounds for our own waits, so a client that never finishes a handshake cannot pin a task forever.
 HANDSHAKE_TIMEOUT_S = 10.0
 CLOSE_HANDSHAKE_TIMEOUT_S = 5.0
 RECEIVED_FRAMES_KEPT = 256  # enough for assertions, bounded for a long `relay demo`
-CHANGE_TYPES = ("INSERT", "UPDATE", "DELETE")
-FILTER_OPERATORS = ("eq", "neq", "lt", "lte", "gt", "gte", "in")
-ORDERINGS: dict[str, Callable[[Any, Any], Any]] = {
-    "lt": operator.lt,
-    "lte": operator.le,
-    "gt": operator.gt,
-    "gte": operator.ge,
-}
-# Join errors after which the real server also disconnects the whole socket with 1001 (4.2, 12).
 DISCONNECTING_JOIN_ERRORS = ("ClientJoinRateLimitReached", "TenantNotFound")
 SUBSCRIBED = "Subscribed to PostgreSQL"
-NO_PARAMS = "No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: "
-NOT_ENABLED = (
-    "Unable to subscribe to changes with given parameters. "
-    "Please check Realtime is enabled for the given connect parameters: "
-)
-BAD_PARAMS = (
-    "Unable to subscribe to changes with given parameters. "
-    "An exception happened so please check your connect parameters: "
-)
-
-WAR_CALLS_COLUMNS = {
-    "id": "int8",
-    "faction_id": "int8",
-    "war_id": "int8",
-    "target_id": "int8",
-    "target_name": "text",
-    "caller_id": "int8",
-    "caller_name": "text",
-    "created_at": "timestamptz",
-}
-FACTION_MESSAGES_COLUMNS = {
-    "id": "int8",
-    "faction_id": "int8",
-    "author_id": "int8",
-    "author_name": "text",
-    "message": "text",
-    "created_at": "timestamptz",
-}
-
-Row: TypeAlias = dict[str, Any]
-ReplicaIdentity: TypeAlias = Literal["default", "full"]
-ChangeType: TypeAlias = Literal["INSERT", "UPDATE", "DELETE"]
 T = TypeVar("T")
 
 
@@ -125,178 +93,6 @@ def _parse_inbound(message: str | bytes) -> _Inbound | None:
     return _Inbound(topic, event, payload, decoded["ref"], decoded)
 
 
-def binding_id(entry: Mapping[str, Any]) -> int:
-    """A pure function of the entry's content, like the server's `phash2` (4.2); not its value."""
-    canonical = json.dumps(entry, sort_keys=True, separators=(",", ":"))
-    return zlib.crc32(canonical.encode()) & BINDING_ID_MASK
-
-
-def _commit_timestamp(at: datetime) -> str:
-    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
-
-
-def _inspect(params: Mapping[str, Any]) -> str:
-    """Roughly how Elixir prints a map, as the real error messages quote the params."""
-    items = ", ".join(
-        f"{json.dumps(k)} => {'nil' if v is None else json.dumps(v)}" for k, v in params.items()
-    )
-    return f"%{{{items}}}"
-
-
-# --- tables and filters (6, 7) ---------------------------------------------------------------------
-
-
-def _infer_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int8"
-    if isinstance(value, float):
-        return "float8"
-    if isinstance(value, dict | list):
-        return "jsonb"
-    return "text"
-
-
-@dataclass(eq=False)
-class _Table:
-    name: str
-    key: str
-    replica_identity: ReplicaIdentity
-    columns: dict[str, str]  # name -> Postgres type, in table order
-    rows: dict[Any, Row] = field(default_factory=dict)
-
-    def key_of(self, row: Mapping[str, Any]) -> Any:
-        if row.get(self.key) is None:
-            raise ValueError(f"{self.name}: a row needs its key column {self.key!r}")
-        return row[self.key]
-
-    def row(self, key_value: Any) -> Row:
-        try:
-            return self.rows[key_value]
-        except KeyError:
-            raise KeyError(f"{self.name}: no row with {self.key} = {key_value!r}") from None
-
-    def learn_columns(self, row: Mapping[str, Any]) -> None:
-        for name, value in row.items():
-            self.columns.setdefault(name, _infer_type(value))
-
-    def old_record(self, old: Row) -> Row:
-        """What the WAL carries of the previous row under this table's replica identity (6.2)."""
-        if self.replica_identity == "full":
-            return copy.deepcopy(old)
-        return {self.key: old[self.key]}
-
-    def change_data(self, change: ChangeType, *, new: Row | None, old: Row | None) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "schema": "public",
-            "table": self.name,
-            "commit_timestamp": _commit_timestamp(datetime.now(UTC)),
-            "type": change,
-            "columns": [{"name": name, "type": kind} for name, kind in self.columns.items()],
-            "errors": None,
-        }
-        # INSERT has no old_record key and DELETE no record key at all, not empty ones (6.1).
-        if new is not None:
-            data["record"] = copy.deepcopy(new)
-        if old is not None:
-            data["old_record"] = self.old_record(old)
-        return data
-
-
-def _filter_text(value: Any) -> str:
-    # Postgres casts the filter text to the column's type; comparing with the value's own text form
-    # gives the same answer for the int, text and bool columns used here.
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _ordered(left: str, right: str) -> tuple[float, float] | tuple[str, str]:
-    try:
-        return float(left), float(right)
-    except ValueError:
-        return left, right
-
-
-class _SubscriptionError(Exception):
-    """The message of the `postgres_changes` system error that replaces "Subscribed" (5.2)."""
-
-
-@dataclass(frozen=True)
-class _Filter:
-    column: str
-    op: str
-    values: tuple[str, ...]
-
-    @classmethod
-    def parse(cls, text: str) -> _Filter | None:
-        if not text.strip():
-            return None  # an empty filter is no filter (7)
-        column, _, rest = text.partition("=")
-        parts = rest.split(".", 1)
-        if len(parts) != 2 or parts[0] not in FILTER_OPERATORS or not column:
-            raise _SubscriptionError(f"Error parsing `filter` params: {json.dumps(parts)}")
-        op, value = parts
-        if op != "in":
-            return cls(column, op, (value,))
-        if not (value.startswith("(") and value.endswith(")")):
-            raise _SubscriptionError(
-                'Error parsing `filter` params: "`in` filter value must be wrapped by parentheses"'
-            )
-        return cls(column, op, tuple(value[1:-1].split(",")))
-
-    def matches(self, row: Mapping[str, Any]) -> bool:
-        # A missing column (a key-only old_record) or NULL satisfies no operator (7).
-        if row.get(self.column) is None:
-            return False
-        actual = _filter_text(row[self.column])
-        if self.op == "in":
-            return actual in self.values
-        if self.op in ("eq", "neq"):
-            return (actual == self.values[0]) == (self.op == "eq")
-        left, right = _ordered(actual, self.values[0])
-        return bool(ORDERINGS[self.op](left, right))
-
-
-@dataclass(frozen=True)
-class _Binding:
-    id: int
-    event: str  # INSERT, UPDATE, DELETE or *
-    table: str  # a table name or *
-    filter: _Filter | None
-
-    def wants(self, table: str, change: ChangeType) -> bool:
-        return self.table in ("*", table) and self.event in ("*", change)
-
-
-def _parse_binding(entry: Mapping[str, Any], tables: Mapping[str, _Table]) -> _Binding:
-    """One `postgres_changes` entry as the server accepts it (4.1), or the error it reports (5.2)."""
-    schema, table, raw_filter = entry.get("schema"), entry.get("table"), entry.get("filter", "")
-    has_filter = "filter" in entry
-    accepted = (
-        (isinstance(schema, str) and isinstance(table, str) and isinstance(raw_filter, str))
-        or (isinstance(schema, str) and "table" not in entry and not has_filter)
-        or ("schema" not in entry and isinstance(table, str) and not has_filter)
-    )
-    if not accepted:
-        raise _SubscriptionError(NO_PARAMS + _inspect(entry))
-    schema = "public" if schema is None else schema
-    table = "*" if table is None else table
-    event = str(entry.get("event", "*")).upper()
-    filter_ = _Filter.parse(raw_filter)
-    if schema not in ("public", "*") or (table != "*" and table not in tables):
-        raise _SubscriptionError(
-            f"{NOT_ENABLED}[event: {event}, schema: {schema}, table: {table}, filters: {raw_filter}]"
-        )
-    if filter_ is not None and table != "*" and filter_.column not in tables[table].columns:
-        raise _SubscriptionError(
-            f"{BAD_PARAMS}[schema: {schema}, table: {table}, filters: {raw_filter}]. "
-            f"Exception: ERROR 42703 (undefined_column) column {filter_.column} does not exist"
-        )
-    return _Binding(binding_id(entry), event if event in CHANGE_TYPES else "*", table, filter_)
-
-
 # --- one socket ------------------------------------------------------------------------------------
 
 
@@ -304,7 +100,7 @@ def _parse_binding(entry: Mapping[str, Any], tables: Mapping[str, _Table]) -> _B
 class _Channel:
     topic: str
     join_ref: Any  # the client's join_ref; null when it sent none, and phx_close then says null (9)
-    bindings: list[_Binding]
+    bindings: list[Binding]
     live: bool = False  # only after "Subscribed to PostgreSQL": earlier changes are lost (5.1)
 
 
@@ -313,7 +109,7 @@ class _Subscription:
     """What a channel's process does after an ok join reply: subscribe, or report why not (5.1, 5.2)."""
 
     channel: _Channel
-    bindings: list[_Binding]
+    bindings: list[Binding]
     error: str | None
 
 
@@ -434,7 +230,7 @@ class FakeSupabase:
         self._requested_port = port
         self._port: int | None = None
         self._connections: list[FakeConnection] = []
-        self._tables: dict[str, _Table] = {}
+        self._tables: dict[str, Table] = {}
         self._heartbeat_replies = True
         self._refusal: _Fault[tuple[int, str | None]] | None = None
         self._join_failure: _Fault[str] | None = None
@@ -577,7 +373,7 @@ class FakeSupabase:
         if columns is None:
             columns = previous.columns if previous is not None else {key: "int8"}
         rows = previous.rows if previous is not None else {}
-        self._tables[name] = _Table(name, key, replica_identity, dict(columns), rows)
+        self._tables[name] = Table(name, key, replica_identity, dict(columns), rows)
 
     def insert(self, table: str, row: Mapping[str, Any], deliver: bool = True) -> Row:
         target = self._table(table)
@@ -618,13 +414,13 @@ class FakeSupabase:
         self._notify()
         return old
 
-    def _table(self, name: str) -> _Table:
+    def _table(self, name: str) -> Table:
         try:
             return self._tables[name]
         except KeyError:
             raise KeyError(f"no table {name!r}; define_table() it first") from None
 
-    def _publish(self, table: _Table, data: dict[str, Any], filter_row: Row) -> None:
+    def _publish(self, table: Table, data: dict[str, Any], filter_row: Row) -> None:
         for connection in self._connections:
             if connection.frozen:
                 continue
@@ -863,8 +659,8 @@ class FakeSupabase:
         if not entries:
             return None  # nothing to subscribe, so no system message either (4.2)
         try:
-            bindings = [_parse_binding(entry, self._tables) for entry in entries]
-        except _SubscriptionError as exc:
+            bindings = [parse_binding(entry, self._tables) for entry in entries]
+        except SubscriptionError as exc:
             return _Subscription(channel, [], str(exc))
         error, self._subscription_failure = _take(self._subscription_failure)
         return _Subscription(channel, bindings, error)

@@ -1,0 +1,233 @@
+"""The fake's model of the project's database as Realtime sees it: tables and their rows, the
+change records a mutation produces (reference 6), and the bindings and filters that route them (4, 7).
+
+Pure data and functions, no sockets: the server in `fake_supabase` owns the protocol, and a REST
+endpoint over the same rows can be built on `Table` too. Like the server, this never imports the
+relay's own protocol code.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import operator
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeAlias
+
+BINDING_ID_MASK = 2**27 - 1
+CHANGE_TYPES = ("INSERT", "UPDATE", "DELETE")
+FILTER_OPERATORS = ("eq", "neq", "lt", "lte", "gt", "gte", "in")
+ORDERINGS: dict[str, Callable[[Any, Any], Any]] = {
+    "lt": operator.lt,
+    "lte": operator.le,
+    "gt": operator.gt,
+    "gte": operator.ge,
+}
+# Join errors after which the real server also disconnects the whole socket with 1001 (4.2, 12).
+NO_PARAMS = "No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: "
+NOT_ENABLED = (
+    "Unable to subscribe to changes with given parameters. "
+    "Please check Realtime is enabled for the given connect parameters: "
+)
+BAD_PARAMS = (
+    "Unable to subscribe to changes with given parameters. "
+    "An exception happened so please check your connect parameters: "
+)
+
+WAR_CALLS_COLUMNS = {
+    "id": "int8",
+    "faction_id": "int8",
+    "war_id": "int8",
+    "target_id": "int8",
+    "target_name": "text",
+    "caller_id": "int8",
+    "caller_name": "text",
+    "created_at": "timestamptz",
+}
+FACTION_MESSAGES_COLUMNS = {
+    "id": "int8",
+    "faction_id": "int8",
+    "author_id": "int8",
+    "author_name": "text",
+    "message": "text",
+    "created_at": "timestamptz",
+}
+
+Row: TypeAlias = dict[str, Any]
+ReplicaIdentity: TypeAlias = Literal["default", "full"]
+ChangeType: TypeAlias = Literal["INSERT", "UPDATE", "DELETE"]
+
+
+def binding_id(entry: Mapping[str, Any]) -> int:
+    """A pure function of the entry's content, like the server's `phash2` (4.2); not its value."""
+    canonical = json.dumps(entry, sort_keys=True, separators=(",", ":"))
+    return zlib.crc32(canonical.encode()) & BINDING_ID_MASK
+
+
+def commit_timestamp(at: datetime) -> str:
+    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+
+
+def inspect_params(params: Mapping[str, Any]) -> str:
+    """Roughly how Elixir prints a map, as the real error messages quote the params."""
+    items = ", ".join(
+        f"{json.dumps(k)} => {'nil' if v is None else json.dumps(v)}" for k, v in params.items()
+    )
+    return f"%{{{items}}}"
+
+
+# --- tables and filters (6, 7) ---------------------------------------------------------------------
+
+
+def infer_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int8"
+    if isinstance(value, float):
+        return "float8"
+    if isinstance(value, dict | list):
+        return "jsonb"
+    return "text"
+
+
+@dataclass(eq=False)
+class Table:
+    name: str
+    key: str
+    replica_identity: ReplicaIdentity
+    columns: dict[str, str]  # name -> Postgres type, in table order
+    rows: dict[Any, Row] = field(default_factory=dict)
+
+    def key_of(self, row: Mapping[str, Any]) -> Any:
+        if row.get(self.key) is None:
+            raise ValueError(f"{self.name}: a row needs its key column {self.key!r}")
+        return row[self.key]
+
+    def row(self, key_value: Any) -> Row:
+        try:
+            return self.rows[key_value]
+        except KeyError:
+            raise KeyError(f"{self.name}: no row with {self.key} = {key_value!r}") from None
+
+    def learn_columns(self, row: Mapping[str, Any]) -> None:
+        for name, value in row.items():
+            self.columns.setdefault(name, infer_type(value))
+
+    def old_record(self, old: Row) -> Row:
+        """What the WAL carries of the previous row under this table's replica identity (6.2)."""
+        if self.replica_identity == "full":
+            return copy.deepcopy(old)
+        return {self.key: old[self.key]}
+
+    def change_data(self, change: ChangeType, *, new: Row | None, old: Row | None) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "schema": "public",
+            "table": self.name,
+            "commit_timestamp": commit_timestamp(datetime.now(UTC)),
+            "type": change,
+            "columns": [{"name": name, "type": kind} for name, kind in self.columns.items()],
+            "errors": None,
+        }
+        # INSERT has no old_record key and DELETE no record key at all, not empty ones (6.1).
+        if new is not None:
+            data["record"] = copy.deepcopy(new)
+        if old is not None:
+            data["old_record"] = self.old_record(old)
+        return data
+
+
+def filter_text(value: Any) -> str:
+    # Postgres casts the filter text to the column's type; comparing with the value's own text form
+    # gives the same answer for the int, text and bool columns used here.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def ordered(left: str, right: str) -> tuple[float, float] | tuple[str, str]:
+    try:
+        return float(left), float(right)
+    except ValueError:
+        return left, right
+
+
+class SubscriptionError(Exception):
+    """The message of the `postgres_changes` system error that replaces "Subscribed" (5.2)."""
+
+
+@dataclass(frozen=True)
+class Filter:
+    column: str
+    op: str
+    values: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> Filter | None:
+        if not text.strip():
+            return None  # an empty filter is no filter (7)
+        column, _, rest = text.partition("=")
+        parts = rest.split(".", 1)
+        if len(parts) != 2 or parts[0] not in FILTER_OPERATORS or not column:
+            raise SubscriptionError(f"Error parsing `filter` params: {json.dumps(parts)}")
+        op, value = parts
+        if op != "in":
+            return cls(column, op, (value,))
+        if not (value.startswith("(") and value.endswith(")")):
+            raise SubscriptionError(
+                'Error parsing `filter` params: "`in` filter value must be wrapped by parentheses"'
+            )
+        return cls(column, op, tuple(value[1:-1].split(",")))
+
+    def matches(self, row: Mapping[str, Any]) -> bool:
+        # A missing column (a key-only old_record) or NULL satisfies no operator (7).
+        if row.get(self.column) is None:
+            return False
+        actual = filter_text(row[self.column])
+        if self.op == "in":
+            return actual in self.values
+        if self.op in ("eq", "neq"):
+            return (actual == self.values[0]) == (self.op == "eq")
+        left, right = ordered(actual, self.values[0])
+        return bool(ORDERINGS[self.op](left, right))
+
+
+@dataclass(frozen=True)
+class Binding:
+    id: int
+    event: str  # INSERT, UPDATE, DELETE or *
+    table: str  # a table name or *
+    filter: Filter | None
+
+    def wants(self, table: str, change: ChangeType) -> bool:
+        return self.table in ("*", table) and self.event in ("*", change)
+
+
+def parse_binding(entry: Mapping[str, Any], tables: Mapping[str, Table]) -> Binding:
+    """One `postgres_changes` entry as the server accepts it (4.1), or the error it reports (5.2)."""
+    schema, table, raw_filter = entry.get("schema"), entry.get("table"), entry.get("filter", "")
+    has_filter = "filter" in entry
+    accepted = (
+        (isinstance(schema, str) and isinstance(table, str) and isinstance(raw_filter, str))
+        or (isinstance(schema, str) and "table" not in entry and not has_filter)
+        or ("schema" not in entry and isinstance(table, str) and not has_filter)
+    )
+    if not accepted:
+        raise SubscriptionError(NO_PARAMS + inspect_params(entry))
+    schema = "public" if schema is None else schema
+    table = "*" if table is None else table
+    event = str(entry.get("event", "*")).upper()
+    filter_ = Filter.parse(raw_filter)
+    if schema not in ("public", "*") or (table != "*" and table not in tables):
+        raise SubscriptionError(
+            f"{NOT_ENABLED}[event: {event}, schema: {schema}, table: {table}, filters: {raw_filter}]"
+        )
+    if filter_ is not None and table != "*" and filter_.column not in tables[table].columns:
+        raise SubscriptionError(
+            f"{BAD_PARAMS}[schema: {schema}, table: {table}, filters: {raw_filter}]. "
+            f"Exception: ERROR 42703 (undefined_column) column {filter_.column} does not exist"
+        )
+    return Binding(binding_id(entry), event if event in CHANGE_TYPES else "*", table, filter_)
