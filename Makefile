@@ -19,8 +19,8 @@ serve: $(STAMP)
 	$(BIN)/relay serve --config relay.toml
 
 lint: $(STAMP)
-	$(BIN)/ruff check relay tests
-	$(BIN)/ruff format --check relay tests
+	$(BIN)/ruff check relay tests bench
+	$(BIN)/ruff format --check relay tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

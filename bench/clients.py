@@ -46,12 +46,22 @@ class Tally:
     window_to_ns: int = 0  # empty window until the measurement starts
     latencies_ns: list[int] = field(default_factory=list)
     emitted_ns: list[int] = field(default_factory=list)  # beside latencies_ns, for the time profile
+    # The relay stamps an event (`timestamp`, ms) in its writer thread as it inserts it: emit to stamp
+    # is the upstream socket and the queue for the writer, stamp to arrival the commit and delivery.
+    to_stamp_ns: list[int] = field(default_factory=list)
     delivered: Counter[int] = field(default_factory=Counter)  # in-window events, per faction
     received: int = 0
     duplicates: int = 0
     ready: int = 0
     gave_up: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+
+    def restart_window(self, from_ns: int, to_ns: int) -> None:
+        self.window_from_ns, self.window_to_ns = from_ns, to_ns
+        self.latencies_ns.clear()
+        self.emitted_ns.clear()
+        self.to_stamp_ns.clear()
+        self.delivered.clear()
 
     def record(self, client: ClientState, event: dict[str, Any], received_ns: int) -> None:
         self.received += 1
@@ -63,6 +73,7 @@ class Tally:
         if self.window_from_ns <= emitted_ns < self.window_to_ns:
             self.latencies_ns.append(received_ns - emitted_ns)
             self.emitted_ns.append(emitted_ns)
+            self.to_stamp_ns.append(event["timestamp"] * 1_000_000 - emitted_ns)
             self.delivered[client.faction_id] += 1
 
 

@@ -46,6 +46,10 @@ SAMPLE_EVERY_S = 1.0  # relay RSS samples during a window
 SETTLE_S = 3.0  # between scenarios, so one scenario's closing connections do not land in the next
 POLL_S = 0.1  # how often the conductor looks at the tallies
 BASELINE_MAX_S = 10.0  # the ingest-only window: the relay is idle but for the upstream
+WARMUP_STEP_S = 2.0
+MAX_EXTRA_WARMUP_S = 60.0  # beyond --warmup-s, while the latency is still falling
+DRAINING_SHARE = 0.8  # a step whose median latency is below this share of the one before: still draining
+END_OF_TIME_NS = 2**63
 KINDS = ("poll", "longpoll", "sse")
 
 
@@ -62,7 +66,7 @@ class Plan:
     connect_concurrency: int
     pin: bool
     gc_probe: bool
-    relay_gc_threshold: str | None
+    relay_setup: str | None
 
 
 async def call(target: Target, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -140,6 +144,24 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
     return predicate()
 
 
+async def warm_up(tally: Tally, minimum_s: float) -> float:
+    """At least `minimum_s`, and on while the clients' median latency is still falling step by step
+    (the relay draining what piled up during ramp-up), so the window sees the steady state; how long."""
+    started = time.monotonic()
+    tally.restart_window(time.time_ns(), END_OF_TIME_NS)
+    previous: int | None = None
+    for _ in range(int((minimum_s + MAX_EXTRA_WARMUP_S) / WARMUP_STEP_S)):
+        mark = len(tally.latencies_ns)
+        await trio.sleep(WARMUP_STEP_S)
+        step = sorted(tally.latencies_ns[mark:])
+        median = step[len(step) // 2] if step else None
+        draining = previous is not None and median is not None and median < DRAINING_SHARE * previous
+        if time.monotonic() - started >= minimum_s and not draining:
+            break
+        previous = median
+    return time.monotonic() - started
+
+
 def own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -180,9 +202,9 @@ async def run_scenario(
         gc.freeze()
         gc.disable()
         try:
-            await trio.sleep(plan.warmup_s)
-            tally.window_from_ns = time.time_ns()
-            tally.window_to_ns = tally.window_from_ns + int(plan.duration_s * 1e9)
+            warmup_s = await warm_up(tally, plan.warmup_s)
+            now_ns = time.time_ns()
+            tally.restart_window(now_ns, now_ns + int(plan.duration_s * 1e9))
             measurement = await measure_window(relay, upstream, target, plan.duration_s, idle_rss)
             emitted = await upstream.count(tally.window_from_ns, tally.window_to_ns)
             expected = sum(emitted[faction_id] for faction_id in assigned)
@@ -192,7 +214,7 @@ async def run_scenario(
             gc.enable()
             gc.unfreeze()
         clients.cancel_scope.cancel()
-    return ScenarioResult(kind, n, tally, expected, sum(emitted.values()), ramp_s, measurement)
+    return ScenarioResult(kind, n, tally, expected, sum(emitted.values()), ramp_s, warmup_s, measurement)
 
 
 async def run_baseline(relay: Relay, upstream: Upstream, plan: Plan) -> ScenarioResult:
@@ -205,7 +227,7 @@ async def run_baseline(relay: Relay, upstream: Upstream, plan: Plan) -> Scenario
         relay, upstream, relay_target(relay, 1), duration_s, rss_bytes(relay.pid)
     )
     emitted = await upstream.count(tally.window_from_ns, tally.window_to_ns)
-    return ScenarioResult("ingest only", 0, tally, 0, sum(emitted.values()), 0.0, measurement)
+    return ScenarioResult("ingest only", 0, tally, 0, sum(emitted.values()), 0.0, 0.0, measurement)
 
 
 def relay_target(relay: Relay, connect_concurrency: int) -> Target:
@@ -224,7 +246,7 @@ async def run_plan(plan: Plan, on_result: Callable[[ScenarioResult], None]) -> l
         for kind, n in scenarios:
             with tempfile.TemporaryDirectory(prefix="cat-relay-bench-") as data_dir:
                 async with open_relay(
-                    upstream.url, Path(data_dir), gc_probe=plan.gc_probe, gc_threshold=plan.relay_gc_threshold
+                    upstream.url, Path(data_dir), gc_probe=plan.gc_probe, setup=plan.relay_setup
                 ) as relay:
                     if plan.pin:
                         pin(relay.pid, upstream.pid)
@@ -288,7 +310,8 @@ def plan_lines(plan: Plan) -> list[str]:
         f"{plan.factions} factions, one upstream INSERT per faction every {plan.interval_s:g} s, staggered "
         f"({plan.factions / plan.interval_s:g} changes/s); clients spread evenly over the factions.",
         "Each scenario gets a fresh relay process (same build, new database), subscribed and settled "
-        f"before its clients come. Per scenario: ramp-up (at most {plan.connect_concurrency} connects in flight), {plan.warmup_s:g} s warm-up, "
+        f"before its clients come. Per scenario: ramp-up (at most {plan.connect_concurrency} connects in flight), {plan.warmup_s:g} s warm-up or longer while the median latency is still falling "
+        f"(up to {MAX_EXTRA_WARMUP_S:g} s more), "
         f"{plan.duration_s:g} s measured, up to {plan.grace_s:g} s grace for the window's last events.",
         "long-poll: `GET /events?faction_id&since&wait="
         f"{plan.wait_s:g}`, re-requested at once with the answer's cursor on a keep-alive connection; "
@@ -297,11 +320,7 @@ def plan_lines(plan: Plan) -> list[str]:
         "The load generator freezes its heap (`gc.freeze()`) after ramp-up and collects nothing during the "
         "window, so that its own collections do not stall every client at once; the relay's collections are logged by a `sitecustomize` probe"
         + ("." if plan.gc_probe else " (switched off for this run).")
-        + (
-            f" The relay ran with `gc.set_threshold({plan.relay_gc_threshold})`."
-            if plan.relay_gc_threshold
-            else ""
-        ),
+        + (f" The relay ran `{plan.relay_setup}` at start-up." if plan.relay_setup else ""),
         "CPU pinning: relay alone on CPU 0, load generator and fake upstream on CPU 1."
         if plan.pin
         else "No CPU pinning: the relay, the load generator and the fake upstream share every CPU.",
@@ -326,9 +345,9 @@ def parse_args(argv: Sequence[str]) -> tuple[Plan, Path | None]:
         "--no-pin", dest="pin", action="store_false", help="don't pin the relay to its own CPU"
     )
     parser.add_argument(
-        "--relay-gc-threshold",
+        "--relay-setup",
         default=None,
-        help="e.g. 50000,20,10: gc.set_threshold() in the relay, through the GC probe (an experiment)",
+        help="Python run in the relay at start-up, to try a tuning: 'import gc; gc.set_threshold(20000, 50, 100)'",
     )
     parser.add_argument(
         "--no-gc-probe",
@@ -340,8 +359,8 @@ def parse_args(argv: Sequence[str]) -> tuple[Plan, Path | None]:
         "--output", type=Path, default=None, help="default bench/RESULTS.md (none with --quick)"
     )
     args = parser.parse_args(argv)
-    if args.relay_gc_threshold and not args.gc_probe:
-        parser.error("--relay-gc-threshold works through the GC probe: drop --no-gc-probe")
+    if args.relay_setup and not args.gc_probe:
+        parser.error("--relay-setup runs through the GC probe: drop --no-gc-probe")
     kinds = [kind for kind in args.kinds.split(",") if kind]
     if not kinds or set(kinds) - set(KINDS):
         parser.error(f"--kinds takes {', '.join(KINDS)}")
@@ -358,7 +377,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Plan, Path | None]:
         connect_concurrency=args.connect_concurrency,
         pin=args.pin,
         gc_probe=args.gc_probe,
-        relay_gc_threshold=args.relay_gc_threshold,
+        relay_setup=args.relay_setup,
     )
     output = args.output or (None if args.quick else Path(__file__).with_name("RESULTS.md"))
     return plan, output

@@ -32,11 +32,12 @@ LOG_LINES_KEPT = 200
 LISTENING = re.compile(r"listening on (http://\S+)")
 # Loaded into the relay process only (as `sitecustomize`, through PYTHONPATH): logs every full
 # collection and every collection over 5 ms, because a stop-the-world collection stalls every
-# request at once and shows as a latency tail that CPU figures alone do not explain.
+# request at once and shows as a latency tail that CPU figures alone do not explain. It can also run
+# a line of set-up code (`--relay-setup`), to try a tuning without touching the relay.
 GC_PROBE = """\
 import gc, os, time
-if os.environ.get("BENCH_RELAY_GC_THRESHOLD"):
-    gc.set_threshold(*(int(n) for n in os.environ["BENCH_RELAY_GC_THRESHOLD"].split(",")))
+if os.environ.get("BENCH_RELAY_SETUP"):
+    exec(os.environ["BENCH_RELAY_SETUP"], {})
 _path = os.environ.get("BENCH_RELAY_GC_LOG")
 if _path:
     _log = open(_path, "a", buffering=1)
@@ -135,9 +136,9 @@ async def open_upstream(first_faction: int, factions: int, interval_s: float) ->
         assert process.stdout is not None
         replies = read_lines(process.stdout)
         with trio.fail_after(START_TIMEOUT_S):
-            first = await anext(replies)
+            first = await anext(replies, "")
         if not first.startswith("url "):
-            raise RuntimeError(f"bench.upstream said {first!r} instead of its url")
+            raise RuntimeError(f"bench.upstream said {first!r} instead of its url (its stderr is above)")
         yield Upstream(process, first.removeprefix("url "), replies)
     finally:
         if process.stdin is not None:
@@ -178,7 +179,7 @@ class Relay:
 
 
 def relay_environ(
-    upstream_url: str, data_dir: Path, gc_log: Path | None, gc_threshold: str | None
+    upstream_url: str, data_dir: Path, gc_log: Path | None, setup: str | None
 ) -> Mapping[str, str]:
     environ = {name: value for name, value in os.environ.items() if not name.startswith("RELAY_")}
     environ.update(
@@ -193,20 +194,20 @@ def relay_environ(
         (probe / "sitecustomize.py").write_text(GC_PROBE)
         environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(probe), environ.get("PYTHONPATH")]))
         environ["BENCH_RELAY_GC_LOG"] = str(gc_log)
-        if gc_threshold:
-            environ["BENCH_RELAY_GC_THRESHOLD"] = gc_threshold
+        if setup:
+            environ["BENCH_RELAY_SETUP"] = setup
     return environ
 
 
 @asynccontextmanager
 async def open_relay(
-    upstream_url: str, data_dir: Path, *, gc_probe: bool, gc_threshold: str | None = None
+    upstream_url: str, data_dir: Path, *, gc_probe: bool, setup: str | None = None
 ) -> AsyncIterator[Relay]:
     """`relay serve` from this interpreter's bin folder, with a fresh database in `data_dir`."""
     config = data_dir / "relay.toml"
     config.write_text(RELAY_TOML)
     gc_log = data_dir / "relay-gc.log" if gc_probe else None
-    environ = relay_environ(upstream_url, data_dir, gc_log, gc_threshold)
+    environ = relay_environ(upstream_url, data_dir, gc_log, setup)
     command = [str(Path(sys.executable).parent / "relay"), "serve", "--config", str(config)]
     process = await trio.lowlevel.open_process(
         command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=environ

@@ -39,6 +39,7 @@ class ScenarioResult:
     expected: int
     upstream_changes: int  # emitted in the window, all factions
     ramp_s: float
+    warmup_s: float
     measurement: Measurement
 
     @property
@@ -53,6 +54,14 @@ class ScenarioResult:
         for emitted, latency in zip(self.tally.emitted_ns, self.tally.latencies_ns, strict=True):
             parts[min(slices - 1, int((emitted - self.tally.window_from_ns) / width))].append(latency)
         return [sorted(part)[len(part) // 2] / 1e6 if part else None for part in parts]
+
+    def split_p50_ms(self) -> tuple[float, float] | None:
+        """Median of emit-to-stamp and of stamp-to-arrival (the relay's ms stamp: ±1 ms)."""
+        if not self.tally.to_stamp_ns:
+            return None
+        to_stamp = sorted(self.tally.to_stamp_ns)
+        after = sorted(t - s for t, s in zip(self.tally.latencies_ns, self.tally.to_stamp_ns, strict=True))
+        return to_stamp[len(to_stamp) // 2] / 1e6, after[len(after) // 2] / 1e6
 
     def percentile_ms(self, fraction: float) -> float | None:
         """Nearest-rank percentile of the window's latencies."""
@@ -90,6 +99,10 @@ class ScenarioResult:
             f"load generator CPU {self.cpu_percent(self.measurement.loadgen_cpu_s):.0f}%, "
             f"errors {dict(self.tally.errors) or 0}"
         )
+
+
+def _split(pair: tuple[float, float] | None) -> str:
+    return "-" if pair is None else f"{pair[0]:.1f} / {pair[1]:.1f}"
 
 
 def _ms(value: float | None) -> str:
@@ -147,9 +160,9 @@ def relay_build() -> str:
 
 
 SCENARIO_HEADER = (
-    "| scenario | clients | delivered / expected | p50 ms | p90 ms | p99 ms | max ms | relay CPU % "
+    "| scenario | clients | delivered / expected | p50 ms | p90 ms | p99 ms | max ms | p50 emit→stamp / stamp→client ms | relay CPU % "
     "| relay CPU µs/event | of it delivery µs/event | relay RSS MB | RSS KB/client | load-gen CPU % | upstream CPU % "
-    "| relay /ping p50 / p99 ms | relay GC: full, longest ms, total s | load-gen loop lag p99 / max ms, full GCs | ramp-up s | client errors |"
+    "| relay /ping p50 / p99 ms | relay GC: full, longest ms, total s | load-gen loop lag p99 / max ms, full GCs | ramp-up s | warm-up s | client errors |"
 )
 
 
@@ -172,6 +185,7 @@ def scenario_row(result: ScenarioResult, ingest_cpu_share: float) -> str:
         _ms(result.percentile_ms(0.9)),
         _ms(result.percentile_ms(0.99)),
         _ms(result.percentile_ms(1.0)),
+        _split(result.split_p50_ms()),
         _num(result.cpu_percent(m.relay_cpu_s)),
         _num(result.relay_cpu_us_per_event),
         _num(result.delivery_cpu_us_per_event(ingest_cpu_share)),
@@ -184,6 +198,7 @@ def scenario_row(result: ScenarioResult, ingest_cpu_share: float) -> str:
         _gc(m.relay_gc),
         _pair(m.probes.loop_lag_s, 0.99, 1.0) + f", {m.probes.own_full_collections}",
         _num(result.ramp_s, 1),
+        _num(result.warmup_s, 1),
         errors,
     ]
     return "| " + " | ".join(cells) + " |"
@@ -235,7 +250,10 @@ def render(
     lines += [f"- Command: `{command}`", *[f"- {line}" for line in plan], ""]
     lines += [
         "Latency: the client's clock when the answer (or SSE message) arrived minus the `emitted_ns` the fake "
-        "upstream wrote into the row just before sending it (one machine, one clock). Relay CPU and RSS are the "
+        "upstream wrote into the row just before sending it (one machine, one clock). The relay stamps each event "
+        "(`timestamp`, ms) in its writer thread as it inserts it, which splits the median in two: emit→stamp is "
+        "the upstream socket and the wait for the single writer, stamp→client the commit, the wake-up and the "
+        "answer. Relay CPU and RSS are the "
         "relay process alone (/proc, all threads; RSS is the largest sample in the window, and KB/client its growth over the same relay's RSS "
         "before the clients came, per client); "
         "*of it delivery* takes off the `ingest only` row's CPU share (upstream sockets, storing, heartbeats).",
