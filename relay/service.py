@@ -88,7 +88,7 @@ def supervisor_settings(config: Config) -> SupervisorSettings:
             heartbeat_interval_s=upstream.heartbeat_interval,
             connect_timeout_s=upstream.connect_timeout,
         ),
-        channels=[(channel.table, channel.filter) for channel in upstream.channels],
+        channels=upstream.channels,
         backoff_initial_s=upstream.backoff_initial,
         backoff_max_s=upstream.backoff_max,
         joins_per_second=upstream.joins_per_second,

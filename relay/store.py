@@ -345,11 +345,6 @@ class Store:
         elif self._write_fault is not None:
             raise StoreError(self._write_fault)
 
-    @property
-    def write_fault(self) -> str | None:
-        """Why the last write failed, until one succeeds again."""
-        return self._write_fault
-
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(
             factions=len(self._subscriptions),

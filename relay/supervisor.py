@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import trio
 
 from relay.backoff import Backoff
+from relay.config import ChannelConfig
 from relay.phoenix import ChangeIgnored, ChangeReceived, ChannelSpec, UpstreamError
 from relay.upstream import ConnectionHooks, ConnectionSettings, run_connection
 
@@ -62,7 +63,7 @@ class UpstreamState(enum.StrEnum):
 @dataclass(frozen=True, slots=True)
 class SupervisorSettings:
     connection: ConnectionSettings
-    channels: Sequence[tuple[str, str]]  # (table, filter template with {faction_id})
+    channels: Sequence[ChannelConfig]
     backoff_initial_s: float
     backoff_max_s: float
     joins_per_second: float = 20.0
@@ -71,9 +72,7 @@ class SupervisorSettings:
     healthy_after_s: float = 30.0
 
     def channel_specs(self, faction_id: int) -> list[ChannelSpec]:
-        return [
-            ChannelSpec(table, template.format(faction_id=faction_id)) for table, template in self.channels
-        ]
+        return [ChannelSpec(channel.table, channel.filter_for(faction_id)) for channel in self.channels]
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 
+from relay.config import ChannelConfig
 from relay.phoenix import ChangeReceived
 from relay.supervisor import Supervisors, SupervisorSettings, UpstreamState
 from relay.testing.fake_supabase import FakeSupabase
@@ -56,7 +57,7 @@ def war_calls_settings(url: str, **overrides: object) -> SupervisorSettings:
     """Supervisors of one war_calls channel per faction, with the timings these tests assert."""
     settings = SupervisorSettings(
         connection=ConnectionSettings(url, KEY, heartbeat_interval_s=HEARTBEAT_S, connect_timeout_s=10.0),
-        channels=[("war_calls", "faction_id=eq.{faction_id}")],
+        channels=[ChannelConfig("war_calls", "faction_id=eq.{faction_id}")],
         backoff_initial_s=INITIAL_S,
         backoff_max_s=MAX_S,
     )
@@ -229,8 +230,8 @@ async def test_a_restart_with_150_factions_paces_its_joins(
             fake.url, KEY, heartbeat_interval_s=HEARTBEAT_S, connect_timeout_s=10.0
         ),
         channels=[
-            ("war_calls", "faction_id=eq.{faction_id}"),
-            ("faction_messages", "faction_id=eq.{faction_id}"),
+            ChannelConfig("war_calls", "faction_id=eq.{faction_id}"),
+            ChannelConfig("faction_messages", "faction_id=eq.{faction_id}"),
         ],
         backoff_initial_s=INITIAL_S,
         backoff_max_s=MAX_S,
