@@ -327,6 +327,64 @@ async def test_a_cancelled_append_still_stores_and_publishes_its_events(tmp_path
             assert all_retained(store) == found
 
 
+async def test_appends_arriving_during_a_commit_share_the_next_one(tmp_path: Path) -> None:
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, clock) as store:
+            returned: dict[int, list[StoredEvent]] = {}
+
+            async def append(faction_id: int, *values: int) -> None:
+                returned[faction_id] = await store.append_events(faction_id, [("t", v) for v in values])
+
+            async with trio.open_nursery() as nursery:
+                with clock.hold(1):
+                    nursery.start_soon(append, FACTION, 1)
+                    await clock.wait_until_holding()  # the first commit is inside its transaction
+                    nursery.start_soon(append, OTHER, 2, 3)
+                    nursery.start_soon(append, THIRD, 4)
+                    await trio.testing.wait_all_tasks_blocked()
+            assert store.statistics().group_commits == 2
+            assert [event.data() for event in returned[OTHER]] == [2, 3]
+            assert [event.data() for event in returned[THIRD]] == [4]
+            for faction_id, events in returned.items():
+                assert store.read_since(faction_id, None)[0] == events
+            stamps = timestamps(returned[FACTION] + returned[OTHER] + returned[THIRD])
+            assert stamps == sorted(set(stamps))
+            assert query(tmp_path, "SELECT count(*) FROM events") == [(4,)]
+
+
+async def test_a_failed_group_commit_fails_every_append_in_it(tmp_path: Path) -> None:
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, clock) as store:
+            query(
+                tmp_path,
+                "CREATE TRIGGER refuse_poison BEFORE INSERT ON events WHEN NEW.type = 'poison'"
+                " BEGIN SELECT RAISE(ABORT, 'poison refused'); END",
+            )
+            outcomes: dict[int, str] = {}
+
+            async def append(faction_id: int, kind: str) -> None:
+                try:
+                    await store.append_events(faction_id, [(kind, faction_id)])
+                    outcomes[faction_id] = "stored"
+                except StoreError as exc:
+                    outcomes[faction_id] = str(exc)
+
+            async with trio.open_nursery() as nursery:
+                with clock.hold(1):
+                    nursery.start_soon(append, FACTION, "fine")
+                    await clock.wait_until_holding()
+                    nursery.start_soon(append, OTHER, "poison")
+                    nursery.start_soon(append, THIRD, "fine")
+                    await trio.testing.wait_all_tasks_blocked()
+            assert outcomes[FACTION] == "stored"
+            assert "poison refused" in outcomes[OTHER]
+            assert outcomes[THIRD] == outcomes[OTHER]
+            assert [event.faction_id for event in all_retained(store)] == [FACTION]
+            assert query(tmp_path, "SELECT faction_id FROM events") == [(FACTION,)]
+
+
 async def test_trim_keeps_the_newest_events_and_ids_are_never_reused(tmp_path: Path) -> None:
     with trio.fail_after(TEST_TIMEOUT_S):
         async with open_test_store(tmp_path, WallClock(), events_per_faction=2) as store:
