@@ -7,7 +7,7 @@ woken request always finds it in memory.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -99,30 +99,43 @@ async def wait_for_events(
     return store.read_since(faction_id, since)
 
 
+def events_body(found: Sequence[StoredEvent], cursor: int, next_poll: int) -> bytes:
+    """An `/events` answer: each event's JSON was built once when it was stored, so this only joins."""
+    events = ",".join([event.json for event in found])
+    return f'{{"events":[{events}],"timestamp":{cursor},"next_poll_ms":{next_poll}}}'.encode()
+
+
 async def stream_events(
-    store: Store, hub: Hub, held: HeldRequests, faction_id: int, since: int | None
-) -> AsyncIterator[bytes]:
+    store: Store,
+    hub: Hub,
+    held: HeldRequests,
+    faction_id: int,
+    since: int | None,
+    send_chunk: Callable[[bytes], Awaitable[None]],
+) -> None:
     """An SSE body: `retry:`, then every event after `since` (or after now), keep-alives, until shutdown.
 
-    The caller has already counted this stream in `held`; it is released when the body ends, however
-    it ends (client gone, shutdown).
+    The caller has already counted this stream in `held`; it is released when the stream ends,
+    however it ends (client gone, shutdown).
     """
     try:
-        yield f"retry: {SSE_RETRY_MS}\n\n".encode()
+        await send_chunk(f"retry: {SSE_RETRY_MS}\n\n".encode())
         cursor = store.cursor() if since is None else since
         while not hub.stopping.is_set():
             store.touch(faction_id)  # an open stream is a member still watching
             found, _ = store.read_since(faction_id, cursor)
             if found:
-                yield "".join(
-                    f"id: {e.timestamp}\nevent: {e.type}\ndata: {e.json}\n\n" for e in found
-                ).encode()
+                await send_chunk(
+                    "".join(
+                        [f"id: {e.timestamp}\nevent: {e.type}\ndata: {e.json}\n\n" for e in found]
+                    ).encode()
+                )
                 cursor = found[-1].timestamp
                 continue
             with trio.move_on_after(SSE_KEEPALIVE_S) as quiet:
                 await hub.wait_for_events(faction_id)
             if quiet.cancelled_caught:
-                yield b": keep-alive\n\n"
+                await send_chunk(b": keep-alive\n\n")
     finally:
         held.stream_closed()
 

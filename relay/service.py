@@ -29,8 +29,8 @@ from hypercorn.trio import serve
 from quart_trio import QuartTrio
 
 import relay
-from relay.api import Services, create_app
-from relay.asgi import EndAfterResponse
+from relay.admission import Services
+from relay.api import create_app
 from relay.config import Config
 from relay.delivery import HeldRequests
 from relay.hub import Hub
@@ -179,7 +179,7 @@ async def serve_http(
 ) -> None:
     try:
         await serve(
-            EndAfterResponse(app),
+            app,
             hypercorn_config(config),
             shutdown_trigger=hub.stopping.wait,
             task_status=task_status,

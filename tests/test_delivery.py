@@ -87,6 +87,22 @@ async def test_a_long_poll_ignores_other_factions_and_times_out_with_a_valid_cur
     assert later > body["timestamp"]
 
 
+async def test_a_long_poll_whose_client_hangs_up_is_released_at_once(
+    relay: RunningRelay, http: httpx.AsyncClient
+) -> None:
+    host, port = relay.url.removeprefix("http://").rsplit(":", 1)
+    request = (
+        f"GET /events?faction_id={FACTION}&since={relay.store.cursor()}&wait=25 HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(request.encode())
+        await eventually(lambda: relay.services.held.statistics().held_long_polls == 1)
+        await stream.aclose()
+        # Long before its 25 s are up: a member closing the tab frees the slot under the cap.
+        await eventually(lambda: relay.services.held.statistics().held_long_polls == 0)
+
+
 async def test_shutdown_answers_held_long_polls_at_once(relay: RunningRelay, http: httpx.AsyncClient) -> None:
     answers: list[dict[str, Any]] = []
     with trio.fail_after(10):

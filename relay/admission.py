@@ -1,0 +1,91 @@
+"""What a request must pass before the relay answers it: the per-address rate limit, the faction being
+known (and revived, within capacity, when it had expired), and the client's clock.
+
+Shared by the Quart routes (`relay.api`) and the events endpoint below them (`relay.events_http`),
+so that both refuse the same requests with the same `ApiError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from relay.config import Config
+from relay.delivery import HeldRequests
+from relay.hub import Hub
+from relay.inputs import ApiError
+from relay.ratelimit import RateLimiter, retry_after_header
+from relay.store import Store, StoreError
+from relay.supervisor import Supervisors
+
+# The routes a client address is rate-limited on: everything that costs the relay work per member.
+RATE_LIMITED_PATHS = frozenset({"/subscribe", "/events", "/events/stream", "/hospital", "/faction-members"})
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """The running relay as the HTTP side sees it."""
+
+    config: Config
+    store: Store
+    supervisors: Supervisors
+    hub: Hub
+    held: HeldRequests
+    limiter: RateLimiter
+    version: str
+    started_at: float  # trio clock
+    wall_clock_ms: Callable[[], int]
+
+
+def check_rate(services: Services, client_address: str | None) -> None:
+    wait_s = services.limiter.acquire(client_address or "unknown", trio.current_time())
+    if wait_s > 0:
+        raise ApiError(
+            429,
+            "rate_limited",
+            "too many requests from this address; slow down",
+            {"Retry-After": retry_after_header(wait_s)},
+        )
+
+
+def ensure_capacity(services: Services, faction_id: int) -> None:
+    # One upstream socket per active faction counts against the Supabase project's connections.
+    store, limit = services.store, services.config.limits.max_factions
+    subscription = store.subscription(faction_id)
+    already_active = subscription is not None and subscription.active
+    if not already_active and len(store.active_factions()) >= limit:
+        raise ApiError(429, "too_many_factions", f"this relay serves at most {limit} factions")
+
+
+async def admit_faction(services: Services, faction_id: int) -> None:
+    """A request about a faction: 404 if never subscribed; revives an expired one; is activity."""
+    store = services.store
+    subscription = store.subscription(faction_id)
+    if subscription is None:
+        raise ApiError(
+            404, "not_subscribed", f"faction {faction_id} is not subscribed; POST /subscribe first"
+        )
+    if not subscription.active:
+        # Today's script never re-subscribes, so its poll is what brings an expired faction back.
+        ensure_capacity(services, faction_id)
+        await store.revive(faction_id)
+        services.supervisors.ensure_running(faction_id)
+    store.touch(faction_id)
+
+
+async def apply_client_clock(services: Services, since: int | None) -> None:
+    """Lamport's rule for a `since` ahead of the relay, within the allowed skew."""
+    store = services.store
+    if since is None or since <= store.cursor():
+        return
+    if since > services.wall_clock_ms() + int(services.config.limits.max_clock_skew_s * 1000):
+        raise ApiError(400, "invalid_since", "since is further ahead of the relay's clock than allowed")
+    try:
+        await store.advance_clock(since)
+    except StoreError:
+        # While nothing can be written no event can be stored either, so the poll is still answered
+        # from memory; its cursor stays the relay's own, below `since`, which the script keeps only
+        # when events come with it.
+        return

@@ -1,0 +1,199 @@
+"""`GET /events` and `GET /events/stream` answered straight on ASGI, in front of the Quart app.
+
+Every member's browser asks these two far more often than anything else, so they skip Quart's
+per-request machinery (request and response objects, context variables, before/after hooks, error
+handler lookup). Measured by `make bench`: see bench/RESULTS.md. Every other path and method falls
+through to the Quart app unchanged. The contract is the same as any route's: the same parsers, the
+same admission (`relay.admission`), the same error shape, CORS on every answer.
+
+A held long-poll or stream ends when its client goes away: hypercorn reports that only as an
+`http.disconnect` from `receive()` and does not cancel the handler, so a held request watches for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import parse_qsl
+
+import trio
+
+from relay.admission import Services, admit_faction, apply_client_clock, check_rate
+from relay.delivery import events_body, next_poll_ms, stream_events, wait_for_events
+from relay.inputs import ApiError, parse_faction_id, parse_since, parse_wait
+from relay.responses import CORS_HEADERS, JSON_TYPE, PREFLIGHT_HEADERS, asgi_headers, error_body
+from relay.store import StoreError
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+EVENTS_PATH = "/events"
+STREAM_PATH = "/events/stream"
+STREAM_RETRY_AFTER_S = "30"
+
+_CORS = asgi_headers(CORS_HEADERS)
+_JSON = [(b"content-type", JSON_TYPE.encode()), *_CORS]
+_SSE = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+    *_CORS,
+]
+_PREFLIGHT = [*_CORS, *asgi_headers(PREFLIGHT_HEADERS)]
+
+
+class EventsEndpoint:
+    """An ASGI app: the two events paths here, everything else to `fallback`."""
+
+    def __init__(self, services: Services, fallback: ASGIApp) -> None:
+        self._services = services
+        self._fallback = fallback
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path")
+        if scope["type"] == "http" and path in (EVENTS_PATH, STREAM_PATH):
+            method = scope["method"]
+            if method == "GET":
+                handler = self._poll if path == EVENTS_PATH else self._stream
+                await self._answer(handler, scope, receive, send)
+                return
+            if method == "OPTIONS":
+                await _send_whole(send, 200, _PREFLIGHT, b"")
+                return
+            if path == STREAM_PATH:
+                allow = [(b"allow", b"GET, OPTIONS")]
+                body = error_body("method_not_allowed", "this path answers GET only")
+                await _send_whole(send, 405, [*_JSON, *allow], body)
+                return
+        await self._fallback(scope, receive, send)
+
+    async def _answer(
+        self,
+        handler: Callable[[Scope, Receive, Send], Awaitable[None]],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        try:
+            await handler(scope, receive, send)
+        except ApiError as exc:
+            headers = [*_JSON, *asgi_headers(exc.headers)]
+            await _send_whole(send, exc.status, headers, error_body(exc.code, exc.message))
+        except StoreError as exc:
+            log.error("storage fault while answering GET %s: %s", scope["path"], exc)
+            body = error_body("storage_unavailable", "the relay's storage is not available right now")
+            await _send_whole(send, 503, _JSON, body)
+        except Exception:
+            log.exception("unexpected error answering GET %s", scope["path"])
+            body = error_body("internal_error", "the relay failed to answer this request")
+            await _send_whole(send, 500, _JSON, body)
+
+    async def _poll(self, scope: Scope, receive: Receive, send: Send) -> None:
+        services = self._services
+        store, hub, held, limits = services.store, services.hub, services.held, services.config.limits
+        client = scope.get("client")
+        check_rate(services, client[0] if client else None)
+        args = _query(scope)
+        faction_id = parse_faction_id(args.get("faction_id"))
+        since = parse_since(args.get("since"))
+        wait_s = parse_wait(args.get("wait"), limits.long_poll_max_wait)
+        await admit_faction(services, faction_id)
+        await apply_client_clock(services, since)
+        found, cursor = store.read_since(faction_id, since)
+        if not found and wait_s > 0 and not hub.stopping.is_set():
+            with held.long_poll() as may_hold:
+                if may_hold:
+                    async with _until_disconnect(receive) as disconnect:
+                        found, cursor = await wait_for_events(
+                            store, hub, faction_id, since, wait_s=wait_s, linger_s=limits.long_poll_linger_s
+                        )
+                    if disconnect.happened:
+                        return  # nobody is left to answer
+        advice = next_poll_ms(store, held, faction_id, services.wall_clock_ms())
+        await _send_whole(send, 200, _JSON, events_body(found, cursor, advice))
+
+    async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        services = self._services
+        store, hub, held = services.store, services.hub, services.held
+        client = scope.get("client")
+        check_rate(services, client[0] if client else None)
+        args = _query(scope)
+        faction_id = parse_faction_id(args.get("faction_id"))
+        resume = _header(scope, b"last-event-id")
+        since = parse_since(resume if resume is not None else args.get("since"))
+        await admit_faction(services, faction_id)
+        await apply_client_clock(services, since)
+        if not held.try_open_stream():
+            raise ApiError(
+                503,
+                "too_many_streams",
+                "this relay holds as many streams as it can; poll /events instead",
+                {"Retry-After": STREAM_RETRY_AFTER_S},
+            )
+
+        async def send_chunk(chunk: bytes) -> None:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+        except BaseException:
+            held.stream_closed()
+            raise
+        async with _until_disconnect(receive) as disconnect:
+            await stream_events(store, hub, held, faction_id, since, send_chunk)
+        if not disconnect.happened:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class Disconnect:
+    """Whether the client went away while a request was held."""
+
+    def __init__(self) -> None:
+        self.happened = False
+
+
+@asynccontextmanager
+async def _until_disconnect(receive: Receive) -> AsyncIterator[Disconnect]:
+    """Run the block until it ends or the client disconnects, whichever is first."""
+    disconnect = Disconnect()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_for_disconnect, receive, disconnect, nursery.cancel_scope)
+        yield disconnect
+        nursery.cancel_scope.cancel()
+
+
+async def _watch_for_disconnect(receive: Receive, disconnect: Disconnect, scope: trio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass  # a GET's (empty) body
+    disconnect.happened = True
+    scope.cancel()
+
+
+def _query(scope: Scope) -> dict[str, str]:
+    """The query's parameters, the first of each name winning (as in Quart's `request.args`)."""
+    args: dict[str, str] = {}
+    for name, value in parse_qsl(
+        scope["query_string"].decode("latin-1"), keep_blank_values=True, encoding="utf-8", errors="replace"
+    ):
+        args.setdefault(name, value)
+    return args
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+async def _send_whole(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
