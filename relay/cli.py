@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import logging
 import resource
 import signal
@@ -70,6 +71,21 @@ def raise_file_limit() -> None:
     log.info("open-file limit: %d", soft)
 
 
+# Young-generation threshold: CPython's default of 700 allocations runs a collection thousands of
+# times a second under load and promotes every held request's objects to the old generation, which
+# then triggers full collections that stop the loop for ~250 ms at 1,000 members. Measured by
+# `make bench` (1,000 long-polls, 100 factions, a change per faction per second): p50 1.46 s with the
+# defaults, 0.31 s with these; SSE p99 unchanged. Cyclic garbage waits longer, a few MB at most.
+GC_THRESHOLDS = (100_000, 20, 100)
+
+
+def tune_garbage_collector() -> None:
+    """Collect less often, and never rescan what start-up loaded (modules, config): it lives forever."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 # When the hard limit is unlimited, a fixed generous target (setrlimit refuses RLIM_INFINITY for files).
 UNLIMITED_FILES_TARGET = 1_048_576
 
@@ -85,11 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = load_config(args.config)
             log.debug("configuration: %r", config)  # the config's repr leaves out every key
             raise_file_limit()
+            tune_garbage_collector()
             trio.run(functools.partial(run_relay, config, handle_signals=True))
         else:
             from relay.testing.demo import run_demo  # the fake server is only loaded for the demo
 
             raise_file_limit()
+            tune_garbage_collector()
             trio.run(
                 functools.partial(
                     run_demo, port=args.port, factions=args.factions, changes_per_s=args.changes_per_s

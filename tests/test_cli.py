@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import trio
 
+from relay.cli import GC_THRESHOLDS, tune_garbage_collector
 from relay.testing.fake_supabase import FakeSupabase
 from tests.conftest import ANON_KEY, FACTION, eventually, eventually_async
 from tests.relay_process import RELAY, relay_process
@@ -179,3 +181,15 @@ async def test_keys_never_reach_the_log_even_at_debug_level_through_faults(
     for secret in (ANON_KEY, wrong_key):
         for form in (secret, urllib.parse.quote(secret), urllib.parse.quote_plus(secret)):
             assert form not in log
+
+
+def test_the_garbage_collector_is_tuned_for_many_held_requests() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_garbage_collector()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert GC_THRESHOLDS[0] > before[0]
+        assert gc.get_freeze_count() > 0  # what start-up loaded is never scanned again
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
