@@ -27,6 +27,9 @@ MAX_PORT: Final = 65535
 TABLE_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 PLACEHOLDER: Final = "faction_id"
 URL_EXAMPLE: Final = "wss://<ref>.supabase.co/realtime/v1/websocket"
+REST_URL_EXAMPLE: Final = "https://<ref>.supabase.co/rest/v1"
+REALTIME_PATH: Final = "/realtime/v1/websocket"
+DELETE_ROUTES: Final = ("shared", "filtered")
 SHOWN_CHARS: Final = 80  # a refusal stays one readable line even when the value is a pasted blob
 
 CONFIG_VARIABLE: Final = "RELAY_CONFIG"
@@ -62,6 +65,12 @@ class StorageConfig:
 class ChannelConfig:
     table: str
     filter: str
+    key: str = "id"  # the table's primary-key column: what faction state is keyed by
+    # "shared": one unfiltered DELETE subscription per table for the whole relay, routed to the faction
+    # by the stored row's key (needed under REPLICA IDENTITY DEFAULT, where a DELETE carries only the
+    # key and so never matches a faction filter); "filtered": the faction's own channel is enough
+    # (the table has REPLICA IDENTITY FULL).
+    deletes: str = "shared"
 
     def filter_for(self, faction_id: int) -> str:
         return self.filter.format(faction_id=faction_id)
@@ -76,10 +85,17 @@ class UpstreamConfig:
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     joins_per_second: float = 20.0
+    rest_url: str = ""  # PostgREST base; empty: derived from url (…/realtime/v1/websocket → …/rest/v1)
+    reconcile_interval: float = 300.0
     channels: tuple[ChannelConfig, ...] = (
         ChannelConfig("war_calls", "faction_id=eq.{faction_id}"),
         ChannelConfig("faction_messages", "faction_id=eq.{faction_id}"),
     )
+
+    @property
+    def rest_base(self) -> str:
+        """Where PostgREST answers: `rest_url`, or derived from `url` when that is empty."""
+        return self.rest_url.rstrip("/") if self.rest_url else derive_rest_url(self.url)
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +303,8 @@ def _upstream(table: _Table, where: str) -> UpstreamConfig:
         backoff_initial=table.seconds("backoff_initial"),
         backoff_max=table.seconds("backoff_max"),
         joins_per_second=table.rate("joins_per_second"),
+        rest_url=_rest_url(table),
+        reconcile_interval=table.seconds("reconcile_interval"),
         channels=_channels(table),
     )
     if upstream.backoff_initial > upstream.backoff_max:
@@ -311,6 +329,30 @@ def _check_url(table: _Table, url: str) -> None:
         raise table.refuse("url", f"must be a ws:// or wss:// URL such as {URL_EXAMPLE}, got {_show(url)}")
 
 
+def derive_rest_url(realtime_url: str) -> str:
+    """Supabase serves PostgREST beside Realtime: wss://<ref>.supabase.co/realtime/v1/websocket has its
+    REST interface at https://<ref>.supabase.co/rest/v1."""
+    parts = urllib.parse.urlsplit(realtime_url)
+    scheme = "https" if parts.scheme == "wss" else "http"
+    path = parts.path.rstrip("/")
+    prefix = path[: -len(REALTIME_PATH)] if path.endswith(REALTIME_PATH) else ""
+    return urllib.parse.urlunsplit((scheme, parts.netloc, f"{prefix}/rest/v1", "", ""))
+
+
+def _rest_url(table: _Table) -> str:
+    value = table.value("rest_url")
+    if not isinstance(value, str):
+        raise table.refuse("rest_url", _expected("a string", value))
+    if not value:
+        return value
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise table.refuse(
+            "rest_url", f"must be an http:// or https:// URL such as {REST_URL_EXAMPLE}, got {_show(value)}"
+        )
+    return value
+
+
 def _channels(upstream: _Table) -> tuple[ChannelConfig, ...]:
     entries = upstream.value("channels")
     if isinstance(entries, tuple):  # the default, already valid
@@ -325,7 +367,16 @@ def _channels(upstream: _Table) -> tuple[ChannelConfig, ...]:
     channels: list[ChannelConfig] = []
     for index, entry in enumerate(entries):
         table = _Table(f"{label}[{index}]", entry, ChannelConfig, {})
-        channel = ChannelConfig(table.string("table"), table.string("filter"))
+        channel = ChannelConfig(
+            table.string("table"),
+            table.string("filter"),
+            key=table.string("key"),
+            deletes=table.string("deletes"),
+        )
+        if channel.deletes not in DELETE_ROUTES:
+            raise table.refuse(
+                "deletes", f"must be one of {', '.join(DELETE_ROUTES)}, got {_show(channel.deletes)}"
+            )
         if not TABLE_NAME.fullmatch(channel.table):
             raise table.refuse(
                 "table", f"must be a plain table name (letters, digits, _), got {_show(channel.table)}"

@@ -123,7 +123,10 @@ async def run_relay(
     """Run until stopped (a signal, or `RunningRelay.stop`); return once everything is closed."""
     started_at = trio.current_time()
     async with open_store(
-        config.storage.path, events_per_faction=config.retention.events_per_faction, now_ms=wall_clock_ms
+        config.storage.path,
+        events_per_faction=config.retention.events_per_faction,
+        now_ms=wall_clock_ms,
+        key_columns={channel.table: channel.key for channel in config.upstream.channels},
     ) as store:
         hub = Hub()
 

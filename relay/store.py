@@ -19,7 +19,7 @@ import math
 import sqlite3
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import trio
 
 from relay.migrations import apply_migrations
+from relay.state import FactionRows, Row, RowChange, RowKey, complete_change, diff, row_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,14 +67,31 @@ class StoredEvent:
 
 
 @dataclass(eq=False, slots=True)
-class _PendingAppend:
-    """One `append_events` call waiting for the committer."""
+class _Pending:
+    """One call waiting for the committer: events to append, or a snapshot to reconcile with."""
 
     faction_id: int
-    encoded: list[tuple[str, str]]  # (type, data JSON)
+    items: list[tuple[str, Any, str]]  # (type, data, data as JSON) to append
+    snapshot: _Snapshot | None = None
     done: trio.Event = dataclasses.field(default_factory=trio.Event)
     stored: list[StoredEvent] = dataclasses.field(default_factory=list)
     fault: StoreError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    table: str
+    rows: dict[RowKey, Row]
+    skip: frozenset[RowKey]
+    commit_timestamp: str
+
+
+@dataclass(frozen=True, slots=True)
+class FactionState:
+    """A faction's current rows per table, and the cursor they correspond to."""
+
+    timestamp: int
+    tables: dict[str, list[Row]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,11 +119,20 @@ class StoreStatistics:
 
 @asynccontextmanager
 async def open_store(
-    path: Path, *, events_per_faction: int, now_ms: Callable[[], int] = wall_clock_ms
+    path: Path,
+    *,
+    events_per_faction: int,
+    now_ms: Callable[[], int] = wall_clock_ms,
+    key_columns: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Store]:
-    """Open (creating and migrating as needed) the database at `path`; on exit flush and close it."""
+    """Open (creating and migrating as needed) the database at `path`; on exit flush and close it.
+
+    `key_columns` maps each upstream table whose rows the store tracks to its key column.
+    """
     opened = await trio.to_thread.run_sync(_open, path, events_per_faction)
-    store = Store(*opened, events_per_faction=events_per_faction, now_ms=now_ms)
+    store = Store(
+        *opened, events_per_faction=events_per_faction, now_ms=now_ms, key_columns=key_columns or {}
+    )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(store._run_committer, name="store committer")
         try:
@@ -127,9 +154,12 @@ class Store:
         subscriptions: Iterable[Subscription],
         events: Iterable[StoredEvent],
         high_water: int,
+        rows: FactionRows,
+        dropped_up_to: dict[int, int],
         *,
         events_per_faction: int,
         now_ms: Callable[[], int],
+        key_columns: Mapping[str, str],
     ) -> None:
         self._writer, self._reader = writer, reader
         self._write_limiter = trio.CapacityLimiter(1)  # the single write limiter: writes in order
@@ -141,7 +171,11 @@ class Store:
         self._subscriptions = {sub.faction_id: sub for sub in subscriptions}
         self._dirty_activity: set[int] = set()  # touched since the last flush
         self._events: dict[int, deque[StoredEvent]] = {}
-        self._pending_appends: list[_PendingAppend] = []
+        self._key_columns = dict(key_columns)
+        self._rows = rows
+        # Per faction, the newest stamp no longer retained: a `since` below it has missed events.
+        self._dropped_up_to = dropped_up_to
+        self._pending_appends: list[_Pending] = []
         self._appends_waiting = trio.Event()  # set while _pending_appends is not empty
         self._group_commits = 0
         self._closing = False
@@ -178,6 +212,24 @@ class Store:
         retained = self._events.get(faction_id)
         return retained[-1].timestamp if retained else None
 
+    def missed_since(self, faction_id: int, since: int | None) -> bool:
+        """Whether events after `since` are no longer retained: the answer is not the whole story."""
+        return since is not None and since < self._dropped_up_to.get(faction_id, 0)
+
+    def faction_state(self, faction_id: int) -> FactionState:
+        """The faction's rows per tracked table, consistent with the cursor that comes with them: every
+        event not reflected in them is stamped above it."""
+        tables = {
+            table: [rows[key] for key in sorted(rows)]
+            for table in self._key_columns
+            for rows in [self._rows.rows(faction_id, table)]
+        }
+        return FactionState(self._visible, tables)
+
+    def row_owner(self, table: str, key_value: Any) -> int | None:
+        """The faction whose stored rows hold this row: where a key-only DELETE belongs."""
+        return self._rows.owner(table, row_key(key_value))
+
     async def advance_clock(self, since: int) -> None:
         """Lamport's rule: after this returns, every later event is stamped above `since`."""
         if since <= self._visible:
@@ -196,17 +248,38 @@ class Store:
     async def append_events(self, faction_id: int, items: Sequence[tuple[str, Any]]) -> list[StoredEvent]:
         """Stamp, commit, then publish `items` (type, data); returns them as stored.
 
-        Once called, the append is carried out even if the caller is cancelled: the caller waits
-        (shielded) for its commit, so that when this returns or raises, the events are published or
-        refused. A storage fault fails every append of the same group commit with `StoreError`.
+        A `postgres_changes` item of a tracked table also updates the faction's rows, and a key-only
+        `old` in it is served completed from the stored row. Once called, the append is carried out
+        even if the caller is cancelled: the caller waits (shielded) for its commit, so that when this
+        returns or raises, the events are published or refused. A storage fault fails every append
+        of the same group commit with `StoreError`.
         """
         # allow_nan=False: browsers' JSON.parse refuses NaN, so such data is refused here, up front.
-        encoded = [(kind, json.dumps(data, separators=(",", ":"), allow_nan=False)) for kind, data in items]
+        encoded = [(kind, data, _encode(data)) for kind, data in items]
         if not encoded:
             return []
+        return await self._submit(_Pending(faction_id, encoded))
+
+    async def reconcile(
+        self,
+        faction_id: int,
+        table: str,
+        snapshot: Iterable[Row],
+        *,
+        skip: Iterable[Any],
+        commit_timestamp: str,
+    ) -> list[StoredEvent]:
+        """Make the faction's stored rows of `table` equal `snapshot`, storing each difference as a
+        `postgres_changes` event marked `resync`; rows whose key is in `skip` (changed live while the
+        snapshot was read) are left as they are. Returns the events, in key order."""
+        key_column = self._key_columns[table]
+        rows = {row_key(row[key_column]): row for row in snapshot}
+        skipped = frozenset(row_key(value) for value in skip)
+        return await self._submit(_Pending(faction_id, [], _Snapshot(table, rows, skipped, commit_timestamp)))
+
+    async def _submit(self, pending: _Pending) -> list[StoredEvent]:
         if self._closing:
             raise StoreError("the store is closing")
-        pending = _PendingAppend(faction_id, encoded)
         self._pending_appends.append(pending)
         self._appends_waiting.set()
         with trio.CancelScope(shield=True):
@@ -226,20 +299,19 @@ class Store:
         self._appends_waiting = trio.Event()
         if not batch:
             return
+        planned, row_changes = self._plan(batch)
 
         def insert(conn: sqlite3.Connection) -> None:
-            for pending in batch:
-                for kind, data_json in pending.encoded:
-                    # Burnt on failure (never reused), which only leaves a gap.
-                    self._high_water = stamp = max(self._now_ms(), self._high_water + 1)
-                    row = conn.execute(
-                        "INSERT INTO events (faction_id, timestamp, type, data) VALUES (?, ?, ?, ?)",
-                        (pending.faction_id, stamp, kind, data_json),
-                    )
-                    assert row.lastrowid is not None
-                    pending.stored.append(
-                        StoredEvent.build(row.lastrowid, pending.faction_id, stamp, kind, data_json)
-                    )
+            for pending, (faction_id, kind, data_json) in planned:
+                # Burnt on failure (never reused), which only leaves a gap.
+                self._high_water = stamp = max(self._now_ms(), self._high_water + 1)
+                row = conn.execute(
+                    "INSERT INTO events (faction_id, timestamp, type, data) VALUES (?, ?, ?, ?)",
+                    (faction_id, stamp, kind, data_json),
+                )
+                assert row.lastrowid is not None
+                pending.stored.append(StoredEvent.build(row.lastrowid, faction_id, stamp, kind, data_json))
+            _write_rows(conn, row_changes)
             conn.execute("UPDATE relay_clock SET high_water = ? WHERE id = 1", (self._high_water,))
 
         # Shielded: once committed, an event must reach memory, or pollers would never see it.
@@ -253,18 +325,80 @@ class Store:
                     pending.done.set()
                 return
             self._group_commits += 1
-            # No checkpoint between the commit returning and these lines: publishing and raising the
-            # cursor happen in the same Trio step, before the next writer's result can be handled.
+            # No checkpoint between the commit returning and these lines: publishing, the rows and the
+            # cursor change in the same Trio step, before the next writer's result can be handled.
+            for change in row_changes:
+                self._rows.apply(change)
             for pending in batch:
                 for event in pending.stored:
                     self._publish(event)
                 pending.done.set()
-            self._visible = max(self._visible, batch[-1].stored[-1].timestamp)
+            newest = [pending.stored[-1].timestamp for pending in batch if pending.stored]
+            self._visible = max([self._visible, *newest])
+
+    def _plan(
+        self, batch: Sequence[_Pending]
+    ) -> tuple[list[tuple[_Pending, tuple[int, str, str]]], list[RowChange]]:
+        """The events to insert, in order, and what they do to the stored rows: each change sees the
+        rows as every earlier change of the batch left them."""
+        overlay: dict[tuple[int, str, RowKey], Row | None] = {}
+
+        def lookup(faction_id: int, table: str, key: RowKey) -> Row | None:
+            if (faction_id, table, key) in overlay:
+                return overlay[(faction_id, table, key)]
+            return self._rows.get(faction_id, table, key)
+
+        planned: list[tuple[_Pending, tuple[int, str, str]]] = []
+        row_changes: list[RowChange] = []
+
+        def record(changes: Iterable[RowChange]) -> None:
+            for change in changes:
+                overlay[(change.faction_id, change.table, change.key)] = change.row
+                row_changes.append(change)
+
+        for pending in batch:
+            faction_id = pending.faction_id
+            if pending.snapshot is not None:
+                snapshot = pending.snapshot
+                current = {
+                    key: row
+                    for key in set(self._rows.rows(faction_id, snapshot.table))
+                    | {k for (f, t, k) in overlay if f == faction_id and t == snapshot.table}
+                    if (row := lookup(faction_id, snapshot.table, key)) is not None
+                }
+                for change in diff(
+                    snapshot.table,
+                    current,
+                    snapshot.rows,
+                    skip=snapshot.skip,
+                    commit_timestamp=snapshot.commit_timestamp,
+                ):
+                    served, effects = complete_change(
+                        faction_id, change, self._key_columns[snapshot.table], lookup
+                    )
+                    record(effects)
+                    planned.append((pending, (faction_id, "postgres_changes", _encode(served))))
+                continue
+            for kind, data, data_json in pending.items:
+                key_column = (
+                    self._key_columns.get(str(data.get("table")))
+                    if kind == "postgres_changes" and isinstance(data, Mapping)
+                    else None
+                )
+                if key_column is not None:
+                    served, effects = complete_change(faction_id, data, key_column, lookup)
+                    record(effects)
+                    if served != data:
+                        data_json = _encode(served)
+                planned.append((pending, (faction_id, kind, data_json)))
+        return planned, row_changes
 
     def _publish(self, event: StoredEvent) -> None:
         retained = self._events.get(event.faction_id)
         if retained is None:
             retained = self._events[event.faction_id] = deque(maxlen=self._events_per_faction)
+        if len(retained) == retained.maxlen:
+            self._dropped_up_to[event.faction_id] = retained[0].timestamp
         retained.append(event)
 
     # --- subscriptions ---
@@ -454,6 +588,24 @@ class Store:
             await trio.to_thread.run_sync(self._reader.close, limiter=self._read_limiter)
 
 
+def _encode(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"), allow_nan=False)
+
+
+def _write_rows(conn: sqlite3.Connection, changes: Sequence[RowChange]) -> None:
+    for change in changes:
+        if change.row is None:
+            conn.execute(
+                "DELETE FROM faction_rows WHERE faction_id = ? AND table_name = ? AND row_key = ?",
+                (change.faction_id, change.table, change.key),
+            )
+        else:
+            conn.execute(
+                "INSERT OR REPLACE INTO faction_rows (faction_id, table_name, row_key, row) VALUES (?, ?, ?, ?)",
+                (change.faction_id, change.table, change.key, _encode(change.row)),
+            )
+
+
 def _in_transaction(fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
     # IMMEDIATE takes the write lock up front, so a busy database fails before anything is stamped.
     conn.execute("BEGIN IMMEDIATE")
@@ -493,7 +645,15 @@ def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
     return conn
 
 
-_Opened = tuple[sqlite3.Connection, sqlite3.Connection, list[Subscription], list[StoredEvent], int]
+_Opened = tuple[
+    sqlite3.Connection,
+    sqlite3.Connection,
+    list[Subscription],
+    list[StoredEvent],
+    int,
+    FactionRows,
+    dict[int, int],
+]
 
 
 def _open(path: Path, per_faction: int) -> _Opened:
@@ -518,8 +678,11 @@ def _close_all(connections: list[sqlite3.Connection]) -> None:
         conn.close()
 
 
-def _load(conn: sqlite3.Connection, per_faction: int) -> tuple[list[Subscription], list[StoredEvent], int]:
-    """Subscriptions, the newest `per_faction` events of each faction (oldest first), the high water."""
+def _load(
+    conn: sqlite3.Connection, per_faction: int
+) -> tuple[list[Subscription], list[StoredEvent], int, FactionRows, dict[int, int]]:
+    """Subscriptions, the newest `per_faction` events of each faction (oldest first), the high water,
+    the faction rows, and per faction the newest stamp of the events not kept in memory."""
     subscriptions = [
         Subscription(faction_id, bool(active), subscribed_at, last_activity_at)
         for faction_id, active, subscribed_at, last_activity_at in conn.execute(
@@ -540,4 +703,18 @@ def _load(conn: sqlite3.Connection, per_faction: int) -> tuple[list[Subscription
         "SELECT max((SELECT high_water FROM relay_clock WHERE id = 1),"
         " (SELECT coalesce(max(timestamp), 0) FROM events))"
     ).fetchone()
-    return subscriptions, events, high_water
+    rows = FactionRows(
+        (faction_id, table, key, json.loads(row))
+        for faction_id, table, key, row in conn.execute(
+            "SELECT faction_id, table_name, row_key, row FROM faction_rows"
+        )
+    )
+    dropped_up_to = dict(
+        conn.execute(
+            "SELECT faction_id, max(timestamp) FROM (SELECT faction_id, timestamp, row_number() OVER"
+            " (PARTITION BY faction_id ORDER BY timestamp DESC) AS newest FROM events)"
+            " WHERE newest > ? GROUP BY faction_id",
+            (per_faction,),
+        ).fetchall()
+    )
+    return subscriptions, events, high_water, rows, dropped_up_to

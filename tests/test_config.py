@@ -59,6 +59,26 @@ def test_defaults_with_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert config.accepted_api_keys == (KEY,)
 
 
+@pytest.mark.parametrize(
+    ("url", "rest_url", "expected"),
+    [
+        ("wss://abc.supabase.co/realtime/v1/websocket", "", "https://abc.supabase.co/rest/v1"),
+        ("ws://127.0.0.1:5432/realtime/v1/websocket", "", "http://127.0.0.1:5432/rest/v1"),
+        ("wss://h.example/base/realtime/v1/websocket/", "", "https://h.example/base/rest/v1"),
+        ("wss://h.example/socket", "", "https://h.example/rest/v1"),
+        (
+            "wss://abc.supabase.co/realtime/v1/websocket",
+            "https://api.example/rest/v1/",
+            "https://api.example/rest/v1",
+        ),
+    ],
+)
+def test_the_rest_base_is_derived_from_the_realtime_url_unless_set(
+    url: str, rest_url: str, expected: str
+) -> None:
+    assert UpstreamConfig(url, KEY, rest_url=rest_url).rest_base == expected
+
+
 def test_filter_for_substitutes_the_faction() -> None:
     assert ChannelConfig("war_calls", "faction_id=eq.{faction_id}").filter_for(46666) == "faction_id=eq.46666"
 
@@ -282,6 +302,17 @@ def test_a_relative_config_path_is_made_absolute(tmp_path: Path, monkeypatch: py
             {},
             ["upstream.channels[0].filter", "must contain {faction_id}", '"id=eq.1"'],
         ),
+        (
+            "[[upstream.channels]]\ntable = 'a'\nfilter = 'id=eq.{faction_id}'\ndeletes = 'never'\n",
+            {},
+            ["upstream.channels[0].deletes", "shared, filtered", '"never"'],
+        ),
+        (
+            "[upstream]\nrest_url = 'ftp://x/rest/v1'\n",
+            {},
+            ["upstream.rest_url", "http://", '"ftp://x/rest/v1"'],
+        ),
+        ("[upstream]\nrest_url = 7\n", {}, ["upstream.rest_url", "a string", "7"]),
         # api_keys: described, never shown
         (
             '[auth]\napi_keys = "SECRET-VALUE"\n',

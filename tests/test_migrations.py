@@ -46,7 +46,7 @@ def test_a_checkout_finds_the_repository_migrations() -> None:
     assert (CHECKOUT_DIR / "0001_initial.sql").is_file()
 
 
-SHIPPED = [(1, "initial"), (2, "relay_health")]
+SHIPPED = [(1, "initial"), (2, "relay_health"), (3, "faction_rows")]
 
 
 def test_a_fresh_database_gets_every_shipped_migration_recorded(conn: sqlite3.Connection) -> None:

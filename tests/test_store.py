@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, closing, contextmanager
 from pathlib import Path
 
@@ -494,3 +494,112 @@ async def test_an_unusable_path_is_a_store_error(tmp_path: Path) -> None:
     with trio.fail_after(TEST_TIMEOUT_S), pytest.raises(StoreError, match="cannot open the database"):
         async with open_test_store(tmp_path, WallClock()):
             pass
+
+
+# --- faction state ---
+
+KEYS = {"war_calls": "id"}
+
+
+def war_call(
+    kind: str, new: Mapping[str, object], old: Mapping[str, object]
+) -> tuple[str, dict[str, object]]:
+    return (
+        "postgres_changes",
+        {"table": "war_calls", "eventType": kind, "new": new, "old": old, "commit_timestamp": "t"},
+    )
+
+
+def open_state_store(tmp_path: Path, clock: WallClock, **kwargs: int) -> AbstractAsyncContextManager[Store]:
+    return open_store(db_path(tmp_path), events_per_faction=100, now_ms=clock, key_columns=KEYS, **kwargs)
+
+
+async def test_key_only_old_records_are_completed_from_the_stored_row(tmp_path: Path) -> None:
+    clock = WallClock()
+    call = {"id": 7, "faction_id": FACTION, "target_id": 3001, "caller_name": "Ann"}
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_state_store(tmp_path, clock) as store:
+            await store.append_events(FACTION, [war_call("INSERT", call, {})])
+            moved = {**call, "caller_name": "Bob"}
+            # Both in one append: the DELETE must see the row as the UPDATE left it.
+            update, delete = await store.append_events(
+                FACTION, [war_call("UPDATE", moved, {"id": 7}), war_call("DELETE", {}, {"id": 7})]
+            )
+            assert update.data()["old"] == call
+            assert delete.data()["old"] == moved  # today's script reads old.target_id
+            assert store.faction_state(FACTION).tables == {"war_calls": []}
+            # A full old record (REPLICA IDENTITY FULL) is served as it came.
+            await store.append_events(FACTION, [war_call("INSERT", call, {})])
+            (full,) = await store.append_events(FACTION, [war_call("DELETE", {}, {**call, "extra": 1})])
+            assert full.data()["old"] == {**call, "extra": 1}
+
+
+async def test_faction_state_survives_a_restart_and_routes_keys_to_factions(tmp_path: Path) -> None:
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_state_store(tmp_path, clock) as store:
+            await store.append_events(FACTION, [war_call("INSERT", {"id": 1, "t": "a"}, {})])
+            await store.append_events(OTHER, [war_call("INSERT", {"id": 2, "t": "b"}, {})])
+            await store.append_events(FACTION, [("hospital_update", {"id": 9})])  # not a row change
+            state = store.faction_state(FACTION)
+            assert state.tables == {"war_calls": [{"id": 1, "t": "a"}]}
+            assert state.timestamp == store.cursor()
+        async with open_state_store(tmp_path, clock) as store:
+            assert store.faction_state(OTHER).tables == {"war_calls": [{"id": 2, "t": "b"}]}
+            assert (store.row_owner("war_calls", 1), store.row_owner("war_calls", 2)) == (FACTION, OTHER)
+            assert store.row_owner("war_calls", "1") is None  # the text "1" is another key
+            (delete,) = await store.append_events(OTHER, [war_call("DELETE", {}, {"id": 2})])
+            assert delete.data()["old"] == {"id": 2, "t": "b"}
+            assert store.row_owner("war_calls", 2) is None
+
+
+async def test_reconcile_emits_the_differences_and_leaves_live_keys_alone(tmp_path: Path) -> None:
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_state_store(tmp_path, clock) as store:
+            rows = [{"id": n, "v": "old"} for n in (1, 2, 3, 4)]
+            await store.append_events(FACTION, [war_call("INSERT", row, {}) for row in rows])
+            snapshot = [
+                {"id": 2, "v": "new"},
+                {"id": 3, "v": "old"},
+                {"id": 5, "v": "new"},
+                {"id": 6, "v": "x"},
+            ]
+            events = await store.reconcile(
+                FACTION, "war_calls", snapshot, skip=[4, 6], commit_timestamp="2026-11-24T20:00:00.000Z"
+            )
+            summary = [(e.data()["eventType"], e.data()["new"], e.data()["old"]) for e in events]
+            assert summary == [
+                ("DELETE", {}, {"id": 1, "v": "old"}),
+                ("UPDATE", {"id": 2, "v": "new"}, {"id": 2, "v": "old"}),
+                ("INSERT", {"id": 5, "v": "new"}, {}),
+            ]
+            assert all(e.data()["resync"] is True for e in events)
+            assert {e.data()["commit_timestamp"] for e in events} == {"2026-11-24T20:00:00.000Z"}
+            assert store.faction_state(FACTION).tables["war_calls"] == [
+                {"id": 2, "v": "new"},
+                {"id": 3, "v": "old"},
+                {"id": 4, "v": "old"},  # changed live during the read: the live row stands
+                {"id": 5, "v": "new"},
+            ]
+            assert (
+                await store.reconcile(
+                    FACTION, "war_calls", snapshot[:3] + rows[3:], skip=[], commit_timestamp="t"
+                )
+                == []
+            )
+
+
+async def test_missed_since_says_when_older_events_are_gone(tmp_path: Path) -> None:
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        for _ in range(2):  # and the same after a restart
+            async with open_test_store(tmp_path, clock, events_per_faction=2) as store:
+                if not store.read_since(FACTION, None)[0]:
+                    await store.append_events(FACTION, [("t", 1), ("t", 2), ("t", 3)])
+                first = query(tmp_path, "SELECT min(timestamp) FROM events")[0][0]
+                assert isinstance(first, int)
+                assert store.missed_since(FACTION, first - 1)  # the first event is gone
+                assert not store.missed_since(FACTION, first)  # everything after it is retained
+                assert not store.missed_since(FACTION, None)
+                assert not store.missed_since(OTHER, 0)
