@@ -21,7 +21,9 @@ from relay.store import Store, StoreError
 from relay.supervisor import Supervisors
 
 # The routes a client address is rate-limited on: everything that costs the relay work per member.
-RATE_LIMITED_PATHS = frozenset({"/subscribe", "/events", "/events/stream", "/hospital", "/faction-members"})
+RATE_LIMITED_PATHS = frozenset(
+    {"/subscribe", "/events", "/events/stream", "/state", "/hospital", "/faction-members"}
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,6 +117,21 @@ def create_app(services: Services) -> QuartTrio:
         supervisors.ensure_running(faction_id)
         return json_response({"status": "subscribed", "faction_id": faction_id, "timestamp": store.cursor()})
 
+    @app.get("/state")
+    async def state() -> Response:
+        faction_id = parse_faction_id(request.args.get("faction_id"))
+        await admit_faction(services, faction_id)
+        current = store.faction_state(faction_id)
+        return json_response(
+            {
+                "faction_id": faction_id,
+                "timestamp": current.timestamp,
+                "tables": current.tables,
+                # Which column identifies a row of each table: what a client mirroring rows keys them by.
+                "keys": {channel.table: channel.key for channel in config.upstream.channels},
+            }
+        )
+
     async def publish(faction_id: int, event_type: str, data: object) -> Response:
         if event_type not in config.publish.types:
             allowed = ", ".join(config.publish.types)

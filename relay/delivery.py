@@ -99,10 +99,14 @@ async def wait_for_events(
     return store.read_since(faction_id, since)
 
 
-def events_body(found: Sequence[StoredEvent], cursor: int, next_poll: int) -> bytes:
-    """An `/events` answer: each event's JSON was built once when it was stored, so this only joins."""
+def events_body(
+    found: Sequence[StoredEvent], cursor: int, next_poll: int, *, truncated: bool = False
+) -> bytes:
+    """An `/events` answer: each event's JSON was built once when it was stored, so this only joins.
+    `truncated` (only sent when true) says events after the client's `since` are no longer retained."""
     events = ",".join([event.json for event in found])
-    return f'{{"events":[{events}],"timestamp":{cursor},"next_poll_ms":{next_poll}}}'.encode()
+    gap = ',"truncated":true' if truncated else ""
+    return f'{{"events":[{events}],"timestamp":{cursor},"next_poll_ms":{next_poll}{gap}}}'.encode()
 
 
 async def stream_events(
@@ -113,13 +117,19 @@ async def stream_events(
     since: int | None,
     send_chunk: Callable[[bytes], Awaitable[None]],
 ) -> None:
-    """An SSE body: `retry:`, then every event after `since` (or after now), keep-alives, until shutdown.
+    """An SSE body: `retry:`, a `truncated` event when `since` is older than what is retained, then
+    every event after `since` (or after now), keep-alives, until shutdown.
 
     The caller has already counted this stream in `held`; it is released when the stream ends,
     however it ends (client gone, shutdown).
     """
     try:
         await send_chunk(f"retry: {SSE_RETRY_MS}\n\n".encode())
+        if store.missed_since(faction_id, since):
+            # No id: the resume point stays the last event the client really has.
+            await send_chunk(
+                f'event: truncated\ndata: {{"faction_id":{faction_id},"since":{since}}}\n\n'.encode()
+            )
         cursor = store.cursor() if since is None else since
         while not hub.stopping.is_set():
             store.touch(faction_id)  # an open stream is a member still watching

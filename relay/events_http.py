@@ -106,6 +106,7 @@ class EventsEndpoint:
         wait_s = parse_wait(args.get("wait"), limits.long_poll_max_wait)
         await admit_faction(services, faction_id)
         await apply_client_clock(services, since)
+        truncated = store.missed_since(faction_id, since)
         found, cursor = store.read_since(faction_id, since)
         if not found and wait_s > 0 and not hub.stopping.is_set():
             with held.long_poll() as may_hold:
@@ -117,7 +118,7 @@ class EventsEndpoint:
                     if disconnect.happened:
                         return  # nobody is left to answer
         advice = next_poll_ms(store, held, faction_id, services.wall_clock_ms())
-        await _send_whole(send, 200, _JSON, events_body(found, cursor, advice))
+        await _send_whole(send, 200, _JSON, events_body(found, cursor, advice, truncated=truncated))
 
     async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
         services = self._services

@@ -130,6 +130,10 @@ var CATRelay = (function () {
       this._retryBetterAt = 0;
       this._delivered = false;
       this._resubscribe = false;
+      this._resync = false; // the relay said events after our cursor are gone: reload its state
+      this._rows = {}; // table -> JSON of the key -> row: the faction's rows as our events left them
+      this._keys = {}; // table -> key column, from /state
+      this._stateless = false; // the relay gave no state when asked: take `truncated` answers as they are
       CATRelayClient.latest = this; // what createCATRelayConnection uses by default
     }
 
@@ -158,6 +162,37 @@ var CATRelay = (function () {
       // Before any delivery the relay's cursor replaces ours (our clock may be off); after, it may only
       // move forward, or events already handed out would come again.
       if (typeof stamp === 'number') this.cursor = this._delivered ? Math.max(this.cursor, stamp) : stamp;
+      // The rows to follow from here. After a delivery (a resubscription) the page holds what our
+      // events said, so the differences to the relay's rows are handed to it too.
+      await this.loadState(this._delivered);
+      return true;
+    }
+
+    /* GET /state: the faction's rows and the cursor they correspond to, which becomes ours. With
+     * `emitDifferences`, what changed against the rows our events left is delivered as resync
+     * changes first. Resolves false (changing nothing) when the relay gives no state. */
+    async loadState(emitDifferences) {
+      var path = '/state?faction_id=' + encodeURIComponent(this.factionId);
+      var answer = await this._call('GET', path, undefined, REQUEST_TIMEOUT_MS).catch(function () { return null; });
+      var state = answer && answer.status === 200 ? answer.body : null;
+      if (!state || typeof state.timestamp !== 'number' || !state.tables || typeof state.tables !== 'object') {
+        return false;
+      }
+      var keys = state.keys && typeof state.keys === 'object' ? state.keys : {};
+      var rows = {};
+      Object.keys(state.tables).forEach(function (table) {
+        var key = keys[table];
+        if (typeof key !== 'string' || !Array.isArray(state.tables[table])) return;
+        rows[table] = {};
+        state.tables[table].forEach(function (row) {
+          if (row && typeof row === 'object' && key in row) rows[table][JSON.stringify(row[key])] = row;
+        });
+      });
+      if (emitDifferences) this._emitDifferences(rows, state.timestamp);
+      this._rows = rows;
+      this._keys = keys;
+      this._stateless = false;
+      this.cursor = this._delivered ? Math.max(this.cursor, state.timestamp) : state.timestamp;
       return true;
     }
 
@@ -235,6 +270,16 @@ var CATRelay = (function () {
     /* One delivery request or stream: resubscribe if the relay forgot us, then the current transport. */
     async _step() {
       var token = ++this._attempt;
+      if (this._resync && !this._resubscribe) {
+        // Whatever happens, carry on: without a state the retained events are still worth having.
+        this._resync = false;
+        var loaded = await this.loadState(true);
+        if (token !== this._attempt) return;
+        if (!loaded) {
+          this._stateless = true;
+          this._log('warn', 'events were missed and the relay gave no state to recover from');
+        }
+      }
       if (this._resubscribe) {
         var ok = await this.subscribe();
         if (token !== this._attempt) return;
@@ -287,6 +332,12 @@ var CATRelay = (function () {
       var body = answer.body;
       if (answer.status !== 200 || !body || !Array.isArray(body.events)) return this._refused(token, answer);
       this._errors = this._levelErrors = 0;
+      if (body.truncated === true && !this._stateless) {
+        // What we missed is gone from the relay's events but not from its rows: reload them (which also
+        // covers this answer's events) before going on.
+        this._resync = true;
+        return this._schedule(0);
+      }
       this._deliver(body.events);
       // An empty answer's cursor is safe to adopt: the relay stamps every later event above it.
       if (typeof body.timestamp === 'number' && body.timestamp > this.cursor) this.cursor = body.timestamp;
@@ -311,6 +362,12 @@ var CATRelay = (function () {
         openedAt = Date.now();
         self._errors = 0;
       };
+      source.addEventListener('truncated', function () {
+        if (token !== self._attempt || self._stateless) return;
+        self._closeSource();
+        self._resync = true;
+        self._schedule(0);
+      });
       STREAM_TYPES.forEach(function (type) {
         source.addEventListener(type, function (message) {
           var event = token === self._attempt && parseJson(message.data);
@@ -341,8 +398,37 @@ var CATRelay = (function () {
         if (!event || typeof event.timestamp !== 'number' || event.timestamp <= this.cursor) continue;
         this.cursor = event.timestamp;
         this._delivered = true;
+        if (event.type === 'postgres_changes') this._track(event.data);
         this._dispatch(event);
       }
+    }
+
+    /* Keep our copy of the faction's rows as a change leaves them. */
+    _track(change) {
+      var key = change && this._keys[change.table];
+      if (typeof key !== 'string') return;
+      var rows = this._rows[change.table] || (this._rows[change.table] = {});
+      var old = change.old || {}, now = change.new || {};
+      if (key in old && change.eventType !== 'INSERT') delete rows[JSON.stringify(old[key])];
+      if (key in now && change.eventType !== 'DELETE') rows[JSON.stringify(now[key])] = now;
+    }
+
+    /* Deliver, as resync changes in the realtime-js shape, what turns our rows into `rows`. */
+    _emitDifferences(rows, stamp) {
+      var mine = this._rows, at = new Date(stamp).toISOString();
+      var tables = Object.keys(rows).concat(Object.keys(mine).filter(function (t) { return !(t in rows); }));
+      tables.forEach(function (table) {
+        var before = mine[table] || {}, after = rows[table] || {};
+        var keys = Object.keys(before).concat(Object.keys(after).filter(function (k) { return !(k in before); }));
+        keys.sort().forEach(function (k) {
+          var was = before[k], now = after[k];
+          if (was && now && JSON.stringify(was) === JSON.stringify(now)) return;
+          var kind = !was ? 'INSERT' : !now ? 'DELETE' : 'UPDATE';
+          var change = { schema: 'public', table: table, commit_timestamp: at, eventType: kind,
+            new: now || {}, old: was || {}, errors: null, resync: true };
+          this._dispatch({ type: 'postgres_changes', timestamp: stamp, data: change });
+        }, this);
+      }, this);
     }
 
     _dispatch(event) {

@@ -1,0 +1,89 @@
+"""Faction state over HTTP: `/state` and its cursor, and the `truncated` signal on `/events` and SSE."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import trio
+
+from relay.config import Config
+from relay.service import RunningRelay, run_relay
+from tests.conftest import ANON_KEY, FACTION
+from tests.sse_client import open_sse
+
+
+def war_call(kind: str, new: dict[str, Any], old: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    change = {"schema": "public", "table": "war_calls", "commit_timestamp": "2026-11-24T20:00:00.000Z"}
+    return "postgres_changes", {**change, "eventType": kind, "new": new, "old": old, "errors": None}
+
+
+async def start(nursery: trio.Nursery, make_config: Callable[..., Config], toml: str = "") -> RunningRelay:
+    relay: RunningRelay = await nursery.start(functools.partial(run_relay, make_config(toml)))
+    async with httpx.AsyncClient(base_url=relay.url) as http:
+        subscribed = await http.post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
+        assert subscribed.status_code == 200
+    return relay
+
+
+async def test_state_then_events_since_its_cursor_miss_nothing_and_double_nothing(
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
+    relay = await start(nursery, make_config)
+    first = {"id": 1, "faction_id": FACTION, "target_id": 3001}
+    second = {"id": 2, "faction_id": FACTION, "target_id": 3002}
+    await relay.store.append_events(FACTION, [war_call("INSERT", first, {}), war_call("INSERT", second, {})])
+    await relay.store.append_events(FACTION, [war_call("DELETE", {}, {"id": 1})])
+    async with httpx.AsyncClient(base_url=relay.url) as http:
+        response = await http.get("/state", params={"faction_id": FACTION})
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == "*"
+        state = response.json()
+        assert state == {
+            "faction_id": FACTION,
+            "timestamp": relay.store.cursor(),
+            "tables": {"war_calls": [second], "faction_messages": []},
+            "keys": {"war_calls": "id", "faction_messages": "id"},
+        }
+        assert (
+            await http.get("/events", params={"faction_id": FACTION, "since": state["timestamp"]})
+        ).json()["events"] == []
+        (later,) = await relay.store.append_events(
+            FACTION, [war_call("UPDATE", {**second, "target_id": 9}, {"id": 2})]
+        )
+        body = (await http.get("/events", params={"faction_id": FACTION, "since": state["timestamp"]})).json()
+        assert [event["id"] for event in body["events"]] == [later.id]
+        assert body["events"][0]["data"]["old"] == second  # completed from the stored row
+        refused = await http.get("/state", params={"faction_id": 999})
+        assert (refused.status_code, refused.json()["code"]) == (404, "not_subscribed")
+        refused = await http.get("/state", params={"faction_id": "x"})
+        assert (refused.status_code, refused.json()["code"]) == (400, "invalid_faction_id")
+
+
+async def test_a_since_older_than_what_is_retained_is_answered_truncated(
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
+    relay = await start(nursery, make_config, "[retention]\nevents_per_faction = 2\n")
+    first, second, third = await relay.store.append_events(
+        FACTION, [("hospital_update", {"n": n}) for n in range(3)]
+    )
+    async with httpx.AsyncClient(base_url=relay.url) as http:
+        gap = (await http.get("/events", params={"faction_id": FACTION, "since": first.timestamp - 1})).json()
+        assert gap["truncated"] is True
+        assert [event["id"] for event in gap["events"]] == [second.id, third.id]
+        whole = (await http.get("/events", params={"faction_id": FACTION, "since": first.timestamp})).json()
+        assert "truncated" not in whole
+        assert [event["id"] for event in whole["events"]] == [second.id, third.id]
+    with trio.fail_after(10):
+        async with open_sse(
+            relay.url, f"/events/stream?faction_id={FACTION}&since={first.timestamp - 1}"
+        ) as stream:
+            signal = await stream.next_record()
+            following = await stream.next_record()
+    assert signal["event"] == "truncated"
+    assert "id" not in signal  # the resume point stays the client's own
+    assert json.loads(signal["data"]) == {"faction_id": FACTION, "since": first.timestamp - 1}
+    assert following["id"] == str(second.timestamp)
