@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
+from relay.testing.fake_rest import ReplayStream, RestRequest, answer, http_response, parse_head, read_head
 from relay.testing.fake_tables import (
     FACTION_MESSAGES_COLUMNS,
     WAR_CALLS_COLUMNS,
@@ -226,6 +227,12 @@ class FakeSupabase:
         self.ignore_filters = False  # lets a test check the relay's own filter check
         self.upgrade_attempts = 0
         self.joins = 0
+        # PostgREST on the same port (fake_rest): every request seen (newest kept), and a hold that, while
+        # set to an unset Event, keeps each answer (its rows already read) until the Event is set.
+        self.rest_requests: deque[RestRequest] = deque(maxlen=RECEIVED_FRAMES_KEPT)
+        self.rest_request_count = 0
+        self.rest_hold: trio.Event | None = None
+        self._rest_failure: _Fault[int] | None = None
         self._host = host
         self._requested_port = port
         self._port: int | None = None
@@ -292,6 +299,13 @@ class FakeSupabase:
 
     def accept_joins(self) -> None:
         self._join_failure = None
+
+    def fail_rest(self, status: int, count: int | None = None) -> None:
+        """Answer the next `count` REST requests (None: all until `accept_rest`) with `status`."""
+        self._rest_failure = _fault(status, count)
+
+    def accept_rest(self) -> None:
+        self._rest_failure = None
 
     def fail_subscriptions(self, message: str, count: int | None = None) -> None:
         """After an ok join, send a `postgres_changes` system error instead of "Subscribed" (5.2)."""
@@ -459,13 +473,38 @@ class FakeSupabase:
         # trio-websocket's own reader task lives here; wrapping the stream ourselves (rather than
         # serve_websocket) keeps the raw stream at hand for an abort without a close frame.
         async with trio.open_nursery() as websocket_tasks:
+            head: bytes | None = None
+            with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+                head = await read_head(stream)
+            if head is None:
+                await stream.aclose()
+                return
+            first = parse_head(head)
+            if not first.is_upgrade:
+                await self._serve_rest(stream, first)
+                return
             request: WebSocketRequest | None = None
             with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
-                request = await wrap_server_stream(websocket_tasks, stream)
+                request = await wrap_server_stream(websocket_tasks, ReplayStream(stream, head))
             if request is not None:
                 with contextlib.suppress(ConnectionClosed):  # the client left during the handshake
                     await self._handle_request(request, stream)
             websocket_tasks.cancel_scope.cancel()
+
+    async def _serve_rest(self, stream: trio.SocketStream, request: RestRequest) -> None:
+        self.rest_requests.append(request)
+        self.rest_request_count += 1
+        failure, self._rest_failure = _take(self._rest_failure)
+        if failure is not None:
+            status, body = failure, {"message": "scripted failure"}
+        else:
+            status, body = answer(request, self._tables, self.valid_keys)  # the rows, read now
+        self._notify()
+        if self.rest_hold is not None:
+            await self.rest_hold.wait()
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(http_response(status, body))
+        await stream.aclose()
 
     async def _handle_request(self, request: WebSocketRequest, stream: trio.SocketStream) -> None:
         self.upgrade_attempts += 1

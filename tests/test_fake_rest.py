@@ -1,0 +1,70 @@
+"""The fake's PostgREST, on the same port as its Realtime socket, over the same rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from relay.testing.fake_supabase import FakeSupabase
+
+KEY = "anon-key"
+HEADERS = {"apikey": KEY, "Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture
+async def fake(nursery: trio.Nursery) -> FakeSupabase:
+    server = FakeSupabase(valid_keys=(KEY,))
+    await nursery.start(server.run)
+    for n, faction in [(3, 1), (1, 1), (2, 2), (4, 1)]:
+        server.insert("war_calls", {"id": n, "faction_id": faction, "target_name": f"t,{n}"}, deliver=False)
+    return server
+
+
+async def read(fake: FakeSupabase, path: str, headers: dict[str, str] = HEADERS) -> tuple[int, Any]:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{fake.port}") as http:
+        response = await http.get(path, headers=headers)
+    return response.status_code, response.json()
+
+
+async def test_filtered_ordered_limited_reads_of_the_same_rows(fake: FakeSupabase) -> None:
+    status, rows = await read(fake, "/rest/v1/war_calls?select=*&faction_id=eq.1&order=id.asc&limit=2")
+    assert status == 200
+    assert [row["id"] for row in rows] == [1, 3]
+    status, rows = await read(fake, "/rest/v1/war_calls?faction_id=eq.1&id=gt.3&order=id.asc")
+    assert [row["id"] for row in rows] == [4]
+    status, rows = await read(fake, '/rest/v1/war_calls?target_name=eq."t,2"')
+    assert [row["id"] for row in rows] == [2]
+    fake.delete("war_calls", 4, deliver=False)
+    assert [row["id"] for row in (await read(fake, "/rest/v1/war_calls?faction_id=eq.1"))[1]] == [3, 1]
+    assert fake.rest_request_count == 4
+    assert fake.rest_requests[-1].query == [("faction_id", "eq.1")]
+
+
+async def test_refusals_and_scripted_failures(fake: FakeSupabase) -> None:
+    assert (await read(fake, "/rest/v1/war_calls", headers={}))[0] == 401
+    assert (await read(fake, "/rest/v1/war_calls", headers={"apikey": KEY}))[0] == 401
+    assert (await read(fake, "/rest/v1/nothing_here"))[0] == 404
+    status, body = await read(fake, "/rest/v1/war_calls?colour=eq.red")
+    assert (status, body["code"]) == (400, "PGRST100")
+    fake.fail_rest(503, count=1)
+    assert (await read(fake, "/rest/v1/war_calls"))[0] == 503
+    assert (await read(fake, "/rest/v1/war_calls"))[0] == 200
+
+
+async def test_a_held_answer_carries_the_rows_as_they_were_when_read(fake: FakeSupabase) -> None:
+    fake.rest_hold = trio.Event()
+    answers: list[Any] = []
+
+    async def read_into() -> None:
+        answers.append((await read(fake, "/rest/v1/war_calls?faction_id=eq.2"))[1])
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_into)
+            await fake.wait_until(lambda: fake.rest_request_count == 1)
+            fake.insert("war_calls", {"id": 9, "faction_id": 2}, deliver=False)
+            fake.rest_hold.set()
+    assert [row["id"] for row in answers[0]] == [2]
