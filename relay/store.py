@@ -18,7 +18,7 @@ import logging
 import math
 import sqlite3
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -36,6 +36,11 @@ T = TypeVar("T")
 # How long a statement waits on a lock held by another connection (the operator's sqlite3 shell, or
 # our own reader during a checkpoint) before giving up; long enough to ride out a manual query.
 BUSY_TIMEOUT_MS = 5_000
+# Tombstones: the commit time of each recent upstream DELETE, per faction, table and key. Two sockets
+# (the faction's and the shared DELETE one) do not keep each other's order, so a DELETE may arrive
+# twice, or before a change it followed upstream; both are recognised by commit time and dropped.
+# Out-of-order arrivals are a second apart at most, so a few thousand recent ones are plenty.
+TOMBSTONES_KEPT = 4_096
 # /health proves the database writable by committing a no-op write, but not more often than this.
 HEALTH_PROBE_INTERVAL_S = 1.0
 
@@ -140,8 +145,7 @@ async def open_store(
         finally:
             # Writes are never abandoned, so shutdown waits for the final flush rather than losing it.
             with trio.CancelScope(shield=True):
-                await store._close()
-            nursery.cancel_scope.cancel()
+                await store._close()  # which also ends the committer
 
 
 class Store:
@@ -173,12 +177,14 @@ class Store:
         self._events: dict[int, deque[StoredEvent]] = {}
         self._key_columns = dict(key_columns)
         self._rows = rows
+        self._tombstones: OrderedDict[tuple[int, str, RowKey], str] = OrderedDict()
         # Per faction, the newest stamp no longer retained: a `since` below it has missed events.
         self._dropped_up_to = dropped_up_to
         self._pending_appends: list[_Pending] = []
         self._appends_waiting = trio.Event()  # set while _pending_appends is not empty
         self._group_commits = 0
         self._closing = False
+        self._committer_done = trio.Event()
         # Every stamp ever assigned or promised; the next stamp is above it. Only changed by the
         # write thread, under the write limiter.
         self._high_water = high_water
@@ -289,17 +295,24 @@ class Store:
         return pending.stored
 
     async def _run_committer(self) -> None:
-        """Commit whatever was appended while the previous commit ran; forever, one batch at a time."""
-        while True:
-            await self._appends_waiting.wait()
-            await self._commit_pending()
+        """Commit whatever was appended while the previous commit ran, one batch at a time, until the
+        store closes with nothing left.
+
+        Shielded: a caller waits (shielded) for its append's answer, so the committer must outlive a
+        cancelled relay (a test's nursery, a second Ctrl-C) until `_close` has seen every append out.
+        """
+        with trio.CancelScope(shield=True):
+            while not (self._closing and not self._pending_appends):
+                await self._appends_waiting.wait()
+                await self._commit_pending()
+        self._committer_done.set()
 
     async def _commit_pending(self) -> None:
         batch, self._pending_appends = self._pending_appends, []
         self._appends_waiting = trio.Event()
         if not batch:
             return
-        planned, row_changes = self._plan(batch)
+        planned, row_changes, tombstones = self._plan(batch)
 
         def insert(conn: sqlite3.Connection) -> None:
             for pending, (faction_id, kind, data_json) in planned:
@@ -329,6 +342,9 @@ class Store:
             # cursor change in the same Trio step, before the next writer's result can be handled.
             for change in row_changes:
                 self._rows.apply(change)
+            self._tombstones.update(tombstones)
+            while len(self._tombstones) > TOMBSTONES_KEPT:
+                self._tombstones.popitem(last=False)
             for pending in batch:
                 for event in pending.stored:
                     self._publish(event)
@@ -338,7 +354,9 @@ class Store:
 
     def _plan(
         self, batch: Sequence[_Pending]
-    ) -> tuple[list[tuple[_Pending, tuple[int, str, str]]], list[RowChange]]:
+    ) -> tuple[
+        list[tuple[_Pending, tuple[int, str, str]]], list[RowChange], dict[tuple[int, str, RowKey], str]
+    ]:
         """The events to insert, in order, and what they do to the stored rows: each change sees the
         rows as every earlier change of the batch left them."""
         overlay: dict[tuple[int, str, RowKey], Row | None] = {}
@@ -350,6 +368,7 @@ class Store:
 
         planned: list[tuple[_Pending, tuple[int, str, str]]] = []
         row_changes: list[RowChange] = []
+        tombstones: dict[tuple[int, str, RowKey], str] = {}
 
         def record(changes: Iterable[RowChange]) -> None:
             for change in changes:
@@ -386,12 +405,25 @@ class Store:
                     else None
                 )
                 if key_column is not None:
+                    arrival = _ordering(faction_id, data, key_column)
+                    if arrival is not None:
+                        place, committed_at = arrival
+                        deleted_at = tombstones.get(place) or self._tombstones.get(place)
+                        if deleted_at is not None and committed_at <= deleted_at:
+                            # This DELETE again (by a second channel), or a change it overtook.
+                            continue
+                        if data.get("eventType") == "DELETE":
+                            tombstones[place] = committed_at
                     served, effects = complete_change(faction_id, data, key_column, lookup)
+                    if _changes_nothing(effects, lookup):
+                        # A row the faction holds already, as it is (a snapshot read just before
+                        # brought it): whoever follows the events has it, so it is not served twice.
+                        continue
                     record(effects)
                     if served != data:
                         data_json = _encode(served)
                 planned.append((pending, (faction_id, kind, data_json)))
-        return planned, row_changes
+        return planned, row_changes, tombstones
 
     def _publish(self, event: StoredEvent) -> None:
         retained = self._events.get(event.faction_id)
@@ -576,8 +608,9 @@ class Store:
             raise StoreError(f"database read failed: {exc}") from exc
 
     async def _close(self) -> None:
-        self._closing = True
-        await self._commit_pending()  # appends that arrived after the committer's last batch
+        self._closing = True  # no new appends; the committer finishes the ones already made
+        self._appends_waiting.set()
+        await self._committer_done.wait()
         try:
             await self.flush_activity()
             await self.checkpoint()
@@ -586,6 +619,31 @@ class Store:
         finally:
             await trio.to_thread.run_sync(self._writer.close, limiter=self._write_limiter)
             await trio.to_thread.run_sync(self._reader.close, limiter=self._read_limiter)
+
+
+def _ordering(
+    faction_id: int, change: Mapping[str, Any], key_column: str
+) -> tuple[tuple[int, str, RowKey], str] | None:
+    """Where an upstream change lands (faction, table, key) and when it committed; None for a change
+    that cannot be placed (no key, no commit time) and for the relay's own resync changes."""
+    stamp, kind = change.get("commit_timestamp"), change.get("eventType")
+    row = change.get("old") if kind == "DELETE" else change.get("new")
+    if (
+        change.get("resync")
+        or not isinstance(stamp, str)
+        or not isinstance(row, Mapping)
+        or key_column not in row
+    ):
+        return None
+    # Realtime's commit_timestamp is fixed-width ISO 8601 UTC, so text order is time order.
+    return (faction_id, str(change.get("table")), row_key(row[key_column])), stamp
+
+
+def _changes_nothing(effects: Sequence[RowChange], lookup: Callable[[int, str, RowKey], Row | None]) -> bool:
+    return bool(effects) and all(
+        change.row is not None and lookup(change.faction_id, change.table, change.key) == change.row
+        for change in effects
+    )
 
 
 def _encode(data: Any) -> str:

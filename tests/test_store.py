@@ -7,6 +7,7 @@ a write "in progress" is made deterministic.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sqlite3
 import threading
@@ -501,12 +502,16 @@ async def test_an_unusable_path_is_a_store_error(tmp_path: Path) -> None:
 KEYS = {"war_calls": "id"}
 
 
+COMMITS = itertools.count()
+
+
 def war_call(
-    kind: str, new: Mapping[str, object], old: Mapping[str, object]
+    kind: str, new: Mapping[str, object], old: Mapping[str, object], committed: str | None = None
 ) -> tuple[str, dict[str, object]]:
+    committed = committed or f"2026-11-24T20:00:{next(COMMITS):06.3f}Z"  # by default, each later
     return (
         "postgres_changes",
-        {"table": "war_calls", "eventType": kind, "new": new, "old": old, "commit_timestamp": "t"},
+        {"table": "war_calls", "eventType": kind, "new": new, "old": old, "commit_timestamp": committed},
     )
 
 
@@ -575,6 +580,8 @@ async def test_reconcile_emits_the_differences_and_leaves_live_keys_alone(tmp_pa
                 ("INSERT", {"id": 5, "v": "new"}, {}),
             ]
             assert all(e.data()["resync"] is True for e in events)
+            # The live INSERT of row 5, committed before the read but delivered after it, adds nothing.
+            assert await store.append_events(FACTION, [war_call("INSERT", {"id": 5, "v": "new"}, {})]) == []
             assert {e.data()["commit_timestamp"] for e in events} == {"2026-11-24T20:00:00.000Z"}
             assert store.faction_state(FACTION).tables["war_calls"] == [
                 {"id": 2, "v": "new"},
@@ -603,3 +610,25 @@ async def test_missed_since_says_when_older_events_are_gone(tmp_path: Path) -> N
                 assert not store.missed_since(FACTION, first)  # everything after it is retained
                 assert not store.missed_since(FACTION, None)
                 assert not store.missed_since(OTHER, 0)
+
+
+async def test_a_delete_that_arrives_twice_or_before_an_older_change_wins(tmp_path: Path) -> None:
+    """Two sockets (the faction's, the shared DELETE one) do not keep each other's order."""
+    clock = WallClock()
+    row = {"id": 7, "faction_id": FACTION, "target_id": 3001}
+
+    def at(second: int) -> str:
+        return f"2026-11-24T21:00:{second:02d}.000Z"
+
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_state_store(tmp_path, clock) as store:
+            await store.append_events(FACTION, [war_call("INSERT", row, {}, at(1))])
+            await store.append_events(FACTION, [war_call("DELETE", {}, {"id": 7}, at(3))])
+            late_update = war_call("UPDATE", {**row, "target_id": 9}, {"id": 7}, at(2))
+            again = war_call("DELETE", {}, {"id": 7}, at(3))
+            assert await store.append_events(FACTION, [late_update, again]) == []
+            assert store.faction_state(FACTION).tables["war_calls"] == []
+            await store.append_events(FACTION, [war_call("INSERT", row, {}, at(4))])
+            assert store.faction_state(FACTION).tables["war_calls"] == [row]
+            served = [event.data()["eventType"] for event in store.read_since(FACTION, None)[0]]
+            assert served == ["INSERT", "DELETE", "INSERT"]
