@@ -36,6 +36,7 @@ from relay.inputs import (
     parse_faction_id,
     parse_json_object,
 )
+from relay.reconcile import ReconcileStatistics
 from relay.responses import CORS_HEADERS, JSON_TYPE, PREFLIGHT_HEADERS, error_body
 from relay.store import StoreError
 from relay.supervisor import UpstreamState
@@ -191,17 +192,41 @@ async def status_document(services: Services) -> dict[str, Any]:
                     "connected_since": stats.connected_since if stats else None,
                     "next_attempt_in_s": _rounded(stats.next_attempt_in_s) if stats else None,
                 },
+                "reconcile": _reconcile_document(stats.reconcile if stats else None),
                 "events_stored": faction_counts.events_stored if faction_counts else 0,
                 "last_event_at": faction_counts.last_event_at if faction_counts else None,
                 "last_poll_at": store.last_activity_at(faction_id),
             }
         )
+    shared = services.supervisors.shared_deletes_statistics()
     return {
         "online": True,
         "timestamp": store.cursor(),
         "version": services.version,
         "uptime_s": round(trio.current_time() - services.started_at, 3),
         "factions": factions,
+        # The relay-wide DELETE subscription (tables with deletes = "shared"); null until a faction starts it.
+        "shared_deletes": None
+        if shared is None
+        else {
+            "state": str(shared.state),
+            "attempts": shared.attempts,
+            "last_error": shared.last_error,
+            "connected_since": shared.connected_since,
+            "changes_received": shared.changes_received,
+        },
+    }
+
+
+def _reconcile_document(stats: ReconcileStatistics | None) -> dict[str, Any]:
+    if stats is None:
+        return {"reconciles": 0, "last_at": None, "differences": None, "last_error": None, "rest_requests": 0}
+    return {
+        "reconciles": stats.reconciles,
+        "last_at": stats.last_at,
+        "differences": stats.last_differences,
+        "last_error": stats.last_error,
+        "rest_requests": stats.rest_requests,
     }
 
 

@@ -126,14 +126,16 @@ class ChannelSpec:
 
     table: str
     filter: str
+    event: str = "*"  # or one change type, e.g. the relay-wide DELETE subscription
 
     @property
     def topic(self) -> str:
-        return f"realtime:public:{self.table}:{self.filter}"
+        only = "" if self.event == "*" else f":{self.event.lower()}"
+        return f"realtime:public:{self.table}:{self.filter}{only}"
 
     def binding(self) -> dict[str, str]:
         # An empty filter is omitted, never sent as null: the server rejects null (reference 4.1).
-        entry = {"event": "*", "schema": "public", "table": self.table}
+        entry = {"event": self.event, "schema": "public", "table": self.table}
         if self.filter:
             entry["filter"] = self.filter
         return entry
@@ -359,7 +361,7 @@ def filter_mismatch(filter_text: str, row: Mapping[str, Any]) -> str | None:
     relay checks rows itself. A column absent from the row (a key-only `old`) cannot be checked and
     passes; operators other than `eq` are left to the server.
     """
-    for condition in _split_conditions(filter_text):
+    for condition in split_conditions(filter_text):
         column, _, rest = condition.partition("=")
         op, _, expected = rest.partition(".")
         if op != "eq" or column not in row:
@@ -369,7 +371,8 @@ def filter_mismatch(filter_text: str, row: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _split_conditions(filter_text: str) -> list[str]:
+def split_conditions(filter_text: str) -> list[str]:
+    """A filter's ANDed conditions: split at commas outside parentheses and double quotes (reference 7)."""
     conditions: list[str] = []
     current: list[str] = []
     depth, quoted = 0, False

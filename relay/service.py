@@ -22,7 +22,9 @@ import logging
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import httpx
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
@@ -31,12 +33,16 @@ from quart_trio import QuartTrio
 import relay
 from relay.admission import Services
 from relay.api import create_app
+from relay.backoff import Backoff
 from relay.config import Config
 from relay.delivery import HeldRequests
 from relay.hub import Hub
 from relay.maintenance import maintenance_pass, run_schedule
-from relay.phoenix import ChangeReceived
+from relay.phoenix import ChangeReceived, split_conditions
 from relay.ratelimit import RateLimiter
+from relay.reconcile import Reconciler
+from relay.shared_deletes import DeleteRouter
+from relay.snapshot import RestSettings, Snapshot, read_rows
 from relay.store import Store, StoreError, open_store, wall_clock_ms
 from relay.supervisor import DeliveryFailed, Supervisors, SupervisorSettings
 from relay.upstream import ConnectionSettings
@@ -122,12 +128,15 @@ async def run_relay(
 ) -> None:
     """Run until stopped (a signal, or `RunningRelay.stop`); return once everything is closed."""
     started_at = trio.current_time()
-    async with open_store(
-        config.storage.path,
-        events_per_faction=config.retention.events_per_faction,
-        now_ms=wall_clock_ms,
-        key_columns={channel.table: channel.key for channel in config.upstream.channels},
-    ) as store:
+    async with (
+        open_store(
+            config.storage.path,
+            events_per_faction=config.retention.events_per_faction,
+            now_ms=wall_clock_ms,
+            key_columns={channel.table: channel.key for channel in config.upstream.channels},
+        ) as store,
+        httpx.AsyncClient() as rest_client,
+    ):  # closed after the nursery below: no read outlives it
         hub = Hub()
 
         async def ingest(faction_id: int, changes: Sequence[ChangeReceived]) -> None:
@@ -139,8 +148,63 @@ async def run_relay(
                 # The connection ends and is retried with backoff; these changes were never served.
                 raise DeliveryFailed(f"{len(changes)} change(s) not stored: {exc}") from exc
             hub.notify(faction_id)
+            await router.stored(faction_id, changes)
 
-        supervisors = Supervisors(supervisor_settings(config), ingest, wall_clock_ms=wall_clock_ms)
+        key_columns = {channel.table: channel.key for channel in config.upstream.channels}
+
+        async def deliver_routed(faction_id: int, changes: Sequence[ChangeReceived]) -> None:
+            for change in changes:
+                supervisors.note_live_change(faction_id, change)
+            await ingest(faction_id, changes)
+
+        router = DeleteRouter(
+            key_columns,
+            store.row_owner,
+            deliver_routed,
+            filter_columns={
+                channel.table: frozenset(
+                    condition.partition("=")[0].strip() for condition in split_conditions(channel.filter)
+                )
+                for channel in config.upstream.channels
+            },
+        )
+
+        async def route_shared_deletes(_: int, changes: Sequence[ChangeReceived]) -> None:
+            await router.route(changes)
+
+        rest = RestSettings(
+            config.upstream.rest_base, config.upstream.anon_key, config.upstream.connect_timeout
+        )
+
+        async def read_snapshot(table: str, filter_text: str, key: str) -> Snapshot:
+            return await read_rows(rest_client, rest, table, filter_text, key)
+
+        async def apply_snapshot(
+            faction_id: int, table: str, rows: list[dict[str, Any]], skip: frozenset[Any], read_at: str
+        ) -> int:
+            events = await store.reconcile(faction_id, table, rows, skip=skip, commit_timestamp=read_at)
+            if events:
+                hub.notify(faction_id)
+            return len(events)
+
+        def reconciler_for(faction_id: int) -> Reconciler:
+            return Reconciler(
+                faction_id,
+                config.upstream.channels,
+                read_snapshot,
+                apply_snapshot,
+                interval_s=config.upstream.reconcile_interval,
+                backoff=Backoff(config.upstream.backoff_initial, config.upstream.backoff_max),
+                wall_clock_ms=wall_clock_ms,
+            )
+
+        supervisors = Supervisors(
+            supervisor_settings(config),
+            ingest,
+            wall_clock_ms=wall_clock_ms,
+            reconciler_for=reconciler_for,
+            route_shared_deletes=route_shared_deletes,
+        )
         held = HeldRequests(config.limits.max_held_requests)
         limiter = RateLimiter(config.limits.client_rate, config.limits.client_burst)
         services = Services(

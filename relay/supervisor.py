@@ -1,7 +1,10 @@
 """Per-faction upstream supervisors and the registry that holds their nursery.
 
 A supervisor keeps one faction's upstream connection alive: it runs a connection, records how it
-ended, waits a jittered backoff and tries again, forever, until it is stopped. It is the project's
+ended, waits a jittered backoff and tries again, forever, until it is stopped. While the connection
+is live, the faction's reconciler (`relay.reconcile`) runs beside it. One more supervisor, started
+with the first faction, holds the relay-wide DELETE subscription of the tables whose `deletes` is
+"shared", and hands each DELETE to the faction whose stored rows hold its key. It is the project's
 one broad `except Exception`, an explicit restart policy: whatever goes wrong with one faction is
 logged, shown in `/status`, and retried, and never reaches another faction or the HTTP server.
 """
@@ -20,6 +23,7 @@ import trio
 from relay.backoff import Backoff
 from relay.config import ChannelConfig
 from relay.phoenix import ChangeIgnored, ChangeReceived, ChannelSpec, UpstreamError
+from relay.reconcile import Reconciler, ReconcileStatistics
 from relay.upstream import ConnectionHooks, ConnectionSettings, run_connection
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,10 @@ class SupervisorSettings:
     def channel_specs(self, faction_id: int) -> list[ChannelSpec]:
         return [ChannelSpec(channel.table, channel.filter_for(faction_id)) for channel in self.channels]
 
+    def shared_delete_specs(self) -> list[ChannelSpec]:
+        """One unfiltered DELETE channel per table whose deletes are routed by key, on one socket."""
+        return [ChannelSpec(c.table, "", event="DELETE") for c in self.channels if c.deletes == "shared"]
+
 
 @dataclass(frozen=True, slots=True)
 class UpstreamStatistics:
@@ -85,6 +93,7 @@ class UpstreamStatistics:
     reconnects: int
     changes_received: int
     changes_ignored: int
+    reconcile: ReconcileStatistics | None = None
 
 
 class FactionSupervisor:
@@ -97,8 +106,16 @@ class FactionSupervisor:
         pacer: JoinPacer,
         rng: random.Random,
         wall_clock_ms: WallClockMs,
+        specs: Sequence[ChannelSpec] | None = None,
+        reconciler: Reconciler | None = None,
+        name: str | None = None,
     ) -> None:
         self.faction_id = faction_id
+        self._specs = list(specs) if specs is not None else settings.channel_specs(faction_id)
+        self._reconciler = reconciler
+        self._reconciling: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._name = name or f"FactionSupervisor({faction_id})"
         self._settings = settings
         self._pacer = pacer
         self._ingest = ingest
@@ -117,15 +134,19 @@ class FactionSupervisor:
         self._ignored = 0
 
     def __repr__(self) -> str:
-        return f"FactionSupervisor({self.faction_id})"
+        return self._name
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             with self._scope:
-                task_status.started()
-                while True:
-                    error = await self._run_one_connection()
-                    await self._wait_after(error)
+                # The reconciler's task lives here, so that stopping the faction stops it too.
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    task_status.started()
+                    while True:
+                        error = await self._run_one_connection()
+                        self._stop_reconciling()
+                        await self._wait_after(error)
         finally:
             self._set_state(UpstreamState.STOPPED)
             self._next_attempt_at = None
@@ -143,7 +164,7 @@ class FactionSupervisor:
         self._attempts += 1
         self._set_state(UpstreamState.CONNECTING)
         hooks = ConnectionHooks(deliver=self._deliver, on_live=self._on_live, on_ignored=self._on_ignored)
-        specs = self._settings.channel_specs(self.faction_id)
+        specs = self._specs
         await self._pacer.wait_turn(len(specs))
         try:
             await run_connection(self._settings.connection, specs, hooks)
@@ -174,6 +195,9 @@ class FactionSupervisor:
         self._next_attempt_at = None
 
     async def _deliver(self, changes: Sequence[ChangeReceived]) -> None:
+        if self._reconciler is not None:
+            for change in changes:  # before the await: a change waiting for its commit counts too
+                self._reconciler.note_live_change(change.table, change.data)
         await self._ingest(self.faction_id, changes)
         self._received += len(changes)
 
@@ -182,6 +206,23 @@ class FactionSupervisor:
         self._live_since = trio.current_time()
         self._connected_since = self._wall_clock_ms()
         self._set_state(UpstreamState.CONNECTED)
+        if self._reconciler is not None and self._nursery is not None:
+            self._reconciling = trio.CancelScope()
+            self._nursery.start_soon(self._reconcile_while_live, self._reconciling, self._reconciler)
+
+    async def _reconcile_while_live(self, scope: trio.CancelScope, reconciler: Reconciler) -> None:
+        with scope:
+            try:
+                await reconciler.run_while_live()
+            except Exception:  # the restart policy: a bug here must not take the connection down
+                log.exception(
+                    "%r: reconciling failed unexpectedly; next try when the connection is back", self
+                )
+
+    def _stop_reconciling(self) -> None:
+        if self._reconciling is not None:
+            self._reconciling.cancel()
+            self._reconciling = None
 
     def _on_ignored(self, ignored: ChangeIgnored) -> None:
         self._ignored += 1
@@ -205,6 +246,7 @@ class FactionSupervisor:
             reconnects=self._reconnects,
             changes_received=self._received,
             changes_ignored=self._ignored,
+            reconcile=self._reconciler.statistics() if self._reconciler is not None else None,
         )
 
 
@@ -222,9 +264,15 @@ class Supervisors:
         *,
         rng: random.Random | None = None,
         wall_clock_ms: WallClockMs,
+        reconciler_for: Callable[[int], Reconciler] | None = None,
+        route_shared_deletes: Ingest | None = None,
     ) -> None:
         self._settings = settings
         self._ingest = ingest
+        self._reconciler_for = reconciler_for
+        # Receives the relay-wide DELETE subscription's changes (faction id 0) to route them by key.
+        self._route_shared_deletes = route_shared_deletes
+        self._shared: FactionSupervisor | None = None
         self._rng = rng or random.Random()
         self._wall_clock_ms = wall_clock_ms
         self._nursery: trio.Nursery | None = None
@@ -263,15 +311,55 @@ class Supervisors:
             pacer=self._pacer,
             rng=self._rng,
             wall_clock_ms=self._wall_clock_ms,
+            reconciler=self._reconciler_for(faction_id) if self._reconciler_for is not None else None,
         )
         self._supervisors[faction_id] = supervisor
         self._nursery.start_soon(supervisor.run, name=repr(supervisor))
+        self._ensure_shared_deletes()
+
+    def _ensure_shared_deletes(self) -> None:
+        specs = self._settings.shared_delete_specs()
+        if (
+            self._shared is not None
+            or self._route_shared_deletes is None
+            or not specs
+            or self._nursery is None
+        ):
+            return
+        self._shared = FactionSupervisor(
+            0,
+            self._settings,
+            self._route_shared_deletes,
+            pacer=self._pacer,
+            rng=self._rng,
+            wall_clock_ms=self._wall_clock_ms,
+            specs=specs,
+            name="SharedDeletes",
+        )
+        self._nursery.start_soon(self._shared.run, name=repr(self._shared))
 
     async def stop(self, faction_id: int) -> None:
         supervisor = self._supervisors.get(faction_id)
         if supervisor is not None:
             supervisor.stop()
             await supervisor.stopped.wait()
+        shared = self._shared
+        if shared is not None and all(sup.stopping for sup in self._supervisors.values()):
+            # The last faction went idle: an idle relay holds no upstream socket at all.
+            self._shared = None
+            shared.stop()
+            await shared.stopped.wait()
 
     def statistics(self) -> dict[int, UpstreamStatistics]:
         return {faction_id: sup.statistics() for faction_id, sup in self._supervisors.items()}
+
+    def note_live_change(self, faction_id: int, change: ChangeReceived) -> None:
+        """A change for the faction that came by another socket (the shared DELETEs): its reconciler
+        must leave the key alone as it would for one of its own."""
+        supervisor = self._supervisors.get(faction_id)
+        if supervisor is not None and supervisor._reconciler is not None:
+            supervisor._reconciler.note_live_change(change.table, change.data)
+
+    def shared_deletes_statistics(self) -> UpstreamStatistics | None:
+        """The relay-wide DELETE subscription, once the first faction started it."""
+        return self._shared.statistics() if self._shared is not None else None

@@ -29,7 +29,8 @@ async def events(relay: RunningRelay, query: str) -> tuple[int, Any]:
 
 
 def change(n: int) -> dict[str, Any]:
-    return {"table": "war_calls", "eventType": "INSERT", "new": {"id": n, "faction_id": FACTION}, "old": {}}
+    # A table the relay does not track: the reconcile against the fake's empty tables leaves it alone.
+    return {"table": "test_rows", "eventType": "INSERT", "new": {"id": n, "faction_id": FACTION}, "old": {}}
 
 
 async def test_ping_tells_todays_script_the_relay_is_there(relay: RunningRelay) -> None:
@@ -121,10 +122,25 @@ async def test_status_lists_each_faction_with_its_upstream(relay: RunningRelay) 
     await relay.store.append_events(FACTION, [("postgres_changes", change(1))])
     response = await client(relay).get("/status")
     body = await response.get_json()
-    assert set(body) == {"online", "timestamp", "version", "uptime_s", "factions"}
+    assert set(body) == {"online", "timestamp", "version", "uptime_s", "factions", "shared_deletes"}
     assert body["online"] is True
+    assert body["shared_deletes"]["state"] in {"connecting", "connected"}
     (faction,) = body["factions"]
-    assert set(faction) == {"faction_id", "upstream", "events_stored", "last_event_at", "last_poll_at"}
+    assert set(faction) == {
+        "faction_id",
+        "upstream",
+        "reconcile",
+        "events_stored",
+        "last_event_at",
+        "last_poll_at",
+    }
+    assert set(faction["reconcile"]) == {
+        "reconciles",
+        "last_at",
+        "differences",
+        "last_error",
+        "rest_requests",
+    }
     assert set(faction["upstream"]) == {
         "state",
         "attempts",

@@ -27,7 +27,8 @@ async def http(relay: RunningRelay) -> AsyncIterator[httpx.AsyncClient]:
 
 async def append(relay: RunningRelay, *numbers: int, faction_id: int = FACTION) -> list[int]:
     """What ingest does for an upstream change: commit, then wake the faction's waiters."""
-    changes = [("postgres_changes", {"table": "war_calls", "new": {"id": n}}) for n in numbers]
+    # A table the relay does not track: the reconcile against the fake's empty tables leaves it alone.
+    changes = [("postgres_changes", {"table": "test_rows", "new": {"id": n}}) for n in numbers]
     stored = await relay.store.append_events(faction_id, changes)
     relay.hub.notify(faction_id)
     return [event.timestamp for event in stored]

@@ -43,6 +43,7 @@ from werkzeug.datastructures import Headers
 
 from relay.config import Config
 from relay.service import RunningRelay, run_relay
+from relay.testing.fake_supabase import FakeSupabase
 from tests.conftest import ANON_KEY, FACTION, OTHER_FACTION
 
 # "roomy": the defaults, except that long-polls give up after 50 ms, trimming is pushed out of reach
@@ -537,20 +538,25 @@ def snapshot(relay: RunningRelay) -> Snapshot:
     )
 
 
-async def seed(relay: RunningRelay) -> None:
-    """Two subscribed factions with events of varied shapes, as upstream would have stored them."""
+async def seed(relay: RunningRelay, fake: FakeSupabase) -> None:
+    """Two subscribed factions with events of varied shapes, as upstream would have stored them. Their
+    rows are upstream's too, and stored before the subscription, so that no reconcile ever finds a
+    difference (which would add events nobody published)."""
     for faction_id in (FACTION, OTHER_FACTION):
-        response = await relay.app.test_client().post(
-            "/subscribe", json={"faction_id": faction_id, "api_key": ANON_KEY}
-        )
-        assert response.status_code == 200
+        rows = [{"id": faction_id * 10 + n, "faction_id": faction_id} for n in range(3)]
+        for row in rows:
+            fake.insert("war_calls", row, deliver=False)
         changes: list[tuple[str, Any]] = [
-            ("postgres_changes", {"table": "war_calls", "eventType": "INSERT", "new": {"id": n}, "old": {}})
-            for n in range(3)
+            ("postgres_changes", {"table": "war_calls", "eventType": "INSERT", "new": row, "old": {}})
+            for row in rows
         ]
         changes.append(("hospital_update", {"members": [{"name": "Zoë ✓ \u2028", "until": 2**53}]}))
         changes.append(("faction_members_update", [[[[]]], {"": None}, -0.0, 1e300]))
         await relay.store.append_events(faction_id, changes)
+        response = await relay.app.test_client().post(
+            "/subscribe", json={"faction_id": faction_id, "api_key": ANON_KEY}
+        )
+        assert response.status_code == 200
 
 
 def database_events(relay: RunningRelay) -> dict[int, list[tuple[int, int, str, str]]]:
@@ -566,7 +572,7 @@ def database_events(relay: RunningRelay) -> dict[int, list[tuple[int, int, str, 
 
 @pytest.mark.parametrize("config_name", sorted(CONFIGS))
 async def test_no_request_breaks_the_relay_or_its_stored_events(
-    make_config: Callable[..., Config], config_name: str
+    make_config: Callable[..., Config], fake_upstream: FakeSupabase, config_name: str
 ) -> None:
     published: list[int] = []
     with trio.fail_after(120):
@@ -574,7 +580,7 @@ async def test_no_request_breaks_the_relay_or_its_stored_events(
             relay: RunningRelay = await nursery.start(
                 functools.partial(run_relay, make_config(CONFIGS[config_name]))
             )
-            await seed(relay)
+            await seed(relay, fake_upstream)
             before = snapshot(relay)
             ping = Probe("GET", "/ping", (), b"")
 

@@ -5,20 +5,15 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
-from typing import Any
 
 import httpx
 import trio
 
 from relay.config import Config
 from relay.service import RunningRelay, run_relay
-from tests.conftest import ANON_KEY, FACTION
+from relay.testing.fake_supabase import FakeSupabase
+from tests.conftest import ANON_KEY, FACTION, eventually
 from tests.sse_client import open_sse
-
-
-def war_call(kind: str, new: dict[str, Any], old: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    change = {"schema": "public", "table": "war_calls", "commit_timestamp": "2026-11-24T20:00:00.000Z"}
-    return "postgres_changes", {**change, "eventType": kind, "new": new, "old": old, "errors": None}
 
 
 async def start(nursery: trio.Nursery, make_config: Callable[..., Config], toml: str = "") -> RunningRelay:
@@ -30,13 +25,17 @@ async def start(nursery: trio.Nursery, make_config: Callable[..., Config], toml:
 
 
 async def test_state_then_events_since_its_cursor_miss_nothing_and_double_nothing(
-    nursery: trio.Nursery, make_config: Callable[..., Config]
+    nursery: trio.Nursery, make_config: Callable[..., Config], fake_upstream: FakeSupabase
 ) -> None:
     relay = await start(nursery, make_config)
     first = {"id": 1, "faction_id": FACTION, "target_id": 3001}
     second = {"id": 2, "faction_id": FACTION, "target_id": 3002}
-    await relay.store.append_events(FACTION, [war_call("INSERT", first, {}), war_call("INSERT", second, {})])
-    await relay.store.append_events(FACTION, [war_call("DELETE", {}, {"id": 1})])
+    with trio.fail_after(10):
+        await eventually(lambda: relay.supervisors.statistics()[FACTION].state == "connected")
+        fake_upstream.insert("war_calls", first)
+        fake_upstream.insert("war_calls", second)
+        fake_upstream.delete("war_calls", 1)
+        await eventually(lambda: relay.store.faction_state(FACTION).tables["war_calls"] == [second])
     async with httpx.AsyncClient(base_url=relay.url) as http:
         response = await http.get("/state", params={"faction_id": FACTION})
         assert response.status_code == 200
@@ -48,15 +47,16 @@ async def test_state_then_events_since_its_cursor_miss_nothing_and_double_nothin
             "tables": {"war_calls": [second], "faction_messages": []},
             "keys": {"war_calls": "id", "faction_messages": "id"},
         }
-        assert (
-            await http.get("/events", params={"faction_id": FACTION, "since": state["timestamp"]})
-        ).json()["events"] == []
-        (later,) = await relay.store.append_events(
-            FACTION, [war_call("UPDATE", {**second, "target_id": 9}, {"id": 2})]
-        )
-        body = (await http.get("/events", params={"faction_id": FACTION, "since": state["timestamp"]})).json()
-        assert [event["id"] for event in body["events"]] == [later.id]
-        assert body["events"][0]["data"]["old"] == second  # completed from the stored row
+        since_state = {"faction_id": FACTION, "since": state["timestamp"]}
+        assert (await http.get("/events", params=since_state)).json()["events"] == []
+        fake_upstream.update("war_calls", 2, {"target_id": 9})
+        with trio.fail_after(10):
+            await eventually(
+                lambda: relay.store.faction_state(FACTION).tables["war_calls"][0]["target_id"] == 9
+            )
+        body = (await http.get("/events", params=since_state)).json()
+        assert [event["data"]["eventType"] for event in body["events"]] == ["UPDATE"]
+        assert body["events"][0]["data"]["old"] == second
         refused = await http.get("/state", params={"faction_id": 999})
         assert (refused.status_code, refused.json()["code"]) == (404, "not_subscribed")
         refused = await http.get("/state", params={"faction_id": "x"})

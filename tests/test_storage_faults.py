@@ -59,7 +59,7 @@ async def test_a_full_disk_is_reported_served_around_and_recovered_from(
                 served = await http.get("/events", params={"faction_id": FACTION, "since": 0})
                 assert served.status_code == 200
                 assert [e["data"]["new"]["id"] for e in served.json()["events"]] == [1, 2]
-                fake_upstream.insert("war_calls", call(FACTION, 3))  # cannot be stored: lost, not half-served
+                fake_upstream.insert("war_calls", call(FACTION, 3))  # cannot be stored now: not half-served
                 await eventually(lambda: "DeliveryFailed" in relay.text())
             finally:
                 resource.prlimit(
@@ -69,9 +69,14 @@ async def test_a_full_disk_is_reported_served_around_and_recovered_from(
             assert (await wait_health(http, 200)) == {"status": "ok"}
             await wait_connected(http, FACTION)
             fake_upstream.insert("war_calls", call(FACTION, 4))
-            await script.poll_until(3)
+            await script.poll_until(4)
             assert relay.process.returncode is None
-    assert [m["payload"]["new"]["id"] for m in script.messages] == [1, 2, 4]
+    # The reconcile after the reconnect heals the change the full disk lost, as a resync INSERT.
+    received = {m["payload"]["new"]["id"]: m["payload"] for m in script.messages}
+    assert sorted(received) == [1, 2, 3, 4]
+    assert len(script.messages) == 4
+    assert received[3].get("resync") is True
+    assert "resync" not in received[4]
     assert "Traceback" not in relay.text()
 
 

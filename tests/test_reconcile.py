@@ -1,0 +1,206 @@
+"""Healing upstream gaps end to end: the relay against the fake's Realtime socket and its REST reads.
+
+Real loopback sockets and the real clock (the store uses worker threads); every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import trio
+
+from relay.config import Config
+from relay.service import RunningRelay, run_relay
+from relay.store import StoredEvent
+from relay.testing.fake_supabase import FakeSupabase
+from tests.conftest import ANON_KEY, FACTION, OTHER_FACTION, eventually
+
+TIMEOUT_S = 20
+
+
+def call(call_id: int, faction_id: int = FACTION, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": call_id,
+        "faction_id": faction_id,
+        "target_id": 3_000 + call_id,
+        "caller_name": "ann",
+        **extra,
+    }
+
+
+async def start(
+    nursery: trio.Nursery,
+    make_config: Callable[..., Config],
+    toml: str = "",
+    factions: tuple[int, ...] = (FACTION,),
+) -> RunningRelay:
+    relay: RunningRelay = await nursery.start(functools.partial(run_relay, make_config(toml)))
+    async with httpx.AsyncClient(base_url=relay.url) as http:
+        for faction_id in factions:
+            response = await http.post("/subscribe", json={"faction_id": faction_id, "api_key": ANON_KEY})
+            assert response.status_code == 200
+    return relay
+
+
+def reconciles(relay: RunningRelay, faction_id: int = FACTION) -> int:
+    stats = relay.supervisors.statistics()[faction_id].reconcile
+    return stats.reconciles if stats is not None else 0
+
+
+def rows(relay: RunningRelay, faction_id: int = FACTION) -> list[dict[str, Any]]:
+    return relay.store.faction_state(faction_id).tables["war_calls"]
+
+
+def fake_rows(fake: FakeSupabase, faction_id: int = FACTION) -> list[dict[str, Any]]:
+    return sorted(
+        (row for row in fake.rows("war_calls") if row["faction_id"] == faction_id), key=lambda r: r["id"]
+    )
+
+
+def changes(events: list[StoredEvent]) -> list[tuple[str, int, bool]]:
+    found = []
+    for event in events:
+        data = event.data()
+        row = data["old"] if data["eventType"] == "DELETE" else data["new"]
+        found.append((data["eventType"], row["id"], data.get("resync", False)))
+    return found
+
+
+def applied(events: list[StoredEvent]) -> list[dict[str, Any]]:
+    """What a client that applied the event stream (as today's script does) holds."""
+    held: dict[int, dict[str, Any]] = {}
+    for event in events:
+        data = event.data()
+        if data["eventType"] == "DELETE":
+            held.pop(data["old"]["id"], None)
+        else:
+            held[data["new"]["id"]] = data["new"]
+    return [held[key] for key in sorted(held)]
+
+
+async def test_changes_made_while_the_socket_was_down_arrive_as_resync_events(
+    nursery: trio.Nursery, make_config: Callable[..., Config], fake_upstream: FakeSupabase
+) -> None:
+    relay = await start(nursery, make_config)
+    with trio.fail_after(TIMEOUT_S):
+        await eventually(lambda: reconciles(relay) == 1)
+        for n in (1, 2, 3):
+            fake_upstream.insert("war_calls", call(n))
+        await eventually(lambda: len(rows(relay)) == 3)
+        fake_upstream.freeze()  # the outage: nothing delivered from here
+        fake_upstream.insert("war_calls", call(4), deliver=False)
+        fake_upstream.update("war_calls", 2, {"caller_name": "bob"}, deliver=False)
+        fake_upstream.delete("war_calls", 1, deliver=False)
+        fake_upstream.insert("war_calls", call(9, OTHER_FACTION), deliver=False)  # not ours
+        requests_before = fake_upstream.rest_request_count
+        fake_upstream.drop_connections()
+        await eventually(lambda: reconciles(relay) == 2)
+    events = relay.store.read_since(FACTION, None)[0]
+    assert changes(events)[3:] == [("DELETE", 1, True), ("UPDATE", 2, True), ("INSERT", 4, True)]
+    assert events[3].data()["old"] == call(1)  # today's script reads old.target_id
+    assert events[4].data()["old"] == call(2)
+    assert rows(relay) == fake_rows(fake_upstream) == applied(events)
+    # One REST read per configured table (war_calls, faction_messages), each a single page.
+    assert fake_upstream.rest_request_count - requests_before == 2
+    stats = relay.supervisors.statistics()[FACTION].reconcile
+    assert stats is not None
+    assert (stats.last_differences, stats.last_error) == (3, None)
+    async with httpx.AsyncClient(base_url=relay.url) as http:
+        state = (await http.get("/state", params={"faction_id": FACTION})).json()
+        status = (await http.get("/status")).json()
+    assert state["tables"]["war_calls"] == fake_rows(fake_upstream)
+    (faction,) = status["factions"]
+    assert faction["reconcile"]["differences"] == 3
+    assert faction["reconcile"]["last_at"] is not None
+
+
+async def test_a_live_change_during_the_snapshot_read_is_neither_lost_nor_reverted(
+    nursery: trio.Nursery, make_config: Callable[..., Config], fake_upstream: FakeSupabase
+) -> None:
+    fake_upstream.insert("war_calls", call(1), deliver=False)
+    fake_upstream.insert("war_calls", call(2), deliver=False)
+    fake_upstream.rest_hold = trio.Event()
+    relay = await start(nursery, make_config)
+    with trio.fail_after(TIMEOUT_S):
+        # The snapshot of war_calls is read (rows 1 and 2), its answer held back...
+        await fake_upstream.wait_until(lambda: fake_upstream.rest_request_count == 1)
+        # ...while live changes race it: a new row, and the deletion of a row the snapshot holds.
+        fake_upstream.insert("war_calls", call(3))
+        fake_upstream.delete("war_calls", 2)
+        await eventually(lambda: len(relay.store.read_since(FACTION, None)[0]) == 2)
+        fake_upstream.rest_hold.set()
+        await eventually(lambda: reconciles(relay) == 1)
+    events = relay.store.read_since(FACTION, None)[0]
+    # Row 1 was missing and comes as resync; 3 and 2 changed live, so the snapshot leaves them alone.
+    assert changes(events) == [("INSERT", 3, False), ("DELETE", 2, False), ("INSERT", 1, True)]
+    assert rows(relay) == fake_rows(fake_upstream) == applied(events) == [call(1), call(3)]
+
+
+async def test_a_delete_under_the_default_replica_identity_reaches_its_faction_by_key(
+    nursery: trio.Nursery, make_config: Callable[..., Config], fake_upstream: FakeSupabase
+) -> None:
+    fake_upstream.define_table("war_calls", replica_identity="default")
+    relay = await start(nursery, make_config, factions=(FACTION, OTHER_FACTION))
+    with trio.fail_after(TIMEOUT_S):
+        await eventually(lambda: reconciles(relay, FACTION) == 1 and reconciles(relay, OTHER_FACTION) == 1)
+        await eventually(lambda: relay.supervisors.shared_deletes_statistics().state == "connected")  # type: ignore[union-attr]
+        fake_upstream.insert("war_calls", call(1))
+        fake_upstream.insert("war_calls", call(2, OTHER_FACTION))
+        await eventually(lambda: len(rows(relay)) == 1 and len(rows(relay, OTHER_FACTION)) == 1)
+        fake_upstream.delete("war_calls", 1)  # old_record is {"id": 1}: no faction filter matches it
+        await eventually(lambda: rows(relay) == [])
+    (_, delete) = relay.store.read_since(FACTION, None)[0]
+    assert delete.data()["eventType"] == "DELETE"
+    assert delete.data()["old"] == call(1)  # completed from the stored row
+    assert changes(relay.store.read_since(OTHER_FACTION, None)[0]) == [("INSERT", 2, False)]
+    # One shared socket carries the DELETE subscription: three connections for two factions.
+    assert len(fake_upstream.connections) == 3
+
+
+async def test_a_delete_on_two_channels_is_stored_once(
+    nursery: trio.Nursery, make_config: Callable[..., Config], fake_upstream: FakeSupabase
+) -> None:
+    # The fake's tables have REPLICA IDENTITY FULL, so the faction's own channel gets each DELETE too.
+    relay = await start(nursery, make_config)
+    with trio.fail_after(TIMEOUT_S):
+        await eventually(lambda: reconciles(relay) == 1)
+        await eventually(lambda: relay.supervisors.shared_deletes_statistics().state == "connected")  # type: ignore[union-attr]
+        fake_upstream.insert("war_calls", call(1))
+        await eventually(lambda: len(rows(relay)) == 1)
+        fake_upstream.delete("war_calls", 1)
+        fake_upstream.insert("war_calls", call(2))  # a later change: both DELETE copies came before it
+        await eventually(lambda: [row["id"] for row in rows(relay)] == [2])
+        await trio.sleep(0.2)
+    assert changes(relay.store.read_since(FACTION, None)[0]) == [
+        ("INSERT", 1, False),
+        ("DELETE", 1, False),
+        ("INSERT", 2, False),
+    ]
+
+
+async def test_a_failing_rest_read_is_retried_shown_and_never_holds_up_live_events(
+    nursery: trio.Nursery, make_config: Callable[..., Config], fake_upstream: FakeSupabase
+) -> None:
+    fake_upstream.insert("war_calls", call(1), deliver=False)
+    fake_upstream.fail_rest(503)
+    relay = await start(nursery, make_config, "reconcile_interval = 0.3\n")
+    with trio.fail_after(TIMEOUT_S):
+        await fake_upstream.wait_until(lambda: fake_upstream.rest_request_count >= 2)  # retried
+        stats = relay.supervisors.statistics()[FACTION].reconcile
+        assert stats is not None
+        assert stats.last_error == "reading war_calls: HTTP 503: scripted failure"
+        fake_upstream.insert("war_calls", call(2))  # live changes flow meanwhile
+        await eventually(lambda: [row["id"] for row in rows(relay)] == [2])
+        fake_upstream.accept_rest()
+        await eventually(lambda: reconciles(relay) >= 1)
+        assert [row["id"] for row in rows(relay)] == [1, 2]
+        # Periodic: a change the socket never delivered is found by the next pass on its own.
+        fake_upstream.insert("war_calls", call(3), deliver=False)
+        await eventually(lambda: [row["id"] for row in rows(relay)] == [1, 2, 3])
+    stats = relay.supervisors.statistics()[FACTION].reconcile
+    assert stats is not None
+    assert stats.last_error is None
+    assert stats.rest_requests >= 4
