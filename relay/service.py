@@ -1,11 +1,13 @@
 """The composition root: the relay's one top-level nursery, its start order and its shutdown order.
 
     trio.run(run_relay)
-    └── async with open_store(...)                     # closed last: checkpoint, close
+    └── async with open_store(...), httpx client       # closed last: committer drained, checkpoint
         └── nursery "relay"
             ├── watch_signals → hub.begin_stopping      # SIGINT/SIGTERM (a second one cuts short)
             ├── Supervisors.run (its own nursery)
-            │   └── faction 46666 (own CancelScope) ── upstream connection (reader + heartbeat)
+            │   ├── faction 46666 (own CancelScope) ── upstream connection (reader + heartbeat)
+            │   │                                   └── reconciler (REST reads), while live
+            │   └── SharedDeletes ── the relay-wide DELETE channels, routed by key
             ├── run_schedule(maintenance_pass)
             └── hypercorn.trio.serve(app, shutdown_trigger=hub.stopping.wait)
 
