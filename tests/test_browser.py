@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,10 @@ from hypercorn.trio import serve
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from relay.service import RunningRelay
+from relay.config import Config
+from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, FACTION
+from tests.conftest import ANON_KEY, FACTION, eventually
 from tests.test_end_to_end import call, wait_connected
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -68,6 +69,7 @@ class PageServer:
     url: str = ""
     latest: dict[str, Any] = field(default_factory=dict)
     arrived: dict[str, trio.Event] = field(default_factory=dict)
+    resume: bool = False  # what GET /resume tells a paused page
 
     def app(self) -> QuartTrio:
         app = QuartTrio(__name__)
@@ -75,6 +77,10 @@ class PageServer:
         @app.get("/")
         async def page() -> Response:
             return Response(await trio.Path(PAGE).read_bytes(), content_type="text/html; charset=utf-8")
+
+        @app.get("/resume")
+        async def resume() -> Response:
+            return Response(json.dumps(self.resume), content_type="application/json")
 
         @app.post("/report")
         async def report() -> Response:
@@ -232,3 +238,53 @@ async def test_a_refused_key_errors_and_closes_the_connection_as_a_websocket_wou
     assert closed["reason"].startswith("the relay is unavailable: 401 invalid_api_key")
     assert report["problems"] == [f"socket error: {closed['reason']}"]  # onerror, then onclose
     assert report["received"] == []
+
+
+async def test_a_client_that_missed_more_than_the_relay_keeps_recovers_from_state(
+    chromium_binary: Path,
+    nursery: trio.Nursery,
+    make_config: Callable[..., Config],
+    fake_upstream: FakeSupabase,
+    page_server: PageServer,
+    chromium: Chromium,
+) -> None:
+    relay: RunningRelay = await nursery.start(
+        functools.partial(run_relay, make_config("[retention]\nevents_per_faction = 2\n"))
+    )
+    query = urllib.parse.urlencode(
+        {"relay": relay.url, "faction": FACTION, "key": ANON_KEY, "expect": 6, "gap": 1}
+    )
+    with trio.fail_after(60):
+        await chromium.open(f"{page_server.url}/?{query}")
+        await page_server.wait_for("open", chromium)
+        async with httpx.AsyncClient(base_url=relay.url) as http:
+            await wait_connected(http, FACTION)
+        fake_upstream.insert("war_calls", call(FACTION, 1))
+        fake_upstream.insert("war_calls", call(FACTION, 2))
+        await page_server.wait_for("paused", chromium)
+        # While the tab sleeps: four changes, two more than the relay keeps per faction.
+        fake_upstream.update("war_calls", 1, {"caller_name": "bob"})
+        fake_upstream.delete("war_calls", 2)
+        fake_upstream.insert("war_calls", call(FACTION, 3))
+        fake_upstream.insert("war_calls", call(FACTION, 4))
+        await eventually(
+            lambda: [row["id"] for row in relay.store.faction_state(FACTION).tables["war_calls"]] == [1, 3, 4]
+        )
+        page_server.resume = True
+        done = await page_server.wait_for("done", chromium)
+    assert done["problems"] == []
+    payloads = [item["data"]["payload"] for item in done["received"]]
+    summary = [
+        (p["eventType"], (p["old"] if p["eventType"] == "DELETE" else p["new"])["id"], p.get("resync", False))
+        for p in payloads
+    ]
+    assert summary == [
+        ("INSERT", 1, False),
+        ("INSERT", 2, False),
+        ("UPDATE", 1, True),
+        ("DELETE", 2, True),
+        ("INSERT", 3, True),
+        ("INSERT", 4, True),
+    ]
+    assert payloads[2]["new"]["caller_name"] == "bob"
+    assert payloads[3]["old"] == call(FACTION, 2)  # the whole row, as today's script needs
