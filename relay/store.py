@@ -284,6 +284,9 @@ class Store:
         return await self._submit(_Pending(faction_id, [], _Snapshot(table, rows, skipped, commit_timestamp)))
 
     async def _submit(self, pending: _Pending) -> list[StoredEvent]:
+        # A caller cancelled before it asks appends nothing; Trio's rule that every async call is a
+        # checkpoint keeps a loop of appends (each wait shielded) from never seeing its cancellation.
+        await trio.lowlevel.checkpoint_if_cancelled()
         if self._closing:
             raise StoreError("the store is closing")
         self._pending_appends.append(pending)

@@ -632,3 +632,13 @@ async def test_a_delete_that_arrives_twice_or_before_an_older_change_wins(tmp_pa
             assert store.faction_state(FACTION).tables["war_calls"] == [row]
             served = [event.data()["eventType"] for event in store.read_since(FACTION, None)[0]]
             assert served == ["INSERT", "DELETE", "INSERT"]
+
+
+async def test_an_append_from_an_already_cancelled_caller_appends_nothing(tmp_path: Path) -> None:
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, WallClock()) as store:
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await store.append_events(FACTION, [("t", 1)])
+            assert scope.cancelled_caught
+            assert all_retained(store) == []
