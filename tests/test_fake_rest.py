@@ -8,6 +8,7 @@ import httpx
 import pytest
 import trio
 
+from relay import snapshot
 from relay.testing.fake_supabase import FakeSupabase
 
 KEY = "anon-key"
@@ -68,3 +69,24 @@ async def test_a_held_answer_carries_the_rows_as_they_were_when_read(fake: FakeS
             fake.insert("war_calls", {"id": 9, "faction_id": 2}, deliver=False)
             fake.rest_hold.set()
     assert [row["id"] for row in answers[0]] == [2]
+
+
+async def test_the_relay_reads_a_snapshot_page_by_page_by_key(
+    fake: FakeSupabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(snapshot, "PAGE_ROWS", 2)
+    for n in (5, 6, 7):
+        fake.insert("war_calls", {"id": n, "faction_id": 1}, deliver=False)
+    settings = snapshot.RestSettings(f"http://127.0.0.1:{fake.port}/rest/v1", KEY, timeout_s=5)
+    async with httpx.AsyncClient() as http:
+        read = await snapshot.read_rows(http, settings, "war_calls", "faction_id=eq.1", "id")
+    assert [row["id"] for row in read.rows] == [1, 3, 4, 5, 6, 7]
+    assert read.requests == 4  # 2 + 2 + 2 rows, then an empty page says there is no more
+    assert [dict(request.query).get("id") for request in fake.rest_requests] == [None, "gt.3", "gt.5", "gt.7"]
+    assert all(request.headers["authorization"] == f"Bearer {KEY}" for request in fake.rest_requests)
+    wrong_key = snapshot.RestSettings(settings.base_url, "wrong", timeout_s=5)
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(snapshot.SnapshotError, match="HTTP 401") as refused:
+            await snapshot.read_rows(http, wrong_key, "war_calls", "", "id")
+    assert "wrong" not in str(refused.value)
+    assert refused.value.requests == 1
