@@ -76,6 +76,15 @@ def query(tmp_path: Path, sql: str) -> list[tuple[object, ...]]:
         return conn.execute(sql).fetchall()
 
 
+def refuse_poison(tmp_path: Path) -> None:
+    """From now on, inserting an event of type "poison" fails inside the write, as a full disk would."""
+    query(
+        tmp_path,
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON events WHEN NEW.type = 'poison'"
+        " BEGIN SELECT RAISE(ABORT, 'poison refused'); END",
+    )
+
+
 def timestamps(events: list[StoredEvent]) -> list[int]:
     return [event.timestamp for event in events]
 
@@ -276,11 +285,7 @@ async def test_a_failed_write_publishes_nothing_and_burns_its_stamps(tmp_path: P
     clock = WallClock()
     with trio.fail_after(TEST_TIMEOUT_S):
         async with open_test_store(tmp_path, clock) as store:
-            query(
-                tmp_path,
-                "CREATE TRIGGER refuse_poison BEFORE INSERT ON events WHEN NEW.type = 'poison'"
-                " BEGIN SELECT RAISE(ABORT, 'poison refused'); END",
-            )
+            refuse_poison(tmp_path)
             with pytest.raises(StoreError, match="poison refused"):
                 await store.append_events(FACTION, [("fine", 1), ("poison", 2)])
             assert store.read_since(FACTION, None) == ([], 0)
@@ -361,11 +366,7 @@ async def test_a_failed_group_commit_fails_every_append_in_it(tmp_path: Path) ->
     clock = WallClock()
     with trio.fail_after(TEST_TIMEOUT_S):
         async with open_test_store(tmp_path, clock) as store:
-            query(
-                tmp_path,
-                "CREATE TRIGGER refuse_poison BEFORE INSERT ON events WHEN NEW.type = 'poison'"
-                " BEGIN SELECT RAISE(ABORT, 'poison refused'); END",
-            )
+            refuse_poison(tmp_path)
             outcomes: dict[int, str] = {}
 
             async def append(faction_id: int, kind: str) -> None:
