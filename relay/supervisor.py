@@ -194,10 +194,14 @@ class FactionSupervisor:
         await trio.sleep_until(self._next_attempt_at)
         self._next_attempt_at = None
 
-    async def _deliver(self, changes: Sequence[ChangeReceived]) -> None:
+    def note_live_change(self, change: ChangeReceived) -> None:
+        """A change of this faction's rows arrived live: a snapshot being read must leave its key alone."""
         if self._reconciler is not None:
-            for change in changes:  # before the await: a change waiting for its commit counts too
-                self._reconciler.note_live_change(change.table, change.data)
+            self._reconciler.note_live_change(change.table, change.data)
+
+    async def _deliver(self, changes: Sequence[ChangeReceived]) -> None:
+        for change in changes:  # before the await: a change waiting for its commit counts too
+            self.note_live_change(change)
         await self._ingest(self.faction_id, changes)
         self._received += len(changes)
 
@@ -357,8 +361,8 @@ class Supervisors:
         """A change for the faction that came by another socket (the shared DELETEs): its reconciler
         must leave the key alone as it would for one of its own."""
         supervisor = self._supervisors.get(faction_id)
-        if supervisor is not None and supervisor._reconciler is not None:
-            supervisor._reconciler.note_live_change(change.table, change.data)
+        if supervisor is not None:
+            supervisor.note_live_change(change)
 
     def shared_deletes_statistics(self) -> UpstreamStatistics | None:
         """The relay-wide DELETE subscription, once the first faction started it."""
