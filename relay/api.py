@@ -129,7 +129,7 @@ def create_app(services: Services) -> QuartTrio:
                 "timestamp": current.timestamp,
                 "tables": current.tables,
                 # Which column identifies a row of each table: what a client mirroring rows keys them by.
-                "keys": {channel.table: channel.key for channel in config.upstream.channels},
+                "keys": config.upstream.key_columns,
             }
         )
 

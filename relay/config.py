@@ -93,6 +93,11 @@ class UpstreamConfig:
     )
 
     @property
+    def key_columns(self) -> dict[str, str]:
+        """Each channel's table and the column its rows are keyed by."""
+        return {channel.table: channel.key for channel in self.channels}
+
+    @property
     def rest_base(self) -> str:
         """Where PostgREST answers: `rest_url`, or derived from `url` when that is empty."""
         return self.rest_url.rstrip("/") if self.rest_url else derive_rest_url(self.url)

@@ -95,17 +95,26 @@ class EventsEndpoint:
             body = error_body("internal_error", "the relay failed to answer this request")
             await _send_whole(send, 500, _JSON, body)
 
+    async def _admit(
+        self, scope: Scope, args: dict[str, str], since_text: str | None, wait_text: str | None
+    ) -> tuple[int, int | None, float]:
+        """What both paths check first, in the order the Quart routes do: the address's rate, the
+        parameters, the faction (revived if it had expired), the client's clock."""
+        services = self._services
+        client = scope.get("client")
+        check_rate(services, client[0] if client else None)
+        faction_id = parse_faction_id(args.get("faction_id"))
+        since = parse_since(since_text)
+        wait_s = parse_wait(wait_text, services.config.limits.long_poll_max_wait)
+        await admit_faction(services, faction_id)
+        await apply_client_clock(services, since)
+        return faction_id, since, wait_s
+
     async def _poll(self, scope: Scope, receive: Receive, send: Send) -> None:
         services = self._services
         store, hub, held, limits = services.store, services.hub, services.held, services.config.limits
-        client = scope.get("client")
-        check_rate(services, client[0] if client else None)
         args = _query(scope)
-        faction_id = parse_faction_id(args.get("faction_id"))
-        since = parse_since(args.get("since"))
-        wait_s = parse_wait(args.get("wait"), limits.long_poll_max_wait)
-        await admit_faction(services, faction_id)
-        await apply_client_clock(services, since)
+        faction_id, since, wait_s = await self._admit(scope, args, args.get("since"), args.get("wait"))
         truncated = store.missed_since(faction_id, since)
         found, cursor = store.read_since(faction_id, since)
         if not found and wait_s > 0 and not hub.stopping.is_set():
@@ -123,14 +132,11 @@ class EventsEndpoint:
     async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
         services = self._services
         store, hub, held = services.store, services.hub, services.held
-        client = scope.get("client")
-        check_rate(services, client[0] if client else None)
         args = _query(scope)
-        faction_id = parse_faction_id(args.get("faction_id"))
         resume = _header(scope, b"last-event-id")
-        since = parse_since(resume if resume is not None else args.get("since"))
-        await admit_faction(services, faction_id)
-        await apply_client_clock(services, since)
+        faction_id, since, _ = await self._admit(
+            scope, args, args.get("since") if resume is None else resume, None
+        )
         if not held.try_open_stream():
             raise ApiError(
                 503,

@@ -135,7 +135,7 @@ async def run_relay(
             config.storage.path,
             events_per_faction=config.retention.events_per_faction,
             now_ms=wall_clock_ms,
-            key_columns={channel.table: channel.key for channel in config.upstream.channels},
+            key_columns=config.upstream.key_columns,
         ) as store,
         httpx.AsyncClient() as rest_client,
     ):  # closed after the nursery below: no read outlives it
@@ -152,15 +152,13 @@ async def run_relay(
             hub.notify(faction_id)
             await router.stored(faction_id, changes)
 
-        key_columns = {channel.table: channel.key for channel in config.upstream.channels}
-
         async def deliver_routed(faction_id: int, changes: Sequence[ChangeReceived]) -> None:
             for change in changes:
                 supervisors.note_live_change(faction_id, change)
             await ingest(faction_id, changes)
 
         router = DeleteRouter(
-            key_columns,
+            config.upstream.key_columns,
             store.row_owner,
             deliver_routed,
             filter_columns={

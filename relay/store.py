@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import trio
 
 from relay.migrations import apply_migrations
-from relay.state import FactionRows, Row, RowChange, RowKey, complete_change, diff, row_key
+from relay.state import FactionRows, Lookup, Row, RowChange, RowKey, complete_change, diff, row_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -642,7 +642,7 @@ def _ordering(
     return (faction_id, str(change.get("table")), row_key(row[key_column])), stamp
 
 
-def _changes_nothing(effects: Sequence[RowChange], lookup: Callable[[int, str, RowKey], Row | None]) -> bool:
+def _changes_nothing(effects: Sequence[RowChange], lookup: Lookup) -> bool:
     return bool(effects) and all(
         change.row is not None and lookup(change.faction_id, change.table, change.key) == change.row
         for change in effects
