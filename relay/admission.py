@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import trio
 
+from relay.answers import PollAnswers
 from relay.config import Config
 from relay.delivery import HeldRequests
 from relay.hub import Hub
@@ -36,6 +37,7 @@ class Services:
     hub: Hub
     held: HeldRequests
     limiter: RateLimiter
+    answers: PollAnswers
     version: str
     started_at: float  # trio clock
     wall_clock_ms: Callable[[], int]

@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl
 import trio
 
 from relay.admission import Services, admit_faction, apply_client_clock, check_rate
-from relay.delivery import events_body, next_poll_ms, stream_events, wait_for_events
+from relay.delivery import next_poll_ms, stream_events, wait_for_events
 from relay.inputs import ApiError, parse_faction_id, parse_since, parse_wait
 from relay.responses import CORS_HEADERS, JSON_TYPE, PREFLIGHT_HEADERS, asgi_headers, error_body
 from relay.store import StoreError
@@ -40,6 +40,7 @@ STREAM_RETRY_AFTER_S = "30"
 
 _CORS = asgi_headers(CORS_HEADERS)
 _JSON = [(b"content-type", JSON_TYPE.encode()), *_CORS]
+EVENTS_HEADERS = _JSON  # an answer's, before its content-length
 _SSE = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -127,7 +128,9 @@ class EventsEndpoint:
                     if disconnect.happened:
                         return  # nobody is left to answer
         advice = next_poll_ms(store, held, faction_id, services.wall_clock_ms())
-        await _send_whole(send, 200, _JSON, events_body(found, cursor, advice, truncated=truncated))
+        headers, body = services.answers.answer(faction_id, found, cursor, advice, truncated=truncated)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
         services = self._services
@@ -185,10 +188,15 @@ async def _watch_for_disconnect(receive: Receive, disconnect: Disconnect, scope:
 
 def _query(scope: Scope) -> dict[str, str]:
     """The query's parameters, the first of each name winning (as in Quart's `request.args`)."""
+    text = scope["query_string"].decode("latin-1")
     args: dict[str, str] = {}
-    for name, value in parse_qsl(
-        scope["query_string"].decode("latin-1"), keep_blank_values=True, encoding="utf-8", errors="replace"
-    ):
+    if "%" in text or "+" in text:
+        pairs = parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="replace")
+    else:
+        # What every script sends (digits only). With nothing to unquote, parse_qsl's answer is this
+        # split, at a fifth of its cost, and a poll's own work is small beside it.
+        pairs = [pair.partition("=")[::2] for pair in text.split("&") if pair]
+    for name, value in pairs:
         args.setdefault(name, value)
     return args
 

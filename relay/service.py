@@ -34,10 +34,12 @@ from quart_trio import QuartTrio
 
 import relay
 from relay.admission import Services
+from relay.answers import PollAnswers
 from relay.api import create_app
 from relay.backoff import Backoff
 from relay.config import Config
 from relay.delivery import HeldRequests
+from relay.events_http import EVENTS_HEADERS
 from relay.hub import Hub
 from relay.maintenance import maintenance_pass, run_schedule
 from relay.phoenix import ChangeReceived, split_conditions
@@ -208,7 +210,16 @@ async def run_relay(
         held = HeldRequests(config.limits.max_held_requests)
         limiter = RateLimiter(config.limits.client_rate, config.limits.client_burst)
         services = Services(
-            config, store, supervisors, hub, held, limiter, relay.__version__, started_at, wall_clock_ms
+            config,
+            store,
+            supervisors,
+            hub,
+            held,
+            limiter,
+            PollAnswers(EVENTS_HEADERS),
+            relay.__version__,
+            started_at,
+            wall_clock_ms,
         )
         async with trio.open_nursery() as nursery:
             if handle_signals:

@@ -41,6 +41,9 @@ BUSY_TIMEOUT_MS = 5_000
 # twice, or before a change it followed upstream; both are recognised by commit time and dropped.
 # Out-of-order arrivals are a second apart at most, so a few thousand recent ones are plenty.
 TOMBSTONES_KEPT = 4_096
+# A faction's activity is only compared with a TTL of hours, so `touch` records it to the second: every
+# poll and every woken stream touches, and most of them then cost a clock read and a comparison.
+ACTIVITY_RESOLUTION_MS = 1_000
 # /health proves the database writable by committing a no-op write, but not more often than this.
 HEALTH_PROBE_INTERVAL_S = 1.0
 
@@ -480,10 +483,11 @@ class Store:
     def touch(self, faction_id: int) -> None:
         """A request about the faction: activity, kept in memory (a write per poll would be wasteful)."""
         subscription = self._subscriptions.get(faction_id)
-        if subscription is not None:
-            self._subscriptions[faction_id] = dataclasses.replace(
-                subscription, last_activity_at=self._now_ms()
-            )
+        if subscription is None:
+            return
+        now = self._now_ms()
+        if now - subscription.last_activity_at >= ACTIVITY_RESOLUTION_MS:
+            self._subscriptions[faction_id] = dataclasses.replace(subscription, last_activity_at=now)
             self._dirty_activity.add(faction_id)
 
     def last_activity_at(self, faction_id: int) -> int | None:

@@ -72,6 +72,26 @@ async def test_a_held_long_poll_answers_with_the_next_burst(
     assert relay.services.held.statistics().held_long_polls == 0
 
 
+async def test_members_held_on_one_cursor_are_answered_with_one_answer_built_once(
+    relay: RunningRelay, http: httpx.AsyncClient
+) -> None:
+    answers: list[dict[str, Any]] = []
+    members = 20
+    poll_answers = relay.services.answers
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            since = relay.store.cursor()
+            for _ in range(members):
+                nursery.start_soon(long_poll, http, since, 25, answers)
+            await eventually(lambda: relay.services.held.statistics().held_long_polls == members)
+            built_before = poll_answers.built
+            await append(relay, 1)
+    assert len(answers) == members
+    assert all(body == answers[0] for body in answers)
+    assert ids(answers[0]) == [1]
+    assert poll_answers.built == built_before + 1
+
+
 async def test_a_long_poll_ignores_other_factions_and_times_out_with_a_valid_cursor(
     relay: RunningRelay, http: httpx.AsyncClient
 ) -> None:

@@ -422,6 +422,9 @@ async def test_subscriptions_and_their_activity(tmp_path: Path) -> None:
             store.touch(OTHER)  # never subscribed: nothing to record
             assert store.last_activity_at(FACTION) == START_MS + 2_000
             assert store.last_activity_at(OTHER) is None
+            clock.now_ms += 999
+            store.touch(FACTION)  # activity is kept to the second: every poll need not record it
+            assert store.last_activity_at(FACTION) == START_MS + 2_000
             activity = "SELECT last_activity_at FROM subscriptions"
             assert query(tmp_path, activity) == [(START_MS + 1_000,)]  # a poll writes nothing...
             await store.flush_activity()
