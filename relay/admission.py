@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import trio
 
-from relay.answers import PollAnswers
+from relay.answers import Answers
 from relay.config import Config
 from relay.delivery import HeldRequests
 from relay.hub import Hub
@@ -37,7 +37,7 @@ class Services:
     hub: Hub
     held: HeldRequests
     limiter: RateLimiter
-    answers: PollAnswers
+    answers: Answers
     version: str
     started_at: float  # trio clock
     wall_clock_ms: Callable[[], int]

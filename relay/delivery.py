@@ -7,17 +7,18 @@ woken request always finds it in memory.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import trio
 
+from relay.answers import Answers
 from relay.hub import Hub
-from relay.store import Store, StoredEvent
+from relay.store import Store
 
 # The comment an SSE stream sends when it has nothing else to say: proxies and browsers drop
-# connections that stay silent for a minute or so.
+# connections that stay silent for a minute or so. Also how often the hub wakes quiet factions' streams.
 SSE_KEEPALIVE_S = 15.0
 SSE_RETRY_MS = 3000
 # next_poll_ms: how soon a plain poller should come back, by how lately its faction was active.
@@ -80,45 +81,31 @@ class HeldRequests:
 
 
 async def wait_for_events(
-    store: Store, hub: Hub, faction_id: int, since: int | None, *, wait_s: float, linger_s: float
-) -> tuple[list[StoredEvent], int]:
-    """What a long-poll answers: events after `since` at once if there are any, else the first burst
-    committed within `wait_s` (gathered for `linger_s` after its first event), else none.
+    store: Store, hub: Hub, faction_id: int, since: int | None, *, linger_s: float
+) -> None:
+    """Return once the faction has events after `since`, `linger_s` after the first of them so that a
+    burst is answered at once, or when the relay stops. The caller bounds the wait (its `wait=`).
     """
-    found, cursor = store.read_since(faction_id, since)
-    if found or hub.stopping.is_set():
-        return found, cursor
-    with trio.move_on_after(wait_s):
-        while not hub.stopping.is_set():
-            await hub.wait_for_events(faction_id)
-            if store.read_since(faction_id, since)[0]:
-                # Several members' wake-ups for one burst of calls cost one answer each, not one per call.
-                with trio.move_on_after(linger_s):
-                    await hub.stopping.wait()
-                break
-    return store.read_since(faction_id, since)
-
-
-def events_body(
-    found: Sequence[StoredEvent], cursor: int, next_poll: int, *, truncated: bool = False
-) -> bytes:
-    """An `/events` answer: each event's JSON was built once when it was stored, so this only joins.
-    `truncated` (only sent when true) says events after the client's `since` are no longer retained."""
-    events = ",".join([event.json for event in found])
-    gap = ',"truncated":true' if truncated else ""
-    return f'{{"events":[{events}],"timestamp":{cursor},"next_poll_ms":{next_poll}{gap}}}'.encode()
+    while not store.read_since(faction_id, since)[0] and not hub.stopping.is_set():
+        await hub.wait_for_events(faction_id)
+    if not hub.stopping.is_set():
+        # Several members' wake-ups for one burst of calls cost one answer each, not one per call.
+        with trio.move_on_after(linger_s):
+            await hub.stopping.wait()
 
 
 async def stream_events(
     store: Store,
     hub: Hub,
     held: HeldRequests,
+    answers: Answers,
     faction_id: int,
     since: int | None,
     send_chunk: Callable[[bytes], Awaitable[None]],
-) -> None:
+) -> bool:
     """An SSE body: `retry:`, a `truncated` event when `since` is older than what is retained, then
-    every event after `since` (or after now), keep-alives, until shutdown.
+    every event after `since` (or after now), keep-alives, until shutdown (then True: the stream
+    ended because the relay ended it).
 
     The caller has already counted this stream in `held`; it is released when the stream ends,
     however it ends (client gone, shutdown).
@@ -131,21 +118,22 @@ async def stream_events(
                 f'event: truncated\ndata: {{"faction_id":{faction_id},"since":{since}}}\n\n'.encode()
             )
         cursor = store.cursor() if since is None else since
+        last_sent = trio.current_time()
         while not hub.stopping.is_set():
             store.touch(faction_id)  # an open stream is a member still watching
             found, _ = store.read_since(faction_id, cursor)
             if found:
-                await send_chunk(
-                    "".join(
-                        [f"id: {e.timestamp}\nevent: {e.type}\ndata: {e.json}\n\n" for e in found]
-                    ).encode()
-                )
+                await send_chunk(answers.stream_chunk(faction_id, found))
                 cursor = found[-1].timestamp
+                last_sent = trio.current_time()
                 continue
-            with trio.move_on_after(SSE_KEEPALIVE_S) as quiet:
-                await hub.wait_for_events(faction_id)
-            if quiet.cancelled_caught:
+            if trio.current_time() - last_sent >= SSE_KEEPALIVE_S / 2:
                 await send_chunk(b": keep-alive\n\n")
+                last_sent = trio.current_time()
+            # No timer per stream: the hub wakes quiet factions' waiters every SSE_KEEPALIVE_S
+            # (`Hub.wake_quiet_factions_every`), so a silent stream says something every 7.5-22.5 s.
+            await hub.wait_for_events(faction_id)
+        return True
     finally:
         held.stream_closed()
 

@@ -13,8 +13,8 @@ A held long-poll or stream ends when its client goes away: hypercorn reports tha
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from contextlib import asynccontextmanager
+import math
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -62,8 +62,24 @@ class EventsEndpoint:
         if scope["type"] == "http" and path in (EVENTS_PATH, STREAM_PATH):
             method = scope["method"]
             if method == "GET":
-                handler = self._poll if path == EVENTS_PATH else self._stream
-                await self._answer(handler, scope, receive, send)
+                # Handled here rather than in a wrapper: every frame stays alive for as long as a
+                # long-poll or a stream is held, and there are thousands of them.
+                try:
+                    if path == EVENTS_PATH:
+                        await self._poll(scope, receive, send)
+                    else:
+                        await self._stream(scope, receive, send)
+                except ApiError as exc:
+                    headers = [*_JSON, *asgi_headers(exc.headers)]
+                    await _send_whole(send, exc.status, headers, error_body(exc.code, exc.message))
+                except StoreError as exc:
+                    log.error("storage fault while answering GET %s: %s", path, exc)
+                    body = error_body("storage_unavailable", "the relay's storage is not available right now")
+                    await _send_whole(send, 503, _JSON, body)
+                except Exception:
+                    log.exception("unexpected error answering GET %s", path)
+                    body = error_body("internal_error", "the relay failed to answer this request")
+                    await _send_whole(send, 500, _JSON, body)
                 return
             if method == "OPTIONS":
                 await _send_whole(send, 200, _PREFLIGHT, b"")
@@ -74,27 +90,6 @@ class EventsEndpoint:
                 await _send_whole(send, 405, [*_JSON, *allow], body)
                 return
         await self._fallback(scope, receive, send)
-
-    async def _answer(
-        self,
-        handler: Callable[[Scope, Receive, Send], Awaitable[None]],
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-    ) -> None:
-        try:
-            await handler(scope, receive, send)
-        except ApiError as exc:
-            headers = [*_JSON, *asgi_headers(exc.headers)]
-            await _send_whole(send, exc.status, headers, error_body(exc.code, exc.message))
-        except StoreError as exc:
-            log.error("storage fault while answering GET %s: %s", scope["path"], exc)
-            body = error_body("storage_unavailable", "the relay's storage is not available right now")
-            await _send_whole(send, 503, _JSON, body)
-        except Exception:
-            log.exception("unexpected error answering GET %s", scope["path"])
-            body = error_body("internal_error", "the relay failed to answer this request")
-            await _send_whole(send, 500, _JSON, body)
 
     async def _admit(
         self, scope: Scope, args: dict[str, str], since_text: str | None, wait_text: str | None
@@ -121,14 +116,14 @@ class EventsEndpoint:
         if not found and wait_s > 0 and not hub.stopping.is_set():
             with held.long_poll() as may_hold:
                 if may_hold:
-                    async with _until_disconnect(receive) as disconnect:
-                        found, cursor = await wait_for_events(
-                            store, hub, faction_id, since, wait_s=wait_s, linger_s=limits.long_poll_linger_s
-                        )
-                    if disconnect.happened:
+                    waiting = wait_for_events(
+                        store, hub, faction_id, since, linger_s=limits.long_poll_linger_s
+                    )
+                    if await _until_hung_up(receive, waiting, deadline=trio.current_time() + wait_s):
                         return  # nobody is left to answer
+                    found, cursor = store.read_since(faction_id, since)
         advice = next_poll_ms(store, held, faction_id, services.wall_clock_ms())
-        headers, body = services.answers.answer(faction_id, found, cursor, advice, truncated=truncated)
+        headers, body = services.answers.poll(faction_id, found, cursor, advice, truncated=truncated)
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -156,10 +151,27 @@ class EventsEndpoint:
         except BaseException:
             held.stream_closed()
             raise
-        async with _until_disconnect(receive) as disconnect:
-            await stream_events(store, hub, held, faction_id, since, send_chunk)
-        if not disconnect.happened:
+        streaming = stream_events(store, hub, held, services.answers, faction_id, since, send_chunk)
+        if not await _until_hung_up(receive, streaming):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _until_hung_up(
+    receive: Receive, held: Coroutine[Any, Any, object], *, deadline: float = math.inf
+) -> bool:
+    """Run `held` until it ends, the trio clock reaches `deadline`, or the client hangs up (True).
+
+    Hypercorn reports a hang-up only to `receive()` and does not cancel the handler, so a second
+    task watches it. The nursery's own scope is the deadline: a held request's memory is mostly its
+    tasks and scopes, and there are thousands of them.
+    """
+    hung_up = Disconnect()
+    async with trio.open_nursery() as nursery:
+        nursery.cancel_scope.deadline = deadline
+        nursery.start_soon(_watch_for_hang_up, receive, hung_up, nursery.cancel_scope)
+        await held
+        nursery.cancel_scope.cancel()
+    return hung_up.happened
 
 
 class Disconnect:
@@ -169,20 +181,10 @@ class Disconnect:
         self.happened = False
 
 
-@asynccontextmanager
-async def _until_disconnect(receive: Receive) -> AsyncIterator[Disconnect]:
-    """Run the block until it ends or the client disconnects, whichever is first."""
-    disconnect = Disconnect()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_for_disconnect, receive, disconnect, nursery.cancel_scope)
-        yield disconnect
-        nursery.cancel_scope.cancel()
-
-
-async def _watch_for_disconnect(receive: Receive, disconnect: Disconnect, scope: trio.CancelScope) -> None:
+async def _watch_for_hang_up(receive: Receive, hung_up: Disconnect, scope: trio.CancelScope) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass  # a GET's (empty) body
-    disconnect.happened = True
+    hung_up.happened = True
     scope.cancel()
 
 

@@ -6,6 +6,7 @@ is called, so a woken waiter always finds it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import trio
@@ -21,12 +22,32 @@ class Hub:
     def __init__(self) -> None:
         self.stopping = trio.Event()
         self._new_events: dict[int, trio.Event] = {}
+        self._notified_at: dict[int, float] = {}  # trio clock
 
     def notify(self, faction_id: int) -> None:
         """Wake everyone waiting on the faction; call only after its events are visible."""
+        self._notified_at[faction_id] = trio.current_time()
+        self._wake(faction_id)
+
+    def _wake(self, faction_id: int) -> None:
         event = self._new_events.pop(faction_id, None)
         if event is not None:
             event.set()
+
+    def wake_quiet_factions(self, quiet_for_s: float) -> None:
+        """Wake the waiters of every faction with no notify for `quiet_for_s`: they find nothing new,
+        and a held stream can then say something to keep its connection open."""
+        now = trio.current_time()
+        for faction_id in list(self._new_events):
+            if now - self._notified_at.get(faction_id, -math.inf) >= quiet_for_s:
+                self._wake(faction_id)
+
+    async def wake_quiet_factions_every(self, interval_s: float) -> None:
+        """One timer for every held stream, instead of one per stream: a held request's memory is
+        mostly its tasks and scopes, and there are thousands of them."""
+        while True:
+            await trio.sleep(interval_s)
+            self.wake_quiet_factions(interval_s)
 
     async def wait_for_events(self, faction_id: int) -> None:
         """Return at the faction's next `notify`, or at once when the relay is stopping.

@@ -205,6 +205,9 @@ async def test_sse_keep_alive_comment_and_shutdown_ends_the_stream(
     monkeypatch.setattr("relay.delivery.SSE_KEEPALIVE_S", 0.05)
     with trio.fail_after(10):
         async with open_sse(relay.url, f"/events/stream?faction_id={FACTION}") as stream:
+            await eventually(lambda: relay.hub.statistics().factions_waited_on == 1)
+            await trio.sleep(0.05)
+            relay.hub.wake_quiet_factions(0.05)  # what the hub's timer does every SSE_KEEPALIVE_S
             assert await stream.next_record() == {"comment": "keep-alive"}
             relay.stop()
             rest = await stream.read_body()

@@ -50,3 +50,25 @@ async def test_stopping_releases_waiters_and_later_ones_return_at_once() -> None
             hub.begin_stopping()
         await hub.wait_for_events(3)
     assert hub.statistics().stopping
+
+
+async def test_the_timer_wakes_only_factions_quiet_for_a_whole_interval(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    hub = Hub()
+    woken: list[tuple[int, float]] = []
+
+    async def wait(faction_id: int) -> None:
+        while True:
+            await hub.wait_for_events(faction_id)
+            woken.append((faction_id, trio.current_time()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.wake_quiet_factions_every, 15.0)
+        nursery.start_soon(wait, 1)
+        nursery.start_soon(wait, 2)
+        await trio.sleep(10)
+        hub.notify(2)  # faction 2 had an event at 10 s: not quiet at the tick at 15 s
+        await trio.sleep(21)
+        nursery.cancel_scope.cancel()
+    assert sorted(woken, key=lambda wake: (wake[1], wake[0])) == [(2, 10.0), (1, 15.0), (1, 30.0), (2, 30.0)]
