@@ -30,15 +30,32 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
-# Delivery latency, CPU and memory for long-poll and SSE clients (about six minutes), then what each
-# way of delivering costs per member against today's 3-s polling at war rates (one change per faction
-# per second; about four minutes), then durable ingest with and without group commit (one minute);
-# rewrites bench/RESULTS.md, bench/RESULTS-per-member.md and bench/RESULTS-ingest.md.
-# A benchmark, never a test: these machines are shared and noisy.
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.bench-installed
+
+# The benchmark's own tools: py-spy (pip, the `bench` extra), wrk (Debian), Express (npm ci, locked).
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq nodejs npm; }
+	touch $(BENCH_STAMP)
+
+# Issue 6's goals, each in its own results file (about 45 minutes; a benchmark, never a test: these
+# machines are shared and noisy, so nothing else should run meanwhile):
+#   RESULTS-shortpoll.md   short polls: the relay against bare hypercorn and the Node relay (wrk)
+#   RESULTS.md             delivery latency, CPU and memory for long-poll and SSE, 1,000 and 5,000 clients
+#   RESULTS-capacity.md    members per core at p99 <= 1 s: the relay's SSE against the Node relay at 1-s polls
+#   RESULTS-per-member.md  each way of delivering's cost per member against today's 3-s polling
+#   RESULTS-ingest.md      durable ingest with and without group commit
+#   RESULTS-footprint.md   memory per held client and per idle faction, and start-up time
+#   PROFILE-sse.md         py-spy of the relay delivering to 5,000 SSE clients (short polls: in RESULTS-shortpoll.md)
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.shortpoll
 	$(BIN)/python -m bench.delivery
+	$(BIN)/python -m bench.capacity
 	$(BIN)/python -m bench.delivery --kinds poll,longpoll,sse --clients 1000 --interval-s 1 --output bench/RESULTS-per-member.md
 	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.footprint
+	$(BIN)/python -m bench.delivery --kinds sse --clients 5000 --duration-s 20 --profile bench/PROFILE-sse.md
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache

@@ -34,6 +34,7 @@ import trio
 if __package__ in (None, ""):  # run as `python bench/delivery.py`: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import pyspy
 from bench.clients import Connection, Tally, Target, poll_client, sse_client
 from bench.probes import Probes
 from bench.processes import Relay, Upstream, cpu_seconds, open_relay, open_upstream, rss_bytes
@@ -50,6 +51,8 @@ WARMUP_STEP_S = 2.0
 MAX_EXTRA_WARMUP_S = 60.0  # beyond --warmup-s, while the latency is still falling
 DRAINING_SHARE = 0.8  # a step whose median latency is below this share of the one before: still draining
 END_OF_TIME_NS = 2**63
+PROFILE_TOP = 30  # functions listed in a profile summary, by self and by inclusive samples
+HELD_SLACK = 1_000  # held requests allowed beyond the clients: a reconnect overlaps its old request
 KINDS = ("poll", "longpoll", "sse")
 
 
@@ -67,6 +70,7 @@ class Plan:
     pin: bool
     gc_probe: bool
     relay_setup: str | None
+    profile: Path | None = None  # py-spy's summary of the relay during each window is appended here
 
 
 async def call(target: Target, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -205,7 +209,12 @@ async def run_scenario(
             warmup_s = await warm_up(tally, plan.warmup_s)
             now_ns = time.time_ns()
             tally.restart_window(now_ns, now_ns + int(plan.duration_s * 1e9))
-            measurement = await measure_window(relay, upstream, target, plan.duration_s, idle_rss)
+            if plan.profile is None:
+                measurement = await measure_window(relay, upstream, target, plan.duration_s, idle_rss)
+            else:
+                measurement = await measure_profiled_window(
+                    kind, n, plan, plan.profile, relay, upstream, idle_rss
+                )
             emitted = await upstream.count(tally.window_from_ns, tally.window_to_ns)
             expected = sum(emitted[faction_id] for faction_id in assigned)
             # The window's last events are still on their way.
@@ -215,6 +224,39 @@ async def run_scenario(
             gc.unfreeze()
         clients.cancel_scope.cancel()
     return ScenarioResult(kind, n, tally, expected, sum(emitted.values()), ramp_s, warmup_s, measurement)
+
+
+async def measure_profiled_window(
+    kind: str, n: int, plan: Plan, profile: Path, relay: Relay, upstream: Upstream, idle_rss: int
+) -> Measurement:
+    """The window with py-spy sampling the relay throughout; its summary is appended to `profile`.
+    py-spy pauses the relay for each sample, so a profiled run's figures are not the results'."""
+    results: list[Measurement] = []
+    raw = profile.with_suffix(".raw.txt")
+
+    async def window() -> None:
+        results.append(
+            await measure_window(relay, upstream, relay_target(relay, 1), plan.duration_s, idle_rss)
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(window)
+        await pyspy.record(relay.pid, plan.duration_s, raw)
+    summary = pyspy.summary_lines(pyspy.summarize(raw.read_text()), PROFILE_TOP)
+    raw.unlink()
+    with profile.open("a") as out:
+        out.write(
+            "\n".join(
+                [
+                    f"## {kind}, {n} clients: the relay during a {plan.duration_s:.0f} s window",
+                    "",
+                    *summary,
+                    "",
+                    "",
+                ]
+            )
+        )
+    return results[0]
 
 
 async def run_baseline(relay: Relay, upstream: Upstream, plan: Plan) -> ScenarioResult:
@@ -246,7 +288,13 @@ async def run_plan(plan: Plan, on_result: Callable[[ScenarioResult], None]) -> l
         for kind, n in scenarios:
             with tempfile.TemporaryDirectory(prefix="cat-relay-bench-") as data_dir:
                 async with open_relay(
-                    upstream.url, Path(data_dir), gc_probe=plan.gc_probe, setup=plan.relay_setup
+                    upstream.url,
+                    Path(data_dir),
+                    gc_probe=plan.gc_probe,
+                    setup=plan.relay_setup,
+                    # The relay's default cap (10,000 held requests) would refuse the largest runs'
+                    # reconnects: the benchmark measures delivery, not the cap.
+                    extra_config=f"[limits]\nmax_held_requests = {n + HELD_SLACK}\n",
                 ) as relay:
                     if plan.pin:
                         pin(relay.pid, upstream.pid)
@@ -356,7 +404,14 @@ def parse_args(argv: Sequence[str]) -> tuple[Plan, Path | None]:
         help="don't log the relay's garbage collections",
     )
     parser.add_argument(
-        "--output", type=Path, default=None, help="default bench/RESULTS.md (none with --quick)"
+        "--output", type=Path, default=None, help="default bench/RESULTS.md (none with --quick or --profile)"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="sample the relay with py-spy during every window and write the summaries here "
+        "(the figures of a profiled run are perturbed and written nowhere else unless --output)",
     )
     args = parser.parse_args(argv)
     if args.relay_setup and not args.gc_probe:
@@ -378,8 +433,10 @@ def parse_args(argv: Sequence[str]) -> tuple[Plan, Path | None]:
         pin=args.pin,
         gc_probe=args.gc_probe,
         relay_setup=args.relay_setup,
+        profile=args.profile,
     )
-    output = args.output or (None if args.quick else Path(__file__).with_name("RESULTS.md"))
+    default_output = None if args.quick or args.profile else Path(__file__).with_name("RESULTS.md")
+    output = args.output or default_output
     return plan, output
 
 
@@ -391,6 +448,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     if limit < needed:
         print(f"bench: RLIMIT_NOFILE hard limit {limit} < {needed} needed", file=sys.stderr)
         return 2
+    if plan.profile is not None:
+        plan.profile.write_text(
+            f"# Profile: the relay while it delivers\n\n- Command: `{command}`\n"
+            f"- py-spy {pyspy.SAMPLES_PER_S} samples/s of the relay process (all threads); self = the function "
+            "on top of the stack, inclusive = anywhere in it.\n\n"
+        )
     text = trio.run(main, plan, command)
     if text is None:
         return 130

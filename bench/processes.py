@@ -54,7 +54,7 @@ if _path:
     gc.callbacks.append(_observe)
 """
 RELAY_TOML = """\
-# Written by bench/delivery.py; the upstream URL, key, port and database path come from RELAY_* variables.
+# Written by the benchmark (bench/processes.py); the upstream URL, key, port and database path come from RELAY_* variables.
 [server]
 host = "127.0.0.1"
 """
@@ -179,14 +179,14 @@ class Relay:
 
 
 def relay_environ(
-    upstream_url: str, data_dir: Path, gc_log: Path | None, setup: str | None
+    upstream_url: str, data_dir: Path, gc_log: Path | None, setup: str | None, port: int = 0
 ) -> Mapping[str, str]:
     environ = {name: value for name, value in os.environ.items() if not name.startswith("RELAY_")}
     environ.update(
         RELAY_UPSTREAM_URL=upstream_url,
         RELAY_UPSTREAM_ANON_KEY=ANON_KEY,
         RELAY_STORAGE_PATH=str(data_dir / "relay.db"),
-        RELAY_SERVER_PORT="0",
+        RELAY_SERVER_PORT=str(port),
     )
     if gc_log is not None:
         probe = data_dir / "gc_probe"
@@ -201,13 +201,23 @@ def relay_environ(
 
 @asynccontextmanager
 async def open_relay(
-    upstream_url: str, data_dir: Path, *, gc_probe: bool, setup: str | None = None
+    upstream_url: str,
+    data_dir: Path,
+    *,
+    gc_probe: bool,
+    setup: str | None = None,
+    extra_config: str = "",
+    port: int = 0,
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Relay]:
-    """`relay serve` from this interpreter's bin folder, with a fresh database in `data_dir`."""
+    """`relay serve` from this interpreter's bin folder, with the database `data_dir/relay.db` (a fresh
+    one unless the caller put one there). `extra_config` is TOML appended to the config file (whole
+    tables, such as `[limits]`); `port` 0 lets the relay pick one; `env` adds to (or overrides) the
+    relay's environment."""
     config = data_dir / "relay.toml"
-    config.write_text(RELAY_TOML)
+    config.write_text(RELAY_TOML + extra_config)
     gc_log = data_dir / "relay-gc.log" if gc_probe else None
-    environ = relay_environ(upstream_url, data_dir, gc_log, setup)
+    environ = {**relay_environ(upstream_url, data_dir, gc_log, setup, port), **(env or {})}
     command = [str(Path(sys.executable).parent / "relay"), "serve", "--config", str(config)]
     process = await trio.lowlevel.open_process(
         command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=environ
