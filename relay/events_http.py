@@ -135,6 +135,7 @@ class EventsEndpoint:
         faction_id, since, _ = await self._admit(
             scope, args, args.get("since") if resume is None else resume, None
         )
+        del args, resume  # this frame lives as long as the stream: hours, thousands of times over
         if not held.try_open_stream():
             raise ApiError(
                 503,
@@ -176,6 +177,8 @@ async def _until_hung_up(
 
 class Disconnect:
     """Whether the client went away while a request was held."""
+
+    __slots__ = ("happened",)
 
     def __init__(self) -> None:
         self.happened = False

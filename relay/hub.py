@@ -21,7 +21,10 @@ class HubStatistics:
 class Hub:
     def __init__(self) -> None:
         self.stopping = trio.Event()
-        self._new_events: dict[int, trio.Event] = {}
+        # Per faction, the tasks parked until its next notify. Parked by hand (trio.lowlevel) rather
+        # than on an Event: a waiter is then one set entry, without the Event.wait and
+        # ParkingLot.park frames that each of thousands of held requests kept alive.
+        self._waiting: dict[int, set[trio.lowlevel.Task]] = {}
         self._notified_at: dict[int, float] = {}  # trio clock
 
     def notify(self, faction_id: int) -> None:
@@ -30,15 +33,14 @@ class Hub:
         self._wake(faction_id)
 
     def _wake(self, faction_id: int) -> None:
-        event = self._new_events.pop(faction_id, None)
-        if event is not None:
-            event.set()
+        for task in self._waiting.pop(faction_id, ()):
+            trio.lowlevel.reschedule(task)
 
     def wake_quiet_factions(self, quiet_for_s: float) -> None:
         """Wake the waiters of every faction with no notify for `quiet_for_s`: they find nothing new,
         and a held stream can then say something to keep its connection open."""
         now = trio.current_time()
-        for faction_id in list(self._new_events):
+        for faction_id in list(self._waiting):
             if now - self._notified_at.get(faction_id, -math.inf) >= quiet_for_s:
                 self._wake(faction_id)
 
@@ -50,21 +52,29 @@ class Hub:
             self.wake_quiet_factions(interval_s)
 
     async def wait_for_events(self, faction_id: int) -> None:
-        """Return at the faction's next `notify`, or at once when the relay is stopping.
-
-        One shared Event per faction, replaced on each notify, so a thousand waiters cost one
-        object and one wake-up pass rather than one per waiter.
-        """
+        """Return at the faction's next `notify` (or wake-up when quiet), or at once when the relay is
+        stopping."""
         if self.stopping.is_set():
+            await trio.lowlevel.checkpoint()
             return
-        await self._new_events.setdefault(faction_id, trio.Event()).wait()
+        task = trio.lowlevel.current_task()
+        waiting = self._waiting.setdefault(faction_id, set())
+        waiting.add(task)
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            # Only reached while still parked, so `waiting` is still this faction's set.
+            waiting.discard(task)
+            if not waiting and self._waiting.get(faction_id) is waiting:
+                del self._waiting[faction_id]
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     def begin_stopping(self) -> None:
         """Shutdown has started: every held request returns now, and new ones do not wait."""
         self.stopping.set()
-        for event in self._new_events.values():
-            event.set()
-        self._new_events.clear()
+        for faction_id in list(self._waiting):
+            self._wake(faction_id)
 
     def statistics(self) -> HubStatistics:
-        return HubStatistics(factions_waited_on=len(self._new_events), stopping=self.stopping.is_set())
+        return HubStatistics(factions_waited_on=len(self._waiting), stopping=self.stopping.is_set())

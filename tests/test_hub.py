@@ -38,6 +38,7 @@ async def test_a_waiter_arriving_after_a_notify_waits_for_the_next_one(
     with trio.move_on_after(1) as scope:
         await hub.wait_for_events(1)
     assert scope.cancelled_caught
+    assert hub.statistics().factions_waited_on == 0  # a waiter given up on is not left behind
 
 
 async def test_stopping_releases_waiters_and_later_ones_return_at_once() -> None:
