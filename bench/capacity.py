@@ -9,7 +9,7 @@ Issue 6, point 3. In one invocation, each on CPU 0 alone:
    change per faction every 2 s; bench/delivery.py), for each N asked for: the largest N whose p99
    from the upstream frame to the client is within 1 s, with every event delivered, is its capacity.
 
-    .venv/bin/python -m bench.capacity                       # N = 10000,14000,17000; writes bench/RESULTS-capacity.md
+    .venv/bin/python -m bench.capacity                       # N = 12000,15000,18000; writes bench/RESULTS-capacity.md
     .venv/bin/python -m bench.capacity --clients 5000 --node-runs 1 --duration-s 10 --output -   # smoke
 """
 
@@ -152,7 +152,7 @@ async def main(args: argparse.Namespace, command: str) -> str:
 
 def run(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.capacity", description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--clients", default="10000,14000,17000", help="SSE client counts to try")
+    parser.add_argument("--clients", default="12000,15000,18000", help="SSE client counts to try")
     parser.add_argument("--node-runs", type=int, default=5)
     parser.add_argument("--duration-s", type=float, default=20.0, help="each wrk run and each SSE window")
     parser.add_argument(

@@ -52,6 +52,7 @@ class Tally:
     delivered: Counter[int] = field(default_factory=Counter)  # in-window events, per faction
     received: int = 0
     duplicates: int = 0
+    unstamped: int = 0  # events that are not an upstream row the benchmark emitted
     ready: int = 0
     gave_up: int = 0
     errors: Counter[str] = field(default_factory=Counter)
@@ -69,7 +70,10 @@ class Tally:
             self.duplicates += 1  # the relay promises each event once, in order
             return
         client.last_event_id = event["id"]
-        emitted_ns = event["data"]["new"]["emitted_ns"]
+        emitted_ns = (event["data"].get("new") or {}).get("emitted_ns")
+        if emitted_ns is None:
+            self.unstamped += 1  # not one of the upstream's rows (a reconcile's resync, say): not timed
+            return
         if self.window_from_ns <= emitted_ns < self.window_to_ns:
             self.latencies_ns.append(received_ns - emitted_ns)
             self.emitted_ns.append(emitted_ns)

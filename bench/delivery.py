@@ -39,6 +39,7 @@ from bench.clients import Connection, Tally, Target, poll_client, sse_client
 from bench.probes import Probes
 from bench.processes import Relay, Upstream, cpu_seconds, open_relay, open_upstream, rss_bytes
 from bench.report import Measurement, ScenarioResult, machine_lines, render
+from bench.shortpoll_servers import pin as pin_threads
 from bench.upstream import ANON_KEY
 
 FIRST_FACTION = 46001
@@ -53,6 +54,18 @@ DRAINING_SHARE = 0.8  # a step whose median latency is below this share of the o
 END_OF_TIME_NS = 2**63
 PROFILE_TOP = 30  # functions listed in a profile summary, by self and by inclusive samples
 HELD_SLACK = 1_000  # held requests allowed beyond the clients: a reconnect overlaps its old request
+# - max_held_requests: the relay's default cap (10,000) would refuse the largest runs' reconnects; the
+#   benchmark measures delivery, not the cap.
+# - reconcile_interval: bench/upstream.py drops each row from its table right after announcing it (so
+#   that the table stays small), so a periodic reconcile would rightly find every row deleted upstream
+#   and send each client a DELETE per row. The reconcile after subscribing still runs.
+RELAY_EXTRA_CONFIG = """\
+[limits]
+max_held_requests = {max_held}
+
+[upstream]
+reconcile_interval = 86400.0
+"""
 KINDS = ("poll", "longpoll", "sse")
 
 
@@ -292,9 +305,7 @@ async def run_plan(plan: Plan, on_result: Callable[[ScenarioResult], None]) -> l
                     Path(data_dir),
                     gc_probe=plan.gc_probe,
                     setup=plan.relay_setup,
-                    # The relay's default cap (10,000 held requests) would refuse the largest runs'
-                    # reconnects: the benchmark measures delivery, not the cap.
-                    extra_config=f"[limits]\nmax_held_requests = {n + HELD_SLACK}\n",
+                    extra_config=RELAY_EXTRA_CONFIG.format(max_held=n + HELD_SLACK),
                 ) as relay:
                     if plan.pin:
                         pin(relay.pid, upstream.pid)
@@ -312,14 +323,18 @@ async def run_plan(plan: Plan, on_result: Callable[[ScenarioResult], None]) -> l
     return results
 
 
+# The CPUs this benchmark may use, as it started: once it has pinned itself away from the relay's
+# CPU its own affinity no longer says (and every relay it starts later inherits that affinity).
+BENCH_CPUS = sorted(os.sched_getaffinity(0))
+
+
 def pin(relay_pid: int, upstream_pid: int) -> None:
-    """The relay alone on the first CPU; this process and the upstream on the others."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
+    """The relay (every thread of it) alone on the first CPU; this process and the upstream on the others."""
+    if len(BENCH_CPUS) < 2:
         return
-    os.sched_setaffinity(relay_pid, {cpus[0]})
-    for pid in (0, upstream_pid):
-        os.sched_setaffinity(pid, set(cpus[1:]))
+    pin_threads(relay_pid, BENCH_CPUS[:1])
+    for pid in (os.getpid(), upstream_pid):
+        pin_threads(pid, BENCH_CPUS[1:])
 
 
 def raise_open_files_limit() -> int:
