@@ -48,6 +48,7 @@ $(BENCH_STAMP): $(STAMP)
 #   RESULTS-ingest.md      durable ingest with and without group commit
 #   RESULTS-footprint.md   memory per held client and per idle faction, and start-up time
 #   PROFILE-sse.md         py-spy of the relay delivering to 5,000 SSE clients (short polls: in RESULTS-shortpoll.md)
+#   PROFILE-footprint.md   tracemalloc: where a held SSE client's and an idle faction's memory goes
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.shortpoll
 	$(BIN)/python -m bench.delivery
@@ -56,6 +57,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.footprint
 	$(BIN)/python -m bench.delivery --kinds sse --clients 5000 --duration-s 20 --profile bench/PROFILE-sse.md
+	$(BIN)/python -m bench.footprint --tracemalloc --parts clients,factions --kinds sse --clients 3000 --factions 200 --output bench/PROFILE-footprint.md
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache
