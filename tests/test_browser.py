@@ -30,7 +30,7 @@ from relay.config import Config
 from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
 from tests.conftest import ANON_KEY, FACTION, eventually
-from tests.test_end_to_end import call, wait_connected
+from tests.test_end_to_end import call, wait_connected, wait_reconciled
 
 CHROMIUM = Path("/usr/bin/chromium")
 PAGE = Path(__file__).with_name("browser_page.html")
@@ -258,7 +258,7 @@ async def test_a_client_that_missed_more_than_the_relay_keeps_recovers_from_stat
         await chromium.open(f"{page_server.url}/?{query}")
         await page_server.wait_for("open", chromium)
         async with httpx.AsyncClient(base_url=relay.url) as http:
-            await wait_connected(http, FACTION)
+            await wait_reconciled(http, FACTION)  # so that calls 1 and 2 arrive live, not as resyncs
         fake_upstream.insert("war_calls", call(FACTION, 1))
         fake_upstream.insert("war_calls", call(FACTION, 2))
         await page_server.wait_for("paused", chromium)

@@ -64,6 +64,16 @@ async def wait_connected(http: httpx.AsyncClient, faction_id: int) -> None:
         await trio.sleep(POLL_S)
 
 
+async def wait_reconciled(http: httpx.AsyncClient, faction_id: int) -> None:
+    """Connected and its first reconcile done: a change made upstream before that reconcile reads
+    the table may reach the relay as the reconcile's resync event rather than live."""
+    while True:
+        factions = {f["faction_id"]: f for f in (await http.get("/status")).json()["factions"]}
+        if faction_id in factions and factions[faction_id]["reconcile"]["reconciles"] >= 1:
+            return
+        await trio.sleep(POLL_S)
+
+
 def call(faction_id: int, call_id: int) -> dict[str, Any]:
     return {
         "id": call_id,
