@@ -15,7 +15,7 @@ import subprocess
 import sys
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,10 +125,19 @@ class Upstream:
         return {int(faction_id): n for faction_id, n in counts.items()}
 
 
+def open_upstream(
+    first_faction: int, factions: int, interval_s: float
+) -> AbstractAsyncContextManager[Upstream]:
+    """bench/upstream.py: the fake Supabase emitting one INSERT per faction every `interval_s`."""
+    arguments = [f"--first-faction={first_faction}", f"--factions={factions}", f"--interval-s={interval_s}"]
+    return open_upstream_process(["bench.upstream", *arguments])
+
+
 @asynccontextmanager
-async def open_upstream(first_faction: int, factions: int, interval_s: float) -> AsyncIterator[Upstream]:
-    command = [sys.executable, "-m", "bench.upstream", f"--first-faction={first_faction}"]
-    command += [f"--factions={factions}", f"--interval-s={interval_s}"]
+async def open_upstream_process(module_and_arguments: list[str]) -> AsyncIterator[Upstream]:
+    """A fake upstream module (`python -m ...`) that prints `url ...` first, then answers one command
+    line with one line; stopped by the end of its stdin (then killed) on every way out."""
+    command = [sys.executable, "-m", *module_and_arguments]
     process = await trio.lowlevel.open_process(
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=str(REPOSITORY)
     )
@@ -138,7 +147,9 @@ async def open_upstream(first_faction: int, factions: int, interval_s: float) ->
         with trio.fail_after(START_TIMEOUT_S):
             first = await anext(replies, "")
         if not first.startswith("url "):
-            raise RuntimeError(f"bench.upstream said {first!r} instead of its url (its stderr is above)")
+            raise RuntimeError(
+                f"{module_and_arguments[0]} said {first!r} instead of its url (its stderr is above)"
+            )
         yield Upstream(process, first.removeprefix("url "), replies)
     finally:
         if process.stdin is not None:

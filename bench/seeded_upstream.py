@@ -12,22 +12,18 @@ to change (a row the fake lacked would come back as a DELETE "resync" event and 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import os
-import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from bench.processes import REPOSITORY, START_TIMEOUT_S, Upstream, read_lines, stop_process
-from bench.upstream import ANON_KEY
+from bench.processes import Upstream, open_upstream_process
+from bench.upstream import ANON_KEY, serve_commands
 from relay.testing.fake_supabase import FakeSupabase
-
-MAX_COMMAND_BYTES = 4096
 
 
 def load_rows(fake: FakeSupabase, seed: dict[str, list[Any]]) -> int:
@@ -42,29 +38,15 @@ def load_rows(fake: FakeSupabase, seed: dict[str, list[Any]]) -> int:
     return count
 
 
-async def serve_commands(fake: FakeSupabase, rows: int) -> None:
-    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-    buffer = b""
-    async with stdin:
-        while True:
-            while b"\n" not in buffer:
-                data = await stdin.receive_some(MAX_COMMAND_BYTES)
-                if not data:
-                    return
-                buffer += data
-            line, _, buffer = buffer.partition(b"\n")
-            command = line.decode().strip()
-            if command == "quit":
-                return
-            if command == "stats":
-                stats = {
-                    "connections": len(fake.connections),
-                    "rest_requests": fake.rest_request_count,
-                    "rows": rows,
-                }
-                print(json.dumps(stats), flush=True)
-            else:
-                print(json.dumps({"error": f"unknown command {command!r}"}), flush=True)
+def answer(fake: FakeSupabase, rows: int, line: str) -> str | None:
+    """The reply to one command line, or None for quit."""
+    command = line.strip()
+    if command == "quit":
+        return None
+    if command == "stats":
+        stats = {"connections": len(fake.connections), "rest_requests": fake.rest_request_count, "rows": rows}
+        return json.dumps(stats)
+    return json.dumps({"error": f"unknown command {command!r}"})
 
 
 async def main(seed: dict[str, list[Any]]) -> None:
@@ -73,32 +55,13 @@ async def main(seed: dict[str, list[Any]]) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(fake.run)
         print(f"url {fake.url}", flush=True)
-        await serve_commands(fake, rows)
+        await serve_commands(functools.partial(answer, fake, rows))
         nursery.cancel_scope.cancel()
 
 
-@asynccontextmanager
-async def open_seeded_upstream(seed_path: Path) -> AsyncIterator[Upstream]:
+def open_seeded_upstream(seed_path: Path) -> AbstractAsyncContextManager[Upstream]:
     """This module in a process of its own; stopped (end of stdin, then killed) on every way out."""
-    command = [sys.executable, "-m", "bench.seeded_upstream", "--seed", str(seed_path)]
-    process = await trio.lowlevel.open_process(
-        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=str(REPOSITORY)
-    )
-    try:
-        assert process.stdout is not None
-        replies = read_lines(process.stdout)
-        with trio.fail_after(START_TIMEOUT_S):
-            first = await anext(replies, "")
-        if not first.startswith("url "):
-            raise RuntimeError(
-                f"bench.seeded_upstream said {first!r} instead of its url (its stderr is above)"
-            )
-        yield Upstream(process, first.removeprefix("url "), replies)
-    finally:
-        if process.stdin is not None:
-            with trio.CancelScope(shield=True):
-                await process.stdin.aclose()  # the upstream exits at the end of its stdin
-        await stop_process(process, None)
+    return open_upstream_process(["bench.seeded_upstream", "--seed", str(seed_path)])
 
 
 if __name__ == "__main__":

@@ -14,11 +14,13 @@ carrying its emit time (`emitted_ns`, `time.time_ns()`). Driven over stdin/stdou
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import trio
@@ -92,7 +94,8 @@ def answer(emitter: Emitter, line: str) -> str | None:
     return json.dumps({"error": f"unknown command {line!r}"})
 
 
-async def serve_commands(emitter: Emitter) -> None:
+async def serve_commands(answer_line: Callable[[str], str | None]) -> None:
+    """Answer each line of stdin on stdout with `answer_line`, until it says None (quit) or stdin ends."""
     stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
     buffer = b""
     async with stdin:
@@ -103,7 +106,7 @@ async def serve_commands(emitter: Emitter) -> None:
                     return
                 buffer += data
             line, _, buffer = buffer.partition(b"\n")
-            reply = answer(emitter, line.decode())
+            reply = answer_line(line.decode())
             if reply is None:
                 return
             print(reply, flush=True)
@@ -117,7 +120,7 @@ async def main(args: argparse.Namespace) -> None:
         await nursery.start(fake.run)
         print(f"url {fake.url}", flush=True)
         nursery.start_soon(emitter.run, args.max_runtime_s)
-        await serve_commands(emitter)
+        await serve_commands(functools.partial(answer, emitter))
         nursery.cancel_scope.cancel()
 
 
