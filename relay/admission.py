@@ -15,11 +15,13 @@ import trio
 from relay.answers import Answers
 from relay.config import Config
 from relay.delivery import HeldRequests
+from relay.http_stats import HttpCounters
 from relay.hub import Hub
 from relay.inputs import ApiError
 from relay.ratelimit import RateLimiter, retry_after_header
 from relay.store import Store, StoreError
 from relay.supervisor import Supervisors
+from relay.traffic import Traffic
 
 # The routes a client address is rate-limited on: everything that costs the relay work per member.
 RATE_LIMITED_PATHS = frozenset(
@@ -38,6 +40,8 @@ class Services:
     held: HeldRequests
     limiter: RateLimiter
     answers: Answers
+    traffic: Traffic
+    http: HttpCounters
     version: str
     started_at: float  # trio clock
     wall_clock_ms: Callable[[], int]

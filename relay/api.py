@@ -28,7 +28,7 @@ from relay.admission import (
     ensure_capacity,
 )
 from relay.asgi import EndAfterResponse
-from relay.events_http import EventsEndpoint
+from relay.events_http import UNKNOWN_ADDRESS, EventsEndpoint
 from relay.inputs import (
     ApiError,
     check_api_key,
@@ -40,6 +40,7 @@ from relay.reconcile import ReconcileStatistics
 from relay.responses import CORS_HEADERS, JSON_TYPE, PREFLIGHT_HEADERS, error_body
 from relay.store import StoreError
 from relay.supervisor import UpstreamState
+from relay.traffic import RATE_MINUTES, Source
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ def create_app(services: Services) -> QuartTrio:
     async def state() -> Response:
         faction_id = parse_faction_id(request.args.get("faction_id"))
         await admit_faction(services, faction_id)
+        services.traffic.seen(faction_id, request.remote_addr or UNKNOWN_ADDRESS, trio.current_time())
         current = store.faction_state(faction_id)
         return json_response(
             {
@@ -142,6 +144,7 @@ def create_app(services: Services) -> QuartTrio:
         await admit_faction(services, faction_id)
         (stored,) = await store.append_events(faction_id, [(event_type, data)])
         hub.notify(faction_id)
+        services.traffic.stored(faction_id, Source.PUBLISHED, 1, trio.current_time())
         return json_response({"status": "published", "id": stored.id, "timestamp": stored.timestamp})
 
     @app.post("/events")
@@ -170,7 +173,8 @@ def create_app(services: Services) -> QuartTrio:
     install_error_handlers(app)
     install_cors(app)
     # Quart's documented place for ASGI middleware, so that its test client goes through it too.
-    app.asgi_app = EventsEndpoint(services, EndAfterResponse(app.asgi_app))  # type: ignore[method-assign,assignment]
+    routes = [rule.rule for rule in app.url_map.iter_rules() if rule.endpoint != "static"]
+    app.asgi_app = EventsEndpoint(services, EndAfterResponse(app.asgi_app), routes)  # type: ignore[method-assign,assignment]
     return app
 
 
@@ -178,10 +182,12 @@ async def status_document(services: Services) -> dict[str, Any]:
     store = services.store
     counts = await store.counts()
     upstream = services.supervisors.statistics()
+    traffic = services.traffic.statistics(trio.current_time())
     factions = []
     for faction_id in sorted(set(counts) | set(upstream) | set(store.known_factions())):
         stats = upstream.get(faction_id)
         faction_counts = counts.get(faction_id)
+        flow = traffic.get(faction_id)
         factions.append(
             {
                 "faction_id": faction_id,
@@ -196,12 +202,18 @@ async def status_document(services: Services) -> dict[str, Any]:
                 "events_stored": faction_counts.events_stored if faction_counts else 0,
                 "last_event_at": faction_counts.last_event_at if faction_counts else None,
                 "last_poll_at": store.last_activity_at(faction_id),
+                # Addresses that asked about the faction in the last minute or hold a stream open.
+                "members": flow.members if flow else 0,
+                "events_per_minute": flow.events_per_minute if flow else [0] * RATE_MINUTES,
             }
         )
     shared = services.supervisors.shared_deletes_statistics()
     return {
         "online": True,
         "timestamp": store.cursor(),
+        # The relay's wall clock: what a reader measures `last_event_at` and `last_poll_at` against
+        # (`timestamp` is a cursor, which a client's clock running ahead may have moved up).
+        "now": services.wall_clock_ms(),
         "version": services.version,
         "uptime_s": round(trio.current_time() - services.started_at, 3),
         "factions": factions,

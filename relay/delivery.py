@@ -16,6 +16,7 @@ import trio
 from relay.answers import Answers
 from relay.hub import Hub
 from relay.store import Store
+from relay.traffic import Traffic
 
 # The comment an SSE stream sends when it has nothing else to say: proxies and browsers drop
 # connections that stay silent for a minute or so. Also how often the hub wakes quiet factions' streams.
@@ -99,6 +100,7 @@ async def stream_events(
     hub: Hub,
     held: HeldRequests,
     answers: Answers,
+    traffic: Traffic,
     faction_id: int,
     since: int | None,
     send_chunk: Callable[[bytes], Awaitable[None]],
@@ -126,6 +128,7 @@ async def stream_events(
                 await send_chunk(answers.stream_chunk(faction_id, found))
                 cursor = found[-1].timestamp
                 last_sent = trio.current_time()
+                traffic.served(faction_id, len(found), last_sent)
                 continue
             if trio.current_time() - last_sent >= SSE_KEEPALIVE_S / 2:
                 await send_chunk(b": keep-alive\n\n")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -22,6 +22,7 @@ import trio
 
 from relay.admission import Services, admit_faction, apply_client_clock, check_rate
 from relay.delivery import next_poll_ms, stream_events, wait_for_events
+from relay.http_stats import LONG_POLL_ROUTE, OTHER_ROUTE, PollKind, PollOutcome
 from relay.inputs import ApiError, parse_faction_id, parse_since, parse_wait
 from relay.responses import CORS_HEADERS, JSON_TYPE, PREFLIGHT_HEADERS, asgi_headers, error_body
 from relay.store import StoreError
@@ -37,6 +38,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 EVENTS_PATH = "/events"
 STREAM_PATH = "/events/stream"
 STREAM_RETRY_AFTER_S = "30"
+UNKNOWN_ADDRESS = "unknown"  # a client ASGI could not name (a Unix socket): one bucket, one member
 
 _CORS = asgi_headers(CORS_HEADERS)
 _JSON = [(b"content-type", JSON_TYPE.encode()), *_CORS]
@@ -53,43 +55,82 @@ _PREFLIGHT = [*_CORS, *asgi_headers(PREFLIGHT_HEADERS)]
 class EventsEndpoint:
     """An ASGI app: the two events paths here, everything else to `fallback`."""
 
-    def __init__(self, services: Services, fallback: ASGIApp) -> None:
+    def __init__(self, services: Services, fallback: ASGIApp, fallback_routes: Iterable[str]) -> None:
         self._services = services
         self._fallback = fallback
+        # The paths the fallback serves, by which its answers are counted (anything else: "other").
+        self._fallback_routes = frozenset(fallback_routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path")
-        if scope["type"] == "http" and path in (EVENTS_PATH, STREAM_PATH):
-            method = scope["method"]
-            if method == "GET":
-                # Handled here rather than in a wrapper: every frame stays alive for as long as a
-                # long-poll or a stream is held, and there are thousands of them.
-                try:
-                    if path == EVENTS_PATH:
-                        await self._poll(scope, receive, send)
-                    else:
-                        await self._stream(scope, receive, send)
-                except ApiError as exc:
-                    headers = [*_JSON, *asgi_headers(exc.headers)]
-                    await _send_whole(send, exc.status, headers, error_body(exc.code, exc.message))
-                except StoreError as exc:
-                    log.error("storage fault while answering GET %s: %s", path, exc)
-                    body = error_body("storage_unavailable", "the relay's storage is not available right now")
-                    await _send_whole(send, 503, _JSON, body)
-                except Exception:
-                    log.exception("unexpected error answering GET %s", path)
-                    body = error_body("internal_error", "the relay failed to answer this request")
-                    await _send_whole(send, 500, _JSON, body)
-                return
-            if method == "OPTIONS":
-                await _send_whole(send, 200, _PREFLIGHT, b"")
-                return
-            if path == STREAM_PATH:
-                allow = [(b"allow", b"GET, OPTIONS")]
-                body = error_body("method_not_allowed", "this path answers GET only")
-                await _send_whole(send, 405, [*_JSON, *allow], body)
-                return
-        await self._fallback(scope, receive, send)
+        if scope["type"] != "http":
+            await self._fallback(scope, receive, send)
+            return
+        started = trio.current_time()
+        path, method = scope["path"], scope["method"]
+        if path in (EVENTS_PATH, STREAM_PATH) and method == "GET":
+            # Handled here rather than in a wrapper: every frame stays alive for as long as a
+            # long-poll or a stream is held, and there are thousands of them.
+            args = _query(scope)
+            status = await self._answer_events(path, args, scope, receive, send)
+            if path == EVENTS_PATH:
+                long_poll = _asks_to_wait(args)
+                route = LONG_POLL_ROUTE if long_poll else EVENTS_PATH
+                self._services.http.answered(route, status, trio.current_time() - started)
+                if status >= 400:
+                    kind = PollKind.LONG_POLL if long_poll else PollKind.POLL
+                    failed = PollOutcome.FAILED if status >= 500 else PollOutcome.REFUSED
+                    self._services.http.polled(kind, failed)
+            else:
+                self._services.http.answered(STREAM_PATH, status, None)
+            return
+        if path in (EVENTS_PATH, STREAM_PATH) and method == "OPTIONS":
+            await _send_whole(send, 200, _PREFLIGHT, b"")
+            self._services.http.answered(path, 200, trio.current_time() - started)
+            return
+        if path == STREAM_PATH:
+            allow = [(b"allow", b"GET, OPTIONS")]
+            body = error_body("method_not_allowed", "this path answers GET only")
+            await _send_whole(send, 405, [*_JSON, *allow], body)
+            self._services.http.answered(path, 405, trio.current_time() - started)
+            return
+        status = 500  # unless the fallback says otherwise
+
+        async def send_counting(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._fallback(scope, receive, send_counting)
+        finally:
+            route = path if path in self._fallback_routes or path == EVENTS_PATH else OTHER_ROUTE
+            self._services.http.answered(route, status, trio.current_time() - started)
+
+    async def _answer_events(
+        self, path: str, args: dict[str, str], scope: Scope, receive: Receive, send: Send
+    ) -> int:
+        """Answer a GET of either events path; returns the status answered (200 for a stream)."""
+        try:
+            if path == EVENTS_PATH:
+                await self._poll(args, scope, receive, send)
+            else:
+                await self._stream(args, scope, receive, send)
+            return 200
+        except ApiError as exc:
+            headers = [*_JSON, *asgi_headers(exc.headers)]
+            await _send_whole(send, exc.status, headers, error_body(exc.code, exc.message))
+            return exc.status
+        except StoreError as exc:
+            log.error("storage fault while answering GET %s: %s", path, exc)
+            body = error_body("storage_unavailable", "the relay's storage is not available right now")
+            await _send_whole(send, 503, _JSON, body)
+            return 503
+        except Exception:
+            log.exception("unexpected error answering GET %s", path)
+            body = error_body("internal_error", "the relay failed to answer this request")
+            await _send_whole(send, 500, _JSON, body)
+            return 500
 
     async def _admit(
         self, scope: Scope, args: dict[str, str], since_text: str | None, wait_text: str | None
@@ -98,21 +139,23 @@ class EventsEndpoint:
         parameters, the faction (revived if it had expired), the client's clock."""
         services = self._services
         client = scope.get("client")
-        check_rate(services, client[0] if client else None)
+        address = client[0] if client else UNKNOWN_ADDRESS
+        check_rate(services, address)
         faction_id = parse_faction_id(args.get("faction_id"))
         since = parse_since(since_text)
         wait_s = parse_wait(wait_text, services.config.limits.long_poll_max_wait)
         await admit_faction(services, faction_id)
         await apply_client_clock(services, since)
+        services.traffic.seen(faction_id, address, trio.current_time())
         return faction_id, since, wait_s
 
-    async def _poll(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _poll(self, args: dict[str, str], scope: Scope, receive: Receive, send: Send) -> None:
         services = self._services
         store, hub, held, limits = services.store, services.hub, services.held, services.config.limits
-        args = _query(scope)
         faction_id, since, wait_s = await self._admit(scope, args, args.get("since"), args.get("wait"))
         truncated = store.missed_since(faction_id, since)
         found, cursor = store.read_since(faction_id, since)
+        kind = PollKind.LONG_POLL if wait_s > 0 else PollKind.POLL
         if not found and wait_s > 0 and not hub.stopping.is_set():
             with held.long_poll() as may_hold:
                 if may_hold:
@@ -120,17 +163,20 @@ class EventsEndpoint:
                         store, hub, faction_id, since, linger_s=limits.long_poll_linger_s
                     )
                     if await _until_hung_up(receive, waiting, deadline=trio.current_time() + wait_s):
+                        services.http.polled(kind, PollOutcome.HUNG_UP)
                         return  # nobody is left to answer
                     found, cursor = store.read_since(faction_id, since)
         advice = next_poll_ms(store, held, faction_id, services.wall_clock_ms())
         headers, body = services.answers.poll(faction_id, found, cursor, advice, truncated=truncated)
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
+        if found:
+            services.traffic.served(faction_id, len(found), trio.current_time())
+        services.http.polled(kind, PollOutcome.EVENTS if found else PollOutcome.EMPTY)
 
-    async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _stream(self, args: dict[str, str], scope: Scope, receive: Receive, send: Send) -> None:
         services = self._services
         store, hub, held = services.store, services.hub, services.held
-        args = _query(scope)
         resume = _header(scope, b"last-event-id")
         faction_id, since, _ = await self._admit(
             scope, args, args.get("since") if resume is None else resume, None
@@ -152,9 +198,18 @@ class EventsEndpoint:
         except BaseException:
             held.stream_closed()
             raise
-        streaming = stream_events(store, hub, held, services.answers, faction_id, since, send_chunk)
-        if not await _until_hung_up(receive, streaming):
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        services.http.stream_opened()
+        client = scope.get("client")
+        address = client[0] if client else UNKNOWN_ADDRESS
+        services.traffic.stream_opened(faction_id, address, trio.current_time())
+        try:
+            streaming = stream_events(
+                store, hub, held, services.answers, services.traffic, faction_id, since, send_chunk
+            )
+            if not await _until_hung_up(receive, streaming):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            services.traffic.stream_closed(faction_id, address)
 
 
 async def _until_hung_up(
@@ -189,6 +244,13 @@ async def _watch_for_hang_up(receive: Receive, hung_up: Disconnect, scope: trio.
         pass  # a GET's (empty) body
     hung_up.happened = True
     scope.cancel()
+
+
+def _asks_to_wait(args: dict[str, str]) -> bool:
+    """Whether a poll asked to be held (`wait=` above zero), judged from the text alone: also for a
+    request refused before its parameters were parsed."""
+    wait = args.get("wait", "")
+    return wait.strip("0.") != ""
 
 
 def _query(scope: Scope) -> dict[str, str]:

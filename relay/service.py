@@ -41,6 +41,7 @@ from relay.backoff import Backoff
 from relay.config import Config
 from relay.delivery import SSE_KEEPALIVE_S, HeldRequests
 from relay.events_http import EVENTS_HEADERS
+from relay.http_stats import HttpCounters
 from relay.hub import Hub
 from relay.maintenance import maintenance_pass, run_schedule
 from relay.phoenix import ChangeReceived, split_conditions
@@ -50,6 +51,7 @@ from relay.shared_deletes import DeleteRouter
 from relay.snapshot import RestSettings, Snapshot, read_rows
 from relay.store import Store, StoreError, open_store, wall_clock_ms
 from relay.supervisor import DeliveryFailed, Supervisors, SupervisorSettings
+from relay.traffic import Source, Traffic
 from relay.upstream import ConnectionSettings
 
 log = logging.getLogger(__name__)
@@ -143,16 +145,19 @@ async def run_relay(
         httpx.AsyncClient() as rest_client,
     ):  # closed after the nursery below: no read outlives it
         hub = Hub()
+        traffic = Traffic()
 
         async def ingest(faction_id: int, changes: Sequence[ChangeReceived]) -> None:
+            traffic.upstream_changed(faction_id, trio.current_time())
             try:
-                await store.append_events(
+                stored = await store.append_events(
                     faction_id, [("postgres_changes", change.data) for change in changes]
                 )
             except StoreError as exc:
                 # The connection ends and is retried with backoff; these changes were never served.
                 raise DeliveryFailed(f"{len(changes)} change(s) not stored: {exc}") from exc
             hub.notify(faction_id)
+            traffic.stored(faction_id, Source.UPSTREAM, len(stored), trio.current_time())
             await router.stored(faction_id, changes)
 
         async def deliver_routed(faction_id: int, changes: Sequence[ChangeReceived]) -> None:
@@ -188,6 +193,7 @@ async def run_relay(
             events = await store.reconcile(faction_id, table, rows, skip=skip, commit_timestamp=read_at)
             if events:
                 hub.notify(faction_id)
+                traffic.stored(faction_id, Source.RECONCILE, len(events), trio.current_time())
             return len(events)
 
         def reconciler_for(faction_id: int) -> Reconciler:
@@ -218,6 +224,8 @@ async def run_relay(
             held,
             limiter,
             Answers(EVENTS_HEADERS),
+            traffic,
+            HttpCounters(),
             relay.__version__,
             started_at,
             wall_clock_ms,

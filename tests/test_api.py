@@ -122,7 +122,7 @@ async def test_status_lists_each_faction_with_its_upstream(relay: RunningRelay) 
     await relay.store.append_events(FACTION, [("postgres_changes", change(1))])
     response = await client(relay).get("/status")
     body = await response.get_json()
-    assert set(body) == {"online", "timestamp", "version", "uptime_s", "factions", "shared_deletes"}
+    assert set(body) == {"online", "timestamp", "now", "version", "uptime_s", "factions", "shared_deletes"}
     assert body["online"] is True
     assert body["shared_deletes"]["state"] in {"connecting", "connected"}
     (faction,) = body["factions"]
@@ -133,6 +133,8 @@ async def test_status_lists_each_faction_with_its_upstream(relay: RunningRelay) 
         "events_stored",
         "last_event_at",
         "last_poll_at",
+        "members",
+        "events_per_minute",
     }
     assert set(faction["reconcile"]) == {
         "reconciles",
@@ -187,3 +189,25 @@ async def test_the_browser_client_is_served_as_javascript(relay: RunningRelay) -
     source = await response.get_data(as_text=True)
     assert "function createCATRelayConnection" in source
     assert "CATRelayClient" in source
+
+
+async def test_status_counts_members_by_address_and_events_per_minute(relay: RunningRelay) -> None:
+    await subscribe(relay)
+    for address in ("198.51.100.7", "198.51.100.7", "203.0.113.9"):
+        response = await client(relay).get(
+            f"/events?faction_id={FACTION}", scope_base={"client": (address, 40000)}
+        )
+        assert response.status_code == 200
+    for n in range(3):
+        response = await client(relay).post(
+            "/events",
+            json={"faction_id": FACTION, "api_key": ANON_KEY, "type": "hospital_update", "data": {"n": n}},
+        )
+        assert response.status_code == 200
+    body = await (await client(relay).get("/status")).get_json()
+    (faction,) = body["factions"]
+    assert faction["members"] == 2
+    assert len(faction["events_per_minute"]) == 30
+    assert sum(faction["events_per_minute"][-2:]) == 3  # a minute may have begun meanwhile
+    assert sum(faction["events_per_minute"]) == 3
+    assert body["now"] >= faction["last_event_at"]
