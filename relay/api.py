@@ -36,6 +36,7 @@ from relay.inputs import (
     parse_faction_id,
     parse_json_object,
 )
+from relay.metrics import metrics_registry, render
 from relay.reconcile import ReconcileStatistics
 from relay.responses import CORS_HEADERS, JSON_TYPE, PREFLIGHT_HEADERS, error_body
 from relay.store import StoreError
@@ -169,6 +170,13 @@ def create_app(services: Services) -> QuartTrio:
     @app.get("/status")
     async def status() -> Response:
         return json_response(await status_document(services))
+
+    registry = metrics_registry(services)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = render(registry, request.headers.get("Accept", ""))
+        return Response(body, content_type=content_type)
 
     install_error_handlers(app)
     install_cors(app)

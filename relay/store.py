@@ -125,6 +125,19 @@ class StoreStatistics:
     group_commits: int  # transactions that stored appended events, each holding one or more appends
 
 
+@dataclass(frozen=True, slots=True)
+class FileSizes:
+    database_bytes: int
+    wal_bytes: int
+
+
+def _size_or_zero(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 @asynccontextmanager
 async def open_store(
     path: Path,
@@ -139,7 +152,11 @@ async def open_store(
     """
     opened = await trio.to_thread.run_sync(_open, path, events_per_faction)
     store = Store(
-        *opened, events_per_faction=events_per_faction, now_ms=now_ms, key_columns=key_columns or {}
+        *opened,
+        path=path,
+        events_per_faction=events_per_faction,
+        now_ms=now_ms,
+        key_columns=key_columns or {},
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(store._run_committer, name="store committer")
@@ -164,10 +181,12 @@ class Store:
         rows: FactionRows,
         dropped_up_to: dict[int, int],
         *,
+        path: Path,
         events_per_faction: int,
         now_ms: Callable[[], int],
         key_columns: Mapping[str, str],
     ) -> None:
+        self._path = path
         self._writer, self._reader = writer, reader
         self._write_limiter = trio.CapacityLimiter(1)  # the single write limiter: writes in order
         self._write_fault: str | None = None
@@ -576,6 +595,13 @@ class Store:
             await self._write(lambda conn: conn.execute("UPDATE relay_health SET probed_at = ?", (now,)))
         elif self._write_fault is not None:
             raise StoreError(self._write_fault)
+
+    def file_sizes(self) -> FileSizes:
+        """The database file and its write-ahead log, in bytes: a `stat` each, cheap enough to call
+        from Trio. The maintenance checkpoint truncates the log; between passes it grows."""
+        return FileSizes(
+            _size_or_zero(self._path), _size_or_zero(self._path.with_name(self._path.name + "-wal"))
+        )
 
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(

@@ -1,0 +1,261 @@
+"""`GET /metrics`: the running relay's `statistics()` snapshots in Prometheus's text format.
+
+Nothing is counted here. A collector reads the snapshots at scrape time, so the request path pays
+for plain integers (relay/traffic.py, relay/http_stats.py) and not for the client library's locks
+and label lookups. Per-faction series carry a `faction_id` label: at most `limits.max_factions`
+active factions, plus the expired ones still listed in `/status`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import trio
+from prometheus_client import exposition
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from relay.admission import Services
+from relay.http_stats import Histogram
+from relay.supervisor import UpstreamState, UpstreamStatistics
+from relay.traffic import Source
+
+PREFIX = "cat_relay"
+
+
+def metrics_registry(services: Services) -> CollectorRegistry:
+    """A registry of its own per relay (not the library's global one), so that several relays in
+    one process (the tests) do not collide; with the process's CPU, memory and descriptors."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RelayCollector(services))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
+    """The exposition in the format the scraper asked for (Prometheus text, or OpenMetrics)."""
+    encoder, content_type = exposition.choose_encoder(accept)
+    return encoder(registry), content_type
+
+
+class RelayCollector(Collector):
+    def __init__(self, services: Services) -> None:
+        self._services = services
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._relay()
+        yield from self._upstream()
+        yield from self._traffic()
+        yield from self._http()
+        yield from self._storage()
+
+    def _relay(self) -> Iterator[Metric]:
+        services = self._services
+        info = GaugeMetricFamily(f"{PREFIX}_build_info", "The relay's version.", labels=["version"])
+        info.add_metric([services.version], 1)
+        yield info
+        yield GaugeMetricFamily(
+            f"{PREFIX}_uptime_seconds",
+            "Seconds since the relay started.",
+            trio.current_time() - services.started_at,
+        )
+
+    def _upstream(self) -> Iterator[Metric]:
+        services = self._services
+        upstream = services.supervisors.statistics()
+        factions = sorted(set(upstream) | set(services.store.known_factions()))
+        state = GaugeMetricFamily(
+            f"{PREFIX}_upstream_state",
+            "1 for the faction's upstream state (connected, connecting, backoff, auth_failed, stopped), 0 for the others.",
+            labels=["faction_id", "state"],
+        )
+        attempts = GaugeMetricFamily(
+            f"{PREFIX}_upstream_attempts",
+            "Connection attempts since the upstream was last live.",
+            labels=["faction_id"],
+        )
+        reconnects = CounterMetricFamily(
+            f"{PREFIX}_upstream_reconnects",
+            "Connections opened again after one ended.",
+            labels=["faction_id"],
+        )
+        received = CounterMetricFamily(
+            f"{PREFIX}_upstream_changes_received",
+            "Changes the upstream socket delivered.",
+            labels=["faction_id"],
+        )
+        ignored = CounterMetricFamily(
+            f"{PREFIX}_upstream_changes_ignored",
+            "Changes dropped because their row belongs to another faction.",
+            labels=["faction_id"],
+        )
+        reconciles = CounterMetricFamily(
+            f"{PREFIX}_reconciles",
+            "Completed reconciles of the faction's rows with upstream.",
+            labels=["faction_id"],
+        )
+        rest_requests = CounterMetricFamily(
+            f"{PREFIX}_reconcile_rest_requests",
+            "Supabase REST requests made by reconciles.",
+            labels=["faction_id"],
+        )
+        failing = GaugeMetricFamily(
+            f"{PREFIX}_reconcile_failing",
+            "1 while the faction's latest reconcile attempt failed.",
+            labels=["faction_id"],
+        )
+        for faction_id in factions:
+            label = str(faction_id)
+            stats = upstream.get(faction_id)
+            current = stats.state if stats else UpstreamState.STOPPED
+            for each in UpstreamState:
+                state.add_metric([label, str(each)], 1 if each == current else 0)
+            if stats is None:
+                continue
+            attempts.add_metric([label], stats.attempts)
+            reconnects.add_metric([label], stats.reconnects)
+            received.add_metric([label], stats.changes_received)
+            ignored.add_metric([label], stats.changes_ignored)
+            if stats.reconcile is not None:
+                reconciles.add_metric([label], stats.reconcile.reconciles)
+                rest_requests.add_metric([label], stats.reconcile.rest_requests)
+                failing.add_metric([label], 1 if stats.reconcile.last_error else 0)
+        yield from (state, attempts, reconnects, received, ignored, reconciles, rest_requests, failing)
+        yield from _shared_deletes(services.supervisors.shared_deletes_statistics())
+
+    def _traffic(self) -> Iterator[Metric]:
+        services = self._services
+        now = trio.current_time()
+        stored = CounterMetricFamily(
+            f"{PREFIX}_events_stored",
+            "Events committed, by where they came from (upstream, reconcile, published).",
+            labels=["faction_id", "source"],
+        )
+        differences = CounterMetricFamily(
+            f"{PREFIX}_reconcile_differences",
+            "Differences to upstream that reconciles found and stored as resync events.",
+            labels=["faction_id"],
+        )
+        served = CounterMetricFamily(
+            f"{PREFIX}_events_served", "Events sent to members (each member counted).", labels=["faction_id"]
+        )
+        members = GaugeMetricFamily(
+            f"{PREFIX}_members",
+            "Addresses that asked about the faction within a minute or hold a stream open.",
+            labels=["faction_id"],
+        )
+        age = GaugeMetricFamily(
+            f"{PREFIX}_upstream_last_event_age_seconds",
+            "Seconds since the faction's upstream last sent a change (factions that sent one since start).",
+            labels=["faction_id"],
+        )
+        for faction_id, flow in sorted(services.traffic.statistics(now).items()):
+            label = str(faction_id)
+            for source, count in flow.stored.items():
+                stored.add_metric([label, str(source)], count)
+            differences.add_metric([label], flow.stored[Source.RECONCILE])
+            served.add_metric([label], flow.served)
+            members.add_metric([label], flow.members)
+            if flow.last_upstream_change_at is not None:
+                age.add_metric([label], now - flow.last_upstream_change_at)
+        yield from (stored, differences, served, members, age)
+        delivery = services.held.statistics()
+        held = GaugeMetricFamily(
+            f"{PREFIX}_held_requests", "Long-polls and SSE streams held open now.", labels=["kind"]
+        )
+        held.add_metric(["long_poll"], delivery.held_long_polls)
+        held.add_metric(["stream"], delivery.open_streams)
+        yield held
+        yield GaugeMetricFamily(
+            f"{PREFIX}_held_requests_limit", "limits.max_held_requests.", services.held.limit
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_held_requests_refused",
+            "Long-polls answered at once and streams refused because the relay held its limit.",
+            delivery.refused_over_cap,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_answers_built", "Event answers and SSE chunks built.", services.answers.built
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_answers_reused",
+            "Event answers and SSE chunks sent again from the cache, built once for many members.",
+            services.answers.reused,
+        )
+
+    def _http(self) -> Iterator[Metric]:
+        http = self._services.http.statistics()
+        polls = CounterMetricFamily(
+            f"{PREFIX}_polls",
+            "GET /events by kind (poll, long_poll) and outcome (events, empty, hung_up, refused, failed).",
+            labels=["kind", "outcome"],
+        )
+        for (kind, outcome), count in sorted(http.polls.items()):
+            polls.add_metric([str(kind), str(outcome)], count)
+        yield polls
+        yield CounterMetricFamily(f"{PREFIX}_streams_opened", "SSE streams opened.", http.streams_opened)
+        responses = CounterMetricFamily(
+            f"{PREFIX}_http_responses", "HTTP responses by route and status.", labels=["route", "status"]
+        )
+        for (route, status), count in sorted(http.responses.items()):
+            responses.add_metric([route, str(status)], count)
+        yield responses
+        latency = HistogramMetricFamily(
+            f"{PREFIX}_http_request_duration_seconds",
+            "Seconds from a request's arrival to the end of its answer, by route (long-polls apart; streams not).",
+            labels=["route"],
+        )
+        for route, histogram in sorted(http.latency.items()):
+            latency.add_metric([route], _cumulative(histogram), histogram.sum_s)
+        yield latency
+
+    def _storage(self) -> Iterator[Metric]:
+        store = self._services.store
+        sizes = store.file_sizes()
+        yield GaugeMetricFamily(
+            f"{PREFIX}_database_size_bytes", "The SQLite database file.", sizes.database_bytes
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_database_wal_size_bytes",
+            "The SQLite write-ahead log; the maintenance pass's checkpoint truncates it.",
+            sizes.wal_bytes,
+        )
+        stats = store.statistics()
+        factions = GaugeMetricFamily(
+            f"{PREFIX}_factions",
+            "Subscribed factions, active (a socket each) or expired.",
+            labels=["subscription"],
+        )
+        factions.add_metric(["active"], stats.active_factions)
+        factions.add_metric(["expired"], stats.factions - stats.active_factions)
+        yield factions
+        yield CounterMetricFamily(
+            f"{PREFIX}_group_commits", "Transactions that stored appended events.", stats.group_commits
+        )
+
+
+def _shared_deletes(stats: UpstreamStatistics | None) -> Iterator[Metric]:
+    if stats is None:
+        return
+    state = GaugeMetricFamily(
+        f"{PREFIX}_shared_deletes_state", "1 for the relay-wide DELETE channels' state.", labels=["state"]
+    )
+    for each in UpstreamState:
+        state.add_metric([str(each)], 1 if each == stats.state else 0)
+    yield state
+    yield CounterMetricFamily(
+        f"{PREFIX}_shared_deletes_changes_received",
+        "DELETEs received on the relay-wide channels, before routing to factions.",
+        stats.changes_received,
+    )
+
+
+def _cumulative(histogram: Histogram) -> list[tuple[str, float]]:
+    buckets: list[tuple[str, float]] = []
+    running = 0
+    for bound, count in zip((*histogram.buckets, math.inf), histogram.counts, strict=True):
+        running += count
+        buckets.append(("+Inf" if bound == math.inf else repr(bound), running))
+    return buckets
