@@ -15,7 +15,8 @@ from pathlib import Path
 import trio
 
 import relay
-from relay.config import ConfigError, load_config
+from relay.config import LOG_LEVELS, ConfigError, LoggingConfig, load_config
+from relay.logs import configure_logging
 from relay.migrations import MigrationError
 from relay.service import run_relay
 from relay.store import StoreError
@@ -31,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="relay", description="CAT Relay: Supabase Realtime for Torn factions over HTTP"
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {relay.__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        choices=LOG_LEVELS,
+        help="the root logger's level (default: [logging] level in the config, else INFO)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the relay until SIGINT/SIGTERM")
@@ -48,12 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--changes-per-s", type=float, default=2.0, help="upstream changes per second, all factions"
     )
     return parser
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
-    )
 
 
 def raise_file_limit() -> None:
@@ -92,13 +92,14 @@ UNLIMITED_FILES_TARGET = 1_048_576
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(LoggingConfig(), level=args.log_level)  # until the config says otherwise
     # A file-size limit (RLIMIT_FSIZE, as a full quota behaves) must surface as a failed write that
     # /health reports and the relay recovers from, not as SIGXFSZ killing the process.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         if args.command == "serve":
             config = load_config(args.config)
+            configure_logging(config.logging, level=args.log_level)
             log.debug("configuration: %r", config)  # the config's repr leaves out every key
             raise_file_limit()
             tune_garbage_collector()

@@ -30,6 +30,8 @@ URL_EXAMPLE: Final = "wss://<ref>.supabase.co/realtime/v1/websocket"
 REST_URL_EXAMPLE: Final = "https://<ref>.supabase.co/rest/v1"
 REALTIME_PATH: Final = "/realtime/v1/websocket"
 DELETE_ROUTES: Final = ("shared", "filtered")
+LOG_FORMATS: Final = ("human", "json")
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SHOWN_CHARS: Final = 80  # a refusal stays one readable line even when the value is a pasted blob
 
 CONFIG_VARIABLE: Final = "RELAY_CONFIG"
@@ -133,6 +135,13 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    format: str = "human"  # or "json": one object per line
+    level: str = "INFO"
+    levels: tuple[tuple[str, str], ...] = ()  # (logger name, level), from a TOML table
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     storage: StorageConfig
@@ -141,6 +150,7 @@ class Config:
     limits: LimitsConfig
     publish: PublishConfig
     auth: AuthConfig
+    logging: LoggingConfig
     source: Path | None
 
     @property
@@ -157,6 +167,7 @@ SECTIONS: Final[dict[str, type[Any]]] = {
     "limits": LimitsConfig,
     "publish": PublishConfig,
     "auth": AuthConfig,
+    "logging": LoggingConfig,
 }
 
 
@@ -178,7 +189,7 @@ def load_config(
 
     server, storage, upstream = section("server"), section("storage"), section("upstream")
     retention, limits, auth = section("retention"), section("limits"), section("auth")
-    publish = section("publish")
+    publish, logs = section("publish"), section("logging")
     from_file = source is not None and "storage.path" not in labels
     return Config(
         server=ServerConfig(
@@ -210,6 +221,7 @@ def load_config(
             max_body_bytes=publish.integer("max_body_bytes", low=MIN_BODY_BYTES),
         ),
         auth=AuthConfig(_api_keys(auth)),
+        logging=_logging(logs),
         source=source,
     )
 
@@ -439,6 +451,31 @@ def _api_keys(auth: _Table) -> tuple[str, ...]:
                 "api_keys", f"must be an array of non-empty strings; entry {index} is {problem}"
             )
     return tuple(keys)
+
+
+def _logging(table: _Table) -> LoggingConfig:
+    log_format = table.string("format")
+    if log_format not in LOG_FORMATS:
+        raise table.refuse("format", f"must be one of {', '.join(LOG_FORMATS)}, got {_show(log_format)}")
+    level = table.string("level")
+    if level not in LOG_LEVELS:
+        raise table.refuse("level", f"must be one of {', '.join(LOG_LEVELS)}, got {_show(level)}")
+    levels = table.value("levels")
+    if isinstance(levels, tuple):  # the default
+        return LoggingConfig(log_format, level, levels)
+    if not isinstance(levels, dict):
+        raise table.refuse("levels", _expected("a table of logger = level", levels))
+    for name, logger_level in levels.items():
+        if logger_level not in LOG_LEVELS:
+            raise table.refuse(
+                "levels",
+                f"gives {name} {_show(logger_level)}; levels are {', '.join(LOG_LEVELS)}"
+                ' (quote a dotted logger name: "relay.store" = "DEBUG")',
+            )
+        if name.startswith("trio-websocket") and logger_level == "DEBUG":
+            # It logs the upstream URL it opens, whose query carries the anon key.
+            raise table.refuse("levels", "must not set trio-websocket to DEBUG: it would log the anon key")
+    return LoggingConfig(log_format, level, tuple(sorted(levels.items())))
 
 
 class _Table:

@@ -17,6 +17,7 @@ from relay.config import (
     Config,
     ConfigError,
     LimitsConfig,
+    LoggingConfig,
     RetentionConfig,
     ServerConfig,
     UpstreamConfig,
@@ -323,6 +324,16 @@ def test_a_relative_config_path_is_made_absolute(tmp_path: Path, monkeypatch: py
         ('[auth]\napi_keys = ["SECRET-VALUE", 7]\n', {}, ["auth.api_keys", "entry 1 is an integer"]),
         ('auth = ["SECRET-VALUE"]\n', {}, ["auth must be a table", "array"]),
         ("[upstream]\nanon_key = 12345\n", {"RELAY_UPSTREAM_ANON_KEY": ""}, ["RELAY_UPSTREAM_ANON_KEY"]),
+        # logging
+        ('[logging]\nformat = "xml"\n', {}, ["logging.format", "human, json", '"xml"']),
+        ('[logging]\nlevel = "debug"\n', {}, ["logging.level", "DEBUG, INFO", '"debug"']),
+        ('[logging]\nlevels = "DEBUG"\n', {}, ["logging.levels", "a table of logger = level"]),
+        (
+            '[logging.levels]\nrelay.store = "DEBUG"\n',
+            {},
+            ["logging.levels", "gives relay", "quote a dotted"],
+        ),
+        ('[logging.levels]\n"trio-websocket" = "DEBUG"\n', {}, ["logging.levels", "would log the anon key"]),
     ],
 )
 def test_refusals_name_the_key_and_value(
@@ -385,6 +396,13 @@ def test_config_is_frozen_and_its_repr_keeps_secrets(tmp_path: Path) -> None:
     assert "SECRET-VALUE" not in repr(config)
 
 
+def test_logging_levels_are_a_table_of_logger_names(tmp_path: Path) -> None:
+    config = load(
+        tmp_path, '[logging]\nformat = "json"\nlevels = { "relay.store" = "DEBUG", hypercorn = "ERROR" }\n'
+    )
+    assert config.logging == LoggingConfig("json", "INFO", (("hypercorn", "ERROR"), ("relay.store", "DEBUG")))
+
+
 def test_the_shipped_relay_toml_loads_as_the_defaults() -> None:
     config = load_config(SHIPPED, environ={"RELAY_UPSTREAM_ANON_KEY": KEY})
     assert config.source == SHIPPED
@@ -392,6 +410,7 @@ def test_the_shipped_relay_toml_loads_as_the_defaults() -> None:
     assert config.storage.path == SHIPPED.parent / DEFAULT_STORAGE_PATH
     assert config.upstream == UpstreamConfig(SHIPPED_URL, KEY)
     assert (config.retention, config.limits, config.auth) == (RetentionConfig(), LimitsConfig(), AuthConfig())
+    assert config.logging == LoggingConfig()
 
 
 def as_toml(value: object) -> object:
@@ -401,6 +420,10 @@ def as_toml(value: object) -> object:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: as_toml(getattr(value, f.name)) for f in dataclasses.fields(value)}
     return value
+
+
+# TOML tables the frozen config holds as sorted (key, value) pairs.
+HELD_AS_PAIRS = {"logging.levels"}
 
 
 def test_the_shipped_relay_toml_holds_every_key_at_its_default() -> None:
@@ -415,6 +438,8 @@ def test_the_shipped_relay_toml_holds_every_key_at_its_default() -> None:
                 assert f.name not in table
                 continue
             expected = without_default[dotted] if f.default is dataclasses.MISSING else as_toml(f.default)
+            if dotted in HELD_AS_PAIRS:
+                expected = dict(typing.cast(tuple[tuple[str, str], ...], f.default))
             # repr, so that 25 in the file where 25.0 is the default counts as a difference
             assert repr(table[f.name]) == repr(expected), dotted
 
