@@ -62,6 +62,10 @@ log = logging.getLogger(__name__)
 GRACEFUL_TIMEOUT_S = 2.0
 KEEP_ALIVE_S = 5.0
 MAX_HEAD_BYTES = 16 * 1024
+# Connections the kernel queues before hypercorn accepts them (Linux caps it at net.core.somaxconn,
+# 4096 by default). hypercorn's default of 100 overflowed under `make bench`'s 15,000 SSE clients
+# connecting at once, which is what every member's browser does after a restart.
+LISTEN_BACKLOG = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,7 @@ def hypercorn_config(config: Config) -> HypercornConfig:
     host = config.server.host
     server.bind = [f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"]
     server.graceful_timeout = GRACEFUL_TIMEOUT_S
+    server.backlog = LISTEN_BACKLOG
     # Set deliberately rather than inherited: an idle connection is closed after KEEP_ALIVE_S, and
     # hypercorn counts a connection idle until a whole request head has arrived, so this also cuts a
     # head trickled byte by byte (slowloris) and a socket that never sends one. Heads are capped at
