@@ -15,6 +15,8 @@ from pathlib import Path
 import trio
 
 import relay
+from relay.checkconfig import check_config
+from relay.checkconfig import render as render_config
 from relay.config import ConfigError, load_config
 from relay.dbstats import read_stats
 from relay.dbstats import render as render_stats
@@ -27,7 +29,7 @@ log = logging.getLogger("relay")
 
 EXIT_USER_ERROR = 2
 EXIT_RUNTIME_ERROR = 1
-OPERATOR_COMMANDS = ("db",)
+OPERATOR_COMMANDS = ("check-config", "db")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +132,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def add_operator_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    check = commands.add_parser(
+        "check-config",
+        help="print the effective config (secrets masked) and exit 2 on problems",
+        description="Load the config as `relay serve` would, print it as TOML with secrets masked and "
+        "what the environment overrode, and list every problem seen offline (exit 2). "
+        "Never connects upstream.",
+    )
+    check.add_argument(
+        "--config", type=Path, default=None, help="relay.toml to read (default: $RELAY_CONFIG)"
+    )
+
     db = commands.add_parser("db", help="inspect the database")
     db_commands = db.add_subparsers(dest="db_command", required=True)
     stats = db_commands.add_parser(
@@ -149,7 +162,14 @@ def add_operator_commands(commands: argparse._SubParsersAction[argparse.Argument
 
 
 def run_operator_command(args: argparse.Namespace) -> int:
-    """`db stats` (more to come): each module does the work; this prints and picks the status."""
+    """`check-config`, `db stats`: each module does the work; this prints and picks the status."""
+    if args.command == "check-config":
+        checked = check_config(args.config)
+        if checked.config is not None:
+            print(render_config(checked.config, anon_key_missing=checked.anon_key_missing), end="")
+        for problem in checked.problems:
+            print(f"relay: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR if checked.problems else 0
     path = args.db or load_offline(args.config).storage.path
     print(render_stats(read_stats(path)))
     return 0
