@@ -23,13 +23,15 @@ from relay.dbstats import render as render_stats
 from relay.migrations import MigrationError
 from relay.offline import DatabaseUnreadable, load_offline
 from relay.service import run_relay
+from relay.statustable import DEFAULT_URL, Unreachable, exit_status, fetch_status, url_from_config
+from relay.statustable import render as render_status
 from relay.store import StoreError
 
 log = logging.getLogger("relay")
 
 EXIT_USER_ERROR = 2
 EXIT_RUNTIME_ERROR = 1
-OPERATOR_COMMANDS = ("check-config", "db")
+OPERATOR_COMMANDS = ("check-config", "status", "db")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,13 +124,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run_demo, port=args.port, factions=args.factions, changes_per_s=args.changes_per_s
                 )
             )
-    except (ConfigError, MigrationError, DatabaseUnreadable) as exc:
+    except (ConfigError, MigrationError, Unreachable, DatabaseUnreadable) as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except (StoreError, OSError) as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return EXIT_RUNTIME_ERROR
     return 0
+
+
+STATUS_EPILOG = """exit status: 0 when every active (not expired) faction is connected, 1 when one is not,
+2 when the relay cannot be reached, so it can serve as a cron job or a health check."""
 
 
 def add_operator_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -141,6 +147,18 @@ def add_operator_commands(commands: argparse._SubParsersAction[argparse.Argument
     )
     check.add_argument(
         "--config", type=Path, default=None, help="relay.toml to read (default: $RELAY_CONFIG)"
+    )
+
+    status = commands.add_parser(
+        "status",
+        help="a table of a running relay's /status",
+        description="Show a running relay's /status as a table, one row per faction.",
+        epilog=STATUS_EPILOG,
+    )
+    where = status.add_mutually_exclusive_group()
+    where.add_argument("--url", default=None, help=f"the relay's base URL (default {DEFAULT_URL})")
+    where.add_argument(
+        "--config", type=Path, default=None, help="use server.host and server.port from this config"
     )
 
     db = commands.add_parser("db", help="inspect the database")
@@ -162,7 +180,7 @@ def add_operator_commands(commands: argparse._SubParsersAction[argparse.Argument
 
 
 def run_operator_command(args: argparse.Namespace) -> int:
-    """`check-config`, `db stats`: each module does the work; this prints and picks the status."""
+    """`check-config`, `status`, `db stats`: each module does the work; this prints and picks the status."""
     if args.command == "check-config":
         checked = check_config(args.config)
         if checked.config is not None:
@@ -170,6 +188,11 @@ def run_operator_command(args: argparse.Namespace) -> int:
         for problem in checked.problems:
             print(f"relay: {problem}", file=sys.stderr)
         return EXIT_USER_ERROR if checked.problems else 0
+    if args.command == "status":
+        url = args.url or (url_from_config(load_offline(args.config)) if args.config else DEFAULT_URL)
+        document = fetch_status(url)
+        print(render_status(document, url))
+        return exit_status(document)
     path = args.db or load_offline(args.config).storage.path
     print(render_stats(read_stats(path)))
     return 0
