@@ -189,8 +189,8 @@ def mask(secret: str) -> str:
 
 
 def mask_url(value: object) -> object:
-    """A URL with its password and any `apikey` query value masked. config.py refuses both in the URLs
-    it reads, so today this changes nothing; it keeps a key out of the output if that ever changes."""
+    """A URL with its password and any `apikey` query value masked. config.py already refuses a query
+    in either URL it reads; a password (wss://user:secret@host) it lets through, and it is masked here."""
     if not isinstance(value, str):
         return value
     parts = urllib.parse.urlsplit(value)
