@@ -15,16 +15,24 @@ from pathlib import Path
 import trio
 
 import relay
+from relay.checkconfig import check_config
+from relay.checkconfig import render as render_config
 from relay.config import LOG_LEVELS, ConfigError, LoggingConfig, load_config
+from relay.dbstats import read_stats
+from relay.dbstats import render as render_stats
 from relay.logs import configure_logging
 from relay.migrations import MigrationError
+from relay.offline import DatabaseUnreadable, load_offline
 from relay.service import run_relay
+from relay.statustable import DEFAULT_URL, Unreachable, exit_status, fetch_status, url_from_config
+from relay.statustable import render as render_status
 from relay.store import StoreError
 
 log = logging.getLogger("relay")
 
 EXIT_USER_ERROR = 2
 EXIT_RUNTIME_ERROR = 1
+OPERATOR_COMMANDS = ("check-config", "status", "db")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--changes-per-s", type=float, default=2.0, help="upstream changes per second, all factions"
     )
+    add_operator_commands(commands)
     return parser
 
 
@@ -97,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # /health reports and the relay recovers from, not as SIGXFSZ killing the process.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
+        if args.command in OPERATOR_COMMANDS:
+            return run_operator_command(args)
         if args.command == "serve":
             config = load_config(args.config)
             configure_logging(config.logging, level=args.log_level)
@@ -114,12 +125,77 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run_demo, port=args.port, factions=args.factions, changes_per_s=args.changes_per_s
                 )
             )
-    except (ConfigError, MigrationError) as exc:
+    except (ConfigError, MigrationError, Unreachable, DatabaseUnreadable) as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except (StoreError, OSError) as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return EXIT_RUNTIME_ERROR
+    return 0
+
+
+STATUS_EPILOG = """exit status: 0 when every active (not expired) faction is connected, 1 when one is not,
+2 when the relay cannot be reached, so it can serve as a cron job or a health check."""
+
+
+def add_operator_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    check = commands.add_parser(
+        "check-config",
+        help="print the effective config (secrets masked) and exit 2 on problems",
+        description="Load the config as `relay serve` would, print it as TOML with secrets masked and "
+        "what the environment overrode, and list every problem seen offline (exit 2). "
+        "Never connects upstream.",
+    )
+    check.add_argument(
+        "--config", type=Path, default=None, help="relay.toml to read (default: $RELAY_CONFIG)"
+    )
+
+    status = commands.add_parser(
+        "status",
+        help="a table of a running relay's /status",
+        description="Show a running relay's /status as a table, one row per faction.",
+        epilog=STATUS_EPILOG,
+    )
+    where = status.add_mutually_exclusive_group()
+    where.add_argument("--url", default=None, help=f"the relay's base URL (default {DEFAULT_URL})")
+    where.add_argument(
+        "--config", type=Path, default=None, help="use server.host and server.port from this config"
+    )
+
+    db = commands.add_parser("db", help="inspect the database")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    stats = db_commands.add_parser(
+        "stats",
+        help="sizes, schema and per-faction counts, read-only",
+        description="Read the database strictly read-only (safe beside a running relay, or on a copy): "
+        "file sizes, schema version, and per faction its subscription, events and stored rows.",
+    )
+    which = stats.add_mutually_exclusive_group()
+    which.add_argument("--db", type=Path, default=None, help="the SQLite file to read")
+    which.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="read storage.path from this config (default: $RELAY_CONFIG)",
+    )
+
+
+def run_operator_command(args: argparse.Namespace) -> int:
+    """`check-config`, `status`, `db stats`: each module does the work; this prints and picks the status."""
+    if args.command == "check-config":
+        checked = check_config(args.config)
+        if checked.config is not None:
+            print(render_config(checked.config, anon_key_missing=checked.anon_key_missing), end="")
+        for problem in checked.problems:
+            print(f"relay: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR if checked.problems else 0
+    if args.command == "status":
+        url = args.url or (url_from_config(load_offline(args.config)) if args.config else DEFAULT_URL)
+        document = fetch_status(url)
+        print(render_status(document, url))
+        return exit_status(document)
+    path = args.db or load_offline(args.config).storage.path
+    print(render_stats(read_stats(path)))
     return 0
 
 

@@ -30,6 +30,8 @@ URL_EXAMPLE: Final = "wss://<ref>.supabase.co/realtime/v1/websocket"
 REST_URL_EXAMPLE: Final = "https://<ref>.supabase.co/rest/v1"
 REALTIME_PATH: Final = "/realtime/v1/websocket"
 DELETE_ROUTES: Final = ("shared", "filtered")
+# Keys whose TOML form is a table, held in the frozen config as sorted (name, value) pairs.
+HELD_AS_PAIRS: Final = frozenset({"logging.levels"})
 LOG_FORMATS: Final = ("human", "json")
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SHOWN_CHARS: Final = 80  # a refusal stays one readable line even when the value is a pasted blob

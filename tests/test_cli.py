@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import trio
 
-from relay.cli import GC_THRESHOLDS, tune_garbage_collector
+from relay.cli import GC_THRESHOLDS, build_parser, tune_garbage_collector
 from relay.testing.fake_supabase import FakeSupabase
 from tests.conftest import ANON_KEY, FACTION, eventually, eventually_async
 from tests.relay_process import RELAY, relay_process
@@ -193,3 +193,11 @@ def test_the_garbage_collector_is_tuned_for_many_held_requests() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_the_readmes_operator_command_examples_are_commands_the_parser_takes() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    examples = [line.split("relay ", 1)[1] for line in readme.splitlines() if line.startswith("$ ")]
+    assert {example.split()[0] for example in examples} == {"check-config", "status", "db"}
+    for example in examples:
+        build_parser().parse_args(example.split())  # exits (SystemExit) on anything it does not take

@@ -12,6 +12,7 @@ import pytest
 
 from relay.config import (
     DEFAULT_STORAGE_PATH,
+    HELD_AS_PAIRS,
     AuthConfig,
     ChannelConfig,
     Config,
@@ -420,10 +421,6 @@ def as_toml(value: object) -> object:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: as_toml(getattr(value, f.name)) for f in dataclasses.fields(value)}
     return value
-
-
-# TOML tables the frozen config holds as sorted (key, value) pairs.
-HELD_AS_PAIRS = {"logging.levels"}
 
 
 def test_the_shipped_relay_toml_holds_every_key_at_its_default() -> None:

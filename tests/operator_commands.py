@@ -1,0 +1,44 @@
+"""Running the operator's commands (`relay check-config`, `status`, `db stats`) as an operator does: a
+real process, its exit status, its stdout and stderr."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from tests.relay_process import RELAY
+
+
+@dataclass(frozen=True)
+class Ran:
+    status: int
+    out: str
+    err: str
+
+    @property
+    def error_lines(self) -> list[str]:
+        return self.err.strip().splitlines()
+
+
+def clean_environ(**variables: str) -> dict[str, str]:
+    """The test process's environment without any RELAY_* of its own, plus `variables`."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}, **variables}
+
+
+async def run_relay_command(
+    *args: str | Path, environ: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> Ran:
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [RELAY, *map(str, args)],
+            env=dict(environ if environ is not None else clean_environ()),
+            cwd=cwd,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    return Ran(result.returncode, result.stdout.decode(), result.stderr.decode())
