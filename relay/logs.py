@@ -18,6 +18,9 @@ from relay.config import LoggingConfig
 HUMAN_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 # trio-websocket logs the URL it opens, with the anon key in its query, at DEBUG.
 KEY_LEAKING_LOGGERS = ("trio-websocket",)
+# httpx logs every request at INFO: each reconcile's REST read would be a line, every 300 s per
+# faction, which is not a state change. Their warnings still show; `[logging] levels` can lower them.
+CHATTY_LOGGERS = ("httpx", "httpcore")
 
 
 class JsonFormatter(logging.Formatter):
@@ -52,6 +55,8 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level or config.level)
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     for name, logger_level in config.levels:
         logging.getLogger(name).setLevel(logger_level)
     for name in KEY_LEAKING_LOGGERS:
