@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEPLOY_STAMP := $(VENV)/.deploy-installed
 PYZ := dist/cat-relay.pyz
-# Everything that goes into the pyz, so that an unchanged checkout is not built again.
-PYZ_SOURCES := pyproject.toml $(shell find relay migrations -type f -not -path '*/__pycache__/*')
+# Everything that goes into the pyz (README.md is the package description), so that an unchanged
+# checkout is not built again.
+PYZ_SOURCES := pyproject.toml README.md $(shell find relay migrations -type f -not -path '*/__pycache__/*')
 
 .PHONY: demo test lint typecheck pytest serve bench clean pyz
 
