@@ -3,8 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEPLOY_STAMP := $(VENV)/.deploy-installed
+PYZ := dist/cat-relay.pyz
+# Everything that goes into the pyz (README.md is the package description), so that an unchanged
+# checkout is not built again.
+PYZ_SOURCES := pyproject.toml README.md $(shell find relay migrations -type f -not -path '*/__pycache__/*')
 
-.PHONY: demo test lint typecheck pytest serve bench clean
+.PHONY: demo test lint typecheck pytest serve bench clean pyz
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,10 +30,27 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) $(PYZ)
 	$(BIN)/pytest
 
 test: lint typecheck pytest
+
+# shiv, pinned in the `deploy` extra.
+$(DEPLOY_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,deploy]'
+	touch $(DEPLOY_STAMP)
+
+# One file to copy to a server (README, "Deploy on a Debian VM"): this checkout and its dependencies,
+# run by the server's own python3. --reproducible fixes every file's date, so rebuilding the same
+# checkout with the same dependency versions gives the same bytes. Written aside first, so that a
+# failed build leaves no pyz that looks up to date.
+$(PYZ): $(DEPLOY_STAMP) $(PYZ_SOURCES)
+	mkdir -p dist
+	$(BIN)/shiv --reproducible --console-script relay --python '/usr/bin/env python3' \
+	    --output-file $@.tmp --quiet .
+	mv $@.tmp $@
+
+pyz: $(PYZ)
 
 BENCH_STAMP := $(VENV)/.bench-installed
 

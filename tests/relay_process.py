@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -41,10 +41,19 @@ class RelayProcess:
 
 @asynccontextmanager
 async def relay_process(
-    config: Path, env: dict[str, str], *, log_level: str = "INFO"
+    config: Path,
+    env: dict[str, str],
+    *,
+    log_level: str = "INFO",
+    command: Sequence[str] = (RELAY,),
+    cwd: Path | None = None,
 ) -> AsyncIterator[RelayProcess]:
+    """`command` is what runs `relay`: the venv's script, or an interpreter and the one-file build."""
     process = await trio.lowlevel.open_process(
-        [RELAY, "--log-level", log_level, "serve", "--config", str(config)], stderr=subprocess.PIPE, env=env
+        [*command, "--log-level", log_level, "serve", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=cwd,
     )
     running = RelayProcess(process)
     try:

@@ -1,0 +1,119 @@
+"""The one-file build (`make pyz`), run as a server runs it: Debian's python3, a bare environment, and
+nothing of this checkout or its venv within reach."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from relay.testing.fake_supabase import FakeSupabase
+from tests.conftest import FACTION, eventually_async
+from tests.relay_process import relay_process
+from tests.test_end_to_end import Userscript, call, wait_connected
+
+REPO = Path(__file__).resolve().parent.parent
+PYZ = REPO / "dist" / "cat-relay.pyz"
+# What deploy/cat-relay.service runs it with (tests/test_deploy.py holds the unit to it).
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+CLIENT_JS = REPO / "relay" / "static" / "client.js"
+MIGRATIONS = sorted((REPO / "migrations").glob("*.sql"))
+# Compiled code that may ride along: markupsafe's optional speedups, which it replaces with pure
+# Python on any other interpreter or platform. Anything else would tie the pyz to the build
+# machine's platform, and the README's deploy section would have to say so.
+OPTIONAL_EXTENSIONS = {"markupsafe"}
+
+
+def missing(reason: str) -> None:
+    """Skip on a developer's machine; under CI a skip would hide a broken build, so fail."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason + "; CI must run the one-file build")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def pyz() -> Path:
+    if not PYZ.exists():
+        missing(f"{PYZ} is missing (make pyz)")
+    return PYZ
+
+
+@pytest.fixture
+def system_python() -> Path:
+    if not SYSTEM_PYTHON.exists():
+        missing(f"{SYSTEM_PYTHON} is missing (Debian: apt-get install python3)")
+    return SYSTEM_PYTHON
+
+
+def test_the_pyz_carries_this_checkout_the_migrations_and_client_js(pyz: Path) -> None:
+    with zipfile.ZipFile(pyz) as archive:
+        names = set(archive.namelist())
+        environment = json.loads(archive.read("environment.json"))
+        packed = {
+            name.removeprefix("site-packages/"): archive.read(name)
+            for name in names
+            if name.startswith("site-packages/relay/")
+        }
+    assert pyz.read_bytes().split(b"\n", 1)[0] == b"#!/usr/bin/env python3"
+    assert environment["entry_point"] == "relay.cli:main"
+    for migration in MIGRATIONS:
+        assert packed[f"relay/_migrations/{migration.name}"] == migration.read_bytes()
+    assert packed["relay/static/client.js"] == CLIENT_JS.read_bytes()
+    stale = [
+        str(source.relative_to(REPO))
+        for source in (REPO / "relay").rglob("*.py")
+        if packed.get(str(source.relative_to(REPO))) != source.read_bytes()
+    ]
+    assert not stale, f"dist/cat-relay.pyz is older than the checkout (make pyz): {stale}"
+    compiled = {name.split("/")[1] for name in names if name.endswith(".so")}
+    assert compiled <= OPTIONAL_EXTENSIONS
+
+
+async def test_the_pyz_serves_from_the_zip_alone_and_stops_on_sigterm(
+    pyz: Path,
+    system_python: Path,
+    serve_config: tuple[Path, dict[str, str]],
+    fake_upstream: FakeSupabase,
+    tmp_path: Path,
+) -> None:
+    config, test_env = serve_config
+    shiv_root = tmp_path / "shiv"
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(tmp_path / "home"),
+        "SHIV_ROOT": str(shiv_root),
+        "RELAY_UPSTREAM_ANON_KEY": test_env["RELAY_UPSTREAM_ANON_KEY"],
+        "RELAY_UPSTREAM_URL": test_env["RELAY_UPSTREAM_URL"],
+    }
+    with trio.fail_after(60):  # the first start unpacks the dependencies
+        async with (
+            relay_process(config, env, command=[str(system_python), str(pyz)], cwd=tmp_path) as relay,
+            httpx.AsyncClient(base_url=relay.url) as http,
+        ):
+            script = Userscript(http, FACTION)
+            await script.start()
+            await wait_connected(http, FACTION)
+            fake_upstream.insert("war_calls", call(FACTION, 1))
+            await eventually_async(
+                script.poll, lambda: [e["data"]["new"].get("id") for e in script.events] == [1]
+            )
+            client_js = await http.get("/client.js")
+            assert client_js.status_code == 200
+            assert client_js.content == CLIENT_JS.read_bytes()
+            relay.process.send_signal(signal.SIGTERM)
+            assert await relay.process.wait() == 0
+    assert "Traceback" not in relay.text()
+    # The relay ran from what shiv unpacked into SHIV_ROOT (its modules were compiled there), and
+    # created its database from the migrations inside the zip.
+    (unpacked,) = shiv_root.glob("cat-relay.pyz_*/site-packages")
+    assert list((unpacked / "relay" / "__pycache__").glob("service.*.pyc"))
+    with sqlite3.connect(config.parent / "data" / "relay.db") as db:
+        applied = [row[0] for row in db.execute("SELECT version FROM schema_migrations ORDER BY version")]
+    assert applied == [int(migration.name[:4]) for migration in MIGRATIONS]
