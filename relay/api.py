@@ -8,8 +8,11 @@ parsing lives in `relay.inputs`, admission in `relay.admission`, holding request
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
+import re
 from collections.abc import Mapping
 from functools import cache
 from importlib import resources
@@ -59,6 +62,7 @@ LEGACY_PUBLISH = {
     "/faction-members": ("faction_members_update", "members"),
 }
 BODY_TIMEOUT_S = 10
+HTML_TYPE = "text/html; charset=utf-8"
 
 
 def json_response(payload: Any, status: int = 200) -> Response:
@@ -68,6 +72,29 @@ def json_response(payload: Any, status: int = 200) -> Response:
 @cache
 def client_script() -> bytes:
     return resources.files("relay").joinpath("static/client.js").read_bytes()
+
+
+@cache
+def status_page() -> tuple[bytes, dict[str, str]]:
+    """The status page and its headers: a policy that lets it run its own inline script and style
+    (by hash, so the page stays one file) and fetch `/status`, and nothing else at all."""
+    page = resources.files("relay").joinpath("static/status.html").read_text(encoding="utf-8")
+    policy = (
+        f"default-src 'none'; script-src {_inline_hash(page, 'script')}; style-src {_inline_hash(page, 'style')}; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    # no-cache: a relay upgraded in place serves its new page at once.
+    headers = {
+        "Content-Security-Policy": policy,
+        "Cache-Control": "no-cache",
+        "X-Content-Type-Options": "nosniff",
+    }
+    return page.encode(), headers
+
+
+def _inline_hash(page: str, tag: str) -> str:
+    (body,) = re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.DOTALL)  # exactly one, or no page at all
+    return f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
 
 
 def create_app(services: Services) -> QuartTrio:
@@ -109,6 +136,11 @@ def create_app(services: Services) -> QuartTrio:
     @app.get("/client.js")
     async def client_js() -> Response:
         return Response(client_script(), content_type="application/javascript; charset=utf-8")
+
+    @app.get("/")
+    async def status_html() -> Response:
+        page, headers = status_page()
+        return Response(page, content_type=HTML_TYPE, headers=headers)
 
     @app.post("/subscribe")
     async def subscribe() -> Response:
