@@ -98,7 +98,9 @@ def _inline_hash(page: str, tag: str) -> str:
 
 
 def create_app(services: Services) -> QuartTrio:
-    app = QuartTrio(__name__)
+    # No static route: every file is served by its own route with its own headers (the status
+    # page with its CSP), never a second time without them under /static/.
+    app = QuartTrio(__name__, static_folder=None)
     config, store, supervisors, hub = services.config, services.store, services.supervisors, services.hub
     # Quart applies one body limit to every route; the publishing routes need the larger one, and
     # the others check their own (smaller) limit before reading.
@@ -213,7 +215,7 @@ def create_app(services: Services) -> QuartTrio:
     install_error_handlers(app)
     install_cors(app)
     # Quart's documented place for ASGI middleware, so that its test client goes through it too.
-    routes = [rule.rule for rule in app.url_map.iter_rules() if rule.endpoint != "static"]
+    routes = [rule.rule for rule in app.url_map.iter_rules()]
     app.asgi_app = EventsEndpoint(services, EndAfterResponse(app.asgi_app), routes)  # type: ignore[method-assign,assignment]
     return app
 

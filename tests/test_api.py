@@ -211,3 +211,9 @@ async def test_status_counts_members_by_address_and_events_per_minute(relay: Run
     assert sum(faction["events_per_minute"][-2:]) == 3  # a minute may have begun meanwhile
     assert sum(faction["events_per_minute"]) == 3
     assert body["now"] >= faction["last_event_at"]
+
+
+async def test_static_files_are_served_only_by_their_own_routes(relay: RunningRelay) -> None:
+    for path in ("/static/status.html", "/static/client.js"):
+        response = await client(relay).get(path)
+        assert response.status_code == 404, path
