@@ -374,6 +374,8 @@ async def test_bodies_up_to_the_relays_limits_go_to_their_factions_instance_and_
                     assert refused.status_code == 413, path
                     assert refused.json()["code"] == "body_too_large"
                     assert refused.headers["access-control-allow-origin"] == "*"
+                metrics = await http1.get("/metrics")  # per instance, scraped on its own port
+                assert (metrics.status_code, metrics.json()["code"]) == (404, "not_found")
                 # With every instance gone, so is nginx's answer.
                 for relay in deploy.relays:
                     relay.process.send_signal(signal.SIGTERM)
