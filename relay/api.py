@@ -63,6 +63,9 @@ LEGACY_PUBLISH = {
 }
 BODY_TIMEOUT_S = 10
 HTML_TYPE = "text/html; charset=utf-8"
+# Set by the proxy in front of several relay instances (deploy/nginx.conf) on the copy of a subscribe
+# it mirrors to every instance: each learns the faction, so that it can take over its polls.
+STANDBY_HEADER = "X-CAT-Relay-Standby"
 
 
 def json_response(payload: Any, status: int = 200) -> Response:
@@ -149,6 +152,10 @@ def create_app(services: Services) -> QuartTrio:
         payload = await read_json(config.server.max_body_bytes)
         check_api_key(payload.get("api_key"), config.accepted_api_keys)
         faction_id = parse_faction_id(payload.get("faction_id"))
+        if request.headers.get(STANDBY_HEADER) == "1":
+            # Known but inactive (no socket) unless already known: a later poll revives it here.
+            await store.stand_by(faction_id)
+            return json_response({"status": "standby", "faction_id": faction_id})
         ensure_capacity(services, faction_id)
         await store.subscribe(faction_id)
         supervisors.ensure_running(faction_id)

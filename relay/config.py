@@ -7,6 +7,7 @@ the variable) and the offending value, so nothing later has to wonder whether a 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import math
 import os
@@ -58,6 +59,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8444
     max_body_bytes: int = 16384
+    # Peers whose X-Forwarded-For names the client: the reverse proxy in front (deploy/nginx.conf).
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +201,7 @@ def load_config(
             host=server.string("host"),
             port=server.integer("port", low=0, high=MAX_PORT),
             max_body_bytes=server.integer("max_body_bytes", low=MIN_BODY_BYTES),
+            trusted_proxies=_trusted_proxies(server),
         ),
         storage=StorageConfig(
             _absolute(storage.string("path", default=DEFAULT_STORAGE_PATH), source if from_file else None)
@@ -437,6 +441,32 @@ def _publish_types(publish: _Table) -> tuple[str, ...]:
         # Upstream rows are the relay's to vouch for: a client must not be able to forge one.
         raise publish.refuse("types", "must not include postgres_changes")
     return tuple(types)
+
+
+def _trusted_proxies(server: _Table) -> tuple[str, ...]:
+    addresses = server.value("trusted_proxies")
+    if isinstance(addresses, tuple):  # the default
+        return addresses
+    if not isinstance(addresses, list):
+        raise server.refuse(
+            "trusted_proxies",
+            f"must be an array of IP addresses, got {_show(addresses)} ({_kind(addresses)})",
+        )
+    parsed: list[str] = []
+    for index, entry in enumerate(addresses):
+        try:
+            # Only strings: ip_address() would also take an integer as an IPv4 address.
+            address = ipaddress.ip_address(entry) if isinstance(entry, str) else None
+        except ValueError:
+            address = None
+        if address is None:
+            raise server.refuse(
+                "trusted_proxies",
+                f"must be an array of IP addresses (one per proxy, no networks); entry {index} is {_show(entry)}",
+            )
+        # The spelling the socket reports a peer in (::1, not 0:0:0:0:0:0:0:1), since that is what is compared.
+        parsed.append(str(address))
+    return tuple(parsed)
 
 
 def _api_keys(auth: _Table) -> tuple[str, ...]:

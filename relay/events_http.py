@@ -6,12 +6,17 @@ handler lookup). Measured by `make bench`: see bench/RESULTS.md. Every other pat
 through to the Quart app unchanged. The contract is the same as any route's: the same parsers, the
 same admission (`relay.admission`), the same error shape, CORS on every answer.
 
+Behind a reverse proxy (`server.trusted_proxies`) every request arrives from the proxy's address, so
+the client's own address is taken from the X-Forwarded-For the proxy appended, here, once, for both
+this endpoint and the Quart app (whose `request.remote_addr` reads the same scope).
+
 A held long-poll or stream ends when its client goes away: hypercorn reports that only as an
 `http.disconnect` from `receive()` and does not cancel the handler, so a held request watches for it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, MutableMapping
@@ -60,11 +65,14 @@ class EventsEndpoint:
         self._fallback = fallback
         # The paths the fallback serves, by which its answers are counted (anything else: "other").
         self._fallback_routes = frozenset(fallback_routes)
+        self._trusted_proxies = frozenset(services.config.server.trusted_proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self._fallback(scope, receive, send)
             return
+        if self._trusted_proxies:  # without a proxy configured, the hot path pays one truth test
+            _use_forwarded_client(scope, self._trusted_proxies)
         started = trio.current_time()
         path, method = scope["path"], scope["method"]
         if path in (EVENTS_PATH, STREAM_PATH) and method == "GET":
@@ -266,6 +274,27 @@ def _query(scope: Scope) -> dict[str, str]:
     for name, value in pairs:
         args.setdefault(name, value)
     return args
+
+
+def _use_forwarded_client(scope: Scope, trusted: frozenset[str]) -> None:
+    """For a request from a trusted proxy, make the client the rightmost X-Forwarded-For address: the
+    one the proxy appended itself (nginx's $proxy_add_x_forwarded_for). Addresses to its left came
+    with the request and could be anything; so could the header of a peer that is not trusted."""
+    client = scope.get("client")
+    if not client or client[0] not in trusted:
+        return
+    forwarded = None
+    for key, value in scope["headers"]:
+        if key.lower() == b"x-forwarded-for":
+            forwarded = value  # repeated headers are one comma-separated list: the last one ends it
+    if forwarded is None:
+        return
+    try:
+        address = ipaddress.ip_address(bytes(forwarded).decode("latin-1").rsplit(",", 1)[-1].strip())
+    except ValueError:
+        return  # not what the proxy writes: keep the proxy's own address rather than guess
+    # The client's port is not forwarded; 0 says so rather than passing off the proxy's as its own.
+    scope["client"] = (str(address), 0)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -474,6 +474,28 @@ class Store:
         log.info("%r: faction %d revived by a poll", self, faction_id)
         return subscription
 
+    async def stand_by(self, faction_id: int) -> Subscription:
+        """Known from now on but inactive, so that a later poll revives it; a known faction, active
+        or not, is left as it is. What another relay instance's faction looks like here (see
+        deploy/nginx.conf): this instance takes over its polls only if that instance goes away."""
+        known = self._subscriptions.get(faction_id)
+        if known is not None:
+            return known
+        now = self._now_ms()
+        await self._write(
+            lambda conn: conn.execute(
+                "INSERT INTO subscriptions (faction_id, active, subscribed_at, last_activity_at)"
+                " VALUES (?, 0, ?, ?) ON CONFLICT (faction_id) DO NOTHING",
+                (faction_id, now, now),
+            )
+        )
+        # A subscribe may have activated the faction while this write waited its turn: it stays active.
+        subscription = self._subscriptions.get(faction_id)
+        if subscription is None:
+            subscription = self._subscriptions[faction_id] = Subscription(faction_id, False, now, now)
+            log.info("%r: faction %d known, on standby", self, faction_id)
+        return subscription
+
     async def _activate(self, faction_id: int) -> Subscription:
         now = self._now_ms()
         known = self._subscriptions.get(faction_id)

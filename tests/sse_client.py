@@ -1,4 +1,4 @@
-"""A minimal Server-Sent Events client over a raw Trio socket, for the tests.
+"""A minimal Server-Sent Events client over a raw Trio socket (or TLS over it), for the tests.
 
 HTTP/1.0, so the body arrives unchunked and ends when the server closes; no async generators, so
 nothing is left for the garbage collector when a test stops reading half-way.
@@ -6,6 +6,7 @@ nothing is left for the garbage collector when a test stops reading half-way.
 
 from __future__ import annotations
 
+import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -14,7 +15,7 @@ import trio
 
 
 class SseStream:
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
         self._buffer = b""
         self.status = 0
@@ -61,9 +62,15 @@ class SseStream:
 
 
 @asynccontextmanager
-async def open_sse(url: str, path: str, headers: Mapping[str, str] | None = None) -> AsyncIterator[SseStream]:
+async def open_sse(
+    url: str, path: str, headers: Mapping[str, str] | None = None, *, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[SseStream]:
+    """`tls` for an https:// URL: the context that trusts its server."""
     parts = urllib.parse.urlsplit(url)
-    stream = await trio.open_tcp_stream(parts.hostname or "127.0.0.1", parts.port or 80)
+    host = parts.hostname or "127.0.0.1"
+    stream: trio.abc.Stream = await trio.open_tcp_stream(host, parts.port or (443 if tls else 80))
+    if tls is not None:
+        stream = trio.SSLStream(stream, tls, server_hostname=host)
     async with stream:
         extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         request = f"GET {path} HTTP/1.0\r\nHost: {parts.netloc}\r\nAccept: text/event-stream\r\n{extra}\r\n"

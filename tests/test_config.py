@@ -93,6 +93,7 @@ def test_file_values(tmp_path: Path) -> None:
         host = "0.0.0.0"
         port = 9000
         max_body_bytes = 4096
+        trusted_proxies = ["10.0.0.7", "0:0:0:0:0:0:0:1"]
         [storage]
         path = "/var/lib/relay/relay.db"
         [upstream]
@@ -115,7 +116,8 @@ def test_file_values(tmp_path: Path) -> None:
         api_keys = ["one", "two"]
         """,
     )
-    assert config.server == ServerConfig("0.0.0.0", 9000, 4096)
+    # IPv6 in the spelling a socket reports its peer in, since that is what it is compared with.
+    assert config.server == ServerConfig("0.0.0.0", 9000, 4096, ("10.0.0.7", "::1"))
     assert config.storage.path == Path("/var/lib/relay/relay.db")
     assert config.upstream == UpstreamConfig(
         URL, KEY, 5.0, 2.5, 0.5, 30.0, channels=(ChannelConfig("wars", "faction_id=eq.{faction_id}"),)
@@ -263,6 +265,19 @@ def test_a_relative_config_path_is_made_absolute(tmp_path: Path, monkeypatch: py
         ("", {"RELAY_SERVER_PORT": "70000"}, ["RELAY_SERVER_PORT", "from 0 to 65535", "70000"]),
         ("[server]\nmax_body_bytes = 1023\n", {}, ["server.max_body_bytes", "at least 1024", "1023"]),
         ("", {"RELAY_SERVER_HOST": ""}, ["RELAY_SERVER_HOST must not be empty"]),
+        # trusted_proxies: addresses, not names or networks
+        ('[server]\ntrusted_proxies = "127.0.0.1"\n', {}, ["server.trusted_proxies", "array", "string"]),
+        (
+            '[server]\ntrusted_proxies = ["127.0.0.1", "proxy.local"]\n',
+            {},
+            ["server.trusted_proxies", "IP addresses", 'entry 1 is "proxy.local"'],
+        ),
+        ('[server]\ntrusted_proxies = ["10.0.0.0/8"]\n', {}, ["server.trusted_proxies", "no networks"]),
+        (
+            "[server]\ntrusted_proxies = [2130706433]\n",
+            {},
+            ["server.trusted_proxies", "entry 0 is 2130706433"],
+        ),
         ("", {"RELAY_STORAGE_PATH": ""}, ["RELAY_STORAGE_PATH must not be empty"]),
         # channels
         ("[upstream]\nchannels = []\n", {}, ["upstream.channels", "at least one"]),

@@ -459,6 +459,24 @@ async def test_idle_factions_expire_and_revive(tmp_path: Path) -> None:
             assert store.statistics().factions == 2
 
 
+async def test_a_standby_faction_is_known_inactive_and_survives_a_restart(tmp_path: Path) -> None:
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, clock) as store:
+            await store.subscribe(FACTION)
+            assert await store.stand_by(OTHER) == Subscription(OTHER, False, START_MS, START_MS)
+            clock.now_ms += 1_000
+            assert await store.stand_by(FACTION) == Subscription(FACTION, True, START_MS, START_MS)
+            assert await store.stand_by(OTHER) == Subscription(OTHER, False, START_MS, START_MS)
+            assert store.active_factions() == [FACTION]
+            assert await store.expire_idle(-1) == [FACTION]  # a standby faction has nothing to expire
+        async with open_test_store(tmp_path, clock) as store:
+            assert store.known_factions() == [OTHER, FACTION]
+            assert store.active_factions() == []
+            revived = await store.revive(OTHER)
+            assert revived == Subscription(OTHER, True, START_MS, START_MS + 1_000)
+
+
 async def test_counts_come_from_the_database(tmp_path: Path) -> None:
     with trio.fail_after(TEST_TIMEOUT_S):
         async with open_test_store(tmp_path, WallClock(), events_per_faction=1) as store:
