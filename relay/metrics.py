@@ -71,40 +71,28 @@ class RelayCollector(Collector):
             "1 for the faction's upstream state (connected, connecting, backoff, auth_failed, stopped), 0 for the others.",
             labels=["faction_id", "state"],
         )
-        attempts = GaugeMetricFamily(
-            f"{PREFIX}_upstream_attempts",
-            "Connection attempts since the upstream was last live.",
-            labels=["faction_id"],
+        attempts = _per_faction(
+            GaugeMetricFamily, "upstream_attempts", "Connection attempts since the upstream was last live."
         )
-        reconnects = CounterMetricFamily(
-            f"{PREFIX}_upstream_reconnects",
-            "Connections opened again after one ended.",
-            labels=["faction_id"],
+        reconnects = _per_faction(
+            CounterMetricFamily, "upstream_reconnects", "Connections opened again after one ended."
         )
-        received = CounterMetricFamily(
-            f"{PREFIX}_upstream_changes_received",
-            "Changes the upstream socket delivered.",
-            labels=["faction_id"],
+        received = _per_faction(
+            CounterMetricFamily, "upstream_changes_received", "Changes the upstream socket delivered."
         )
-        ignored = CounterMetricFamily(
-            f"{PREFIX}_upstream_changes_ignored",
+        ignored = _per_faction(
+            CounterMetricFamily,
+            "upstream_changes_ignored",
             "Changes dropped because their row belongs to another faction.",
-            labels=["faction_id"],
         )
-        reconciles = CounterMetricFamily(
-            f"{PREFIX}_reconciles",
-            "Completed reconciles of the faction's rows with upstream.",
-            labels=["faction_id"],
+        reconciles = _per_faction(
+            CounterMetricFamily, "reconciles", "Completed reconciles of the faction's rows with upstream."
         )
-        rest_requests = CounterMetricFamily(
-            f"{PREFIX}_reconcile_rest_requests",
-            "Supabase REST requests made by reconciles.",
-            labels=["faction_id"],
+        rest_requests = _per_faction(
+            CounterMetricFamily, "reconcile_rest_requests", "Supabase REST requests made by reconciles."
         )
-        failing = GaugeMetricFamily(
-            f"{PREFIX}_reconcile_failing",
-            "1 while the faction's latest reconcile attempt failed.",
-            labels=["faction_id"],
+        failing = _per_faction(
+            GaugeMetricFamily, "reconcile_failing", "1 while the faction's latest reconcile attempt failed."
         )
         for faction_id in factions:
             label = str(faction_id)
@@ -133,23 +121,23 @@ class RelayCollector(Collector):
             "Events committed, by where they came from (upstream, reconcile, published).",
             labels=["faction_id", "source"],
         )
-        differences = CounterMetricFamily(
-            f"{PREFIX}_reconcile_differences",
+        differences = _per_faction(
+            CounterMetricFamily,
+            "reconcile_differences",
             "Differences to upstream that reconciles found and stored as resync events.",
-            labels=["faction_id"],
         )
         served = CounterMetricFamily(
             f"{PREFIX}_events_served", "Events sent to members (each member counted).", labels=["faction_id"]
         )
-        members = GaugeMetricFamily(
-            f"{PREFIX}_members",
+        members = _per_faction(
+            GaugeMetricFamily,
+            "members",
             "Addresses that asked about the faction within a minute or hold a stream open.",
-            labels=["faction_id"],
         )
-        age = GaugeMetricFamily(
-            f"{PREFIX}_upstream_last_event_age_seconds",
+        age = _per_faction(
+            GaugeMetricFamily,
+            "upstream_last_event_age_seconds",
             "Seconds since the faction's upstream last sent a change (factions that sent one since start).",
-            labels=["faction_id"],
         )
         for faction_id, flow in sorted(services.traffic.statistics(now).items()):
             label = str(faction_id)
@@ -234,6 +222,12 @@ class RelayCollector(Collector):
         yield CounterMetricFamily(
             f"{PREFIX}_group_commits", "Transactions that stored appended events.", stats.group_commits
         )
+
+
+def _per_faction(
+    family: type[GaugeMetricFamily] | type[CounterMetricFamily], name: str, documentation: str
+) -> GaugeMetricFamily | CounterMetricFamily:
+    return family(f"{PREFIX}_{name}", documentation, labels=["faction_id"])
 
 
 def _shared_deletes(stats: UpstreamStatistics | None) -> Iterator[Metric]:

@@ -41,6 +41,17 @@ async def eventually_async(
         await trio.sleep(pause_s)
 
 
+def require_program(program: Path, package: str, purpose: str) -> Path:
+    """Skip where `program` is missing, except under CI, where a skip would hide a broken set-up
+    (.ci/run installs every program a test needs)."""
+    if not program.exists():
+        reason = f"{program} is missing (Debian: apt-get install {package})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI must run {purpose}")
+        pytest.skip(reason)
+    return program
+
+
 @pytest.fixture
 async def fake_upstream(nursery: trio.Nursery) -> FakeSupabase:
     fake = FakeSupabase(valid_keys=(ANON_KEY,))

@@ -29,7 +29,7 @@ from quart_trio import QuartTrio
 from relay.config import Config
 from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, FACTION, eventually
+from tests.conftest import ANON_KEY, FACTION, eventually, require_program
 from tests.test_end_to_end import call, wait_connected, wait_reconciled
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -53,13 +53,7 @@ REPORT_WAIT_S = 40.0  # under the test's fail_after, so a missing report fails w
 
 @pytest.fixture
 def chromium_binary() -> Path:
-    """Skip where there is no Chromium, except under CI, where a skip would hide a broken set-up."""
-    if not CHROMIUM.exists():
-        reason = f"{CHROMIUM} is missing (Debian: apt-get install chromium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason + "; CI must run the browser test")
-        pytest.skip(reason)
-    return CHROMIUM
+    return require_program(CHROMIUM, "chromium", "the browser tests")
 
 
 @dataclass

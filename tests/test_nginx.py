@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, eventually_async
+from tests.conftest import ANON_KEY, eventually_async, require_program
 from tests.relay_process import RelayProcess, relay_process
 from tests.sse_client import open_sse
 from tests.test_end_to_end import Userscript, call
@@ -49,15 +49,9 @@ NO_RATE_LIMIT = "[limits]\nclient_rate = 0\n"
 
 @pytest.fixture
 def nginx_binary() -> Path:
-    """Skip where there is no nginx (or openssl for the test certificate), except under CI, where
-    a skip would hide a broken set-up: .ci/run installs both."""
-    for program, package in ((NGINX, "nginx"), (OPENSSL, "openssl")):
-        if not program.exists():
-            reason = f"{program} is missing (Debian: apt-get install {package})"
-            if os.environ.get("CI") == "true":
-                pytest.fail(reason + "; CI must run the nginx tests")
-            pytest.skip(reason)
-    return NGINX
+    """nginx, and openssl for the test's certificate; .ci/run installs both."""
+    require_program(OPENSSL, "openssl", "the nginx tests")
+    return require_program(NGINX, "nginx", "the nginx tests")
 
 
 @dataclass
