@@ -83,23 +83,23 @@ class EventsEndpoint:
             if path == EVENTS_PATH:
                 long_poll = _asks_to_wait(args)
                 route = LONG_POLL_ROUTE if long_poll else EVENTS_PATH
-                self._services.http.answered(route, status, trio.current_time() - started)
+                self._services.http.answered(method, route, status, trio.current_time() - started)
                 if status >= 400:
                     kind = PollKind.LONG_POLL if long_poll else PollKind.POLL
                     failed = PollOutcome.FAILED if status >= 500 else PollOutcome.REFUSED
                     self._services.http.polled(kind, failed)
             else:
-                self._services.http.answered(STREAM_PATH, status, None)
+                self._services.http.answered(method, STREAM_PATH, status, None)
             return
         if path in (EVENTS_PATH, STREAM_PATH) and method == "OPTIONS":
             await _send_whole(send, 200, _PREFLIGHT, b"")
-            self._services.http.answered(path, 200, trio.current_time() - started)
+            self._services.http.answered(method, path, 200, trio.current_time() - started)
             return
         if path == STREAM_PATH:
             allow = [(b"allow", b"GET, OPTIONS")]
             body = error_body("method_not_allowed", "this path answers GET only")
             await _send_whole(send, 405, [*_JSON, *allow], body)
-            self._services.http.answered(path, 405, trio.current_time() - started)
+            self._services.http.answered(method, path, 405, trio.current_time() - started)
             return
         status = 500  # unless the fallback says otherwise
 
@@ -113,7 +113,7 @@ class EventsEndpoint:
             await self._fallback(scope, receive, send_counting)
         finally:
             route = path if path in self._fallback_routes or path == EVENTS_PATH else OTHER_ROUTE
-            self._services.http.answered(route, status, trio.current_time() - started)
+            self._services.http.answered(method, route, status, trio.current_time() - started)
 
     async def _answer_events(
         self, path: str, args: dict[str, str], scope: Scope, receive: Receive, send: Send

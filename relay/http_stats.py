@@ -1,8 +1,8 @@
 """Counts of what the HTTP side answered: responses by route and status, latency per route, and
 polls by how they ended. Plain integers on the request path; `/metrics` reads `statistics()`.
 
-The route is the path when the relay serves it and "other" otherwise, so that scanners probing
-random paths cannot make the metrics grow.
+The route is the path when the relay serves it and "other" otherwise, and the method one the relay
+answers or "other", so that scanners probing random paths and methods cannot make the metrics grow.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 OTHER_ROUTE = "other"
+OTHER_METHOD = "other"
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "OPTIONS"})
 # The route a long-poll's latency is kept under: it is held up to `wait=` seconds by design, and
 # mixing it with plain polls would hide a slow plain poll.
 LONG_POLL_ROUTE = "/events?wait"
@@ -63,8 +65,10 @@ class Histogram:
 
 @dataclass(frozen=True, slots=True)
 class HttpStatistics:
-    responses: dict[tuple[str, int], int]  # (route, status) -> answers
-    latency: dict[str, Histogram]  # route -> seconds from request to the end of the answer
+    responses: dict[tuple[str, str, int], int]  # (method, route, status) -> answers
+    latency: dict[
+        tuple[str, str], Histogram
+    ]  # (method, route) -> seconds from request to the end of the answer
     polls: dict[tuple[PollKind, PollOutcome], int]
     streams_opened: int
 
@@ -79,19 +83,21 @@ class _Latency:
 
 class HttpCounters:
     def __init__(self) -> None:
-        self._responses: dict[tuple[str, int], int] = {}
-        self._latency: dict[str, _Latency] = {}
+        self._responses: dict[tuple[str, str, int], int] = {}
+        self._latency: dict[tuple[str, str], _Latency] = {}
         self._polls: dict[tuple[PollKind, PollOutcome], int] = {}
         self._streams_opened = 0
 
-    def answered(self, route: str, status: int, seconds: float | None) -> None:
+    def answered(self, method: str, route: str, status: int, seconds: float | None) -> None:
         """One response; `seconds` is None for an answer without a meaningful duration (a stream)."""
-        key = (route, status)
+        if method not in KNOWN_METHODS:
+            method = OTHER_METHOD
+        key = (method, route, status)
         self._responses[key] = self._responses.get(key, 0) + 1
         if seconds is not None:
-            latency = self._latency.get(route)
+            latency = self._latency.get((method, route))
             if latency is None:
-                latency = self._latency[route] = _Latency()
+                latency = self._latency[method, route] = _Latency()
             latency.counts[bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
             latency.sum_s += seconds
 
@@ -106,8 +112,8 @@ class HttpCounters:
         return HttpStatistics(
             responses=dict(self._responses),
             latency={
-                route: Histogram(LATENCY_BUCKETS_S, list(latency.counts), latency.sum_s)
-                for route, latency in self._latency.items()
+                where: Histogram(LATENCY_BUCKETS_S, list(latency.counts), latency.sum_s)
+                for where, latency in self._latency.items()
             },
             polls=dict(self._polls),
             streams_opened=self._streams_opened,

@@ -185,18 +185,20 @@ class RelayCollector(Collector):
         yield polls
         yield CounterMetricFamily(f"{PREFIX}_streams_opened", "SSE streams opened.", http.streams_opened)
         responses = CounterMetricFamily(
-            f"{PREFIX}_http_responses", "HTTP responses by route and status.", labels=["route", "status"]
+            f"{PREFIX}_http_responses",
+            "HTTP responses by method, route and status.",
+            labels=["method", "route", "status"],
         )
-        for (route, status), count in sorted(http.responses.items()):
-            responses.add_metric([route, str(status)], count)
+        for (method, route, status), count in sorted(http.responses.items()):
+            responses.add_metric([method, route, str(status)], count)
         yield responses
         latency = HistogramMetricFamily(
             f"{PREFIX}_http_request_duration_seconds",
-            "Seconds from a request's arrival to the end of its answer, by route (long-polls apart; streams not).",
-            labels=["route"],
+            "Seconds from a request's arrival to the end of its answer, by method and route (long-polls apart; streams not).",
+            labels=["method", "route"],
         )
-        for route, histogram in sorted(http.latency.items()):
-            latency.add_metric([route], _cumulative(histogram), histogram.sum_s)
+        for (method, route), histogram in sorted(http.latency.items()):
+            latency.add_metric([method, route], _cumulative(histogram), histogram.sum_s)
         yield latency
 
     def _storage(self) -> Iterator[Metric]:

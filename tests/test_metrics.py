@@ -52,6 +52,7 @@ async def test_metrics_count_what_flowed_through_the_relay(
                 held = await scrape(http)
                 fake_upstream.insert("war_calls", call(FACTION, 4))
             await http.get("/no-such-path")
+            await http.request("BREW", "/ping")
             samples = await scrape(http)
 
     faction = str(FACTION)
@@ -73,8 +74,13 @@ async def test_metrics_count_what_flowed_through_the_relay(
     assert value(samples, "cat_relay_polls_total", kind="poll", outcome="events") >= 1
     assert value(samples, "cat_relay_http_responses_total", route="/subscribe", status="200") == 2
     assert value(samples, "cat_relay_http_responses_total", route="other", status="404") == 1
+    # A method nobody answers is "other" too, so random methods cannot grow the series either.
+    assert value(samples, "cat_relay_http_responses_total", method="other", route="/ping", status="405") == 1
     polls = sum(s.value for s in samples["cat_relay_polls_total"] if s.labels["kind"] == "poll")
-    assert value(samples, "cat_relay_http_request_duration_seconds_count", route="/events") == polls
+    assert (
+        value(samples, "cat_relay_http_request_duration_seconds_count", method="GET", route="/events")
+        == polls
+    )
     assert (
         value(samples, "cat_relay_http_request_duration_seconds_bucket", route="/events?wait", le="+Inf") == 1
     )
