@@ -100,9 +100,16 @@ def _inline_hash(page: str, tag: str) -> str:
     return f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
 
 
+def openapi_document(version: str) -> bytes:
+    """relay/static/openapi.json, the API's description, with the running relay's version in it."""
+    document = json.loads(resources.files("relay").joinpath("static/openapi.json").read_bytes())
+    document["info"]["version"] = version
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
 def create_app(services: Services) -> QuartTrio:
-    # No static route: every file is served by its own route with its own headers (the status
-    # page with its CSP), never a second time without them under /static/.
+    # No static route: each file has its own route and headers (the status page its CSP), and is
+    # never served a second time without them under /static/.
     app = QuartTrio(__name__, static_folder=None)
     config, store, supervisors, hub = services.config, services.store, services.supervisors, services.hub
     # Quart applies one body limit to every route; the publishing routes need the larger one, and
@@ -146,6 +153,10 @@ def create_app(services: Services) -> QuartTrio:
     async def status_html() -> Response:
         page, headers = status_page()
         return Response(page, content_type=HTML_TYPE, headers=headers)
+
+    @app.get("/openapi.json")
+    async def openapi_json() -> Response:
+        return Response(openapi_document(services.version), content_type=JSON_TYPE)
 
     @app.post("/subscribe")
     async def subscribe() -> Response:
@@ -316,7 +327,9 @@ def install_error_handlers(app: QuartTrio) -> None:
             message = "the request body is larger than this relay accepts"
         else:
             message = exc.description or exc.name
-        return error_response(status, code, message)
+        # A 405 must say which methods the path answers (RFC 9110 15.5.6); the body is ours, JSON.
+        headers = {name: value for name, value in exc.get_headers() if name.lower() != "content-type"}
+        return error_response(status, code, message, headers)
 
     @app.errorhandler(StoreError)
     async def store_error(exc: StoreError) -> Response:

@@ -95,10 +95,13 @@ class EventsEndpoint:
             await _send_whole(send, 200, _PREFLIGHT, b"")
             self._services.http.answered(method, path, 200, trio.current_time() - started)
             return
-        if path == STREAM_PATH:
-            allow = [(b"allow", b"GET, OPTIONS")]
-            body = error_body("method_not_allowed", "this path answers GET only")
-            await _send_whole(send, 405, [*_JSON, *allow], body)
+        if path == STREAM_PATH or (path == EVENTS_PATH and method != "POST"):
+            # Publishing (POST /events) is the Quart app's, whose own 405 would leave GET out of Allow.
+            allow, answers = (
+                (b"GET, OPTIONS", "GET") if path == STREAM_PATH else (b"GET, POST, OPTIONS", "GET and POST")
+            )
+            body = error_body("method_not_allowed", f"this path answers {answers} only")
+            await _send_whole(send, 405, [*_JSON, (b"allow", allow)], body)
             self._services.http.answered(method, path, 405, trio.current_time() - started)
             return
         status = 500  # unless the fallback says otherwise
@@ -141,16 +144,23 @@ class EventsEndpoint:
             return 500
 
     async def _admit(
-        self, scope: Scope, args: dict[str, str], since_text: str | None, wait_text: str | None
+        self,
+        scope: Scope,
+        args: dict[str, str],
+        wait_text: str | None,
+        resume_text: str | None = None,
     ) -> tuple[int, int | None, float]:
         """What both paths check first, in the order the Quart routes do: the address's rate, the
-        parameters, the faction (revived if it had expired), the client's clock."""
+        parameters, the faction (revived if it had expired), the client's clock. A stream's resume
+        point (`resume_text`) wins over `since`, which is checked all the same."""
         services = self._services
         client = scope.get("client")
         address = client[0] if client else UNKNOWN_ADDRESS
         check_rate(services, address)
         faction_id = parse_faction_id(args.get("faction_id"))
-        since = parse_since(since_text)
+        since = parse_since(args.get("since"))
+        if resume_text is not None:
+            since = parse_since(resume_text)
         wait_s = parse_wait(wait_text, services.config.limits.long_poll_max_wait)
         await admit_faction(services, faction_id)
         await apply_client_clock(services, since)
@@ -160,7 +170,7 @@ class EventsEndpoint:
     async def _poll(self, args: dict[str, str], scope: Scope, receive: Receive, send: Send) -> None:
         services = self._services
         store, hub, held, limits = services.store, services.hub, services.held, services.config.limits
-        faction_id, since, wait_s = await self._admit(scope, args, args.get("since"), args.get("wait"))
+        faction_id, since, wait_s = await self._admit(scope, args, args.get("wait"))
         truncated = store.missed_since(faction_id, since)
         found, cursor = store.read_since(faction_id, since)
         kind = PollKind.LONG_POLL if wait_s > 0 else PollKind.POLL
@@ -185,10 +195,10 @@ class EventsEndpoint:
     async def _stream(self, args: dict[str, str], scope: Scope, receive: Receive, send: Send) -> None:
         services = self._services
         store, hub, held = services.store, services.hub, services.held
-        resume = _header(scope, b"last-event-id")
-        faction_id, since, _ = await self._admit(
-            scope, args, args.get("since") if resume is None else resume, None
-        )
+        # An EventSource reconnecting sends the id of the last event it received; it never sends an
+        # empty one, so an empty header is no resume point.
+        resume = _header(scope, b"last-event-id") or None
+        faction_id, since, _ = await self._admit(scope, args, None, resume)
         del args, resume  # this frame lives as long as the stream: hours, thousands of times over
         if not held.try_open_stream():
             raise ApiError(

@@ -14,7 +14,9 @@ MAX_FACTION_ID = 2**31 - 1
 # for the next 300,000 years; anything longer is refused before int() spends time on it.
 MAX_FACTION_ID_DIGITS = 10
 MAX_SINCE_DIGITS = 16
-MAX_WAIT_CHARS = 16
+# Any number a client computes fits: the shortest form of every double (JavaScript's String(n),
+# Python's repr) has at most 24 characters, such as 1.1041839962654692e+308, which is clamped.
+MAX_WAIT_CHARS = 32
 
 
 class ApiError(Exception):

@@ -217,3 +217,11 @@ async def test_static_files_are_served_only_by_their_own_routes(relay: RunningRe
     for path in ("/static/status.html", "/static/client.js"):
         response = await client(relay).get(path)
         assert response.status_code == 404, path
+
+
+async def test_the_package_folder_is_not_served_as_static_files(relay: RunningRelay) -> None:
+    # Quart's default static route would serve relay/static/ at /static/..., paths nobody documented
+    # (found by the route check in tests/test_openapi.py).
+    response = await client(relay).get("/static/client.js")
+    assert response.status_code == 404
+    assert (await response.get_json())["code"] == "not_found"

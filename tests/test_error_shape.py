@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
 import pytest
+import trio
 
 from relay.service import RunningRelay
 from tests.conftest import ANON_KEY, FACTION
+from tests.sse_client import open_sse
 
 BAD_FACTION_IDS: list[Any] = [
     None,
@@ -113,7 +116,44 @@ async def test_unknown_path_and_wrong_method(relay: RunningRelay) -> None:
     assert_error(response.status_code, await response.get_json(), 405, "method_not_allowed")
 
 
-@pytest.mark.parametrize("wait", ["abc", "-1", "nan", "inf", "1e400", "%D9%A3", "1" * 17])
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("GET", "/subscribe", {"POST", "OPTIONS"}),
+        ("TRACE", "/ping", {"GET", "HEAD", "OPTIONS"}),
+        ("PUT", "/events", {"GET", "POST", "OPTIONS"}),  # GET is answered in front of Quart
+        ("HEAD", "/events", {"GET", "POST", "OPTIONS"}),
+        ("DELETE", "/events/stream", {"GET", "OPTIONS"}),
+    ],
+)
+async def test_a_wrong_method_is_told_the_methods_the_path_answers(
+    relay: RunningRelay, method: str, path: str, allow: set[str]
+) -> None:
+    # RFC 9110 (15.5.6): a 405 carries Allow. Found by schemathesis (tests/test_openapi.py).
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(base_url=relay.url) as http:
+            response = await http.request(method, path)
+    assert response.status_code == 405
+    assert {name.strip() for name in response.headers["Allow"].split(",")} == allow
+    if method != "HEAD":
+        assert_error(405, response.json(), 405, "method_not_allowed")
+
+
+@pytest.mark.parametrize("since", ["abc", "-1"])
+async def test_a_streams_invalid_since_is_refused_even_with_a_resume_point(
+    relay: RunningRelay, since: str
+) -> None:
+    # Last-Event-ID wins over since, but since is checked all the same. Found by schemathesis.
+    await relay.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
+    path = f"/events/stream?faction_id={FACTION}&since={since}"
+    with trio.fail_after(10):
+        async with open_sse(relay.url, path, {"Last-Event-ID": "0"}) as stream:
+            assert stream.status == 400  # an opened stream would never end
+            body = json.loads(await stream.read_body())
+    assert_error(400, body, 400, "invalid_since")
+
+
+@pytest.mark.parametrize("wait", ["abc", "-1", "nan", "inf", "1e400", "%D9%A3", "1" * 33])
 async def test_events_invalid_wait(relay: RunningRelay, wait: str) -> None:
     await relay.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
     assert_error(*await get(relay, f"/events?faction_id={FACTION}&wait={wait}"), 400, "invalid_wait")

@@ -28,6 +28,7 @@ def test_the_wheel_carries_every_migration_and_the_fake(tmp_path: Path) -> None:
     for migration in sorted((REPO / "migrations").glob("*.sql")):
         assert f"relay/_migrations/{migration.name}" in names
     assert "relay/testing/fake_supabase.py" in names
+    assert "relay/static/openapi.json" in names  # served at /openapi.json
     assert any(name.endswith("entry_points.txt") for name in names)
 
 
