@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,9 @@ MAX_SINCE_DIGITS = 16
 # Any number a client computes fits: the shortest form of every double (JavaScript's String(n),
 # Python's repr) has at most 24 characters, such as 1.1041839962654692e+308, which is clamped.
 MAX_WAIT_CHARS = 32
+# A decimal number of 0 or more as programs write one (and as /openapi.json documents it); not the
+# wider syntax of Python's float(), which also takes " 1", "1_0", "-0" and "infinity".
+WAIT_SECONDS = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 class ApiError(Exception):
@@ -59,11 +63,10 @@ def parse_wait(value: str | None, max_wait_s: float) -> float:
     """Seconds to hold a poll: 0 when absent; above the limit is clamped rather than refused."""
     if value is None or value == "":
         return 0.0
-    try:
-        seconds = float(value) if value.isascii() and len(value) <= MAX_WAIT_CHARS else math.nan
-    except ValueError:
-        seconds = math.nan
-    if not math.isfinite(seconds) or seconds < 0:
+    if len(value) > MAX_WAIT_CHARS or not WAIT_SECONDS.fullmatch(value):
+        raise ApiError(400, "invalid_wait", "wait must be a number of seconds, 0 or more")
+    seconds = float(value)
+    if not math.isfinite(seconds):  # 1e400: the syntax of a number, but no double holds it
         raise ApiError(400, "invalid_wait", "wait must be a number of seconds, 0 or more")
     return min(seconds, max_wait_s)
 

@@ -153,7 +153,10 @@ async def test_a_streams_invalid_since_is_refused_even_with_a_resume_point(
     assert_error(400, body, 400, "invalid_since")
 
 
-@pytest.mark.parametrize("wait", ["abc", "-1", "nan", "inf", "1e400", "%D9%A3", "1" * 33])
+# " 1" (also what "+1" decodes to), "1_0" and "-0" are numbers to Python's float(), not to a client.
+@pytest.mark.parametrize(
+    "wait", ["abc", "-1", "nan", "inf", "1e400", "%D9%A3", "1" * 33, "%201", "1_0", "-0", "1e", "."]
+)
 async def test_events_invalid_wait(relay: RunningRelay, wait: str) -> None:
     await relay.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
     assert_error(*await get(relay, f"/events?faction_id={FACTION}&wait={wait}"), 400, "invalid_wait")
