@@ -100,6 +100,7 @@ def _inline_hash(page: str, tag: str) -> str:
     return f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
 
 
+@cache  # 50 KB of JSON: parsed once, not per request
 def openapi_document(version: str) -> bytes:
     """relay/static/openapi.json, the API's description, with the running relay's version in it."""
     document = json.loads(resources.files("relay").joinpath("static/openapi.json").read_bytes())

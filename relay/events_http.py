@@ -154,8 +154,7 @@ class EventsEndpoint:
         parameters, the faction (revived if it had expired), the client's clock. A stream's resume
         point (`resume_text`) wins over `since`, which is checked all the same."""
         services = self._services
-        client = scope.get("client")
-        address = client[0] if client else UNKNOWN_ADDRESS
+        address = _client_address(scope)
         check_rate(services, address)
         faction_id = parse_faction_id(args.get("faction_id"))
         since = parse_since(args.get("since"))
@@ -217,8 +216,7 @@ class EventsEndpoint:
             held.stream_closed()
             raise
         services.http.stream_opened()
-        client = scope.get("client")
-        address = client[0] if client else UNKNOWN_ADDRESS
+        address = _client_address(scope)
         services.traffic.stream_opened(faction_id, address, trio.current_time())
         try:
             streaming = stream_events(
@@ -284,6 +282,11 @@ def _query(scope: Scope) -> dict[str, str]:
     for name, value in pairs:
         args.setdefault(name, value)
     return args
+
+
+def _client_address(scope: Scope) -> str:
+    client = scope.get("client")
+    return client[0] if client else UNKNOWN_ADDRESS
 
 
 def _use_forwarded_client(scope: Scope, trusted: frozenset[str]) -> None:
