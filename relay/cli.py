@@ -20,6 +20,7 @@ from relay.checkconfig import render as render_config
 from relay.config import LOG_LEVELS, ConfigError, LoggingConfig, load_config
 from relay.dbstats import read_stats
 from relay.dbstats import render as render_stats
+from relay.descriptors import check_file_limit, open_file_limit
 from relay.logs import configure_logging
 from relay.migrations import MigrationError
 from relay.offline import DatabaseUnreadable, load_offline
@@ -113,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             configure_logging(config.logging, level=args.log_level)
             log.debug("configuration: %r", config)  # the config's repr leaves out every key
             raise_file_limit()
+            check_file_limit(config, open_file_limit())
             tune_garbage_collector()
             trio.run(functools.partial(run_relay, config, handle_signals=True))
         else:

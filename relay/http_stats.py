@@ -81,8 +81,47 @@ class _Latency:
         self.sum_s = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionStatistics:
+    open_connections: int
+    max_connections: int
+    accepted: int
+    vanished: int  # clients that went away mid-request or mid-answer (reset, end of stream, broken pipe)
+    stalled: int  # connections cut because their reader took nothing for a while
+    failed: int  # connections closed by a failure while serving them (logged with its traceback)
+    http2_refused: int  # HTTP/2 prior-knowledge prefaces, answered 505
+    accept_errors: int  # accept() failures for want of descriptors or memory
+
+
+class ConnectionCounters:
+    """Bumped by `relay.http_server`'s connections, one plain integer each."""
+
+    def __init__(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self.open_connections = 0
+        self.accepted = 0
+        self.vanished = 0
+        self.stalled = 0
+        self.failed = 0
+        self.http2_refused = 0
+        self.accept_errors = 0
+
+    def statistics(self) -> ConnectionStatistics:
+        return ConnectionStatistics(
+            self.open_connections,
+            self.max_connections,
+            self.accepted,
+            self.vanished,
+            self.stalled,
+            self.failed,
+            self.http2_refused,
+            self.accept_errors,
+        )
+
+
 class HttpCounters:
-    def __init__(self) -> None:
+    def __init__(self, max_connections: int = 0) -> None:
+        self.connections = ConnectionCounters(max_connections)
         self._responses: dict[tuple[str, str, int], int] = {}
         self._latency: dict[tuple[str, str], _Latency] = {}
         self._polls: dict[tuple[PollKind, PollOutcome], int] = {}

@@ -18,7 +18,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from relay.admission import Services
-from relay.http_stats import Histogram
+from relay.http_stats import ConnectionStatistics, Histogram
 from relay.supervisor import UpstreamState, UpstreamStatistics
 from relay.traffic import Source
 
@@ -184,6 +184,7 @@ class RelayCollector(Collector):
             polls.add_metric([str(kind), str(outcome)], count)
         yield polls
         yield CounterMetricFamily(f"{PREFIX}_streams_opened", "SSE streams opened.", http.streams_opened)
+        yield from _connections(self._services.http.connections.statistics())
         responses = CounterMetricFamily(
             f"{PREFIX}_http_responses",
             "HTTP responses by method, route and status.",
@@ -255,3 +256,33 @@ def _cumulative(histogram: Histogram) -> list[tuple[str, float]]:
         running += count
         buckets.append(("+Inf" if bound == math.inf else repr(bound), running))
     return buckets
+
+
+def _connections(stats: ConnectionStatistics) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        f"{PREFIX}_http_connections", "Client connections open now.", stats.open_connections
+    )
+    yield GaugeMetricFamily(
+        f"{PREFIX}_http_connections_limit",
+        "Client connections accepted at once: the open-file limit less the relay's own reserve.",
+        stats.max_connections,
+    )
+    ends = CounterMetricFamily(
+        f"{PREFIX}_http_connections_ended",
+        "Connections accepted, and those that ended badly: the client vanished mid-request or mid-answer, "
+        "it stopped reading and was cut, serving it failed (logged), or it spoke HTTP/2 (answered 505).",
+        labels=["how"],
+    )
+    ends.add_metric(["vanished"], stats.vanished)
+    ends.add_metric(["stalled"], stats.stalled)
+    ends.add_metric(["failed"], stats.failed)
+    ends.add_metric(["http2_refused"], stats.http2_refused)
+    yield ends
+    yield CounterMetricFamily(
+        f"{PREFIX}_http_connections_accepted", "Client connections accepted.", stats.accepted
+    )
+    yield CounterMetricFamily(
+        f"{PREFIX}_http_accept_errors",
+        "accept() failures for want of descriptors or memory (new members wait in the backlog).",
+        stats.accept_errors,
+    )

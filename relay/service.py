@@ -10,11 +10,12 @@
             │   └── SharedDeletes ── the relay-wide DELETE channels, routed by key
             ├── run_schedule(maintenance_pass)
             ├── hub.wake_quiet_factions_every         # SSE keep-alives: one timer for all streams
-            └── hypercorn.trio.serve(app, shutdown_trigger=hub.stopping.wait)
+            └── http_server.serve(app)                # hypercorn's HTTP/1.1 protocol on the relay's sockets
 
-Shutdown: `stopping` is set, so held requests return at once; hypercorn stops accepting, answers
-what is in flight and cuts whatever is still open after GRACEFUL_TIMEOUT_S; then the supervisors
-and the schedule are cancelled (each upstream socket closes politely within a bounded, shielded
+Shutdown: `stopping` is set, so held requests return at once; the HTTP server stops accepting,
+closes idle connections, answers what is in flight and cuts whatever is still open after
+GRACEFUL_TIMEOUT_S (writes are never shielded, so a client that stopped reading cannot hold it);
+then the supervisors and the schedule are cancelled (each upstream socket closes politely within a bounded, shielded
 wait); last, the store checkpoints and closes.
 """
 
@@ -30,7 +31,6 @@ from typing import Any
 import httpx
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 from quart_trio import QuartTrio
 
 import relay
@@ -40,8 +40,10 @@ from relay.api import create_app
 from relay.backoff import Backoff
 from relay.config import Config
 from relay.delivery import SSE_KEEPALIVE_S, HeldRequests
+from relay.descriptors import max_connections, open_file_limit
 from relay.events_http import EVENTS_HEADERS
-from relay.http_stats import HttpCounters
+from relay.http_server import serve
+from relay.http_stats import ConnectionCounters, HttpCounters
 from relay.hub import Hub
 from relay.maintenance import maintenance_pass, run_schedule
 from relay.phoenix import ChangeReceived, split_conditions
@@ -230,7 +232,7 @@ async def run_relay(
             limiter,
             Answers(EVENTS_HEADERS),
             traffic,
-            HttpCounters(),
+            HttpCounters(max_connections(config, open_file_limit())),
             relay.__version__,
             started_at,
             wall_clock_ms,
@@ -248,7 +250,9 @@ async def run_relay(
             )
             http_done = trio.Event()
             app = create_app(services)
-            urls = await nursery.start(serve_http, app, config, hub, http_done, name="http")
+            urls = await nursery.start(
+                serve_http, app, config, hub, services.http.connections, http_done, name="http"
+            )
             log.info(
                 "relay %s listening on %s with %d active factions",
                 relay.__version__,
@@ -266,6 +270,7 @@ async def serve_http(
     app: QuartTrio,
     config: Config,
     hub: Hub,
+    counters: ConnectionCounters,
     done: trio.Event,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
@@ -276,6 +281,7 @@ async def serve_http(
             # by each of thousands of held requests, and nothing lost (it only calls asgi_app).
             app.asgi_app,
             hypercorn_config(config),
+            counters,
             shutdown_trigger=hub.stopping.wait,
             task_status=task_status,
         )
