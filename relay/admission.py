@@ -23,10 +23,26 @@ from relay.store import Store, StoreError
 from relay.supervisor import Supervisors
 from relay.traffic import Traffic
 
-# The routes a client address is rate-limited on: everything that costs the relay work per member.
+# The routes a client address is rate-limited on: everything that costs the relay work per member,
+# and the views of the whole relay. /ping and /health stay free: monitors ask them, and they are cheap.
 RATE_LIMITED_PATHS = frozenset(
-    {"/subscribe", "/events", "/events/stream", "/state", "/hospital", "/faction-members"}
+    {
+        "/subscribe",
+        "/events",
+        "/events/stream",
+        "/state",
+        "/hospital",
+        "/faction-members",
+        "/status",
+        "/metrics",
+    }
 )
+# Tokens a request takes from its address's bucket: one, except for /status and /metrics, which walk
+# every known faction (a poll reads one), so an address gets a tenth as many of them: 2 a second at
+# the default limits.client_rate of 20. A Prometheus scrape every second takes half of the rate, and
+# is refused only if the same address also polls about ten times a second.
+VIEW_COST = 10
+REQUEST_COSTS = {"/status": VIEW_COST, "/metrics": VIEW_COST}
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +63,8 @@ class Services:
     wall_clock_ms: Callable[[], int]
 
 
-def check_rate(services: Services, client_address: str | None) -> None:
-    wait_s = services.limiter.acquire(client_address or "unknown", trio.current_time())
+def check_rate(services: Services, client_address: str | None, cost: float = 1.0) -> None:
+    wait_s = services.limiter.acquire(client_address or "unknown", trio.current_time(), cost)
     if wait_s > 0:
         raise ApiError(
             429,

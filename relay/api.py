@@ -25,6 +25,7 @@ from werkzeug.exceptions import HTTPException
 
 from relay.admission import (
     RATE_LIMITED_PATHS,
+    REQUEST_COSTS,
     Services,
     admit_faction,
     check_rate,
@@ -124,7 +125,7 @@ def create_app(services: Services) -> QuartTrio:
     async def rate_limit() -> None:
         if request.path not in RATE_LIMITED_PATHS or request.method == "OPTIONS":
             return
-        check_rate(services, request.remote_addr)
+        check_rate(services, request.remote_addr, REQUEST_COSTS.get(request.path, 1))
 
     async def read_json(limit: int) -> Mapping[str, Any]:
         check_body_size(request.content_length, limit)
