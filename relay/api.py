@@ -27,6 +27,7 @@ from relay.admission import (
     RATE_LIMITED_PATHS,
     REQUEST_COSTS,
     Services,
+    StandbyRoom,
     admit_faction,
     check_rate,
     ensure_capacity,
@@ -160,6 +161,8 @@ def create_app(services: Services) -> QuartTrio:
     async def openapi_json() -> Response:
         return Response(openapi_document(services.version), content_type=JSON_TYPE)
 
+    standby = StandbyRoom(services)
+
     @app.post("/subscribe")
     async def subscribe() -> Response:
         payload = await read_json(config.server.max_body_bytes)
@@ -167,7 +170,7 @@ def create_app(services: Services) -> QuartTrio:
         faction_id = parse_faction_id(payload.get("faction_id"))
         if request.headers.get(STANDBY_HEADER) == "1":
             # Known but inactive (no socket) unless already known: a later poll revives it here.
-            await store.stand_by(faction_id)
+            await standby.stand_by(faction_id)
             return json_response({"status": "standby", "faction_id": faction_id})
         ensure_capacity(services, faction_id)
         await store.subscribe(faction_id)
