@@ -1,5 +1,6 @@
 """What a request must pass before the relay answers it: the per-address rate limit, the faction being
-known (and revived, within capacity, when it had expired), and the client's clock.
+known (and revived, within capacity, when it had expired), room for a faction on standby, and the
+client's clock.
 
 Shared by the Quart routes (`relay.api`) and the events endpoint below them (`relay.events_http`),
 so that both refuse the same requests with the same `ApiError`.
@@ -7,6 +8,7 @@ so that both refuse the same requests with the same `ApiError`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,10 +25,28 @@ from relay.store import Store, StoreError
 from relay.supervisor import Supervisors
 from relay.traffic import Traffic
 
-# The routes a client address is rate-limited on: everything that costs the relay work per member.
+log = logging.getLogger(__name__)
+
+# The routes a client address is rate-limited on: everything that costs the relay work per member,
+# and the views of the whole relay. /ping and /health stay free: monitors ask them, and they are cheap.
 RATE_LIMITED_PATHS = frozenset(
-    {"/subscribe", "/events", "/events/stream", "/state", "/hospital", "/faction-members"}
+    {
+        "/subscribe",
+        "/events",
+        "/events/stream",
+        "/state",
+        "/hospital",
+        "/faction-members",
+        "/status",
+        "/metrics",
+    }
 )
+# Tokens a request takes from its address's bucket: one, except for /status and /metrics, which walk
+# every known faction (a poll reads one), so an address gets a tenth as many of them: 2 a second at
+# the default limits.client_rate of 20. A Prometheus scrape every second takes half of the rate, and
+# is refused only if the same address also polls about ten times a second.
+VIEW_COST = 10
+REQUEST_COSTS = {"/status": VIEW_COST, "/metrics": VIEW_COST}
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +67,8 @@ class Services:
     wall_clock_ms: Callable[[], int]
 
 
-def check_rate(services: Services, client_address: str | None) -> None:
-    wait_s = services.limiter.acquire(client_address or "unknown", trio.current_time())
+def check_rate(services: Services, client_address: str | None, cost: float = 1.0) -> None:
+    wait_s = services.limiter.acquire(client_address or "unknown", trio.current_time(), cost)
     if wait_s > 0:
         raise ApiError(
             429,
@@ -65,6 +85,50 @@ def ensure_capacity(services: Services, faction_id: int) -> None:
     already_active = subscription is not None and subscription.active
     if not already_active and len(store.active_factions()) >= limit:
         raise ApiError(429, "too_many_factions", f"this relay serves at most {limit} factions")
+
+
+class StandbyRoom:
+    """Standby subscribes (`X-CAT-Relay-Standby: 1`), bounded: a faction this relay does not know yet
+    is kept on standby only while fewer than `limits.max_standby_factions` known factions are
+    inactive (on standby, or expired: the store tells them apart no more than /status does, and each
+    is kept for good and listed in every /status and /metrics). Beyond it: `429
+    too_many_standby_factions`. Standby subscribes still being written count, so that concurrent
+    ones cannot overshoot."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        self._writing: set[int] = set()
+        self._full = False  # for one log line when it fills, and one when there is room again
+
+    def __repr__(self) -> str:
+        return f"<StandbyRoom limit={self._services.config.limits.max_standby_factions}>"
+
+    async def stand_by(self, faction_id: int) -> None:
+        store = self._services.store
+        if store.subscription(faction_id) is None:
+            self._make_room(faction_id)
+        self._writing.add(faction_id)
+        try:
+            await store.stand_by(faction_id)
+        finally:
+            self._writing.discard(faction_id)
+
+    def _make_room(self, faction_id: int) -> None:
+        limit = self._services.config.limits.max_standby_factions
+        counts = self._services.store.statistics()
+        writing = len(self._writing) - (faction_id in self._writing)
+        if counts.factions - counts.active_factions + writing >= limit:
+            if not self._full:
+                self._full = True
+                log.warning("%r: full; standby subscribes for new factions are refused", self)
+            raise ApiError(
+                429,
+                "too_many_standby_factions",
+                f"this relay keeps at most {limit} factions it does not serve (on standby or expired)",
+            )
+        if self._full:
+            self._full = False
+            log.info("%r: room again for factions on standby", self)
 
 
 async def admit_faction(services: Services, faction_id: int) -> None:

@@ -9,18 +9,39 @@ An answer is fixed by its key, so nothing is ever invalidated, only evicted: sto
 change, a faction's retained events only grow at the newest end, stamped in increasing order (older
 ones leave only when newer ones arrive, which moves the cursor), and the cursor of an answer with
 events is its newest event.
+
+Memory, in all and per connection. Small answers (under `LARGE_ANSWER_BYTES`) share one table of at
+most `MAX_CACHED_BYTES`, cleared whole when full. Large ones (a cursor far behind, large published
+events) are kept apart, least recently asked for evicted first, at most `MAX_LARGE_CACHED_BYTES` in
+all, so that a run of small answers never evicts them and they never clear the small ones. The cache
+itself thus retains at most 36 MiB, however many members ask. A connection holds one answer at a
+time: a poll its whole answer (at most `retention.events_per_faction` events: 26 MB with the largest
+published events at the defaults), a stream one chunk; and it is the very object in the cache, so
+connections asking the same question hold one copy between them, readers that stop reading included,
+and a poll asking it again is not rebuilt. In all: the cache, plus one answer per distinct question
+still being sent; how long a reader that stops reading may keep its answer is the HTTP layer's bound.
+An answer larger than `MAX_LARGE_CACHED_BYTES` (possible only with retention or publish limits
+raised) is never kept, and is built for each poll.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from relay.store import StoredEvent
 
 Headers = list[tuple[bytes, bytes]]
+Answer = tuple[Headers, bytes]
 # A bound on the bytes kept, not on the entries: an answer is ~60 bytes with no event and up to a
 # faction's whole retention (tens of KB) for a cursor far behind.
 MAX_CACHED_BYTES = 4 * 1024 * 1024
+# From this size on an answer is large: one of them would take a sixteenth of the small table, and
+# a few would clear it for everyone.
+LARGE_ANSWER_BYTES = 256 * 1024
+# Room for a whole retention of the largest published events at the defaults (100 events of 256 KiB)
+# and more: the answer every reader far behind asks for stays shared, however many there are.
+MAX_LARGE_CACHED_BYTES = 32 * 1024 * 1024
 
 
 def events_body(
@@ -36,14 +57,31 @@ def events_body(
 class Answers:
     """Status-200 `/events` answers (headers with their content-length, and the body) and SSE chunks."""
 
-    def __init__(self, headers: Headers, *, max_bytes: int = MAX_CACHED_BYTES) -> None:
+    def __init__(
+        self,
+        headers: Headers,
+        *,
+        max_bytes: int = MAX_CACHED_BYTES,
+        large_from_bytes: int = LARGE_ANSWER_BYTES,
+        max_large_bytes: int = MAX_LARGE_CACHED_BYTES,
+    ) -> None:
         self._headers = headers
         self._max_bytes = max_bytes
-        self._answers: dict[tuple[int, int, int, int, bool], tuple[Headers, bytes]] = {}
+        self._large_from = large_from_bytes
+        self._max_large_bytes = max_large_bytes
+        self._answers: dict[tuple[int, int, int, int, bool], Answer] = {}
         self._chunks: dict[tuple[int, int, int], bytes] = {}
         self._bytes = 0
+        # Large answers and chunks alike, by key (an answer's key has five parts, a chunk's three).
+        self._large: OrderedDict[tuple[object, ...], tuple[int, Answer | bytes]] = OrderedDict()
+        self._large_bytes = 0
         self.built = 0
         self.reused = 0
+
+    @property
+    def retained_bytes(self) -> int:
+        """The bytes of the answers and chunks this cache keeps alive."""
+        return self._bytes + self._large_bytes
 
     def poll(
         self,
@@ -53,19 +91,25 @@ class Answers:
         next_poll_ms: int,
         *,
         truncated: bool,
-    ) -> tuple[Headers, bytes]:
+    ) -> Answer:
         # Events are a suffix of the faction's retained ones ending at the cursor, so the faction, the
         # cursor and their number name them, whatever `since` the member sent. With no event every
         # faction's answer is the same for the same cursor and advice.
         key = (faction_id if found else 0, len(found), cursor, next_poll_ms, truncated)
         cached = self._answers.get(key)
+        if cached is None:
+            large = self._large_get(key)
+            cached = large if isinstance(large, tuple) else None
         if cached is not None:
             self.reused += 1
             return cached
         body = events_body(found, cursor, next_poll_ms, truncated=truncated)
         built = ([*self._headers, (b"content-length", str(len(body)).encode())], body)
-        self._make_room(len(body))
-        self._answers[key] = built
+        if len(body) >= self._large_from:
+            self._large_put(key, len(body), built)
+        else:
+            self._make_room(len(body))
+            self._answers[key] = built
         self.built += 1
         return built
 
@@ -73,12 +117,18 @@ class Answers:
         """The SSE messages of `found` (not empty), each with its id, type and the event's JSON."""
         key = (faction_id, len(found), found[-1].timestamp)
         cached = self._chunks.get(key)
+        if cached is None:
+            large = self._large_get(key)
+            cached = large if isinstance(large, bytes) else None
         if cached is not None:
             self.reused += 1
             return cached
         chunk = "".join([f"id: {e.timestamp}\nevent: {e.type}\ndata: {e.json}\n\n" for e in found]).encode()
-        self._make_room(len(chunk))
-        self._chunks[key] = chunk
+        if len(chunk) >= self._large_from:
+            self._large_put(key, len(chunk), chunk)
+        else:
+            self._make_room(len(chunk))
+            self._chunks[key] = chunk
         self.built += 1
         return chunk
 
@@ -90,3 +140,19 @@ class Answers:
             self._chunks.clear()
             self._bytes = 0
         self._bytes += size
+
+    def _large_get(self, key: tuple[object, ...]) -> Answer | bytes | None:
+        kept = self._large.get(key)
+        if kept is None:
+            return None
+        self._large.move_to_end(key)  # most recently asked for last
+        return kept[1]
+
+    def _large_put(self, key: tuple[object, ...], size: int, value: Answer | bytes) -> None:
+        if size > self._max_large_bytes:
+            return  # larger than the whole bound: never kept
+        while self._large and self._large_bytes + size > self._max_large_bytes:
+            evicted_size, _ = self._large.popitem(last=False)[1]
+            self._large_bytes -= evicted_size
+        self._large[key] = (size, value)
+        self._large_bytes += size

@@ -25,7 +25,9 @@ from werkzeug.exceptions import HTTPException
 
 from relay.admission import (
     RATE_LIMITED_PATHS,
+    REQUEST_COSTS,
     Services,
+    StandbyRoom,
     admit_faction,
     check_rate,
     ensure_capacity,
@@ -124,7 +126,7 @@ def create_app(services: Services) -> QuartTrio:
     async def rate_limit() -> None:
         if request.path not in RATE_LIMITED_PATHS or request.method == "OPTIONS":
             return
-        check_rate(services, request.remote_addr)
+        check_rate(services, request.remote_addr, REQUEST_COSTS.get(request.path, 1))
 
     async def read_json(limit: int) -> Mapping[str, Any]:
         check_body_size(request.content_length, limit)
@@ -159,6 +161,8 @@ def create_app(services: Services) -> QuartTrio:
     async def openapi_json() -> Response:
         return Response(openapi_document(services.version), content_type=JSON_TYPE)
 
+    standby = StandbyRoom(services)
+
     @app.post("/subscribe")
     async def subscribe() -> Response:
         payload = await read_json(config.server.max_body_bytes)
@@ -166,7 +170,7 @@ def create_app(services: Services) -> QuartTrio:
         faction_id = parse_faction_id(payload.get("faction_id"))
         if request.headers.get(STANDBY_HEADER) == "1":
             # Known but inactive (no socket) unless already known: a later poll revives it here.
-            await store.stand_by(faction_id)
+            await standby.stand_by(faction_id)
             return json_response({"status": "standby", "faction_id": faction_id})
         ensure_capacity(services, faction_id)
         await store.subscribe(faction_id)

@@ -120,6 +120,9 @@ class RetentionConfig:
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
     max_factions: int = 150
+    # Known but inactive factions (standby copies from nginx's mirror, expired ones): 4 times max_factions,
+    # room for the factions of four more full instances behind the same nginx.
+    max_standby_factions: int = 600
     long_poll_max_wait: float = 30.0
     long_poll_linger_s: float = 0.05
     max_held_requests: int = 10000
@@ -214,6 +217,8 @@ def load_config(
         ),
         limits=LimitsConfig(
             max_factions=limits.integer("max_factions", low=1),
+            # 0: this relay learns no faction from standby subscribes (one relay on its own needs none).
+            max_standby_factions=limits.integer("max_standby_factions", low=0),
             # Upper bounds rather than intervals: 0 is meaningful (answer at once, allow no skew).
             long_poll_max_wait=limits.seconds("long_poll_max_wait", allow_zero=True),
             long_poll_linger_s=limits.seconds("long_poll_linger_s", allow_zero=True),

@@ -1,4 +1,5 @@
-"""Per-client-address token buckets: `rate` requests a second on average, bursts up to `burst`.
+"""Per-client-address token buckets: `rate` tokens a second on average, bursts up to `burst`; a
+request takes one token, or more where it costs the relay more (`cost`).
 
 Pure arithmetic on a clock the caller passes in, so virtual-time tests can assert exact refusals.
 Many members of a faction can share one address (a mobile carrier's NAT, a VPN), so the defaults are
@@ -40,10 +41,13 @@ class RateLimiter:
     def enabled(self) -> bool:
         return self.rate_per_s > 0
 
-    def acquire(self, address: str, now: float) -> float:
-        """Take a token for `address`: 0.0 when allowed, else the seconds until one is available."""
+    def acquire(self, address: str, now: float, cost: float = 1.0) -> float:
+        """Take `cost` tokens for `address`: 0.0 when allowed, else the seconds until they are there.
+
+        A cost above the burst is taken as the burst, so that a full bucket always allows a request."""
         if not self.enabled:
             return 0.0
+        cost = min(cost, float(self.burst))
         bucket = self._buckets.pop(address, None)
         if bucket is None:
             bucket = _Bucket(float(self.burst), now)
@@ -53,11 +57,11 @@ class RateLimiter:
         self._buckets[address] = bucket  # most recently seen last
         while len(self._buckets) > self._max_tracked:
             self._buckets.popitem(last=False)
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
+        if bucket.tokens >= cost:
+            bucket.tokens -= cost
             return 0.0
         self._refused += 1
-        return (1.0 - bucket.tokens) / self.rate_per_s
+        return (cost - bucket.tokens) / self.rate_per_s
 
     def statistics(self) -> RateLimitStatistics:
         return RateLimitStatistics(len(self._buckets), self._refused)

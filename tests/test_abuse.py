@@ -49,12 +49,37 @@ async def test_an_address_over_its_rate_gets_429_with_retry_after(
             ]
             refused = await http.get("/events", params={"faction_id": FACTION})
             assert (await http.get("/ping")).status_code == 200  # only the costly routes are limited
-            assert (await http.get("/status")).status_code == 200
+            assert (await http.get("/health")).status_code == 200
     assert statuses == [200, 200]
     assert refused.status_code == 429
     assert refused.json()["code"] == "rate_limited"
     assert refused.headers["Retry-After"] == "2"
     assert refused.headers["Access-Control-Allow-Origin"] == "*"
+    relay.stop()
+
+
+@pytest.mark.parametrize("view", ["/status", "/metrics"])
+async def test_status_and_metrics_are_limited_as_ten_requests_each_and_ping_and_health_never(
+    nursery: trio.Nursery, make_config: Callable[..., Config], view: str
+) -> None:
+    """A client looping on a view of the whole relay gets a tenth of a poller's rate; monitors asking
+    /ping and /health from the same address are still answered."""
+    relay = await start_relay(nursery, make_config("[limits]\nclient_rate = 0.5\nclient_burst = 20\n"))
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(base_url=relay.url) as http:
+            statuses = [(await http.get(view)).status_code for _ in range(2)]
+            refused = await http.get(view)
+            other_view = await http.get("/metrics" if view == "/status" else "/status")
+            monitors = {(await http.get(path)).status_code for path in ("/ping", "/health") * 20}
+            other_address = await http.get(view, headers={"X-Forwarded-For": "198.51.100.7"})
+    assert statuses == [200, 200]
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "rate_limited"
+    assert refused.headers["Retry-After"] == "20"  # ten tokens at 0.5 a second
+    assert refused.headers["Access-Control-Allow-Origin"] == "*"
+    assert other_view.status_code == 429  # one bucket per address, whatever the route
+    assert monitors == {200}
+    assert other_address.status_code == 429  # X-Forwarded-For from an untrusted peer is no way out
     relay.stop()
 
 

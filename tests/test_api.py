@@ -9,6 +9,7 @@ from typing import Any
 import trio
 from quart.typing import TestClientProtocol as QuartClient
 
+from relay.answers import MAX_CACHED_BYTES, MAX_LARGE_CACHED_BYTES
 from relay.config import Config
 from relay.service import RunningRelay, run_relay
 from tests.conftest import ANON_KEY, FACTION, OTHER_FACTION
@@ -225,3 +226,30 @@ async def test_the_package_folder_is_not_served_as_static_files(relay: RunningRe
     response = await client(relay).get("/static/client.js")
     assert response.status_code == 404
     assert (await response.get_json())["code"] == "not_found"
+
+
+async def test_readers_far_behind_share_one_large_answer(relay: RunningRelay) -> None:
+    """Twenty published events of 250 KB (above the small answers' 4 MiB in all): a second member far
+    behind is sent the answer built for the first, although other polls were answered in between."""
+    await subscribe(relay)
+    for n in range(20):
+        response = await client(relay).post(
+            "/events",
+            json={
+                "faction_id": FACTION,
+                "api_key": ANON_KEY,
+                "type": "hospital_update",
+                "data": {"n": n, "blob": "x" * 250_000},
+            },
+        )
+        assert response.status_code == 200
+    answers = relay.services.answers
+    status, first = await events(relay, f"faction_id={FACTION}&since=0")
+    assert (status, len(first["events"])) == (200, 20)
+    built = answers.built
+    status, caught_up = await events(relay, f"faction_id={FACTION}&since={first['timestamp']}")
+    assert (status, caught_up["events"]) == (200, [])
+    status, again = await events(relay, f"faction_id={FACTION}&since=0")
+    assert (status, again) == (200, first)
+    assert answers.built == built + 1  # the caught-up member's empty answer only
+    assert answers.retained_bytes <= MAX_CACHED_BYTES + MAX_LARGE_CACHED_BYTES

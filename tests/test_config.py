@@ -110,6 +110,7 @@ def test_file_values(tmp_path: Path) -> None:
         subscription_ttl = 600.0
         [limits]
         max_factions = 3
+        max_standby_factions = 0    # learns no faction from standby subscribes
         long_poll_max_wait = 0
         max_clock_skew_s = 0.0
         [auth]
@@ -124,7 +125,9 @@ def test_file_values(tmp_path: Path) -> None:
     )
     assert type(config.upstream.heartbeat_interval) is float
     assert config.retention == RetentionConfig(10, 60.0, 600.0)
-    assert config.limits == LimitsConfig(max_factions=3, long_poll_max_wait=0.0, max_clock_skew_s=0.0)
+    assert config.limits == LimitsConfig(
+        max_factions=3, max_standby_factions=0, long_poll_max_wait=0.0, max_clock_skew_s=0.0
+    )
     assert config.accepted_api_keys == ("one", "two")
     assert config.source == tmp_path / "relay.toml"
 
@@ -259,6 +262,7 @@ def test_a_relative_config_path_is_made_absolute(tmp_path: Path, monkeypatch: py
         # counts and sizes
         ("[retention]\nevents_per_faction = 0\n", {}, ["retention.events_per_faction", "at least 1", "0"]),
         ("[limits]\nmax_factions = 0\n", {}, ["limits.max_factions", "at least 1", "0"]),
+        ("[limits]\nmax_standby_factions = -1\n", {}, ["limits.max_standby_factions", "at least 0", "-1"]),
         ("[server]\nport = 65536\n", {}, ["server.port", "from 0 to 65535", "65536"]),
         ("[server]\nport = -1\n", {}, ["server.port", "-1"]),
         ("", {"RELAY_SERVER_PORT": "http"}, ["RELAY_SERVER_PORT", "an integer", '"http"']),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from relay.admission import REQUEST_COSTS
+from relay.config import LimitsConfig
 from relay.ratelimit import RateLimiter, retry_after_header
 
 
@@ -46,3 +48,31 @@ def test_memory_is_bounded_by_forgetting_the_least_recently_seen() -> None:
 
 def test_retry_after_rounds_up_to_whole_seconds() -> None:
     assert [retry_after_header(s) for s in (0.0, 0.01, 1.0, 1.2)] == ["1", "1", "1", "2"]
+
+
+def test_a_costly_request_takes_its_cost_in_tokens() -> None:
+    limiter = RateLimiter(rate_per_s=2.0, burst=12)
+    assert limiter.acquire("a", 0.0, cost=10) == 0.0
+    assert limiter.acquire("a", 0.0, cost=10) == 4.0  # 8 tokens short, at 2 a second
+    assert limiter.acquire("a", 0.0) == 0.0  # a plain request still fits in what is left
+    assert limiter.acquire("a", 5.0, cost=10) == 0.0
+
+
+def test_a_cost_above_the_burst_is_allowed_with_a_full_bucket() -> None:
+    limiter = RateLimiter(rate_per_s=1.0, burst=3)
+    assert limiter.acquire("a", 0.0, cost=10) == 0.0
+    assert limiter.acquire("a", 0.0, cost=10) == 3.0
+
+
+def test_prometheus_and_the_status_page_are_never_refused_at_the_defaults() -> None:
+    """One address scraping /metrics every second (Prometheus's usual interval is 15 s or more) while
+    the status page there refreshes /status every 5 s, for an hour at the default limits."""
+    defaults = LimitsConfig()
+    limiter = RateLimiter(defaults.client_rate, defaults.client_burst)
+    waits = []
+    for second in range(3600):
+        waits.append(limiter.acquire("prometheus", float(second), REQUEST_COSTS["/metrics"]))
+        if second % 5 == 0:
+            waits.append(limiter.acquire("prometheus", float(second), REQUEST_COSTS["/status"]))
+    assert set(waits) == {0.0}
+    assert limiter.statistics().refused == 0

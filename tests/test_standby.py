@@ -112,3 +112,76 @@ async def test_standby_factions_take_no_capacity_until_a_poll_revives_them(
     status, body = await poll(small, OTHER_FACTION)
     assert (status, body["code"]) == (429, "too_many_factions")
     small.stop()
+
+
+async def test_standby_subscribes_for_new_factions_are_bounded(
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
+    """At most `max_standby_factions` known factions inactive: new ones beyond it are refused, known
+    ones are left as they are, and a faction revived by a poll makes room again."""
+    small: RunningRelay = await nursery.start(
+        functools.partial(run_relay, make_config("[limits]\nmax_standby_factions = 2\n"))
+    )
+    assert (await subscribe(small, 1, standby=True))[0] == 200
+    assert (await subscribe(small, 2, standby=True))[0] == 200
+    status, body = await subscribe(small, 3, standby=True)
+    assert (status, body["code"]) == (429, "too_many_standby_factions")
+    assert "at most 2 factions" in body["error"]
+    assert small.store.subscription(3) is None
+    assert (await subscribe(small, 2, standby=True)) == (200, {"status": "standby", "faction_id": 2})
+    assert (await subscribe(small, 3, standby=False))[1]["status"] == "subscribed"  # its own bound
+    assert (await poll(small, 1))[0] == 200  # faction 1 taken over: active, so one inactive left
+    assert (await subscribe(small, 4, standby=True))[0] == 200
+    assert (await subscribe(small, 5, standby=True))[0] == 429
+    assert small.store.known_factions() == [1, 2, 3, 4]
+    small.stop()
+
+
+async def test_expired_factions_count_as_inactive(
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
+    small: RunningRelay = await nursery.start(
+        functools.partial(run_relay, make_config("[limits]\nmax_standby_factions = 1\n"))
+    )
+    assert (await subscribe(small, FACTION, standby=False))[0] == 200
+    assert await small.store.expire_idle(-1) == [FACTION]
+    status, body = await subscribe(small, OTHER_FACTION, standby=True)
+    assert (status, body["code"]) == (429, "too_many_standby_factions")
+    small.stop()
+
+
+async def test_concurrent_standby_subscribes_do_not_overshoot_the_bound(
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
+    small: RunningRelay = await nursery.start(
+        functools.partial(run_relay, make_config("[limits]\nmax_standby_factions = 3\n"))
+    )
+    statuses: list[int] = []
+
+    async def one(faction_id: int) -> None:
+        statuses.append((await subscribe(small, faction_id, standby=True))[0])
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as requests:
+            for faction_id in range(1, 11):
+                requests.start_soon(one, faction_id)
+    assert sorted(statuses) == [200] * 3 + [429] * 7
+    assert len(small.store.known_factions()) == 3
+    small.stop()
+
+
+async def test_standby_subscribes_are_rate_limited_per_address(
+    nursery: trio.Nursery, make_config: Callable[..., Config]
+) -> None:
+    limited: RunningRelay = await nursery.start(
+        functools.partial(
+            run_relay,
+            make_config("[limits]\nclient_rate = 0.001\nclient_burst = 3\nmax_standby_factions = 100\n"),
+        )
+    )
+    statuses = [(await subscribe(limited, faction_id, standby=True))[0] for faction_id in range(1, 5)]
+    assert statuses == [200, 200, 200, 429]
+    status, body = await subscribe(limited, 5, standby=True)
+    assert (status, body["code"]) == (429, "rate_limited")
+    assert len(limited.store.known_factions()) == 3
+    limited.stop()
