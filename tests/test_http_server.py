@@ -216,7 +216,7 @@ async def test_a_client_vanishing_while_an_early_answer_is_written_is_counted_no
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
 
 
-async def test_a_reader_that_stops_reading_is_cut_after_the_stall_bound(
+async def test_a_reader_that_stops_reading_delays_nobody_and_is_cut_after_the_stall_bound(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with bare_server() as server:
@@ -224,6 +224,10 @@ async def test_a_reader_that_stops_reading_is_cut_after_the_stall_bound(
         stuck.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         await stuck.send_all(request("/big"))
         started = trio.current_time()
+        await trio.testing.wait_all_tasks_blocked()  # its answer is stuck in the socket buffers
+        assert (await exchange(server.port, request("/small"))).endswith(b"hello")
+        assert trio.current_time() == started  # another member is answered meanwhile, undelayed
+        assert server.counters.stalled == 0
         await eventually(lambda: server.counters.stalled == 1)
         assert trio.current_time() - started == pytest.approx(http_server.WRITE_STALL_S, abs=0.1)
         assert server.counters.open_connections == 0
