@@ -56,9 +56,19 @@ class Userscript:
             await trio.sleep(POLL_S)
 
 
+async def read_status(http: httpx.AsyncClient) -> dict[str, Any]:
+    """GET /status, waiting out its rate limit (it counts as ten requests) as a polite poller does."""
+    while True:
+        answer = await http.get("/status")
+        if answer.status_code != 429:
+            document: dict[str, Any] = answer.json()
+            return document
+        await trio.sleep(float(answer.headers["Retry-After"]))
+
+
 async def wait_connected(http: httpx.AsyncClient, faction_id: int) -> None:
     while True:
-        factions = {f["faction_id"]: f for f in (await http.get("/status")).json()["factions"]}
+        factions = {f["faction_id"]: f for f in (await read_status(http))["factions"]}
         if faction_id in factions and factions[faction_id]["upstream"]["state"] == "connected":
             return
         await trio.sleep(POLL_S)
@@ -68,7 +78,7 @@ async def wait_reconciled(http: httpx.AsyncClient, faction_id: int) -> None:
     """Connected and its first reconcile done: a change made upstream before that reconcile reads
     the table may reach the relay as the reconcile's resync event rather than live."""
     while True:
-        factions = {f["faction_id"]: f for f in (await http.get("/status")).json()["factions"]}
+        factions = {f["faction_id"]: f for f in (await read_status(http))["factions"]}
         if faction_id in factions and factions[faction_id]["reconcile"]["reconciles"] >= 1:
             return
         await trio.sleep(POLL_S)
