@@ -54,6 +54,11 @@ HEALTH_PROBE_INTERVAL_S = 1.0
 # reconcile stores the rest. A full chunk of war_calls rows is planned and committed in about 0.2 s.
 RECONCILE_CHUNK_EVENTS = 1_000
 RECONCILE_CHUNK_BYTES = 1024 * 1024
+# At close, another connection's lock (an operator's sqlite3 shell) is waited for this long, not
+# BUSY_TIMEOUT_MS, and the checkpoint is interrupted after CLOSE_CHECKPOINT_S: it only copies what the
+# WAL holds already, durably, so cutting it short loses nothing and the next start has more to fold in.
+CLOSE_BUSY_TIMEOUT_MS = 250
+CLOSE_CHECKPOINT_S = 0.5
 
 
 def wall_clock_ms() -> int:
@@ -733,17 +738,54 @@ class Store:
             raise StoreError(f"database read failed: {exc}") from exc
 
     async def _close(self) -> None:
+        """Bounded: the committer ends after the append or reconcile chunk in progress, and the final
+        flush and checkpoint wait CLOSE_BUSY_TIMEOUT_MS for a lock and CLOSE_CHECKPOINT_S at most."""
         self._closing = True  # no new appends; the committer finishes the ones already made
         self._appends_waiting.set()
         await self._committer_done.wait()
+        checkpointed = False
         try:
+            await self._write(
+                lambda conn: conn.execute(f"PRAGMA busy_timeout = {CLOSE_BUSY_TIMEOUT_MS}"),
+                transaction=False,
+            )
             await self.flush_activity()
-            await self.checkpoint()
+            checkpointed = await self._final_checkpoint()
         except StoreError as exc:
             log.error("%r: closing without a final flush: %s", self, exc)
         finally:
-            await trio.to_thread.run_sync(self._writer.close, limiter=self._write_limiter)
             await trio.to_thread.run_sync(self._reader.close, limiter=self._read_limiter)
+            if not checkpointed:
+                # The last connection to close checkpoints the WAL itself, unboundedly: interrupted,
+                # it leaves the rest to the next start instead.
+                self._writer.interrupt()
+            await trio.to_thread.run_sync(self._writer.close, limiter=self._write_limiter)
+
+    async def _final_checkpoint(self) -> bool:
+        """`checkpoint`, interrupted after CLOSE_CHECKPOINT_S (see there); whether it finished."""
+
+        def checkpoint() -> bool:
+            busy, _, _ = self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            return bool(busy)
+
+        async def interrupt_later() -> None:
+            await trio.sleep(CLOSE_CHECKPOINT_S)
+            self._writer.interrupt()  # nothing else writes now: only the checkpoint can be running
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(interrupt_later)
+            try:
+                busy = await trio.to_thread.run_sync(checkpoint, limiter=self._write_limiter)
+                outcome = "another connection is reading" if busy else None
+            except sqlite3.Error as exc:  # "interrupted", once CLOSE_CHECKPOINT_S is up
+                outcome = str(exc)
+            finally:
+                nursery.cancel_scope.cancel()
+        if outcome is not None:
+            log.warning(
+                "%r: final checkpoint unfinished (%s); the next start folds the WAL in", self, outcome
+            )
+        return outcome is None
 
 
 def _ordering(

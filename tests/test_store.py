@@ -21,6 +21,8 @@ import trio.testing
 
 from relay.state import row_key
 from relay.store import (
+    CLOSE_BUSY_TIMEOUT_MS,
+    CLOSE_CHECKPOINT_S,
     RECONCILE_CHUNK_EVENTS,
     FactionCounts,
     Store,
@@ -675,7 +677,7 @@ async def test_an_append_from_an_already_cancelled_caller_appends_nothing(tmp_pa
             assert all_retained(store) == []
 
 
-# --- a large reconcile, stored in chunks ---
+# --- bounded stops: a large reconcile, the close ---
 
 CHUNK = RECONCILE_CHUNK_EVENTS
 LARGE = 2 * CHUNK + 500  # three chunks, the last one short
@@ -778,3 +780,21 @@ async def test_an_append_waits_for_a_whole_reconcile_so_a_later_live_change_stan
                     await trio.testing.wait_all_tasks_blocked()
             assert appended[0].timestamp == store.cursor() == START_MS + LARGE
             assert store.faction_state(FACTION).tables["war_calls"][-1] == {**last, "v": "live"}
+
+
+async def test_closing_waits_only_briefly_for_a_reader_in_the_database(tmp_path: Path) -> None:
+    """An operator's shell with a read open: the close's checkpoint (TRUNCATE waits for readers) gives
+    up after CLOSE_BUSY_TIMEOUT_MS rather than BUSY_TIMEOUT_MS, and nothing is lost."""
+    bound_s = CLOSE_BUSY_TIMEOUT_MS / 1000 + CLOSE_CHECKPOINT_S + 1.0  # + a thread's scheduling
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, WallClock()) as store:
+            stored = await store.append_events(FACTION, [("t", 1)])
+            operator_shell = sqlite3.connect(db_path(tmp_path), isolation_level=None)
+            operator_shell.execute("BEGIN")
+            operator_shell.execute("SELECT count(*) FROM events").fetchall()  # a read, kept open
+            closing_at = trio.current_time()
+        closed_in = trio.current_time() - closing_at
+        operator_shell.close()
+        assert closed_in < bound_s
+        async with open_test_store(tmp_path, WallClock()) as store:
+            assert store.read_since(FACTION, None)[0] == stored
