@@ -51,7 +51,8 @@ HEALTH_PROBE_INTERVAL_S = 1.0
 # and (unless one event is larger) this much JSON: a stop (shutdown, the connection lost) waits for
 # the chunk being written, never for the whole snapshot (100,000 rows in one transaction took 10 s on
 # a 2-core VM, and blocked the event loop 3.4 s while planned), and what is committed stays: the next
-# reconcile stores the rest. A full chunk of war_calls rows is planned and committed in about 0.2 s.
+# reconcile stores the rest. A full chunk is planned and committed in 0.1-0.2 s on that VM, 0.6 s at
+# worst while other work loads it (of which planning, on the event loop, up to 0.45 s).
 RECONCILE_CHUNK_EVENTS = 1_000
 RECONCILE_CHUNK_BYTES = 1024 * 1024
 # At close, another connection's lock (an operator's sqlite3 shell) is waited for this long, not
