@@ -339,7 +339,7 @@ class Store:
                 await pending.done.wait()
         finally:
             # Cancelled or not, the write in progress is seen out; only a reconcile stops early.
-            pending.stop_asked = not pending.done.is_set()
+            pending.stop_asked = stoppable and not pending.done.is_set()
             with trio.CancelScope(shield=True):
                 await pending.done.wait()
         if pending.fault is not None:
