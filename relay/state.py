@@ -11,7 +11,7 @@ never replays what it did not deliver, so the relay compares its rows with a sna
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,11 +106,12 @@ def diff(
     *,
     skip: frozenset[RowKey] = frozenset(),
     commit_timestamp: str,
-) -> list[dict[str, Any]]:
+) -> Iterator[dict[str, Any]]:
     """The changes, in the realtime-js shape and marked `resync`, that turn `current` into `snapshot`.
 
     Keys in `skip` changed live while the snapshot was read; the live change is at least as new as the
-    snapshot, so they are left as they are. Ordered by key so that the outcome is reproducible.
+    snapshot, so they are left as they are. Ordered by key so that the outcome is reproducible, and
+    made one at a time, so that a large snapshot can be stored a chunk at a time.
     """
 
     def change(kind: str, new: Row, old: Row) -> dict[str, Any]:
@@ -125,15 +126,11 @@ def diff(
             "resync": True,
         }
 
-    changes = []
-    for key in sorted(set(current) | set(snapshot)):
-        if key in skip:
-            continue
+    for key in sorted((set(current) | set(snapshot)) - skip):
         before, after = current.get(key), snapshot.get(key)
         if before is None and after is not None:
-            changes.append(change("INSERT", dict(after), {}))
+            yield change("INSERT", dict(after), {})
         elif before is not None and after is None:
-            changes.append(change("DELETE", {}, dict(before)))
+            yield change("DELETE", {}, dict(before))
         elif before is not None and after is not None and before != after:
-            changes.append(change("UPDATE", dict(after), dict(before)))
-    return changes
+            yield change("UPDATE", dict(after), dict(before))

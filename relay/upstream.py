@@ -43,9 +43,13 @@ logging.getLogger("trio-websocket").setLevel(logging.INFO)
 # Supabase sends "Subscribed to PostgreSQL" within ~8 s normally and retries failing subscriptions
 # every 5-10 s; a connection that is still not live after this long is cut and retried afresh.
 LIVE_DEADLINE_S = 60.0
-# Closing politely is worth a moment, not more: a frozen server must not hold a reconnect hostage.
-CLOSE_TIMEOUT_S = 2.0
-# Enough to hand a close frame to the kernel on a healthy socket.
+# Closing politely is worth a moment, not more: a server that never answers the close frame must not
+# hold a reconnect hostage, nor a shutdown that arrives meanwhile (the wait is shielded, and the
+# relay's whole shutdown has 5 s).
+CLOSE_TIMEOUT_S = 1.0
+# When the connection is being cancelled (a stop, the shutdown), trio-websocket's reader is cancelled
+# with it and the answer can never be read: this is only enough to hand the close frame to the
+# kernel on a healthy socket. All factions are cancelled at once, so they wait it out together.
 CLOSE_NOTICE_S = 0.05
 # Postgres change payloads are capped at 1 MiB by Supabase; allow headroom for the envelope.
 MAX_FRAME_BYTES = 4 * 1024 * 1024

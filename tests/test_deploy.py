@@ -14,6 +14,7 @@ import pytest
 from relay.cli import EXIT_USER_ERROR
 from relay.config import load_config
 from tests.test_pyz import SYSTEM_PYTHON
+from tests.test_shutdown import SHUTDOWN_BOUND_S
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "deploy" / "cat-relay.service"
@@ -112,6 +113,8 @@ def test_the_unit_holds_together() -> None:
     assert one("Restart") == "on-failure"
     assert one("RestartPreventExitStatus") == str(EXIT_USER_ERROR)
     assert one("KillSignal") == "SIGTERM"
+    # systemd kills what has not stopped by then: the relay's own bound, with a margin, and no more.
+    assert int(one("TimeoutStopSec")) == 2 * SHUTDOWN_BOUND_S
     assert int(one("LimitNOFILE")) >= 65536
     assert "RELAY_UPSTREAM_ANON_KEY" not in env  # a secret: only in the 0600 environment file
     interpreter, _, _ = exec_start()

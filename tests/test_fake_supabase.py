@@ -491,6 +491,21 @@ async def test_frozen_server_neither_reads_nor_writes(
             await fake.wait_until(lambda: not fake.connections)
 
 
+async def test_a_frozen_server_answers_a_close_unless_told_not_to(
+    fake: FakeSupabase, dial: Dialer, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.fail_after(60):
+        for answer_close in (True, False):
+            async with dial.connect() as client:
+                await client.subscribe(TOPIC_A, binding(A))
+                fake.freeze(answer_close=answer_close)
+                with trio.move_on_after(30) as waited:
+                    await client.ws.aclose()
+                assert waited.cancelled_caught is not answer_close
+            fake.drop_connections(None)
+            await fake.wait_until(lambda: not fake.connections)
+
+
 async def test_delays_in_virtual_time(
     fake: FakeSupabase, dial: Dialer, autojump_clock: trio.abc.Clock
 ) -> None:

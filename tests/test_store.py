@@ -19,7 +19,18 @@ import pytest
 import trio
 import trio.testing
 
-from relay.store import FactionCounts, Store, StoredEvent, StoreError, Subscription, open_store
+from relay.state import row_key
+from relay.store import (
+    CLOSE_BUSY_TIMEOUT_MS,
+    CLOSE_CHECKPOINT_S,
+    RECONCILE_CHUNK_EVENTS,
+    FactionCounts,
+    Store,
+    StoredEvent,
+    StoreError,
+    Subscription,
+    open_store,
+)
 
 FACTION = 46666
 OTHER = 11581
@@ -664,3 +675,126 @@ async def test_an_append_from_an_already_cancelled_caller_appends_nothing(tmp_pa
                 await store.append_events(FACTION, [("t", 1)])
             assert scope.cancelled_caught
             assert all_retained(store) == []
+
+
+# --- bounded stops: a large reconcile, the close ---
+
+CHUNK = RECONCILE_CHUNK_EVENTS
+LARGE = 2 * CHUNK + 500  # three chunks, the last one short
+
+
+def snapshot_rows(count: int, value: str = "x") -> list[dict[str, object]]:
+    return [{"id": n, "v": value} for n in range(count)]
+
+
+def in_key_order(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    return sorted(rows, key=lambda row: row_key(row["id"]))
+
+
+def stored_counts(tmp_path: Path) -> tuple[object, ...]:
+    """Events and rows in the database, and whether the clock covers every stamp."""
+    return query(
+        tmp_path,
+        "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM faction_rows),"
+        " (SELECT high_water FROM relay_clock) >= (SELECT max(timestamp) FROM events)",
+    )[0]
+
+
+async def test_a_cancelled_reconcile_stops_after_the_chunk_being_written(tmp_path: Path) -> None:
+    """A stop (shutdown, the connection lost) waits for one chunk of a large reconcile, never for the
+    whole of it: the chunk is committed whole and published, and the next reconcile stores the rest."""
+    clock = WallClock()
+    snapshot = snapshot_rows(LARGE)
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_state_store(tmp_path, clock) as store:
+            scope = trio.CancelScope()
+
+            async def reconcile() -> None:
+                with scope:
+                    await store.reconcile(FACTION, "war_calls", snapshot, skip=[], commit_timestamp="t")
+
+            async with trio.open_nursery() as nursery:
+                with clock.hold(1):  # the first stamp of the first chunk, inside its transaction
+                    nursery.start_soon(reconcile)
+                    await clock.wait_until_holding()
+                    scope.cancel()
+                    await trio.testing.wait_all_tasks_blocked()  # the caller waits for the chunk
+                    assert store.faction_state(FACTION).tables["war_calls"] == []
+            assert scope.cancelled_caught
+            assert stored_counts(tmp_path) == (CHUNK, CHUNK, 1)
+            first = in_key_order(snapshot)[:CHUNK]
+            assert store.faction_state(FACTION).tables["war_calls"] == first
+            assert store.cursor() == START_MS + CHUNK - 1  # the chunk's last stamp, published
+            rest = await store.reconcile(FACTION, "war_calls", snapshot, skip=[], commit_timestamp="t")
+            assert len(rest) == LARGE - CHUNK
+            assert {event.data()["eventType"] for event in rest} == {"INSERT"}
+        async with open_state_store(tmp_path, clock) as store:
+            assert store.faction_state(FACTION).tables["war_calls"] == in_key_order(snapshot)
+            assert stored_counts(tmp_path) == (LARGE, LARGE, 1)
+
+
+async def test_a_storage_fault_in_a_later_chunk_keeps_the_chunks_committed(tmp_path: Path) -> None:
+    clock = WallClock()
+    snapshot = snapshot_rows(LARGE)
+    poisoned = sorted(range(LARGE), key=row_key)[CHUNK + 1]  # in the second chunk
+    snapshot[poisoned] = {"id": poisoned, "v": "poison"}
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_state_store(tmp_path, clock) as store:
+            query(
+                tmp_path,
+                "CREATE TRIGGER refuse_poison BEFORE INSERT ON events WHEN NEW.data LIKE '%poison%'"
+                " BEGIN SELECT RAISE(ABORT, 'poison refused'); END",
+            )
+            with pytest.raises(StoreError, match="poison refused"):
+                await store.reconcile(FACTION, "war_calls", snapshot, skip=[], commit_timestamp="t")
+            assert stored_counts(tmp_path) == (CHUNK, CHUNK, 1)
+            assert len(store.faction_state(FACTION).tables["war_calls"]) == CHUNK
+            query(tmp_path, "DROP TRIGGER refuse_poison")
+            rest = await store.reconcile(FACTION, "war_calls", snapshot, skip=[], commit_timestamp="t")
+            assert len(rest) == LARGE - CHUNK
+            assert store.faction_state(FACTION).tables["war_calls"] == in_key_order(snapshot)
+
+
+async def test_an_append_waits_for_a_whole_reconcile_so_a_later_live_change_stands(tmp_path: Path) -> None:
+    """The chunks are a prefix of one diff: no append lands between two of them, where a later chunk,
+    planned from the older snapshot, would undo it."""
+    clock = WallClock()
+    snapshot = snapshot_rows(LARGE)
+    last = in_key_order(snapshot)[-1]
+    live = war_call("UPDATE", {**last, "v": "live"}, {"id": last["id"]})
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_state_store(tmp_path, clock) as store:
+            appended: list[StoredEvent] = []
+
+            async def reconcile() -> None:
+                await store.reconcile(FACTION, "war_calls", snapshot, skip=[], commit_timestamp="t")
+
+            async def append() -> None:
+                appended.extend(await store.append_events(FACTION, [live]))
+
+            async with trio.open_nursery() as nursery:
+                with clock.hold(1):
+                    nursery.start_soon(reconcile)
+                    await clock.wait_until_holding()
+                    nursery.start_soon(append)
+                    await trio.testing.wait_all_tasks_blocked()
+            assert appended[0].timestamp == store.cursor() == START_MS + LARGE
+            assert store.faction_state(FACTION).tables["war_calls"][-1] == {**last, "v": "live"}
+
+
+async def test_closing_waits_only_briefly_for_a_reader_in_the_database(tmp_path: Path) -> None:
+    """An operator's shell with a read open: the close's checkpoint (TRUNCATE waits for readers) gives
+    up after CLOSE_BUSY_TIMEOUT_MS rather than BUSY_TIMEOUT_MS, and nothing is lost."""
+    bound_s = CLOSE_BUSY_TIMEOUT_MS / 1000 + CLOSE_CHECKPOINT_S + 1.0  # + a thread's scheduling
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, WallClock()) as store:
+            stored = await store.append_events(FACTION, [("t", 1)])
+            operator_shell = sqlite3.connect(db_path(tmp_path), isolation_level=None)
+            operator_shell.execute("BEGIN")
+            operator_shell.execute("SELECT count(*) FROM events").fetchall()  # a read, kept open
+            closing_at = trio.current_time()
+        closed_in = trio.current_time() - closing_at
+        operator_shell.close()
+        assert closed_in < bound_s
+        async with open_test_store(tmp_path, WallClock()) as store:
+            assert store.read_since(FACTION, None)[0] == stored

@@ -19,7 +19,7 @@ from relay.config import ChannelConfig
 from relay.phoenix import ChangeReceived
 from relay.supervisor import Supervisors, SupervisorSettings, UpstreamState
 from relay.testing.fake_supabase import FakeSupabase
-from relay.upstream import ConnectionSettings
+from relay.upstream import CLOSE_NOTICE_S, CLOSE_TIMEOUT_S, ConnectionSettings
 from tests.conftest import eventually
 
 KEY = "anon"
@@ -282,3 +282,64 @@ async def test_nothing_listening_is_a_failed_connect_retried_with_backoff(
     assert stats.state == UpstreamState.BACKOFF
     assert stats.last_error is not None
     assert stats.last_error.startswith("ConnectFailed: cannot connect to 127.0.0.1:")
+
+
+# --- stopping with upstreams that never answer the WebSocket close ---
+
+
+async def test_150_hung_upstreams_close_in_parallel_within_the_close_notice(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """Shutdown cancels every faction at once; each sends its close frame and waits CLOSE_NOTICE_S
+    (shielded) for an answer that never comes: the whole stop takes one notice, not 150."""
+    fake = FakeSupabase(valid_keys=(KEY,))
+    await nursery.start(fake.run)
+    supervisors = Supervisors(
+        war_calls_settings(fake.url, joins_per_second=1_000.0),
+        Collected().ingest,
+        rng=random.Random(SEED),
+        wall_clock_ms=lambda: 0,
+    )
+    with trio.fail_after(60):
+        async with trio.open_nursery() as relay:
+            await relay.start(supervisors.run, range(1, 151))
+            await eventually(
+                lambda: all(s.state == UpstreamState.CONNECTED for s in supervisors.statistics().values())
+            )
+            fake.freeze(answer_close=False)
+            cancelled_at = trio.current_time()
+            relay.cancel_scope.cancel()
+        stopped_in = trio.current_time() - cancelled_at
+    assert stopped_in == pytest.approx(CLOSE_NOTICE_S, abs=0.01)
+    assert all(s.state == UpstreamState.STOPPED for s in supervisors.statistics().values())
+
+
+async def test_a_stop_during_the_close_of_a_dead_socket_waits_a_second_at_most(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """A connection that failed (here: no heartbeat reply) closes politely within CLOSE_TIMEOUT_S,
+    shielded; a shutdown arriving meanwhile waits for the rest of it, so it must be short."""
+    fake = FakeSupabase(valid_keys=(KEY,))
+    await nursery.start(fake.run)
+    supervisors = Supervisors(
+        war_calls_settings(fake.url), Collected().ingest, rng=random.Random(SEED), wall_clock_ms=lambda: 0
+    )
+    with trio.fail_after(300):
+        async with trio.open_nursery() as relay:
+            await relay.start(supervisors.run, [A])
+            await eventually(lambda: supervisors.statistics()[A].state == UpstreamState.CONNECTED)
+            (connection,) = fake.connections
+            heartbeats = connection.heartbeats
+            await fake.wait_until(lambda: connection.heartbeats > heartbeats)
+            heartbeat_at = trio.current_time()
+            await trio.sleep(1.0)  # its reply delivered
+            fake.freeze(answer_close=False)
+            # The next heartbeat goes unanswered and is declared dead one interval after it is sent;
+            # a moment later the connection is closing (still "connected" until its close returns).
+            await trio.sleep_until(heartbeat_at + 2 * HEARTBEAT_S + 0.1)
+            assert supervisors.statistics()[A].state == UpstreamState.CONNECTED
+            cancelled_at = trio.current_time()
+            relay.cancel_scope.cancel()
+        stopped_in = trio.current_time() - cancelled_at
+    assert stopped_in == pytest.approx(CLOSE_TIMEOUT_S - 0.1, abs=0.02)
+    assert stopped_in <= 1.0

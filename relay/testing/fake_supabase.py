@@ -134,10 +134,40 @@ _Ending: TypeAlias = _Close | _Abort | _PeerGone
 _Outgoing: TypeAlias = str | _Close
 
 
+class _HangableStream(trio.abc.Stream):
+    """The socket as trio-websocket sees it. Once hung, nothing more is read from it or written to it,
+    so not even a close frame or a ping is answered, though the TCP connection stays open."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self.hung = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if not self.hung:
+            data = bytes(await self._stream.receive_some(max_bytes))
+            if not self.hung:  # what a read in progress brings after the hang is never seen
+                return data
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.hung:
+            await trio.sleep_forever()
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
 class FakeConnection:
     """One accepted socket as a test sees it; `FakeSupabase` does the protocol work on it."""
 
-    def __init__(self, ws: WebSocketConnection, stream: trio.SocketStream, *, apikey: str) -> None:
+    def __init__(
+        self, ws: WebSocketConnection, stream: trio.SocketStream, *, apikey: str, wire: _HangableStream
+    ) -> None:
         self.apikey = apikey
         self.heartbeats = 0
         self.received: deque[dict[str, Any]] = deque(maxlen=RECEIVED_FRAMES_KEPT)
@@ -147,6 +177,7 @@ class FakeConnection:
         self.frame_delay_s = 0.0
         self._ws = ws
         self._stream = stream
+        self._wire = wire
         self._channels: dict[str, _Channel] = {}
         # Unbounded so that the scripting methods and mutations can stay synchronous.
         self._outbox, self._outbox_receive = trio.open_memory_channel[_Outgoing](math.inf)
@@ -333,11 +364,18 @@ class FakeSupabase:
         for connection in self._connections:
             connection.heartbeat_replies = True
 
-    def freeze(self, only: Iterable[FakeConnection] | None = None) -> None:
-        """Stop reading and writing on the current sockets but keep their TCP open: a half-open peer."""
+    def freeze(self, only: Iterable[FakeConnection] | None = None, *, answer_close: bool = True) -> None:
+        """Stop reading and writing on the current sockets but keep their TCP open: a half-open peer.
+
+        The WebSocket layer underneath still answers a close frame (and pings), as a server whose
+        channel processes hang does. With `answer_close=False` the socket is not read at all any more,
+        so a client's close is never answered either: a hung server whose kernel keeps the TCP open.
+        """
         for connection in self._chosen(only):
             connection.frozen = True
             connection._io_scope.cancel()
+            if not answer_close:
+                connection._wire.hung = True
         self._notify()
 
     def drop_connections(
@@ -484,11 +522,12 @@ class FakeSupabase:
                 await self._serve_rest(stream, first)
                 return
             request: WebSocketRequest | None = None
+            wire = _HangableStream(ReplayStream(stream, head))
             with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
-                request = await wrap_server_stream(websocket_tasks, ReplayStream(stream, head))
+                request = await wrap_server_stream(websocket_tasks, wire)
             if request is not None:
                 with contextlib.suppress(ConnectionClosed):  # the client left during the handshake
-                    await self._handle_request(request, stream)
+                    await self._handle_request(request, stream, wire)
             websocket_tasks.cancel_scope.cancel()
 
     async def _serve_rest(self, stream: trio.SocketStream, request: RestRequest) -> None:
@@ -506,7 +545,9 @@ class FakeSupabase:
             await stream.send_all(http_response(status, body))
         await stream.aclose()
 
-    async def _handle_request(self, request: WebSocketRequest, stream: trio.SocketStream) -> None:
+    async def _handle_request(
+        self, request: WebSocketRequest, stream: trio.SocketStream, wire: _HangableStream
+    ) -> None:
         self.upgrade_attempts += 1
         self._notify()
         decision = self._upgrade_decision(request)
@@ -527,7 +568,7 @@ class FakeSupabase:
         if not vsn.startswith("1."):
             await ws.aclose(1011, "this fake speaks vsn 1.0.0 framing only")
             return
-        await self._serve(FakeConnection(ws, stream, apikey=apikey))
+        await self._serve(FakeConnection(ws, stream, apikey=apikey, wire=wire))
 
     def _upgrade_decision(self, request: WebSocketRequest) -> _Refusal | tuple[str, str]:
         """The refusal for this upgrade (1.3), or the accepted (apikey, vsn)."""
