@@ -1,9 +1,10 @@
 """The composition root: the relay's one top-level nursery, its start order and its shutdown order.
 
     trio.run(run_relay)
+    ├── watch_signals → hub.begin_stopping              # SIGINT/SIGTERM; a second one cuts short,
+    │                                                   # also while sockets and the store close
     └── async with open_store(...), httpx client       # closed last: committer drained, checkpoint
         └── nursery "relay"
-            ├── watch_signals → hub.begin_stopping      # SIGINT/SIGTERM (a second one cuts short)
             ├── Supervisors.run (its own nursery)
             │   ├── faction 46666 (own CancelScope) ── upstream connection (reader + heartbeat)
             │   │                                   └── reconciler (REST reads), while live
@@ -141,6 +142,31 @@ async def run_relay(
     task_status: trio.TaskStatus[RunningRelay] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until stopped (a signal, or `RunningRelay.stop`); return once everything is closed."""
+    hub = Hub()
+    if not handle_signals:
+        await _run_relay(config, hub, task_status=task_status)
+    else:
+        # Signals are watched from first to last: a second one cancels whatever can still be cut,
+        # also while the upstream sockets and the store close (bounded, shielded waits), and is never
+        # left to its default action, which would kill the relay in the middle of its final checkpoint.
+        stop_now = trio.CancelScope()
+        try:
+            async with trio.open_nursery() as signals:
+                signals.start_soon(watch_signals, hub, stop_now, name="watch_signals")
+                with stop_now:
+                    await _run_relay(config, hub, task_status=task_status)
+                signals.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # A start-up refusal (MigrationError, StoreError) leaves as itself, for the CLI's one line.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+    log.info("relay stopped")
+
+
+async def _run_relay(
+    config: Config, hub: Hub, *, task_status: trio.TaskStatus[RunningRelay] = trio.TASK_STATUS_IGNORED
+) -> None:
     started_at = trio.current_time()
     async with (
         open_store(
@@ -151,7 +177,6 @@ async def run_relay(
         ) as store,
         httpx.AsyncClient() as rest_client,
     ):  # closed after the nursery below: no read outlives it
-        hub = Hub()
         traffic = Traffic()
 
         async def ingest(faction_id: int, changes: Sequence[ChangeReceived]) -> None:
@@ -238,8 +263,6 @@ async def run_relay(
             wall_clock_ms,
         )
         async with trio.open_nursery() as nursery:
-            if handle_signals:
-                nursery.start_soon(watch_signals, hub, nursery.cancel_scope, name="watch_signals")
             await nursery.start(supervisors.run, store.active_factions(), name="supervisors")
             nursery.start_soon(hub.wake_quiet_factions_every, SSE_KEEPALIVE_S, name="keep-alive")
             run_pass = functools.partial(
@@ -263,7 +286,6 @@ async def run_relay(
             await http_done.wait()
             log.info("HTTP server drained; closing upstream sockets")
             nursery.cancel_scope.cancel()
-    log.info("relay stopped")
 
 
 async def serve_http(

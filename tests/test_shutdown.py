@@ -128,3 +128,26 @@ async def test_a_second_sigterm_during_shutdown_stops_it_at_once(
                     assert await relay.process.wait() == 0
     assert "SIGTERM received again: stopping now" in relay.text()
     assert "Traceback" not in relay.text()
+
+
+async def test_a_second_sigterm_while_the_store_closes_stops_it_at_once_and_cleanly(
+    serve_config: tuple[Path, dict[str, str]], fake_upstream: FakeSupabase
+) -> None:
+    """An operator's reader in the database holds the final checkpoint (for CLOSE_CHECKPOINT_S); a
+    second signal then is the relay's to handle, never its default action, which killed the process
+    with -15 in the middle of closing the store."""
+    config, env = serve_config
+    with trio.fail_after(60):
+        async with relay_process(config, env) as relay:
+            await subscribe(relay, (FACTION,))
+            with closing(sqlite3.connect(config.parent / "data" / "relay.db")) as reader:
+                reader.execute("BEGIN")
+                reader.execute("SELECT count(*) FROM events").fetchall()  # a read snapshot held open
+                relay.process.send_signal(signal.SIGTERM)
+                await eventually(lambda: "closing upstream sockets" in relay.text())
+                relay.process.send_signal(signal.SIGTERM)
+                with trio.fail_after(SHUTDOWN_BOUND_S):
+                    assert await relay.process.wait() == 0
+    assert "SIGTERM received again: stopping now" in relay.text()
+    assert "relay stopped" in relay.text()
+    assert "Traceback" not in relay.text()
