@@ -16,7 +16,9 @@ var CATRelay = (function () {
   var DEFAULTS = {
     relayUrl: '', // the relay's address: set by the relay that served this file, else set it yourself
     transport: 'auto', // or 'sse', 'long-poll', 'poll' to pin one
-    request: null, // a GM_xmlhttpRequest-style function; SSE cannot go through it, so it long-polls
+    // A GM_xmlhttpRequest-style function; SSE cannot go through it, so it long-polls. Under a userscript
+    // manager that granted GM_xmlhttpRequest, that: it needs no CORS and no room in the page's connect-src.
+    request: typeof GM_xmlhttpRequest === 'function' ? GM_xmlhttpRequest : null,
     EventSource: null, // defaults to the page's
     waitS: 25, // long-poll hold: under the relay's 30 s cap and common 30-60 s proxy idle timeouts
     backoffInitialMs: 1000,
