@@ -6,9 +6,7 @@ import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 import trio
 
@@ -41,16 +39,6 @@ async def eventually_async(
         if condition():
             return
         await trio.sleep(pause_s)
-
-
-async def status_of(http: httpx.AsyncClient) -> Any:
-    """GET /status, waiting out a 429: each costs 10 of the address's tokens and tests that wait on it
-    ask often (the limit itself is tested in test_ratelimit.py); callers bound it with `fail_after`."""
-    while True:
-        answer = await http.get("/status")
-        if answer.status_code != 429:
-            return answer.json()
-        await trio.sleep(float(answer.headers.get("Retry-After", "1")))
 
 
 def require_program(program: Path, package: str, purpose: str) -> Path:
