@@ -150,7 +150,15 @@ def create_app(services: Services) -> QuartTrio:
 
     @app.get("/client.js")
     async def client_js() -> Response:
-        return Response(client_script(), content_type="application/javascript; charset=utf-8")
+        # Its default relay is the address it was fetched from, so `@require https://<relay>/client.js`
+        # needs nothing else. Behind a trusted proxy (which terminates TLS) the proxy's scheme counts.
+        scheme = request.scheme
+        forwarded = request.headers.get("X-Forwarded-Proto", "")
+        if config.server.trusted_proxies and forwarded in ("http", "https"):
+            scheme = forwarded
+        default = f"CATRelay.defaults.relayUrl = {json.dumps(f'{scheme}://{request.host}')};\n"
+        script = client_script() + (default.encode() if request.host else b"")
+        return Response(script, content_type="application/javascript; charset=utf-8")
 
     @app.get("/")
     async def status_html() -> Response:

@@ -97,6 +97,7 @@ class UpstreamConfig:
     channels: tuple[ChannelConfig, ...] = (
         ChannelConfig("war_calls", "faction_id=eq.{faction_id}"),
         ChannelConfig("faction_messages", "faction_id=eq.{faction_id}"),
+        ChannelConfig("wars", "faction_id=eq.{faction_id}"),
     )
 
     @property

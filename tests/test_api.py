@@ -183,13 +183,15 @@ async def test_max_factions_refuses_the_next_faction_but_not_a_known_one(
 
 
 async def test_the_browser_client_is_served_as_javascript(relay: RunningRelay) -> None:
-    response = await client(relay).get("/client.js")
+    response = await client(relay).get("/client.js", headers={"Host": "relay.example:8444"})
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "application/javascript; charset=utf-8"
     assert response.headers["Access-Control-Allow-Origin"] == "*"
     source = await response.get_data(as_text=True)
     assert "function createCATRelayConnection" in source
     assert "CATRelayClient" in source
+    # The relay's own address, from the request, so that `@require https://<relay>/client.js` just works.
+    assert source.endswith('\nCATRelay.defaults.relayUrl = "http://relay.example:8444";\n')
 
 
 async def test_status_counts_members_by_address_and_events_per_minute(relay: RunningRelay) -> None:

@@ -30,10 +30,12 @@ from relay.config import Config
 from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
 from tests.conftest import ANON_KEY, FACTION, eventually, require_program
+from tests.relay_process import relay_process
 from tests.test_end_to_end import call, wait_connected, wait_reconciled
 
 CHROMIUM = Path("/usr/bin/chromium")
 PAGE = Path(__file__).with_name("browser_page.html")
+USERSCRIPT_PAGE = Path(__file__).with_name("userscript_page.html")
 CHROMIUM_FLAGS = [
     "--headless=new",
     "--no-sandbox",  # CI runs as root, where Chromium's sandbox refuses to start
@@ -61,6 +63,7 @@ class PageServer:
     """Serves the page and collects its reports; the newest report (by the page's `seq`) wins."""
 
     url: str = ""
+    page: Path = PAGE
     latest: dict[str, Any] = field(default_factory=dict)
     arrived: dict[str, trio.Event] = field(default_factory=dict)
     resume: bool = False  # what GET /resume tells a paused page
@@ -70,7 +73,7 @@ class PageServer:
 
         @app.get("/")
         async def page() -> Response:
-            return Response(await trio.Path(PAGE).read_bytes(), content_type="text/html; charset=utf-8")
+            return Response(await trio.Path(self.page).read_bytes(), content_type="text/html; charset=utf-8")
 
         @app.get("/resume")
         async def resume() -> Response:
@@ -230,7 +233,8 @@ async def test_a_refused_key_errors_and_closes_the_connection_as_a_websocket_wou
     closed = report["closed"]
     assert (closed["code"], closed["was_clean"], closed["ready_state"]) == (1006, False, 3)
     assert closed["reason"].startswith("the relay is unavailable: 401 invalid_api_key")
-    assert report["problems"] == [f"socket error: {closed['reason']}"]  # onerror, then onclose
+    # onerror, then the page's fatal-error listener on the same object, then onclose
+    assert report["problems"] == [f"socket error: {closed['reason']}", closed["reason"]]
     assert report["received"] == []
 
 
@@ -282,3 +286,93 @@ async def test_a_client_that_missed_more_than_the_relay_keeps_recovers_from_stat
     ]
     assert payloads[2]["new"]["caller_name"] == "bob"
     assert payloads[3]["old"] == call(FACTION, 2)  # the whole row, as today's script needs
+
+
+WAR = 77  # call(...) rows are in war 77
+OTHER_WAR = 88
+
+
+def war(war_id: int, **changes: Any) -> dict[str, Any]:
+    return {"id": war_id, "war_id": war_id, "faction_id": FACTION, "is_active": True, **changes}
+
+
+@pytest.mark.parametrize("option", ["a", "b"])
+@pytest.mark.parametrize(("request_function", "transport"), [("", "sse"), ("gm", "long-poll")])
+async def test_todays_userscript_connection_code_gets_its_joins_through_a_relay_restart(
+    chromium_binary: Path,
+    serve_config: tuple[Path, dict[str, str]],
+    fake_upstream: FakeSupabase,
+    page_server: PageServer,
+    chromium: Chromium,
+    option: str,
+    request_function: str,
+    transport: str,
+) -> None:
+    """tests/userscript_page.html runs the real script's RealtimeManager call shape (Option A or B of
+    docs/client.md) against `relay serve`, which is stopped with SIGTERM and started again meanwhile."""
+    config, env = serve_config
+    page_server.page = USERSCRIPT_PAGE
+    with trio.fail_after(90):
+        async with relay_process(config, env) as relay, httpx.AsyncClient(base_url=relay.url) as http:
+            query = urllib.parse.urlencode(
+                {"relay": relay.url, "faction": FACTION, "key": ANON_KEY, "war": WAR}
+                | {"option": option, "request": request_function}
+            )
+            await chromium.open(f"{page_server.url}/?{query}")
+            opened = await page_server.wait_for("open:1", chromium)
+            await wait_reconciled(http, FACTION)
+            fake_upstream.insert("war_calls", call(FACTION, 1))
+            fake_upstream.insert("war_calls", {**call(FACTION, 2), "war_id": OTHER_WAR})  # not joined
+            fake_upstream.update("war_calls", 1, {"caller_id": 1_002, "caller_name": "bob"})
+            fake_upstream.delete("war_calls", 1)
+            fake_upstream.insert("wars", war(OTHER_WAR))  # not joined
+            fake_upstream.insert("wars", war(WAR))
+            fake_upstream.update("wars", WAR, {"is_active": False})
+            fake_upstream.insert("faction_messages", {"id": 5, "faction_id": FACTION, "message": "hi"})
+            before = await page_server.wait_for("received:6", chromium)
+            relay.process.send_signal(signal.SIGTERM)
+            assert await relay.process.wait() == 0
+            closed = await page_server.wait_for("closed:1", chromium)
+            port = relay.url.rsplit(":", 1)[1]
+        fake_upstream.insert("war_calls", call(FACTION, 3))  # while the relay is down
+        async with relay_process(config, {**env, "RELAY_SERVER_PORT": port}) as restarted:
+            reopened = await page_server.wait_for("open:2", chromium)
+            await page_server.wait_for("received:7", chromium)  # call 3, from the restarted relay's reconcile
+            fake_upstream.insert("war_calls", call(FACTION, 4))
+            done = await page_server.wait_for("received:8", chromium)
+            restarted.process.send_signal(signal.SIGTERM)
+            assert await restarted.process.wait() == 0
+
+    assert opened["default_relay"] == relay.url  # /client.js knows the relay it came from
+    assert done["problems"] == []
+    topics = {
+        "war_calls": f"realtime:public:war_calls:war_id=eq.{WAR}",
+        "wars": f"realtime:public:wars:id=eq.{WAR}",
+        "faction_messages": f"realtime:public:faction_messages:faction_id=eq.{FACTION}",
+    }
+    assert sorted((r["topic"], r["status"]) for r in before["replies"]) == sorted(
+        [(topic, "ok") for topic in topics.values()] + [("realtime:public:target_calls", "error")]
+    )
+    assert "does not carry table target_calls" in next(
+        r["reason"] for r in before["replies"] if r.get("reason")
+    )
+    summary = [(r["table"], r["eventType"], r["id"]) for r in done["received"]]
+    assert summary == [
+        ("war_calls", "INSERT", 1),
+        ("war_calls", "UPDATE", 1),
+        ("war_calls", "DELETE", 1),
+        ("wars", "INSERT", WAR),
+        ("wars", "UPDATE", WAR),
+        ("faction_messages", "INSERT", 5),
+        ("war_calls", "INSERT", 3),
+        ("war_calls", "INSERT", 4),
+    ]
+    assert all(r["topic"] == topics[r["table"]] for r in done["received"])
+    assert done["received"][5]["notified"] == "New message: hi"
+    assert done["warEnded"] == 1
+    # The restart: seen as a closed socket, reopened by the script's first reconnect, never near its limit.
+    assert (closed["is_connected"], closed["ready_state"]) == (False, 3)
+    assert (reopened["opens"], reopened["closes"], reopened["maxAttempts"]) == (2, 1, 1)
+    assert (done["is_connected"], done["ready_state"]) == (True, 1)
+    # Delivery came back on the best transport, not a fallback.
+    assert done["received"][-1]["transport"] == transport

@@ -139,7 +139,7 @@ async def test_demo_serves_live_war_traffic_and_stops_on_ctrl_c(tmp_path: Path) 
                 while not events:
                     await fetch()
                     await trio.sleep(0.05)
-            assert {event["data"]["table"] for event in events} <= {"war_calls", "faction_messages"}
+            assert {event["data"]["table"] for event in events} <= {"war_calls", "faction_messages", "wars"}
             process.send_signal(signal.SIGINT)
             assert await process.wait() == 0
     finally:

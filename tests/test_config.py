@@ -54,7 +54,11 @@ def test_defaults_with_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert config.server == ServerConfig("127.0.0.1", 8444, 16384)
     assert config.storage.path == tmp_path / "data" / "relay.db"
     assert config.upstream == UpstreamConfig(URL, KEY, 25.0, 10.0, 1.0, 60.0)
-    assert [channel.table for channel in config.upstream.channels] == ["war_calls", "faction_messages"]
+    assert [channel.table for channel in config.upstream.channels] == [
+        "war_calls",
+        "faction_messages",
+        "wars",
+    ]
     assert config.retention == RetentionConfig(100, 300.0, 1800.0)
     assert config.limits == LimitsConfig(max_factions=150, long_poll_max_wait=30.0, max_clock_skew_s=600.0)
     assert config.auth == AuthConfig(())

@@ -106,7 +106,10 @@ async def test_the_pyz_serves_from_the_zip_alone_and_stops_on_sigterm(
             )
             client_js = await http.get("/client.js")
             assert client_js.status_code == 200
-            assert client_js.content == CLIENT_JS.read_bytes()
+            # The file from the zip, then the line naming the relay it was fetched from.
+            assert client_js.content == CLIENT_JS.read_bytes() + (
+                f'CATRelay.defaults.relayUrl = "{relay.url}";\n'.encode()
+            )
             relay.process.send_signal(signal.SIGTERM)
             assert await relay.process.wait() == 0
     assert "Traceback" not in relay.text()

@@ -103,8 +103,8 @@ async def test_changes_made_while_the_socket_was_down_arrive_as_resync_events(
     assert events[3].data()["old"] == call(1)  # today's script reads old.target_id
     assert events[4].data()["old"] == call(2)
     assert rows(relay) == fake_rows(fake_upstream) == applied(events)
-    # One REST read per configured table (war_calls, faction_messages), each a single page.
-    assert fake_upstream.rest_request_count - requests_before == 2
+    # One REST read per configured table (war_calls, faction_messages, wars), each a single page.
+    assert fake_upstream.rest_request_count - requests_before == 3
     stats = relay.supervisors.statistics()[FACTION].reconcile
     assert stats is not None
     assert (stats.last_differences, stats.last_error) == (3, None)

@@ -44,8 +44,8 @@ async def test_state_then_events_since_its_cursor_miss_nothing_and_double_nothin
         assert state == {
             "faction_id": FACTION,
             "timestamp": relay.store.cursor(),
-            "tables": {"war_calls": [second], "faction_messages": []},
-            "keys": {"war_calls": "id", "faction_messages": "id"},
+            "tables": {"war_calls": [second], "faction_messages": [], "wars": []},
+            "keys": {"war_calls": "id", "faction_messages": "id", "wars": "id"},
         }
         since_state = {"faction_id": FACTION, "since": state["timestamp"]}
         assert (await http.get("/events", params=since_state)).json()["events"] == []

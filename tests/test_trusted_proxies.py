@@ -84,3 +84,16 @@ async def test_without_trusted_proxies_the_header_means_nothing(
     assert await poll(relay, PROXY, "203.0.113.1") == 404
     assert await poll(relay, PROXY, "203.0.113.2") == 429
     relay.stop()
+
+
+async def test_behind_a_trusted_proxy_client_js_names_the_relay_by_the_proxys_scheme(
+    proxied: RunningRelay,
+) -> None:
+    # The proxy terminates TLS: the relay sees http, the member fetched https://relay.example/client.js.
+    response = await proxied.app.test_client().get(
+        "/client.js",
+        headers={"Host": "relay.example", "X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"},
+        scope_base={"client": (PROXY, 40000)},
+    )
+    source = await response.get_data(as_text=True)
+    assert source.endswith('\nCATRelay.defaults.relayUrl = "https://relay.example";\n')

@@ -28,6 +28,7 @@ from relay.testing.fake_rest import ReplayStream, RestRequest, answer, http_resp
 from relay.testing.fake_tables import (
     FACTION_MESSAGES_COLUMNS,
     WAR_CALLS_COLUMNS,
+    WARS_COLUMNS,
     Binding,
     ChangeType,
     ReplicaIdentity,
@@ -277,6 +278,7 @@ class FakeSupabase:
         # FULL so that a DELETE still carries faction_id and reaches the faction's filtered channel.
         self.define_table("war_calls", replica_identity="full", columns=WAR_CALLS_COLUMNS)
         self.define_table("faction_messages", replica_identity="full", columns=FACTION_MESSAGES_COLUMNS)
+        self.define_table("wars", replica_identity="full", columns=WARS_COLUMNS)
 
     def __repr__(self) -> str:
         return f"<FakeSupabase port={self._port} connections={len(self._connections)}>"

@@ -47,12 +47,28 @@ WAR_CALLS_COLUMNS = {
     "caller_name": "text",
     "created_at": "timestamptz",
 }
+# As today's script writes a chat message (POST /rest/v1/faction_messages).
 FACTION_MESSAGES_COLUMNS = {
     "id": "int8",
     "faction_id": "int8",
-    "author_id": "int8",
-    "author_name": "text",
+    "sender_id": "int8",
+    "sender_name": "text",
     "message": "text",
+    "created_at": "timestamptz",
+}
+# torn-cat's supabase/schema.sql (one row per faction and war: faction_id, enemy_faction_id), plus the
+# columns today's script reads and writes (war_id, is_active, attacker/defender_faction_id).
+WARS_COLUMNS = {
+    "id": "int8",
+    "war_id": "int8",
+    "faction_id": "int8",
+    "enemy_faction_id": "int8",
+    "attacker_faction_id": "int8",
+    "defender_faction_id": "int8",
+    "is_active": "bool",
+    "status": "text",
+    "started_at": "timestamptz",
+    "ended_at": "timestamptz",
     "created_at": "timestamptz",
 }
 

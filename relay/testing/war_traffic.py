@@ -86,6 +86,24 @@ class _Traffic:
         self.factions = factions
         self.rng = rng
         self.next_id = {table: self._first_free_id(table) for table in ("war_calls", "faction_messages")}
+        for faction in factions:
+            self._start_war(faction)
+
+    def _start_war(self, faction: _Faction) -> None:
+        # Keyed by the war's own id, which is what today's script joins `wars` on (id=eq.<war_id>).
+        if any(row["id"] == faction.war_id for row in self.fake.rows("wars")):
+            return
+        row = {
+            "id": faction.war_id,
+            "war_id": faction.war_id,
+            "faction_id": faction.id,
+            "enemy_faction_id": self.rng.randint(1_000, 60_000),
+            "is_active": True,
+            "status": "active",
+            "started_at": _now(),
+            "created_at": _now(),
+        }
+        self.fake.insert("wars", row)
 
     def _first_free_id(self, table: str) -> int:
         return max([FIRST_ID - 1, *(int(row["id"]) for row in self.fake.rows(table))]) + 1
@@ -136,8 +154,8 @@ class _Traffic:
         row = {
             "id": self._take_id("faction_messages"),
             "faction_id": faction.id,
-            "author_id": author.id,
-            "author_name": author.name,
+            "sender_id": author.id,
+            "sender_name": author.name,
             "message": text,
             "created_at": _now(),
         }
@@ -147,7 +165,8 @@ class _Traffic:
 async def generate_war_traffic(
     fake: FakeSupabase, faction_ids: Sequence[int], *, changes_per_s: float = 2.0, rng: random.Random
 ) -> None:
-    """Make war_calls and faction_messages changes on `fake`, `changes_per_s` on average, until cancelled."""
+    """Start each faction's war (a `wars` row), then make war_calls and faction_messages changes on
+    `fake`, `changes_per_s` on average, until cancelled."""
     if not faction_ids:
         raise ValueError("war traffic needs at least one faction")
     if changes_per_s <= 0:
