@@ -187,12 +187,13 @@ class Connection:
     async def run(self) -> None:
         socket = self._stream.socket
         try:
-            client = parse_socket_addr(socket.family, socket.getpeername())
+            peer_address = socket.getpeername()
             server = parse_socket_addr(socket.family, socket.getsockname())
         except OSError:  # gone before it was served
             self._counters.vanished += 1
             return
-        self.peer = repr_socket_addr(socket.family, socket.getpeername())
+        client = parse_socket_addr(socket.family, peer_address)
+        self.peer = repr_socket_addr(socket.family, peer_address)
         async with trio.open_nursery() as nursery:
             self._protocol = RelayH11(
                 self._app,
