@@ -28,11 +28,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import TypeVar, cast
 
 from relay.store import StoredEvent
 
 Headers = list[tuple[bytes, bytes]]
 Answer = tuple[Headers, bytes]
+K = TypeVar("K", bound=tuple[object, ...])
+V = TypeVar("V", tuple[Headers, bytes], bytes)
 # A bound on the bytes kept, not on the entries: an answer is ~60 bytes with no event and up to a
 # faction's whole retention (tens of KB) for a cursor far behind.
 MAX_CACHED_BYTES = 4 * 1024 * 1024
@@ -96,41 +99,44 @@ class Answers:
         # cursor and their number name them, whatever `since` the member sent. With no event every
         # faction's answer is the same for the same cursor and advice.
         key = (faction_id if found else 0, len(found), cursor, next_poll_ms, truncated)
-        cached = self._answers.get(key)
-        if cached is None:
-            large = self._large_get(key)
-            cached = large if isinstance(large, tuple) else None
+        cached = self._cached(self._answers, key)
         if cached is not None:
-            self.reused += 1
             return cached
         body = events_body(found, cursor, next_poll_ms, truncated=truncated)
         built = ([*self._headers, (b"content-length", str(len(body)).encode())], body)
-        if len(body) >= self._large_from:
-            self._large_put(key, len(body), built)
-        else:
-            self._make_room(len(body))
-            self._answers[key] = built
-        self.built += 1
+        self._keep(self._answers, key, len(body), built)
         return built
 
     def stream_chunk(self, faction_id: int, found: Sequence[StoredEvent]) -> bytes:
         """The SSE messages of `found` (not empty), each with its id, type and the event's JSON."""
         key = (faction_id, len(found), found[-1].timestamp)
-        cached = self._chunks.get(key)
-        if cached is None:
-            large = self._large_get(key)
-            cached = large if isinstance(large, bytes) else None
+        cached = self._cached(self._chunks, key)
         if cached is not None:
-            self.reused += 1
             return cached
         chunk = "".join([f"id: {e.timestamp}\nevent: {e.type}\ndata: {e.json}\n\n" for e in found]).encode()
-        if len(chunk) >= self._large_from:
-            self._large_put(key, len(chunk), chunk)
-        else:
-            self._make_room(len(chunk))
-            self._chunks[key] = chunk
-        self.built += 1
+        self._keep(self._chunks, key, len(chunk), chunk)
         return chunk
+
+    def _cached(self, small: dict[K, V], key: K) -> V | None:
+        """What was built for `key`, from the small table or the large one. One large table serves
+        answers and chunks alike: their keys have five parts and three, so they never meet."""
+        found = small.get(key)
+        if found is None:
+            kept = self._large.get(key)
+            if kept is not None:
+                self._large.move_to_end(key)  # most recently asked for last
+                found = cast(V, kept[1])
+        if found is not None:
+            self.reused += 1
+        return found
+
+    def _keep(self, small: dict[K, V], key: K, size: int, value: V) -> None:
+        if size >= self._large_from:
+            self._large_put(key, size, value)
+        else:
+            self._make_room(size)
+            small[key] = value
+        self.built += 1
 
     def _make_room(self, size: int) -> None:
         if self._bytes + size > self._max_bytes:
@@ -140,13 +146,6 @@ class Answers:
             self._chunks.clear()
             self._bytes = 0
         self._bytes += size
-
-    def _large_get(self, key: tuple[object, ...]) -> Answer | bytes | None:
-        kept = self._large.get(key)
-        if kept is None:
-            return None
-        self._large.move_to_end(key)  # most recently asked for last
-        return kept[1]
 
     def _large_put(self, key: tuple[object, ...], size: int, value: Answer | bytes) -> None:
         if size > self._max_large_bytes:

@@ -103,15 +103,11 @@ class RelayH11(H11Protocol):
             if connection.their_state != h11.ERROR:
                 raise
             return
-        if not pieces:
-            return
-        if len(pieces) == 1:
-            await self.send(RawData(data=pieces[0]))
-        elif isinstance(event, h11.Data):
-            for piece in pieces:
+        if isinstance(event, h11.Data):
+            for piece in pieces or ():
                 await self.send(RawData(data=piece))
-        else:
-            await self.send(RawData(data=b"".join(pieces)))
+        elif pieces:
+            await self.send(RawData(data=b"".join(pieces)))  # a head's small pieces, one write
 
 
 class _AppTasks:
@@ -164,7 +160,7 @@ class Connection:
         app: Any,
         config: HypercornConfig,
         context: WorkerContext,
-        state: dict[str, Any],
+        state: ConnectionState,
         counters: ConnectionCounters,
     ) -> None:
         self._stream = stream
@@ -201,7 +197,7 @@ class Connection:
                 self._context,
                 # The protocol classes only spawn; entering and leaving is this connection's nursery.
                 cast(TaskGroup, _AppTasks(nursery, self._config.max_app_queue_size)),
-                ConnectionState(self._state.copy()),
+                self._state,
                 False,
                 client,
                 server,
@@ -333,7 +329,7 @@ async def _serve_connection(
     app: Any,
     config: HypercornConfig,
     context: WorkerContext,
-    state: dict[str, Any],
+    state: ConnectionState,
     counters: ConnectionCounters,
     slots: ConnectionSlots,
 ) -> None:
@@ -366,9 +362,9 @@ async def _accept_forever(
         await slots.limiter.acquire_on_behalf_of(slot)
         try:
             stream = await listener.accept()
-        except OSError as exc:
+        except BaseException as exc:
             slots.limiter.release_on_behalf_of(slot)
-            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+            if not isinstance(exc, OSError) or exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                 raise
             counters.accept_errors += 1
             if not short_of_descriptors:
@@ -380,9 +376,6 @@ async def _accept_forever(
                 short_of_descriptors = True
             await trio.sleep(ACCEPT_RETRY_S)
             continue
-        except BaseException:
-            slots.limiter.release_on_behalf_of(slot)
-            raise
         if short_of_descriptors:
             log.warning("accepting connections again (%d open)", counters.open_connections)
             short_of_descriptors = False
@@ -419,7 +412,8 @@ async def serve(
                 app=wrapped,
                 config=config,
                 context=context,
-                state=lifespan_state,
+                # One for all connections, as hypercorn's worker has it: each request's scope copies it.
+                state=ConnectionState(lifespan_state.copy()),
                 counters=counters,
                 slots=slots,
             )

@@ -18,6 +18,7 @@ from relay.store import RECONCILE_CHUNK_EVENTS
 from relay.testing.fake_supabase import FakeSupabase
 from tests.conftest import ANON_KEY, FACTION, eventually, eventually_async
 from tests.relay_process import RelayProcess, relay_process
+from tests.test_end_to_end import read_status
 
 SHUTDOWN_BOUND_S = 5.0
 FACTIONS = (FACTION, 11581, 9001, 777, 12345)
@@ -35,9 +36,9 @@ async def subscribe(relay: RelayProcess, factions: tuple[int, ...]) -> None:
         states: dict[int, str] = {}
 
         async def look() -> None:
-            response = await http.get("/status")
-            if response.status_code == 200:
-                states.update((f["faction_id"], f["upstream"]["state"]) for f in response.json()["factions"])
+            states.update(
+                (f["faction_id"], f["upstream"]["state"]) for f in (await read_status(http))["factions"]
+            )
 
         await eventually_async(look, lambda: all(states.get(f) == "connected" for f in factions), 0.5)
 
