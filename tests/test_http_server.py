@@ -33,7 +33,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from relay import http_server
 from relay.config import Config
 from relay.http_stats import ConnectionCounters
-from relay.service import RunningRelay, run_relay
+from relay.service import RunningRelay, hypercorn_config, run_relay
 from tests.conftest import ANON_KEY, FACTION, eventually
 
 BIG = b"x" * (64 * 1024 * 1024)  # past any loopback socket's buffers
@@ -162,8 +162,6 @@ async def test_answers_are_byte_identical_to_hypercorns_own_trio_worker(
         functools.partial(run_relay, make_config("[limits]\nclient_rate = 0\n"))
     )
     # The same app and services behind hypercorn's worker, on a second port.
-    from relay.service import hypercorn_config
-
     reference_config = hypercorn_config(relay.services.config)
     reference_config.bind = ["127.0.0.1:0"]
     (reference_url,) = await nursery.start(
