@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import trio
 
 from relay.answers import Answers
+from relay.asgi import UNKNOWN_ADDRESS
 from relay.config import Config
 from relay.delivery import HeldRequests
 from relay.http_stats import HttpCounters
@@ -68,7 +69,7 @@ class Services:
 
 
 def check_rate(services: Services, client_address: str | None, cost: float = 1.0) -> None:
-    wait_s = services.limiter.acquire(client_address or "unknown", trio.current_time(), cost)
+    wait_s = services.limiter.acquire(client_address or UNKNOWN_ADDRESS, trio.current_time(), cost)
     if wait_s > 0:
         raise ApiError(
             429,

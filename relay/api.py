@@ -32,8 +32,8 @@ from relay.admission import (
     check_rate,
     ensure_capacity,
 )
-from relay.asgi import EndAfterResponse
-from relay.events_http import UNKNOWN_ADDRESS, EventsEndpoint
+from relay.asgi import UNKNOWN_ADDRESS, EndAfterResponse
+from relay.events_http import EventsEndpoint
 from relay.inputs import (
     ApiError,
     check_api_key,

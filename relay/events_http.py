@@ -11,21 +11,31 @@ the client's own address is taken from the X-Forwarded-For the proxy appended, h
 this endpoint and the Quart app (whose `request.remote_addr` reads the same scope).
 
 A held long-poll or stream ends when its client goes away: hypercorn reports that only as an
-`http.disconnect` from `receive()` and does not cancel the handler, so a held request watches for it.
+`http.disconnect` from `receive()` and does not cancel the handler, so a held request watches for it
+(`relay.asgi.until_hung_up`, a nursery per held request, deliberately).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import math
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, MutableMapping
-from typing import Any
+from collections.abc import Iterable
 from urllib.parse import parse_qsl
 
 import trio
 
 from relay.admission import Services, admit_faction, apply_client_clock, check_rate
+from relay.asgi import (
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    client_address,
+    header,
+    send_whole,
+    until_hung_up,
+)
 from relay.delivery import next_poll_ms, stream_events, wait_for_events
 from relay.http_stats import LONG_POLL_ROUTE, OTHER_ROUTE, PollKind, PollOutcome
 from relay.inputs import ApiError, parse_faction_id, parse_since, parse_wait
@@ -34,16 +44,9 @@ from relay.store import StoreError
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
 EVENTS_PATH = "/events"
 STREAM_PATH = "/events/stream"
 STREAM_RETRY_AFTER_S = "30"
-UNKNOWN_ADDRESS = "unknown"  # a client ASGI could not name (a Unix socket): one bucket, one member
 
 _CORS = asgi_headers(CORS_HEADERS)
 _JSON = [(b"content-type", JSON_TYPE.encode()), *_CORS]
@@ -92,7 +95,7 @@ class EventsEndpoint:
                 self._services.http.answered(method, STREAM_PATH, status, None)
             return
         if path in (EVENTS_PATH, STREAM_PATH) and method == "OPTIONS":
-            await _send_whole(send, 200, _PREFLIGHT, b"")
+            await send_whole(send, 200, _PREFLIGHT, b"")
             self._services.http.answered(method, path, 200, trio.current_time() - started)
             return
         if path == STREAM_PATH or (path == EVENTS_PATH and method != "POST"):
@@ -101,7 +104,7 @@ class EventsEndpoint:
                 (b"GET, OPTIONS", "GET") if path == STREAM_PATH else (b"GET, POST, OPTIONS", "GET and POST")
             )
             body = error_body("method_not_allowed", f"this path answers {answers} only")
-            await _send_whole(send, 405, [*_JSON, (b"allow", allow)], body)
+            await send_whole(send, 405, [*_JSON, (b"allow", allow)], body)
             self._services.http.answered(method, path, 405, trio.current_time() - started)
             return
         status = 500  # unless the fallback says otherwise
@@ -130,17 +133,17 @@ class EventsEndpoint:
             return 200
         except ApiError as exc:
             headers = [*_JSON, *asgi_headers(exc.headers)]
-            await _send_whole(send, exc.status, headers, error_body(exc.code, exc.message))
+            await send_whole(send, exc.status, headers, error_body(exc.code, exc.message))
             return exc.status
         except StoreError as exc:
             log.error("storage fault while answering GET %s: %s", path, exc)
             body = error_body("storage_unavailable", "the relay's storage is not available right now")
-            await _send_whole(send, 503, _JSON, body)
+            await send_whole(send, 503, _JSON, body)
             return 503
         except Exception:
             log.exception("unexpected error answering GET %s", path)
             body = error_body("internal_error", "the relay failed to answer this request")
-            await _send_whole(send, 500, _JSON, body)
+            await send_whole(send, 500, _JSON, body)
             return 500
 
     async def _admit(
@@ -154,7 +157,7 @@ class EventsEndpoint:
         parameters, the faction (revived if it had expired), the client's clock. A stream's resume
         point (`resume_text`) wins over `since`, which is checked all the same."""
         services = self._services
-        address = _client_address(scope)
+        address = client_address(scope)
         check_rate(services, address)
         faction_id = parse_faction_id(args.get("faction_id"))
         since = parse_since(args.get("since"))
@@ -179,7 +182,7 @@ class EventsEndpoint:
                     waiting = wait_for_events(
                         store, hub, faction_id, since, linger_s=limits.long_poll_linger_s
                     )
-                    if await _until_hung_up(receive, waiting, deadline=trio.current_time() + wait_s):
+                    if await until_hung_up(receive, waiting, deadline=trio.current_time() + wait_s):
                         services.http.polled(kind, PollOutcome.HUNG_UP)
                         return  # nobody is left to answer
                     found, cursor = store.read_since(faction_id, since)
@@ -196,7 +199,7 @@ class EventsEndpoint:
         store, hub, held = services.store, services.hub, services.held
         # An EventSource reconnecting sends the id of the last event it received; it never sends an
         # empty one, so an empty header is no resume point.
-        resume = _header(scope, b"last-event-id") or None
+        resume = header(scope, b"last-event-id") or None
         faction_id, since, _ = await self._admit(scope, args, None, resume)
         del args, resume  # this frame lives as long as the stream: hours, thousands of times over
         if not held.try_open_stream():
@@ -216,50 +219,16 @@ class EventsEndpoint:
             held.stream_closed()
             raise
         services.http.stream_opened()
-        address = _client_address(scope)
+        address = client_address(scope)
         services.traffic.stream_opened(faction_id, address, trio.current_time())
         try:
             streaming = stream_events(
                 store, hub, held, services.answers, services.traffic, faction_id, since, send_chunk
             )
-            if not await _until_hung_up(receive, streaming):
+            if not await until_hung_up(receive, streaming):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             services.traffic.stream_closed(faction_id, address)
-
-
-async def _until_hung_up(
-    receive: Receive, held: Coroutine[Any, Any, object], *, deadline: float = math.inf
-) -> bool:
-    """Run `held` until it ends, the trio clock reaches `deadline`, or the client hangs up (True).
-
-    Hypercorn reports a hang-up only to `receive()` and does not cancel the handler, so a second
-    task watches it. The nursery's own scope is the deadline: a held request's memory is mostly its
-    tasks and scopes, and there are thousands of them.
-    """
-    hung_up = Disconnect()
-    async with trio.open_nursery() as nursery:
-        nursery.cancel_scope.deadline = deadline
-        nursery.start_soon(_watch_for_hang_up, receive, hung_up, nursery.cancel_scope)
-        await held
-        nursery.cancel_scope.cancel()
-    return hung_up.happened
-
-
-class Disconnect:
-    """Whether the client went away while a request was held."""
-
-    __slots__ = ("happened",)
-
-    def __init__(self) -> None:
-        self.happened = False
-
-
-async def _watch_for_hang_up(receive: Receive, hung_up: Disconnect, scope: trio.CancelScope) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass  # a GET's (empty) body
-    hung_up.happened = True
-    scope.cancel()
 
 
 def _asks_to_wait(args: dict[str, str]) -> bool:
@@ -284,11 +253,6 @@ def _query(scope: Scope) -> dict[str, str]:
     return args
 
 
-def _client_address(scope: Scope) -> str:
-    client = scope.get("client")
-    return client[0] if client else UNKNOWN_ADDRESS
-
-
 def _use_forwarded_client(scope: Scope, trusted: frozenset[str]) -> None:
     """For a request from a trusted proxy, make the client the rightmost X-Forwarded-For address: the
     one the proxy appended itself (nginx's $proxy_add_x_forwarded_for). Addresses to its left came
@@ -308,16 +272,3 @@ def _use_forwarded_client(scope: Scope, trusted: frozenset[str]) -> None:
         return  # not what the proxy writes: keep the proxy's own address rather than guess
     # The client's port is not forwarded; 0 says so rather than passing off the proxy's as its own.
     scope["client"] = (str(address), 0)
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key.lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
-
-
-async def _send_whole(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    headers = [*headers, (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
