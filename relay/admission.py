@@ -20,8 +20,8 @@ from relay.config import Config
 from relay.delivery import HeldRequests
 from relay.http_stats import HttpCounters
 from relay.hub import Hub
-from relay.inputs import ApiError
 from relay.ratelimit import RateLimiter, retry_after_header
+from relay.responses import ApiError
 from relay.store import Store, StoreError
 from relay.supervisor import Supervisors
 from relay.traffic import Traffic

@@ -21,7 +21,6 @@ from typing import Any
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
 
 from relay.admission import (
     RATE_LIMITED_PATHS,
@@ -35,7 +34,6 @@ from relay.admission import (
 from relay.asgi import UNKNOWN_ADDRESS, EndAfterResponse
 from relay.events_http import EventsEndpoint
 from relay.inputs import (
-    ApiError,
     check_api_key,
     check_body_size,
     parse_faction_id,
@@ -43,21 +41,21 @@ from relay.inputs import (
 )
 from relay.metrics import metrics_registry, render
 from relay.reconcile import ReconcileStatistics
-from relay.responses import CORS_HEADERS, JSON_TYPE, PREFLIGHT_HEADERS, error_body
+from relay.responses import (
+    CORS_HEADERS,
+    JSON_TYPE,
+    PREFLIGHT_HEADERS,
+    STORAGE_UNAVAILABLE,
+    ApiError,
+    Refusal,
+    refusal,
+)
 from relay.store import StoreError
 from relay.supervisor import UpstreamState
 from relay.traffic import RATE_MINUTES, Source
 
 log = logging.getLogger(__name__)
 
-HTTP_ERROR_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "body_too_large",
-    414: "uri_too_long",
-    431: "headers_too_large",
-}
 # What the legacy publishing paths carry, and under which body key: (event type, body key).
 LEGACY_PUBLISH = {
     "/hospital": ("hospital_update", "data"),
@@ -143,9 +141,9 @@ def create_app(services: Services) -> QuartTrio:
         try:
             await store.check_health()
         except StoreError as exc:
-            return json_response(
-                {"status": "unavailable", "error": str(exc), "code": "storage_unavailable"}, 503
-            )
+            # /health's own documented shape: `status` for a monitor, and the storage's own words.
+            document = {"status": "unavailable", "error": str(exc), "code": STORAGE_UNAVAILABLE.code}
+            return json_response(document, STORAGE_UNAVAILABLE.status)
         return json_response({"status": "ok"})
 
     @app.get("/client.js")
@@ -319,40 +317,18 @@ def _rounded(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 3)
 
 
-def error_response(
-    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-) -> Response:
-    response = Response(error_body(code, message), status=status, content_type=JSON_TYPE)
-    response.headers.update(headers or {})
+def error_response(refused: Refusal) -> Response:
+    response = Response(refused.body, status=refused.status, content_type=JSON_TYPE)
+    response.headers.update(refused.headers)
     return response
 
 
 def install_error_handlers(app: QuartTrio) -> None:
-    @app.errorhandler(ApiError)
-    async def api_error(exc: ApiError) -> Response:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
-
-    @app.errorhandler(HTTPException)
-    async def http_error(exc: HTTPException) -> Response:
-        status = exc.code or 500
-        code = HTTP_ERROR_CODES.get(status, f"http_{status}")
-        if status == 413:
-            message = "the request body is larger than this relay accepts"
-        else:
-            message = exc.description or exc.name
-        # A 405 must say which methods the path answers (RFC 9110 15.5.6); the body is ours, JSON.
-        headers = {name: value for name, value in exc.get_headers() if name.lower() != "content-type"}
-        return error_response(status, code, message, headers)
-
-    @app.errorhandler(StoreError)
-    async def store_error(exc: StoreError) -> Response:
-        log.error("storage fault while answering %s %s: %s", request.method, request.path, exc)
-        return error_response(503, "storage_unavailable", "the relay's storage is not available right now")
-
+    # One handler for every exception, HTTPException included: Quart finds it by the exception's MRO,
+    # and `refusal` tells them apart in one place for both layers.
     @app.errorhandler(Exception)
-    async def unexpected(exc: Exception) -> Response:
-        log.exception("unexpected error answering %s %s", request.method, request.path)
-        return error_response(500, "internal_error", "the relay failed to answer this request")
+    async def refuse(exc: Exception) -> Response:
+        return error_response(refusal(exc, request.method, request.path, log))
 
 
 def install_cors(app: QuartTrio) -> None:

@@ -38,9 +38,16 @@ from relay.asgi import (
 )
 from relay.delivery import next_poll_ms, stream_events, wait_for_events
 from relay.http_stats import LONG_POLL_ROUTE, OTHER_ROUTE, PollKind, PollOutcome
-from relay.inputs import ApiError, parse_faction_id, parse_since, parse_wait
-from relay.responses import CORS_HEADERS, JSON_TYPE, PREFLIGHT_HEADERS, asgi_headers, error_body
-from relay.store import StoreError
+from relay.inputs import parse_faction_id, parse_since, parse_wait
+from relay.responses import (
+    CORS_HEADERS,
+    JSON_HEADERS,
+    PREFLIGHT_HEADERS,
+    ApiError,
+    asgi_headers,
+    error_body,
+    refusal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +56,7 @@ STREAM_PATH = "/events/stream"
 STREAM_RETRY_AFTER_S = "30"
 
 _CORS = asgi_headers(CORS_HEADERS)
-_JSON = [(b"content-type", JSON_TYPE.encode()), *_CORS]
+_JSON = JSON_HEADERS
 EVENTS_HEADERS = _JSON  # an answer's, before its content-length
 _SSE = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -131,20 +138,10 @@ class EventsEndpoint:
             else:
                 await self._stream(args, scope, receive, send)
             return 200
-        except ApiError as exc:
-            headers = [*_JSON, *asgi_headers(exc.headers)]
-            await send_whole(send, exc.status, headers, error_body(exc.code, exc.message))
-            return exc.status
-        except StoreError as exc:
-            log.error("storage fault while answering GET %s: %s", path, exc)
-            body = error_body("storage_unavailable", "the relay's storage is not available right now")
-            await send_whole(send, 503, _JSON, body)
-            return 503
-        except Exception:
-            log.exception("unexpected error answering GET %s", path)
-            body = error_body("internal_error", "the relay failed to answer this request")
-            await send_whole(send, 500, _JSON, body)
-            return 500
+        except Exception as exc:  # the one renderer's: every refusal and fault, as the Quart routes'
+            refused = refusal(exc, "GET", path, log)
+            await send_whole(send, refused.status, [*_JSON, *asgi_headers(refused.headers)], refused.body)
+            return refused.status
 
     async def _admit(
         self,
