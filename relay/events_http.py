@@ -44,6 +44,7 @@ from relay.responses import (
     JSON_HEADERS,
     PREFLIGHT_HEADERS,
     ApiError,
+    Refusal,
     asgi_headers,
     error_body,
     refusal,
@@ -54,6 +55,12 @@ log = logging.getLogger(__name__)
 EVENTS_PATH = "/events"
 STREAM_PATH = "/events/stream"
 STREAM_RETRY_AFTER_S = "30"
+TOO_MANY_STREAMS = Refusal(
+    503,
+    "too_many_streams",
+    "this relay holds as many streams as it can; poll /events instead",
+    {"Retry-After": STREAM_RETRY_AFTER_S},
+)
 
 _CORS = asgi_headers(CORS_HEADERS)
 _JSON = JSON_HEADERS
@@ -199,33 +206,25 @@ class EventsEndpoint:
         resume = header(scope, b"last-event-id") or None
         faction_id, since, _ = await self._admit(scope, args, None, resume)
         del args, resume  # this frame lives as long as the stream: hours, thousands of times over
-        if not held.try_open_stream():
-            raise ApiError(
-                503,
-                "too_many_streams",
-                "this relay holds as many streams as it can; poll /events instead",
-                {"Retry-After": STREAM_RETRY_AFTER_S},
-            )
 
         async def send_chunk(chunk: bytes) -> None:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
-        try:
+        with held.stream() as may_hold:
+            if not may_hold:
+                raise ApiError.of(TOO_MANY_STREAMS)
             await send({"type": "http.response.start", "status": 200, "headers": _SSE})
-        except BaseException:
-            held.stream_closed()
-            raise
-        services.http.stream_opened()
-        address = client_address(scope)
-        services.traffic.stream_opened(faction_id, address, trio.current_time())
-        try:
-            streaming = stream_events(
-                store, hub, held, services.answers, services.traffic, faction_id, since, send_chunk
-            )
-            if not await until_hung_up(receive, streaming):
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            services.traffic.stream_closed(faction_id, address)
+            services.http.stream_opened()
+            address = client_address(scope)
+            services.traffic.stream_opened(faction_id, address, trio.current_time())
+            try:
+                streaming = stream_events(
+                    store, hub, services.answers, services.traffic, faction_id, since, send_chunk
+                )
+                if not await until_hung_up(receive, streaming):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+            finally:
+                services.traffic.stream_closed(faction_id, address)
 
 
 def _asks_to_wait(args: dict[str, str]) -> bool:
