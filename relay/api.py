@@ -31,8 +31,8 @@ from relay.admission import (
     check_rate,
     ensure_capacity,
 )
-from relay.asgi import UNKNOWN_ADDRESS, EndAfterResponse
-from relay.events_http import EventsEndpoint
+from relay.asgi import UNKNOWN_ADDRESS
+from relay.edge import http_edge
 from relay.inputs import (
     check_api_key,
     check_body_size,
@@ -244,8 +244,7 @@ def create_app(services: Services) -> QuartTrio:
     install_error_handlers(app)
     install_cors(app)
     # Quart's documented place for ASGI middleware, so that its test client goes through it too.
-    routes = [rule.rule for rule in app.url_map.iter_rules()]
-    app.asgi_app = EventsEndpoint(services, EndAfterResponse(app.asgi_app), routes)  # type: ignore[method-assign,assignment]
+    app.asgi_app = http_edge(services, app)  # type: ignore[method-assign,assignment]
     return app
 
 

@@ -17,9 +17,7 @@ A held long-poll or stream ends when its client goes away: hypercorn reports tha
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-from collections.abc import Iterable
 from urllib.parse import parse_qsl
 
 import trio
@@ -27,7 +25,6 @@ import trio
 from relay.admission import Services, admit_faction, apply_client_clock, check_rate
 from relay.asgi import (
     ASGIApp,
-    Message,
     Receive,
     Scope,
     Send,
@@ -37,7 +34,7 @@ from relay.asgi import (
     until_hung_up,
 )
 from relay.delivery import next_poll_ms, stream_events, wait_for_events
-from relay.http_stats import LONG_POLL_ROUTE, OTHER_ROUTE, PollKind, PollOutcome
+from relay.http_stats import LONG_POLL_ROUTE, PollKind, PollOutcome
 from relay.inputs import parse_faction_id, parse_since, parse_wait
 from relay.responses import (
     CORS_HEADERS,
@@ -46,7 +43,6 @@ from relay.responses import (
     ApiError,
     Refusal,
     asgi_headers,
-    error_body,
     refusal,
 )
 
@@ -72,29 +68,29 @@ _SSE = [
     *_CORS,
 ]
 _PREFLIGHT = [*_CORS, *asgi_headers(PREFLIGHT_HEADERS)]
+_METHOD_NOT_ALLOWED = {
+    EVENTS_PATH: Refusal(
+        405, "method_not_allowed", "this path answers GET and POST only", {"Allow": "GET, POST, OPTIONS"}
+    ),
+    STREAM_PATH: Refusal(405, "method_not_allowed", "this path answers GET only", {"Allow": "GET, OPTIONS"}),
+}
 
 
 class EventsEndpoint:
-    """An ASGI app: the two events paths here, everything else to `fallback`."""
+    """An ASGI app: the two events paths here, each answer counted here too; everything else to
+    `fallback` (the Quart app, behind its own accounting layer: see relay.edge for why)."""
 
-    def __init__(self, services: Services, fallback: ASGIApp, fallback_routes: Iterable[str]) -> None:
+    def __init__(self, services: Services, fallback: ASGIApp) -> None:
         self._services = services
         self._fallback = fallback
-        # The paths the fallback serves, by which its answers are counted (anything else: "other").
-        self._fallback_routes = frozenset(fallback_routes)
-        self._trusted_proxies = frozenset(services.config.server.trusted_proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self._fallback(scope, receive, send)
             return
-        if self._trusted_proxies:  # without a proxy configured, the hot path pays one truth test
-            _use_forwarded_client(scope, self._trusted_proxies)
         started = trio.current_time()
         path, method = scope["path"], scope["method"]
         if path in (EVENTS_PATH, STREAM_PATH) and method == "GET":
-            # Handled here rather than in a wrapper: every frame stays alive for as long as a
-            # long-poll or a stream is held, and there are thousands of them.
             args = _query(scope)
             status = await self._answer_events(path, args, scope, receive, send)
             if path == EVENTS_PATH:
@@ -114,26 +110,11 @@ class EventsEndpoint:
             return
         if path == STREAM_PATH or (path == EVENTS_PATH and method != "POST"):
             # Publishing (POST /events) is the Quart app's, whose own 405 would leave GET out of Allow.
-            allow, answers = (
-                (b"GET, OPTIONS", "GET") if path == STREAM_PATH else (b"GET, POST, OPTIONS", "GET and POST")
-            )
-            body = error_body("method_not_allowed", f"this path answers {answers} only")
-            await send_whole(send, 405, [*_JSON, (b"allow", allow)], body)
-            self._services.http.answered(method, path, 405, trio.current_time() - started)
+            refused = _METHOD_NOT_ALLOWED[path]
+            await send_whole(send, refused.status, [*_JSON, *asgi_headers(refused.headers)], refused.body)
+            self._services.http.answered(method, path, refused.status, trio.current_time() - started)
             return
-        status = 500  # unless the fallback says otherwise
-
-        async def send_counting(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self._fallback(scope, receive, send_counting)
-        finally:
-            route = path if path in self._fallback_routes or path == EVENTS_PATH else OTHER_ROUTE
-            self._services.http.answered(method, route, status, trio.current_time() - started)
+        await self._fallback(scope, receive, send)
 
     async def _answer_events(
         self, path: str, args: dict[str, str], scope: Scope, receive: Receive, send: Send
@@ -247,24 +228,3 @@ def _query(scope: Scope) -> dict[str, str]:
     for name, value in pairs:
         args.setdefault(name, value)
     return args
-
-
-def _use_forwarded_client(scope: Scope, trusted: frozenset[str]) -> None:
-    """For a request from a trusted proxy, make the client the rightmost X-Forwarded-For address: the
-    one the proxy appended itself (nginx's $proxy_add_x_forwarded_for). Addresses to its left came
-    with the request and could be anything; so could the header of a peer that is not trusted."""
-    client = scope.get("client")
-    if not client or client[0] not in trusted:
-        return
-    forwarded = None
-    for key, value in scope["headers"]:
-        if key.lower() == b"x-forwarded-for":
-            forwarded = value  # repeated headers are one comma-separated list: the last one ends it
-    if forwarded is None:
-        return
-    try:
-        address = ipaddress.ip_address(bytes(forwarded).decode("latin-1").rsplit(",", 1)[-1].strip())
-    except ValueError:
-        return  # not what the proxy writes: keep the proxy's own address rather than guess
-    # The client's port is not forwarded; 0 says so rather than passing off the proxy's as its own.
-    scope["client"] = (str(address), 0)
