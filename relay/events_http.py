@@ -4,11 +4,8 @@ Every member's browser asks these two far more often than anything else, so they
 per-request machinery (request and response objects, context variables, before/after hooks, error
 handler lookup). Measured by `make bench`: see bench/RESULTS.md. Every other path and method falls
 through to the Quart app unchanged. The contract is the same as any route's: the same parsers, the
-same admission (`relay.admission`), the same error shape, CORS on every answer.
-
-Behind a reverse proxy (`server.trusted_proxies`) every request arrives from the proxy's address, so
-the client's own address is taken from the X-Forwarded-For the proxy appended, here, once, for both
-this endpoint and the Quart app (whose `request.remote_addr` reads the same scope).
+same admission (`relay.admission`), the same error renderer (`relay.responses`), CORS on every
+answer. Its answers are counted here, not by a layer around it: see `relay.edge` for why.
 
 A held long-poll or stream ends when its client goes away: hypercorn reports that only as an
 `http.disconnect` from `receive()` and does not cancel the handler, so a held request watches for it
