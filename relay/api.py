@@ -40,7 +40,6 @@ from relay.inputs import (
     parse_json_object,
 )
 from relay.metrics import metrics_registry, render
-from relay.reconcile import ReconcileStatistics
 from relay.responses import (
     CORS_HEADERS,
     JSON_TYPE,
@@ -50,9 +49,9 @@ from relay.responses import (
     Refusal,
     refusal,
 )
+from relay.status import status_document
 from relay.store import StoreError
-from relay.supervisor import UpstreamState
-from relay.traffic import RATE_MINUTES, Source
+from relay.traffic import Source
 
 log = logging.getLogger(__name__)
 
@@ -246,74 +245,6 @@ def create_app(services: Services) -> QuartTrio:
     # Quart's documented place for ASGI middleware, so that its test client goes through it too.
     app.asgi_app = http_edge(services, app)  # type: ignore[method-assign,assignment]
     return app
-
-
-async def status_document(services: Services) -> dict[str, Any]:
-    store = services.store
-    counts = await store.counts()
-    upstream = services.supervisors.statistics()
-    traffic = services.traffic.statistics(trio.current_time())
-    factions = []
-    for faction_id in sorted(set(counts) | set(upstream) | set(store.known_factions())):
-        stats = upstream.get(faction_id)
-        faction_counts = counts.get(faction_id)
-        flow = traffic.get(faction_id)
-        factions.append(
-            {
-                "faction_id": faction_id,
-                "upstream": {
-                    "state": str(stats.state if stats else UpstreamState.STOPPED),
-                    "attempts": stats.attempts if stats else 0,
-                    "last_error": stats.last_error if stats else None,
-                    "connected_since": stats.connected_since if stats else None,
-                    "next_attempt_in_s": _rounded(stats.next_attempt_in_s) if stats else None,
-                },
-                "reconcile": _reconcile_document(stats.reconcile if stats else None),
-                "events_stored": faction_counts.events_stored if faction_counts else 0,
-                "last_event_at": faction_counts.last_event_at if faction_counts else None,
-                "last_poll_at": store.last_activity_at(faction_id),
-                # Addresses that asked about the faction in the last minute or hold a stream open.
-                "members": flow.members if flow else 0,
-                "events_per_minute": flow.events_per_minute if flow else [0] * RATE_MINUTES,
-            }
-        )
-    shared = services.supervisors.shared_deletes_statistics()
-    return {
-        "online": True,
-        "timestamp": store.cursor(),
-        # The relay's wall clock: what a reader measures `last_event_at` and `last_poll_at` against
-        # (`timestamp` is a cursor, which a client's clock running ahead may have moved up).
-        "now": services.wall_clock_ms(),
-        "version": services.version,
-        "uptime_s": round(trio.current_time() - services.started_at, 3),
-        "factions": factions,
-        # The relay-wide DELETE subscription (tables with deletes = "shared"); null until a faction starts it.
-        "shared_deletes": None
-        if shared is None
-        else {
-            "state": str(shared.state),
-            "attempts": shared.attempts,
-            "last_error": shared.last_error,
-            "connected_since": shared.connected_since,
-            "changes_received": shared.changes_received,
-        },
-    }
-
-
-def _reconcile_document(stats: ReconcileStatistics | None) -> dict[str, Any]:
-    if stats is None:
-        return {"reconciles": 0, "last_at": None, "differences": None, "last_error": None, "rest_requests": 0}
-    return {
-        "reconciles": stats.reconciles,
-        "last_at": stats.last_at,
-        "differences": stats.last_differences,
-        "last_error": stats.last_error,
-        "rest_requests": stats.rest_requests,
-    }
-
-
-def _rounded(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds, 3)
 
 
 def error_response(refused: Refusal) -> Response:

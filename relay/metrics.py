@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from relay.admission import Services
 from relay.http_stats import ConnectionStatistics, Histogram
+from relay.status import faction_snapshots
 from relay.supervisor import UpstreamState, UpstreamStatistics
 from relay.traffic import Source
 
@@ -64,8 +65,6 @@ class RelayCollector(Collector):
 
     def _upstream(self) -> Iterator[Metric]:
         services = self._services
-        upstream = services.supervisors.statistics()
-        factions = sorted(set(upstream) | set(services.store.known_factions()))
         state = GaugeMetricFamily(
             f"{PREFIX}_upstream_state",
             "1 for the faction's upstream state (connected, connecting, backoff, auth_failed, stopped), 0 for the others.",
@@ -94,12 +93,10 @@ class RelayCollector(Collector):
         failing = _per_faction(
             GaugeMetricFamily, "reconcile_failing", "1 while the faction's latest reconcile attempt failed."
         )
-        for faction_id in factions:
-            label = str(faction_id)
-            stats = upstream.get(faction_id)
-            current = stats.state if stats else UpstreamState.STOPPED
+        for faction in faction_snapshots(services):
+            label, stats = str(faction.faction_id), faction.upstream
             for each in UpstreamState:
-                state.add_metric([label, str(each)], 1 if each == current else 0)
+                state.add_metric([label, str(each)], 1 if each == faction.state else 0)
             if stats is None:
                 continue
             attempts.add_metric([label], stats.attempts)
