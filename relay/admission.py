@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import trio
 
-from relay.answers import Answers
 from relay.asgi import UNKNOWN_ADDRESS
 from relay.config import Config
 from relay.delivery import HeldRequests
@@ -60,7 +59,6 @@ class Services:
     hub: Hub
     held: HeldRequests
     limiter: RateLimiter
-    answers: Answers
     traffic: Traffic
     http: HttpCounters
     version: str

@@ -31,6 +31,7 @@ from relay.admission import (
     check_rate,
     ensure_capacity,
 )
+from relay.answers import AnswerCache
 from relay.asgi import UNKNOWN_ADDRESS
 from relay.edge import http_edge
 from relay.inputs import (
@@ -42,6 +43,7 @@ from relay.inputs import (
 from relay.metrics import metrics_registry, render
 from relay.responses import (
     CORS_HEADERS,
+    JSON_HEADERS,
     JSON_TYPE,
     PREFLIGHT_HEADERS,
     STORAGE_UNAVAILABLE,
@@ -107,10 +109,19 @@ def openapi_document(version: str) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
 
-def create_app(services: Services) -> QuartTrio:
+class RelayApp(QuartTrio):
+    """The relay's Quart-Trio app, with the cache of event answers its events endpoint fills and
+    `/metrics` reports on: the app's own, so that two apps (the tests') never share answers."""
+
+    def __init__(self, import_name: str, answers: AnswerCache, **options: Any) -> None:
+        super().__init__(import_name, **options)
+        self.answers = answers
+
+
+def create_app(services: Services) -> RelayApp:
     # No static route: each file has its own route and headers (the status page its CSP), and is
     # never served a second time without them under /static/.
-    app = QuartTrio(__name__, static_folder=None)
+    app = RelayApp(__name__, AnswerCache(JSON_HEADERS), static_folder=None)
     config, store, supervisors, hub = services.config, services.store, services.supervisors, services.hub
     # Quart applies one body limit to every route; the publishing routes need the larger one, and
     # the others check their own (smaller) limit before reading.
@@ -233,7 +244,7 @@ def create_app(services: Services) -> QuartTrio:
     async def status() -> Response:
         return json_response(await status_document(services))
 
-    registry = metrics_registry(services)
+    registry = metrics_registry(services, app.answers)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -243,7 +254,7 @@ def create_app(services: Services) -> QuartTrio:
     install_error_handlers(app)
     install_cors(app)
     # Quart's documented place for ASGI middleware, so that its test client goes through it too.
-    app.asgi_app = http_edge(services, app)  # type: ignore[method-assign,assignment]
+    app.asgi_app = http_edge(services, app.answers, app)  # type: ignore[method-assign,assignment]
     return app
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import trio
 
-from relay.answers import Answers
+from relay.answers import AnswerCache
 from relay.hub import Hub
 from relay.store import Store
 from relay.traffic import Traffic
@@ -110,7 +110,7 @@ async def wait_for_events(
     burst is answered at once, or when the relay stops. The caller bounds the wait (its `wait=`).
     """
     while not store.read_since(faction_id, since)[0] and not hub.stopping.is_set():
-        await hub.wait_for_events(faction_id)
+        await hub.wait_for_notify(faction_id)
     if not hub.stopping.is_set():
         # Several members' wake-ups for one burst of calls cost one answer each, not one per call.
         with trio.move_on_after(linger_s):
@@ -120,7 +120,7 @@ async def wait_for_events(
 async def stream_events(
     store: Store,
     hub: Hub,
-    answers: Answers,
+    answers: AnswerCache,
     traffic: Traffic,
     faction_id: int,
     since: int | None,
@@ -152,7 +152,7 @@ async def stream_events(
             last_sent = trio.current_time()
         # No timer per stream: the hub wakes quiet factions' waiters every SSE_KEEPALIVE_S
         # (`Hub.wake_quiet_factions_every`), so a silent stream says something every 7.5-22.5 s.
-        await hub.wait_for_events(faction_id)
+        await hub.wait_for_notify(faction_id)
     return True
 
 

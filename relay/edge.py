@@ -30,16 +30,17 @@ import trio
 from quart_trio import QuartTrio
 
 from relay.admission import Services
+from relay.answers import AnswerCache
 from relay.asgi import ASGIApp, EndAfterResponse, Message, Receive, Scope, Send
 from relay.events_http import EventsEndpoint
 from relay.http_stats import OTHER_ROUTE, HttpCounters
 
 
-def http_edge(services: Services, app: QuartTrio) -> ASGIApp:
+def http_edge(services: Services, answers: AnswerCache, app: QuartTrio) -> ASGIApp:
     """The stack in front of the Quart app's own `asgi_app`, once its routes are in place."""
     routes = [rule.rule for rule in app.url_map.iter_rules()]
     quart = HttpAccounting(EndAfterResponse(app.asgi_app), services.http, routes)
-    edge: ASGIApp = EventsEndpoint(services, quart)
+    edge: ASGIApp = EventsEndpoint(services, answers, quart)
     trusted = frozenset(services.config.server.trusted_proxies)
     return ForwardedClient(edge, trusted) if trusted else edge
 

@@ -20,6 +20,7 @@ from urllib.parse import parse_qsl
 import trio
 
 from relay.admission import Services, admit_faction, apply_client_clock, check_rate
+from relay.answers import AnswerCache
 from relay.asgi import (
     ASGIApp,
     Receive,
@@ -57,7 +58,6 @@ TOO_MANY_STREAMS = Refusal(
 
 _CORS = asgi_headers(CORS_HEADERS)
 _JSON = JSON_HEADERS
-EVENTS_HEADERS = _JSON  # an answer's, before its content-length
 _SSE = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -77,8 +77,9 @@ class EventsEndpoint:
     """An ASGI app: the two events paths here, each answer counted here too; everything else to
     `fallback` (the Quart app, behind its own accounting layer: see relay.edge for why)."""
 
-    def __init__(self, services: Services, fallback: ASGIApp) -> None:
+    def __init__(self, services: Services, answers: AnswerCache, fallback: ASGIApp) -> None:
         self._services = services
+        self._answers = answers
         self._fallback = fallback
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -169,7 +170,7 @@ class EventsEndpoint:
                         return  # nobody is left to answer
                     found, cursor = store.read_since(faction_id, since)
         advice = next_poll_ms(store, held, faction_id, services.wall_clock_ms())
-        headers, body = services.answers.poll(faction_id, found, cursor, advice, truncated=truncated)
+        headers, body = self._answers.poll(faction_id, found, cursor, advice, truncated=truncated)
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
         if found:
@@ -197,7 +198,7 @@ class EventsEndpoint:
             services.traffic.stream_opened(faction_id, address, trio.current_time())
             try:
                 streaming = stream_events(
-                    store, hub, services.answers, services.traffic, faction_id, since, send_chunk
+                    store, hub, self._answers, services.traffic, faction_id, since, send_chunk
                 )
                 if not await until_hung_up(receive, streaming):
                     await send({"type": "http.response.body", "body": b"", "more_body": False})

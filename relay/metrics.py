@@ -18,6 +18,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from relay.admission import Services
+from relay.answers import AnswerCache
 from relay.http_stats import ConnectionStatistics, Histogram
 from relay.status import faction_snapshots
 from relay.supervisor import UpstreamState, UpstreamStatistics
@@ -26,11 +27,11 @@ from relay.traffic import Source
 PREFIX = "cat_relay"
 
 
-def metrics_registry(services: Services) -> CollectorRegistry:
+def metrics_registry(services: Services, answers: AnswerCache) -> CollectorRegistry:
     """A registry of its own per relay (not the library's global one), so that several relays in
     one process (the tests) do not collide; with the process's CPU, memory and descriptors."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(RelayCollector(services))
+    registry.register(RelayCollector(services, answers))
     ProcessCollector(registry=registry)
     return registry
 
@@ -42,8 +43,9 @@ def render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
 
 
 class RelayCollector(Collector):
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, answers: AnswerCache) -> None:
         self._services = services
+        self._answers = answers
 
     def collect(self) -> Iterator[Metric]:
         yield from self._relay()
@@ -162,12 +164,12 @@ class RelayCollector(Collector):
             delivery.refused_over_cap,
         )
         yield CounterMetricFamily(
-            f"{PREFIX}_answers_built", "Event answers and SSE chunks built.", services.answers.built
+            f"{PREFIX}_answers_built", "Event answers and SSE chunks built.", self._answers.built
         )
         yield CounterMetricFamily(
             f"{PREFIX}_answers_reused",
             "Event answers and SSE chunks sent again from the cache, built once for many members.",
-            services.answers.reused,
+            self._answers.reused,
         )
 
     def _http(self) -> Iterator[Metric]:

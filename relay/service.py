@@ -36,13 +36,11 @@ from quart_trio import QuartTrio
 
 import relay
 from relay.admission import Services
-from relay.answers import Answers
-from relay.api import create_app
+from relay.api import RelayApp, create_app
 from relay.backoff import Backoff
 from relay.config import Config
 from relay.delivery import SSE_KEEPALIVE_S, HeldRequests
 from relay.descriptors import max_connections, open_file_limit
-from relay.events_http import EVENTS_HEADERS
 from relay.http_server import serve
 from relay.http_stats import ConnectionCounters, HttpCounters
 from relay.hub import Hub
@@ -76,7 +74,7 @@ class RunningRelay:
     """What a started relay hands its starter: where it listens and how to stop it."""
 
     urls: Sequence[str]
-    app: QuartTrio
+    app: RelayApp
     services: Services
 
     @property
@@ -255,7 +253,6 @@ async def _run_relay(
             hub,
             held,
             limiter,
-            Answers(EVENTS_HEADERS),
             traffic,
             HttpCounters(max_connections(config, open_file_limit())),
             relay.__version__,

@@ -245,7 +245,7 @@ async def test_readers_far_behind_share_one_large_answer(relay: RunningRelay) ->
             },
         )
         assert response.status_code == 200
-    answers = relay.services.answers
+    answers = relay.app.answers
     status, first = await events(relay, f"faction_id={FACTION}&since=0")
     assert (status, len(first["events"])) == (200, 20)
     built = answers.built

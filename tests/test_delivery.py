@@ -94,7 +94,7 @@ async def test_members_held_on_one_cursor_are_answered_with_one_answer_built_onc
 ) -> None:
     answers: list[dict[str, Any]] = []
     members = 20
-    poll_answers = relay.services.answers
+    poll_answers = relay.app.answers
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             since = relay.store.cursor()
