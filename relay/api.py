@@ -1,21 +1,19 @@
-"""The HTTP API: routes, CORS, and the one renderer every refusal goes through.
+"""The HTTP API: `create_app(services)`, which reads as the list of routes, with CORS and the Quart
+side of the one error renderer (`relay.responses`).
 
-`create_app(services)` builds the Quart-Trio app around services that are already running; the
-app starts no tasks of its own (hypercorn's lifespan nursery is not the relay's task tree).
-`GET /events` and `GET /events/stream` are answered in front of Quart by `relay.events_http`;
-parsing lives in `relay.inputs`, admission in `relay.admission`, holding requests in `relay.delivery`.
+The app is built around services that are already running and starts no tasks of its own
+(hypercorn's lifespan nursery is not the relay's task tree). In front of it is the HTTP edge
+(`relay.edge`), where `GET /events` and `GET /events/stream` are answered (`relay.events_http`).
+Parsing lives in `relay.inputs`, admission in `relay.admission`, holding requests in
+`relay.delivery`, the files served as they are in `relay.assets`, the `/status` document in
+`relay.status`.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import logging
-import re
 from collections.abc import Mapping
-from functools import cache
-from importlib import resources
 from typing import Any
 
 import trio
@@ -33,6 +31,8 @@ from relay.admission import (
 )
 from relay.answers import AnswerCache
 from relay.asgi import UNKNOWN_ADDRESS
+from relay.assets import install_asset_routes
+from relay.config import Config
 from relay.edge import http_edge
 from relay.inputs import (
     check_api_key,
@@ -63,7 +63,6 @@ LEGACY_PUBLISH = {
     "/faction-members": ("faction_members_update", "members"),
 }
 BODY_TIMEOUT_S = 10
-HTML_TYPE = "text/html; charset=utf-8"
 # Set by the proxy in front of several relay instances (deploy/nginx.conf) on the copy of a subscribe
 # it mirrors to every instance: each learns the faction, so that it can take over its polls.
 STANDBY_HEADER = "X-CAT-Relay-Standby"
@@ -71,42 +70,6 @@ STANDBY_HEADER = "X-CAT-Relay-Standby"
 
 def json_response(payload: Any, status: int = 200) -> Response:
     return Response(json.dumps(payload, separators=(",", ":")), status=status, content_type=JSON_TYPE)
-
-
-@cache
-def client_script() -> bytes:
-    return resources.files("relay").joinpath("static/client.js").read_bytes()
-
-
-@cache
-def status_page() -> tuple[bytes, dict[str, str]]:
-    """The status page and its headers: a policy that lets it run its own inline script and style
-    (by hash, so the page stays one file) and fetch `/status`, and nothing else at all."""
-    page = resources.files("relay").joinpath("static/status.html").read_text(encoding="utf-8")
-    policy = (
-        f"default-src 'none'; script-src {_inline_hash(page, 'script')}; style-src {_inline_hash(page, 'style')}; "
-        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    )
-    # no-cache: a relay upgraded in place serves its new page at once.
-    headers = {
-        "Content-Security-Policy": policy,
-        "Cache-Control": "no-cache",
-        "X-Content-Type-Options": "nosniff",
-    }
-    return page.encode(), headers
-
-
-def _inline_hash(page: str, tag: str) -> str:
-    (body,) = re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.DOTALL)  # exactly one, or no page at all
-    return f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
-
-
-@cache  # 50 KB of JSON: parsed once, not per request
-def openapi_document(version: str) -> bytes:
-    """relay/static/openapi.json, the API's description, with the running relay's version in it."""
-    document = json.loads(resources.files("relay").joinpath("static/openapi.json").read_bytes())
-    document["info"]["version"] = version
-    return json.dumps(document, separators=(",", ":")).encode()
 
 
 class RelayApp(QuartTrio):
@@ -119,28 +82,11 @@ class RelayApp(QuartTrio):
 
 
 def create_app(services: Services) -> RelayApp:
-    # No static route: each file has its own route and headers (the status page its CSP), and is
-    # never served a second time without them under /static/.
+    # No static route: each file has its own route and headers (relay.assets).
     app = RelayApp(__name__, AnswerCache(JSON_HEADERS), static_folder=None)
     config, store, supervisors, hub = services.config, services.store, services.supervisors, services.hub
-    # Quart applies one body limit to every route; the publishing routes need the larger one, and
-    # the others check their own (smaller) limit before reading.
-    app.config["MAX_CONTENT_LENGTH"] = max(config.server.max_body_bytes, config.publish.max_body_bytes)
-    app.config["RESPONSE_TIMEOUT"] = None  # SSE streams are meant to stay open; shutdown ends them
-    # A body of at most publish.max_body_bytes takes no honest client long; a slow one holds a socket.
-    app.config["BODY_TIMEOUT"] = BODY_TIMEOUT_S
-
-    @app.before_request
-    async def rate_limit() -> None:
-        if request.path not in RATE_LIMITED_PATHS or request.method == "OPTIONS":
-            return
-        check_rate(services, request.remote_addr, REQUEST_COSTS.get(request.path, 1))
-
-    async def read_json(limit: int) -> Mapping[str, Any]:
-        check_body_size(request.content_length, limit)
-        body = await request.get_data(as_text=False)
-        check_body_size(len(body), limit)
-        return parse_json_object(body)
+    _configure_limits(app, config)
+    install_rate_limit(app, services)
 
     @app.get("/ping")
     async def ping() -> Response:
@@ -156,26 +102,7 @@ def create_app(services: Services) -> RelayApp:
             return json_response(document, STORAGE_UNAVAILABLE.status)
         return json_response({"status": "ok"})
 
-    @app.get("/client.js")
-    async def client_js() -> Response:
-        # Its default relay is the address it was fetched from, so `@require https://<relay>/client.js`
-        # needs nothing else. Behind a trusted proxy (which terminates TLS) the proxy's scheme counts.
-        scheme = request.scheme
-        forwarded = request.headers.get("X-Forwarded-Proto", "")
-        if config.server.trusted_proxies and forwarded in ("http", "https"):
-            scheme = forwarded
-        default = f"CATRelay.defaults.relayUrl = {json.dumps(f'{scheme}://{request.host}')};\n"
-        script = client_script() + (default.encode() if request.host else b"")
-        return Response(script, content_type="application/javascript; charset=utf-8")
-
-    @app.get("/")
-    async def status_html() -> Response:
-        page, headers = status_page()
-        return Response(page, content_type=HTML_TYPE, headers=headers)
-
-    @app.get("/openapi.json")
-    async def openapi_json() -> Response:
-        return Response(openapi_document(services.version), content_type=JSON_TYPE)
+    install_asset_routes(app, config, services.version)  # /client.js, /, /openapi.json
 
     standby = StandbyRoom(services)
 
@@ -256,6 +183,30 @@ def create_app(services: Services) -> RelayApp:
     # Quart's documented place for ASGI middleware, so that its test client goes through it too.
     app.asgi_app = http_edge(services, app.answers, app)  # type: ignore[method-assign,assignment]
     return app
+
+
+def _configure_limits(app: QuartTrio, config: Config) -> None:
+    # Quart applies one body limit to every route; the publishing routes need the larger one, and
+    # the others check their own (smaller) limit before reading.
+    app.config["MAX_CONTENT_LENGTH"] = max(config.server.max_body_bytes, config.publish.max_body_bytes)
+    app.config["RESPONSE_TIMEOUT"] = None  # SSE streams are meant to stay open; shutdown ends them
+    # A body of at most publish.max_body_bytes takes no honest client long; a slow one holds a socket.
+    app.config["BODY_TIMEOUT"] = BODY_TIMEOUT_S
+
+
+def install_rate_limit(app: QuartTrio, services: Services) -> None:
+    @app.before_request
+    async def rate_limit() -> None:
+        if request.path not in RATE_LIMITED_PATHS or request.method == "OPTIONS":
+            return
+        check_rate(services, request.remote_addr, REQUEST_COSTS.get(request.path, 1))
+
+
+async def read_json(limit: int) -> Mapping[str, Any]:
+    check_body_size(request.content_length, limit)
+    body = await request.get_data(as_text=False)
+    check_body_size(len(body), limit)
+    return parse_json_object(body)
 
 
 def error_response(refused: Refusal) -> Response:
