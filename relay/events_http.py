@@ -57,7 +57,6 @@ TOO_MANY_STREAMS = Refusal(
 )
 
 _CORS = asgi_headers(CORS_HEADERS)
-_JSON = JSON_HEADERS
 _SSE = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -108,9 +107,8 @@ class EventsEndpoint:
             return
         if path == STREAM_PATH or (path == EVENTS_PATH and method != "POST"):
             # Publishing (POST /events) is the Quart app's, whose own 405 would leave GET out of Allow.
-            refused = _METHOD_NOT_ALLOWED[path]
-            await send_whole(send, refused.status, [*_JSON, *asgi_headers(refused.headers)], refused.body)
-            self._services.http.answered(method, path, refused.status, trio.current_time() - started)
+            status = await _refuse(send, _METHOD_NOT_ALLOWED[path])
+            self._services.http.answered(method, path, status, trio.current_time() - started)
             return
         await self._fallback(scope, receive, send)
 
@@ -125,9 +123,7 @@ class EventsEndpoint:
                 await self._stream(args, scope, receive, send)
             return 200
         except Exception as exc:  # the one renderer's: every refusal and fault, as the Quart routes'
-            refused = refusal(exc, "GET", path, log)
-            await send_whole(send, refused.status, [*_JSON, *asgi_headers(refused.headers)], refused.body)
-            return refused.status
+            return await _refuse(send, refusal(exc, "GET", path, log))
 
     async def _admit(
         self,
@@ -204,6 +200,11 @@ class EventsEndpoint:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
             finally:
                 services.traffic.stream_closed(faction_id, address)
+
+
+async def _refuse(send: Send, refused: Refusal) -> int:
+    await send_whole(send, refused.status, [*JSON_HEADERS, *asgi_headers(refused.headers)], refused.body)
+    return refused.status
 
 
 def _asks_to_wait(args: dict[str, str]) -> bool:
