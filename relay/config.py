@@ -87,13 +87,13 @@ class ChannelConfig:
 class UpstreamConfig:
     url: str
     anon_key: str = field(repr=False)  # so that logging a config, or a traceback, never shows it
-    heartbeat_interval: float = 25.0
-    connect_timeout: float = 10.0
-    backoff_initial: float = 1.0
-    backoff_max: float = 60.0
+    heartbeat_interval_s: float = 25.0
+    connect_timeout_s: float = 10.0
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
     joins_per_second: float = 20.0
     rest_url: str = ""  # PostgREST base; empty: derived from url (…/realtime/v1/websocket → …/rest/v1)
-    reconcile_interval: float = 300.0
+    reconcile_interval_s: float = 300.0
     channels: tuple[ChannelConfig, ...] = (
         ChannelConfig("war_calls", "faction_id=eq.{faction_id}"),
         ChannelConfig("faction_messages", "faction_id=eq.{faction_id}"),
@@ -114,8 +114,8 @@ class UpstreamConfig:
 @dataclass(frozen=True, slots=True)
 class RetentionConfig:
     events_per_faction: int = 100
-    maintenance_interval: float = 300.0
-    subscription_ttl: float = 1800.0
+    maintenance_interval_s: float = 300.0
+    subscription_ttl_s: float = 1800.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +124,7 @@ class LimitsConfig:
     # Known but inactive factions (standby copies from nginx's mirror, expired ones): 4 times max_factions,
     # room for the factions of four more full instances behind the same nginx.
     max_standby_factions: int = 600
-    long_poll_max_wait: float = 30.0
+    long_poll_max_wait_s: float = 30.0
     long_poll_linger_s: float = 0.05
     max_held_requests: int = 10000
     max_clock_skew_s: float = 600.0
@@ -213,15 +213,15 @@ def load_config(
         upstream=_upstream(upstream, where),
         retention=RetentionConfig(
             events_per_faction=retention.integer("events_per_faction", low=1),
-            maintenance_interval=retention.seconds("maintenance_interval"),
-            subscription_ttl=retention.seconds("subscription_ttl"),
+            maintenance_interval_s=retention.seconds("maintenance_interval_s"),
+            subscription_ttl_s=retention.seconds("subscription_ttl_s"),
         ),
         limits=LimitsConfig(
             max_factions=limits.integer("max_factions", low=1),
             # 0: this relay learns no faction from standby subscribes (one relay on its own needs none).
             max_standby_factions=limits.integer("max_standby_factions", low=0),
             # Upper bounds rather than intervals: 0 is meaningful (answer at once, allow no skew).
-            long_poll_max_wait=limits.seconds("long_poll_max_wait", allow_zero=True),
+            long_poll_max_wait_s=limits.seconds("long_poll_max_wait_s", allow_zero=True),
             long_poll_linger_s=limits.seconds("long_poll_linger_s", allow_zero=True),
             max_held_requests=limits.integer("max_held_requests", low=0),
             max_clock_skew_s=limits.seconds("max_clock_skew_s", allow_zero=True),
@@ -327,19 +327,19 @@ def _upstream(table: _Table, where: str) -> UpstreamConfig:
     upstream = UpstreamConfig(
         url=url,
         anon_key=anon_key,
-        heartbeat_interval=table.seconds("heartbeat_interval"),
-        connect_timeout=table.seconds("connect_timeout"),
-        backoff_initial=table.seconds("backoff_initial"),
-        backoff_max=table.seconds("backoff_max"),
+        heartbeat_interval_s=table.seconds("heartbeat_interval_s"),
+        connect_timeout_s=table.seconds("connect_timeout_s"),
+        backoff_initial_s=table.seconds("backoff_initial_s"),
+        backoff_max_s=table.seconds("backoff_max_s"),
         joins_per_second=table.rate("joins_per_second"),
         rest_url=_rest_url(table),
-        reconcile_interval=table.seconds("reconcile_interval"),
+        reconcile_interval_s=table.seconds("reconcile_interval_s"),
         channels=_channels(table),
     )
-    if upstream.backoff_initial > upstream.backoff_max:
+    if upstream.backoff_initial_s > upstream.backoff_max_s:
         raise ConfigError(
-            f"{table.label('backoff_initial')} ({upstream.backoff_initial:g}) must not exceed "
-            f"{table.label('backoff_max')} ({upstream.backoff_max:g})"
+            f"{table.label('backoff_initial_s')} ({upstream.backoff_initial_s:g}) must not exceed "
+            f"{table.label('backoff_max_s')} ({upstream.backoff_max_s:g})"
         )
     return upstream
 

@@ -25,7 +25,7 @@ CONFIG = f"""
 port = 9001
 [upstream]
 url = "{URL}"
-backoff_max = 30.0
+backoff_max_s = 30.0
 [[upstream.channels]]
 table = "war_calls"
 filter = "faction_id=eq.{{faction_id}}"

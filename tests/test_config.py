@@ -60,7 +60,7 @@ def test_defaults_with_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         "wars",
     ]
     assert config.retention == RetentionConfig(100, 300.0, 1800.0)
-    assert config.limits == LimitsConfig(max_factions=150, long_poll_max_wait=30.0, max_clock_skew_s=600.0)
+    assert config.limits == LimitsConfig(max_factions=150, long_poll_max_wait_s=30.0, max_clock_skew_s=600.0)
     assert config.auth == AuthConfig(())
     assert config.accepted_api_keys == (KEY,)
 
@@ -101,21 +101,21 @@ def test_file_values(tmp_path: Path) -> None:
         [storage]
         path = "/var/lib/relay/relay.db"
         [upstream]
-        heartbeat_interval = 5      # an int is fine where seconds are asked for
-        connect_timeout = 2.5
-        backoff_initial = 0.5
-        backoff_max = 30.0
+        heartbeat_interval_s = 5    # an int is fine where seconds are asked for
+        connect_timeout_s = 2.5
+        backoff_initial_s = 0.5
+        backoff_max_s = 30.0
         [[upstream.channels]]
         table = "wars"
         filter = "faction_id=eq.{faction_id}"
         [retention]
         events_per_faction = 10
-        maintenance_interval = 60.0
-        subscription_ttl = 600.0
+        maintenance_interval_s = 60.0
+        subscription_ttl_s = 600.0
         [limits]
         max_factions = 3
         max_standby_factions = 0    # learns no faction from standby subscribes
-        long_poll_max_wait = 0
+        long_poll_max_wait_s = 0
         max_clock_skew_s = 0.0
         [auth]
         api_keys = ["one", "two"]
@@ -127,10 +127,10 @@ def test_file_values(tmp_path: Path) -> None:
     assert config.upstream == UpstreamConfig(
         URL, KEY, 5.0, 2.5, 0.5, 30.0, channels=(ChannelConfig("wars", "faction_id=eq.{faction_id}"),)
     )
-    assert type(config.upstream.heartbeat_interval) is float
+    assert type(config.upstream.heartbeat_interval_s) is float
     assert config.retention == RetentionConfig(10, 60.0, 600.0)
     assert config.limits == LimitsConfig(
-        max_factions=3, max_standby_factions=0, long_poll_max_wait=0.0, max_clock_skew_s=0.0
+        max_factions=3, max_standby_factions=0, long_poll_max_wait_s=0.0, max_clock_skew_s=0.0
     )
     assert config.accepted_api_keys == ("one", "two")
     assert config.source == tmp_path / "relay.toml"
@@ -234,9 +234,9 @@ def test_a_relative_config_path_is_made_absolute(tmp_path: Path, monkeypatch: py
         ("[server]\nport = true\n", {}, ["server.port", "an integer", "true", "boolean"]),
         ("[limits]\nmax_factions = 1.5\n", {}, ["limits.max_factions", "an integer", "1.5", "float"]),
         ("[server]\nhost = 1\n", {}, ["server.host", "a string", "1", "integer"]),
-        ("[upstream]\nconnect_timeout = true\n", {}, ["upstream.connect_timeout", "seconds", "true"]),
-        ('[upstream]\nheartbeat_interval = "25s"\n', {}, ["upstream.heartbeat_interval", '"25s"']),
-        ("[retention]\nsubscription_ttl = 1979-05-27\n", {}, ["retention.subscription_ttl", "date"]),
+        ("[upstream]\nconnect_timeout_s = true\n", {}, ["upstream.connect_timeout_s", "seconds", "true"]),
+        ('[upstream]\nheartbeat_interval_s = "25s"\n', {}, ["upstream.heartbeat_interval_s", '"25s"']),
+        ("[retention]\nsubscription_ttl_s = 1979-05-27\n", {}, ["retention.subscription_ttl_s", "date"]),
         ("server = 1\n", {}, ["server must be a table", "integer"]),
         # url
         ("[upstream]\nurl = 'https://x.supabase.co'\n", {"RELAY_UPSTREAM_URL": ""}, ["RELAY_UPSTREAM_URL"]),
@@ -251,17 +251,21 @@ def test_a_relative_config_path_is_made_absolute(tmp_path: Path, monkeypatch: py
         ("", {"RELAY_UPSTREAM_URL": "wss://h/ws?apikey=SECRET-VALUE"}, ["RELAY_UPSTREAM_URL", "apikey"]),
         ("", {"RELAY_UPSTREAM_ANON_KEY": " "}, ["RELAY_UPSTREAM_ANON_KEY must not be empty"]),
         # seconds: positive and finite
-        ("[upstream]\nheartbeat_interval = 0\n", {}, ["upstream.heartbeat_interval", "more than zero", "0"]),
-        ("[upstream]\nconnect_timeout = -1.5\n", {}, ["upstream.connect_timeout", "-1.5"]),
-        ("[upstream]\nbackoff_max = inf\n", {}, ["upstream.backoff_max", "finite", "inf"]),
-        ("[retention]\nmaintenance_interval = nan\n", {}, ["retention.maintenance_interval", "nan"]),
-        ("[retention]\nsubscription_ttl = 0.0\n", {}, ["retention.subscription_ttl", "0.0"]),
-        ("[limits]\nlong_poll_max_wait = -1\n", {}, ["limits.long_poll_max_wait", "zero or more", "-1"]),
+        (
+            "[upstream]\nheartbeat_interval_s = 0\n",
+            {},
+            ["upstream.heartbeat_interval_s", "more than zero", "0"],
+        ),
+        ("[upstream]\nconnect_timeout_s = -1.5\n", {}, ["upstream.connect_timeout_s", "-1.5"]),
+        ("[upstream]\nbackoff_max_s = inf\n", {}, ["upstream.backoff_max_s", "finite", "inf"]),
+        ("[retention]\nmaintenance_interval_s = nan\n", {}, ["retention.maintenance_interval_s", "nan"]),
+        ("[retention]\nsubscription_ttl_s = 0.0\n", {}, ["retention.subscription_ttl_s", "0.0"]),
+        ("[limits]\nlong_poll_max_wait_s = -1\n", {}, ["limits.long_poll_max_wait_s", "zero or more", "-1"]),
         ("[limits]\nmax_clock_skew_s = -0.5\n", {}, ["limits.max_clock_skew_s", "-0.5"]),
         (
-            "[upstream]\nbackoff_initial = 61\n",
+            "[upstream]\nbackoff_initial_s = 61\n",
             {},
-            ["upstream.backoff_initial (61)", "must not exceed", "upstream.backoff_max (60)"],
+            ["upstream.backoff_initial_s (61)", "must not exceed", "upstream.backoff_max_s (60)"],
         ),
         # counts and sizes
         ("[retention]\nevents_per_faction = 0\n", {}, ["retention.events_per_faction", "at least 1", "0"]),
