@@ -45,6 +45,18 @@ ENV_KEYS: Final = {
     "RELAY_SERVER_PORT": "server.port",
     "RELAY_STORAGE_PATH": "storage.path",
 }
+# Durations got their unit in their name (`_s`). A relay.toml written before that keeps working: each old
+# name is read as the new one, with a warning naming both. No RELAY_* variable ever named a duration.
+OLD_NAMES: Final = {
+    "upstream.heartbeat_interval": "upstream.heartbeat_interval_s",
+    "upstream.connect_timeout": "upstream.connect_timeout_s",
+    "upstream.backoff_initial": "upstream.backoff_initial_s",
+    "upstream.backoff_max": "upstream.backoff_max_s",
+    "upstream.reconcile_interval": "upstream.reconcile_interval_s",
+    "retention.maintenance_interval": "retention.maintenance_interval_s",
+    "retention.subscription_ttl": "retention.subscription_ttl_s",
+    "limits.long_poll_max_wait": "limits.long_poll_max_wait_s",
+}
 
 
 class ConfigError(Exception):
@@ -161,6 +173,9 @@ class Config:
     auth: AuthConfig
     logging: LoggingConfig
     source: Path | None
+    # One line per old key name the file used, for the CLI to log once logging is set up as this config
+    # says. Not compared: two configs with the same values are the same however the file spelled them.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def accepted_api_keys(self) -> tuple[str, ...]:
@@ -190,7 +205,8 @@ def load_config(
     env = _relay_environ(os.environ if environ is None else environ, overrides or {})
     source = _choose_file(path, env)
     tables = _sections(_read_toml(source, from_env=path is None) if source is not None else {})
-    labels = _apply_env(tables, env)
+    old_names, warnings = _rename_old_keys(tables, source)
+    labels = {**old_names, **_apply_env(tables, env)}
     where = f"in {source}" if source is not None else "in a config file (none was read)"
 
     def section(name: str) -> _Table:
@@ -235,6 +251,7 @@ def load_config(
         auth=AuthConfig(_api_keys(auth)),
         logging=_logging(logs),
         source=source,
+        warnings=warnings,
     )
 
 
@@ -284,6 +301,29 @@ def _sections(document: Mapping[str, Any]) -> dict[str, dict[str, object]]:
             raise ConfigError(f"{name} must be a table ([{name}]), got {_kind(table)}")
         tables[name] = dict(table)
     return tables
+
+
+def _rename_old_keys(
+    tables: dict[str, dict[str, object]], source: Path | None
+) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Move each old key to its new name; return the old name of each key moved (so that a refusal names
+    what the file says) and one warning per key."""
+    labels: dict[str, str] = {}
+    warnings: list[str] = []
+    for old, new in OLD_NAMES.items():
+        section, old_key = old.split(".")
+        new_key = new.split(".")[1]
+        table = tables[section]
+        if old_key not in table:
+            continue
+        if new_key in table:
+            # Refused rather than letting one win: the two values may differ, and the operator who reads
+            # the one that lost would believe it in force.
+            raise ConfigError(f"{old} and {new} are both set: keep only {new} ({old} is its old name)")
+        table[new_key] = table.pop(old_key)
+        labels[new] = old
+        warnings.append(f"{old} in {source} is an old name: call it {new} (the old name is still read)")
+    return labels, tuple(warnings)
 
 
 def _apply_env(tables: dict[str, dict[str, object]], env: Mapping[str, str]) -> dict[str, str]:
