@@ -160,7 +160,7 @@ class EventsEndpoint:
         since = parse_since(args.get("since"))
         if resume_text is not None:
             since = parse_since(resume_text)
-        wait_s = parse_wait(wait_text, services.config.limits.long_poll_max_wait)
+        wait_s = parse_wait(wait_text, services.config.limits.long_poll_max_wait_s)
         await admit_faction(services, faction_id)
         await apply_client_clock(services, since)
         services.traffic.seen(faction_id, address, trio.current_time())

@@ -2,7 +2,7 @@
 
 Supabase Realtime never replays: a change made while the faction's socket was down, reconnecting or
 dropped under load is gone. So once all of a faction's channels are live, and every
-`reconcile_interval` while they stay live, each table is read through REST (`relay.snapshot`) and
+`reconcile_interval_s` while they stay live, each table is read through REST (`relay.snapshot`) and
 the store turns the differences into ordinary `postgres_changes` events marked `resync`.
 
 The race: a change can reach the socket while a snapshot is being read. Such a change is at least as

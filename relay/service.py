@@ -105,12 +105,12 @@ def supervisor_settings(config: Config) -> SupervisorSettings:
         connection=ConnectionSettings(
             url=upstream.url,
             api_key=upstream.anon_key,
-            heartbeat_interval_s=upstream.heartbeat_interval,
-            connect_timeout_s=upstream.connect_timeout,
+            heartbeat_interval_s=upstream.heartbeat_interval_s,
+            connect_timeout_s=upstream.connect_timeout_s,
         ),
         channels=upstream.channels,
-        backoff_initial_s=upstream.backoff_initial,
-        backoff_max_s=upstream.backoff_max,
+        backoff_initial_s=upstream.backoff_initial_s,
+        backoff_max_s=upstream.backoff_max_s,
         joins_per_second=upstream.joins_per_second,
     )
 
@@ -213,7 +213,7 @@ async def _run_relay(
             await router.route(changes)
 
         rest = RestSettings(
-            config.upstream.rest_base, config.upstream.anon_key, config.upstream.connect_timeout
+            config.upstream.rest_base, config.upstream.anon_key, config.upstream.connect_timeout_s
         )
 
         async def read_snapshot(table: str, filter_text: str, key: str) -> Snapshot:
@@ -234,8 +234,8 @@ async def _run_relay(
                 config.upstream.channels,
                 read_snapshot,
                 apply_snapshot,
-                interval_s=config.upstream.reconcile_interval,
-                backoff=Backoff(config.upstream.backoff_initial, config.upstream.backoff_max),
+                interval_s=config.upstream.reconcile_interval_s,
+                backoff=Backoff(config.upstream.backoff_initial_s, config.upstream.backoff_max_s),
                 wall_clock_ms=wall_clock_ms,
             )
 
@@ -266,10 +266,10 @@ async def _run_relay(
             await nursery.start(supervisors.run, store.active_factions(), name="supervisors")
             nursery.start_soon(hub.wake_quiet_factions_every, SSE_KEEPALIVE_S, name="keep-alive")
             run_pass = functools.partial(
-                maintenance_pass, store, supervisors, subscription_ttl_s=config.retention.subscription_ttl
+                maintenance_pass, store, supervisors, subscription_ttl_s=config.retention.subscription_ttl_s
             )
             await nursery.start(
-                run_schedule, config.retention.maintenance_interval, run_pass, name="maintenance"
+                run_schedule, config.retention.maintenance_interval_s, run_pass, name="maintenance"
             )
             http_done = trio.Event()
             app = create_app(services)

@@ -66,8 +66,8 @@ def make_config(tmp_path: Path, fake_upstream: FakeSupabase) -> Callable[..., Co
     def make(toml: str = "", **overrides: str) -> Config:
         config_file = tmp_path / "relay.toml"
         config_file.write_text(
-            "[upstream]\nheartbeat_interval = 2.0\nconnect_timeout = 2.0\n"
-            "backoff_initial = 0.05\nbackoff_max = 0.5\n" + toml
+            "[upstream]\nheartbeat_interval_s = 2.0\nconnect_timeout_s = 2.0\n"
+            "backoff_initial_s = 0.05\nbackoff_max_s = 0.5\n" + toml
         )
         env = {
             "RELAY_UPSTREAM_URL": fake_upstream.url,
@@ -94,7 +94,7 @@ async def relay(make_config: Callable[..., Config]) -> AsyncIterator[RunningRela
 def serve_config(tmp_path: Path, fake_upstream: FakeSupabase) -> tuple[Path, dict[str, str]]:
     config = tmp_path / "relay.toml"
     config.write_text(
-        '[server]\nport = 0\n[storage]\npath = "data/relay.db"\n[upstream]\nheartbeat_interval = 2.0\n'
+        '[server]\nport = 0\n[storage]\npath = "data/relay.db"\n[upstream]\nheartbeat_interval_s = 2.0\n'
     )
     env = {**os.environ, "RELAY_UPSTREAM_URL": fake_upstream.url, "RELAY_UPSTREAM_ANON_KEY": ANON_KEY}
     return config, env
