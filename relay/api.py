@@ -16,22 +16,14 @@ import re
 from collections.abc import Mapping
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from relay.admission import (
-    RATE_LIMITED_PATHS,
-    REQUEST_COSTS,
-    Services,
-    StandbyRoom,
-    admit_faction,
-    check_rate,
-    ensure_capacity,
-)
+from relay.admission import RATE_LIMITED_PATHS, REQUEST_COSTS, check_rate
 from relay.asgi import EndAfterResponse
 from relay.events_http import UNKNOWN_ADDRESS, EventsEndpoint
 from relay.inputs import (
@@ -46,7 +38,10 @@ from relay.reconcile import ReconcileStatistics
 from relay.responses import CORS_HEADERS, JSON_TYPE, PREFLIGHT_HEADERS, error_body
 from relay.store import StoreError
 from relay.supervisor import UpstreamState
-from relay.traffic import RATE_MINUTES, Source
+from relay.traffic import RATE_MINUTES
+
+if TYPE_CHECKING:  # the composition root builds Services and imports the HTTP side
+    from relay.service import Services
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +109,7 @@ def create_app(services: Services) -> QuartTrio:
     # No static route: each file has its own route and headers (the status page its CSP), and is
     # never served a second time without them under /static/.
     app = QuartTrio(__name__, static_folder=None)
-    config, store, supervisors, hub = services.config, services.store, services.supervisors, services.hub
+    config, store, factions = services.config, services.store, services.factions
     # Quart applies one body limit to every route; the publishing routes need the larger one, and
     # the others check their own (smaller) limit before reading.
     app.config["MAX_CONTENT_LENGTH"] = max(config.server.max_body_bytes, config.publish.max_body_bytes)
@@ -169,26 +164,21 @@ def create_app(services: Services) -> QuartTrio:
     async def openapi_json() -> Response:
         return Response(openapi_document(services.version), content_type=JSON_TYPE)
 
-    standby = StandbyRoom(services)
-
     @app.post("/subscribe")
     async def subscribe() -> Response:
         payload = await read_json(config.server.max_body_bytes)
         check_api_key(payload.get("api_key"), config.accepted_api_keys)
         faction_id = parse_faction_id(payload.get("faction_id"))
         if request.headers.get(STANDBY_HEADER) == "1":
-            # Known but inactive (no socket) unless already known: a later poll revives it here.
-            await standby.stand_by(faction_id)
+            await factions.stand_by(faction_id)
             return json_response({"status": "standby", "faction_id": faction_id})
-        ensure_capacity(services, faction_id)
-        await store.subscribe(faction_id)
-        supervisors.ensure_running(faction_id)
+        await factions.subscribe(faction_id)
         return json_response({"status": "subscribed", "faction_id": faction_id, "timestamp": store.cursor()})
 
     @app.get("/state")
     async def state() -> Response:
         faction_id = parse_faction_id(request.args.get("faction_id"))
-        await admit_faction(services, faction_id)
+        await factions.admit(faction_id)
         services.traffic.seen(faction_id, request.remote_addr or UNKNOWN_ADDRESS, trio.current_time())
         current = store.faction_state(faction_id)
         return json_response(
@@ -207,10 +197,8 @@ def create_app(services: Services) -> QuartTrio:
             raise ApiError(400, "invalid_type", f"type must be one of: {allowed}")
         if not isinstance(data, dict | list):
             raise ApiError(400, "invalid_data", "data must be a JSON object or array")
-        await admit_faction(services, faction_id)
-        (stored,) = await store.append_events(faction_id, [(event_type, data)])
-        hub.notify(faction_id)
-        services.traffic.stored(faction_id, Source.PUBLISHED, 1, trio.current_time())
+        await factions.admit(faction_id)
+        stored = await services.ingest.published(faction_id, event_type, data)
         return json_response({"status": "published", "id": stored.id, "timestamp": stored.timestamp})
 
     @app.post("/events")

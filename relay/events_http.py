@@ -20,17 +20,20 @@ import ipaddress
 import logging
 import math
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import trio
 
-from relay.admission import Services, admit_faction, apply_client_clock, check_rate
+from relay.admission import apply_client_clock, check_rate
 from relay.delivery import next_poll_ms, stream_events, wait_for_events
 from relay.http_stats import LONG_POLL_ROUTE, OTHER_ROUTE, PollKind, PollOutcome
 from relay.inputs import ApiError, parse_faction_id, parse_since, parse_wait
 from relay.responses import CORS_HEADERS, JSON_TYPE, PREFLIGHT_HEADERS, asgi_headers, error_body
 from relay.store import StoreError
+
+if TYPE_CHECKING:  # the composition root builds Services and imports the HTTP side
+    from relay.service import Services
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +164,7 @@ class EventsEndpoint:
         if resume_text is not None:
             since = parse_since(resume_text)
         wait_s = parse_wait(wait_text, services.config.limits.long_poll_max_wait_s)
-        await admit_faction(services, faction_id)
+        await services.factions.admit(faction_id)
         await apply_client_clock(services, since)
         services.traffic.seen(faction_id, address, trio.current_time())
         return faction_id, since, wait_s

@@ -6,6 +6,7 @@ import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
@@ -13,6 +14,9 @@ import trio
 from relay.config import Config, load_config
 from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
+
+if TYPE_CHECKING:
+    from tests.contract import RelayApp
 
 ANON_KEY = "test-anon-key"
 FACTION = 46666
@@ -88,6 +92,15 @@ async def relay(make_config: Callable[..., Config]) -> AsyncIterator[RunningRela
         running: RunningRelay = await nursery.start(functools.partial(run_relay, make_config()))
         yield running
         running.stop()
+
+
+@pytest.fixture
+async def relay_app(tmp_path: Path) -> AsyncIterator[RelayApp]:
+    """The HTTP-contract tier's relay (tests/contract.py): built, never started."""
+    from tests.contract import contract_config, open_relay_app  # it imports this module's constants
+
+    async with open_relay_app(contract_config(tmp_path)) as built:
+        yield built
 
 
 @pytest.fixture
