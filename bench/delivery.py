@@ -56,7 +56,7 @@ PROFILE_TOP = 30  # functions listed in a profile summary, by self and by inclus
 HELD_SLACK = 1_000  # held requests allowed beyond the clients: a reconnect overlaps its old request
 # - max_held_requests: the relay's default cap (10,000) would refuse the largest runs' reconnects; the
 #   benchmark measures delivery, not the cap.
-# - reconcile_interval: bench/upstream.py drops each row from its table right after announcing it (so
+# - reconcile_interval_s: bench/upstream.py drops each row from its table right after announcing it (so
 #   that the table stays small), so a periodic reconcile would rightly find every row deleted upstream
 #   and send each client a DELETE per row. The reconcile after subscribing still runs.
 RELAY_EXTRA_CONFIG = """\
@@ -64,7 +64,7 @@ RELAY_EXTRA_CONFIG = """\
 max_held_requests = {max_held}
 
 [upstream]
-reconcile_interval = 86400.0
+reconcile_interval_s = 86400.0
 """
 KINDS = ("poll", "longpoll", "sse")
 

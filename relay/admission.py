@@ -1,6 +1,5 @@
-"""What a request must pass before the relay answers it: the per-address rate limit, the faction being
-known (and revived, within capacity, when it had expired), room for a faction on standby, and the
-client's clock.
+"""What a request must pass before the relay answers it: the per-address rate limit and the client's
+clock. (Whether its faction is known, or can be revived, is the faction lifecycle's: `relay.factions`.)
 
 Shared by the Quart routes (`relay.api`) and the events endpoint below them (`relay.events_http`),
 so that both refuse the same requests with the same `ApiError`.
@@ -8,24 +7,17 @@ so that both refuse the same requests with the same `ApiError`.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
 from relay.asgi import UNKNOWN_ADDRESS
-from relay.config import Config
-from relay.delivery import HeldRequests
-from relay.http_stats import HttpCounters
-from relay.hub import Hub
-from relay.ratelimit import RateLimiter, retry_after_header
+from relay.ratelimit import retry_after_header
 from relay.responses import ApiError
-from relay.store import Store, StoreError
-from relay.supervisor import Supervisors
-from relay.traffic import Traffic
+from relay.store import StoreError
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:  # the composition root builds Services and imports the HTTP side
+    from relay.service import Services
 
 # The routes a client address is rate-limited on: everything that costs the relay work per member,
 # and the views of the whole relay. /ping and /health stay free: monitors ask them, and they are cheap.
@@ -49,23 +41,6 @@ VIEW_COST = 10
 REQUEST_COSTS = {"/status": VIEW_COST, "/metrics": VIEW_COST}
 
 
-@dataclass(frozen=True, slots=True)
-class Services:
-    """The running relay as the HTTP side sees it."""
-
-    config: Config
-    store: Store
-    supervisors: Supervisors
-    hub: Hub
-    held: HeldRequests
-    limiter: RateLimiter
-    traffic: Traffic
-    http: HttpCounters
-    version: str
-    started_at: float  # trio clock
-    wall_clock_ms: Callable[[], int]
-
-
 def check_rate(services: Services, client_address: str | None, cost: float = 1.0) -> None:
     wait_s = services.limiter.acquire(client_address or UNKNOWN_ADDRESS, trio.current_time(), cost)
     if wait_s > 0:
@@ -75,75 +50,6 @@ def check_rate(services: Services, client_address: str | None, cost: float = 1.0
             "too many requests from this address; slow down",
             {"Retry-After": retry_after_header(wait_s)},
         )
-
-
-def ensure_capacity(services: Services, faction_id: int) -> None:
-    # One upstream socket per active faction counts against the Supabase project's connections.
-    store, limit = services.store, services.config.limits.max_factions
-    subscription = store.subscription(faction_id)
-    already_active = subscription is not None and subscription.active
-    if not already_active and len(store.active_factions()) >= limit:
-        raise ApiError(429, "too_many_factions", f"this relay serves at most {limit} factions")
-
-
-class StandbyRoom:
-    """Standby subscribes (`X-CAT-Relay-Standby: 1`), bounded: a faction this relay does not know yet
-    is kept on standby only while fewer than `limits.max_standby_factions` known factions are
-    inactive (on standby, or expired: the store tells them apart no more than /status does, and each
-    is kept for good and listed in every /status and /metrics). Beyond it: `429
-    too_many_standby_factions`. Standby subscribes still being written count, so that concurrent
-    ones cannot overshoot."""
-
-    def __init__(self, services: Services) -> None:
-        self._services = services
-        self._writing: set[int] = set()
-        self._full = False  # for one log line when it fills, and one when there is room again
-
-    def __repr__(self) -> str:
-        return f"<StandbyRoom limit={self._services.config.limits.max_standby_factions}>"
-
-    async def stand_by(self, faction_id: int) -> None:
-        store = self._services.store
-        if store.subscription(faction_id) is None:
-            self._make_room(faction_id)
-        self._writing.add(faction_id)
-        try:
-            await store.stand_by(faction_id)
-        finally:
-            self._writing.discard(faction_id)
-
-    def _make_room(self, faction_id: int) -> None:
-        limit = self._services.config.limits.max_standby_factions
-        counts = self._services.store.statistics()
-        writing = len(self._writing) - (faction_id in self._writing)
-        if counts.factions - counts.active_factions + writing >= limit:
-            if not self._full:
-                self._full = True
-                log.warning("%r: full; standby subscribes for new factions are refused", self)
-            raise ApiError(
-                429,
-                "too_many_standby_factions",
-                f"this relay keeps at most {limit} factions it does not serve (on standby or expired)",
-            )
-        if self._full:
-            self._full = False
-            log.info("%r: room again for factions on standby", self)
-
-
-async def admit_faction(services: Services, faction_id: int) -> None:
-    """A request about a faction: 404 if never subscribed; revives an expired one; is activity."""
-    store = services.store
-    subscription = store.subscription(faction_id)
-    if subscription is None:
-        raise ApiError(
-            404, "not_subscribed", f"faction {faction_id} is not subscribed; POST /subscribe first"
-        )
-    if not subscription.active:
-        # Today's script never re-subscribes, so its poll is what brings an expired faction back.
-        ensure_capacity(services, faction_id)
-        await store.revive(faction_id)
-        services.supervisors.ensure_running(faction_id)
-    store.touch(faction_id)
 
 
 async def apply_client_clock(services: Services, since: int | None) -> None:

@@ -14,21 +14,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from relay.admission import (
-    RATE_LIMITED_PATHS,
-    REQUEST_COSTS,
-    Services,
-    StandbyRoom,
-    admit_faction,
-    check_rate,
-    ensure_capacity,
-)
+from relay.admission import RATE_LIMITED_PATHS, REQUEST_COSTS, check_rate
 from relay.answers import AnswerCache
 from relay.asgi import UNKNOWN_ADDRESS
 from relay.assets import install_asset_routes
@@ -53,7 +45,9 @@ from relay.responses import (
 )
 from relay.status import status_document
 from relay.store import StoreError
-from relay.traffic import Source
+
+if TYPE_CHECKING:  # the composition root builds Services and imports the HTTP side
+    from relay.service import Services
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +78,7 @@ class RelayApp(QuartTrio):
 def create_app(services: Services) -> RelayApp:
     # No static route: each file has its own route and headers (relay.assets).
     app = RelayApp(__name__, AnswerCache(JSON_HEADERS), static_folder=None)
-    config, store, supervisors, hub = services.config, services.store, services.supervisors, services.hub
+    config, store, factions = services.config, services.store, services.factions
     _configure_limits(app, config)
     install_rate_limit(app, services)
 
@@ -104,26 +98,21 @@ def create_app(services: Services) -> RelayApp:
 
     install_asset_routes(app, config, services.version)  # /client.js, /, /openapi.json
 
-    standby = StandbyRoom(services)
-
     @app.post("/subscribe")
     async def subscribe() -> Response:
         payload = await read_json(config.server.max_body_bytes)
         check_api_key(payload.get("api_key"), config.accepted_api_keys)
         faction_id = parse_faction_id(payload.get("faction_id"))
         if request.headers.get(STANDBY_HEADER) == "1":
-            # Known but inactive (no socket) unless already known: a later poll revives it here.
-            await standby.stand_by(faction_id)
+            await factions.stand_by(faction_id)
             return json_response({"status": "standby", "faction_id": faction_id})
-        ensure_capacity(services, faction_id)
-        await store.subscribe(faction_id)
-        supervisors.ensure_running(faction_id)
+        await factions.subscribe(faction_id)
         return json_response({"status": "subscribed", "faction_id": faction_id, "timestamp": store.cursor()})
 
     @app.get("/state")
     async def state() -> Response:
         faction_id = parse_faction_id(request.args.get("faction_id"))
-        await admit_faction(services, faction_id)
+        await factions.admit(faction_id)
         services.traffic.seen(faction_id, request.remote_addr or UNKNOWN_ADDRESS, trio.current_time())
         current = store.faction_state(faction_id)
         return json_response(
@@ -142,10 +131,8 @@ def create_app(services: Services) -> RelayApp:
             raise ApiError(400, "invalid_type", f"type must be one of: {allowed}")
         if not isinstance(data, dict | list):
             raise ApiError(400, "invalid_data", "data must be a JSON object or array")
-        await admit_faction(services, faction_id)
-        (stored,) = await store.append_events(faction_id, [(event_type, data)])
-        hub.notify(faction_id)
-        services.traffic.stored(faction_id, Source.PUBLISHED, 1, trio.current_time())
+        await factions.admit(faction_id)
+        stored = await services.ingest.published(faction_id, event_type, data)
         return json_response({"status": "published", "id": stored.id, "timestamp": stored.timestamp})
 
     @app.post("/events")

@@ -17,7 +17,7 @@ import trio
 import relay
 from relay.checkconfig import check_config
 from relay.checkconfig import render as render_config
-from relay.config import LOG_LEVELS, ConfigError, LoggingConfig, load_config
+from relay.config import LOG_LEVELS, Config, ConfigError, LoggingConfig, load_config
 from relay.dbstats import read_stats
 from relay.dbstats import render as render_stats
 from relay.descriptors import check_file_limit, open_file_limit
@@ -112,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             config = load_config(args.config)
             configure_logging(config.logging, level=args.log_level)
+            log_warnings(config)
             log.debug("configuration: %r", config)  # the config's repr leaves out every key
             raise_file_limit()
             check_file_limit(config, open_file_limit())
@@ -134,6 +135,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"relay: {exc}", file=sys.stderr)
         return EXIT_RUNTIME_ERROR
     return 0
+
+
+def log_warnings(config: Config) -> Config:
+    """What loading noticed but let through (old key names), one line each, in the log's configured shape."""
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    return config
 
 
 STATUS_EPILOG = """exit status: 0 when every active (not expired) faction is connected, 1 when one is not,
@@ -187,16 +195,19 @@ def run_operator_command(args: argparse.Namespace) -> int:
     if args.command == "check-config":
         checked = check_config(args.config)
         if checked.config is not None:
+            log_warnings(checked.config)
             print(render_config(checked.config, anon_key_missing=checked.anon_key_missing), end="")
         for problem in checked.problems:
             print(f"relay: {problem}", file=sys.stderr)
         return EXIT_USER_ERROR if checked.problems else 0
     if args.command == "status":
-        url = args.url or (url_from_config(load_offline(args.config)) if args.config else DEFAULT_URL)
+        url = args.url or (
+            url_from_config(log_warnings(load_offline(args.config))) if args.config else DEFAULT_URL
+        )
         document = fetch_status(url)
         print(render_status(document, url))
         return exit_status(document)
-    path = args.db or load_offline(args.config).storage.path
+    path = args.db or log_warnings(load_offline(args.config)).storage.path
     print(render_stats(read_stats(path)))
     return 0
 

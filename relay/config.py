@@ -45,6 +45,18 @@ ENV_KEYS: Final = {
     "RELAY_SERVER_PORT": "server.port",
     "RELAY_STORAGE_PATH": "storage.path",
 }
+# Durations got their unit in their name (`_s`). A relay.toml written before that keeps working: each old
+# name is read as the new one, with a warning naming both. No RELAY_* variable ever named a duration.
+OLD_NAMES: Final = {
+    "upstream.heartbeat_interval": "upstream.heartbeat_interval_s",
+    "upstream.connect_timeout": "upstream.connect_timeout_s",
+    "upstream.backoff_initial": "upstream.backoff_initial_s",
+    "upstream.backoff_max": "upstream.backoff_max_s",
+    "upstream.reconcile_interval": "upstream.reconcile_interval_s",
+    "retention.maintenance_interval": "retention.maintenance_interval_s",
+    "retention.subscription_ttl": "retention.subscription_ttl_s",
+    "limits.long_poll_max_wait": "limits.long_poll_max_wait_s",
+}
 
 
 class ConfigError(Exception):
@@ -87,13 +99,13 @@ class ChannelConfig:
 class UpstreamConfig:
     url: str
     anon_key: str = field(repr=False)  # so that logging a config, or a traceback, never shows it
-    heartbeat_interval: float = 25.0
-    connect_timeout: float = 10.0
-    backoff_initial: float = 1.0
-    backoff_max: float = 60.0
+    heartbeat_interval_s: float = 25.0
+    connect_timeout_s: float = 10.0
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
     joins_per_second: float = 20.0
     rest_url: str = ""  # PostgREST base; empty: derived from url (…/realtime/v1/websocket → …/rest/v1)
-    reconcile_interval: float = 300.0
+    reconcile_interval_s: float = 300.0
     channels: tuple[ChannelConfig, ...] = (
         ChannelConfig("war_calls", "faction_id=eq.{faction_id}"),
         ChannelConfig("faction_messages", "faction_id=eq.{faction_id}"),
@@ -114,8 +126,8 @@ class UpstreamConfig:
 @dataclass(frozen=True, slots=True)
 class RetentionConfig:
     events_per_faction: int = 100
-    maintenance_interval: float = 300.0
-    subscription_ttl: float = 1800.0
+    maintenance_interval_s: float = 300.0
+    subscription_ttl_s: float = 1800.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +136,7 @@ class LimitsConfig:
     # Known but inactive factions (standby copies from nginx's mirror, expired ones): 4 times max_factions,
     # room for the factions of four more full instances behind the same nginx.
     max_standby_factions: int = 600
-    long_poll_max_wait: float = 30.0
+    long_poll_max_wait_s: float = 30.0
     long_poll_linger_s: float = 0.05
     max_held_requests: int = 10000
     max_clock_skew_s: float = 600.0
@@ -161,6 +173,9 @@ class Config:
     auth: AuthConfig
     logging: LoggingConfig
     source: Path | None
+    # One line per old key name the file used, for the CLI to log once logging is set up as this config
+    # says. Not compared: two configs with the same values are the same however the file spelled them.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def accepted_api_keys(self) -> tuple[str, ...]:
@@ -190,7 +205,8 @@ def load_config(
     env = _relay_environ(os.environ if environ is None else environ, overrides or {})
     source = _choose_file(path, env)
     tables = _sections(_read_toml(source, from_env=path is None) if source is not None else {})
-    labels = _apply_env(tables, env)
+    old_names, warnings = _rename_old_keys(tables, source)
+    labels = {**old_names, **_apply_env(tables, env)}
     where = f"in {source}" if source is not None else "in a config file (none was read)"
 
     def section(name: str) -> _Table:
@@ -213,15 +229,15 @@ def load_config(
         upstream=_upstream(upstream, where),
         retention=RetentionConfig(
             events_per_faction=retention.integer("events_per_faction", low=1),
-            maintenance_interval=retention.seconds("maintenance_interval"),
-            subscription_ttl=retention.seconds("subscription_ttl"),
+            maintenance_interval_s=retention.seconds("maintenance_interval_s"),
+            subscription_ttl_s=retention.seconds("subscription_ttl_s"),
         ),
         limits=LimitsConfig(
             max_factions=limits.integer("max_factions", low=1),
             # 0: this relay learns no faction from standby subscribes (one relay on its own needs none).
             max_standby_factions=limits.integer("max_standby_factions", low=0),
             # Upper bounds rather than intervals: 0 is meaningful (answer at once, allow no skew).
-            long_poll_max_wait=limits.seconds("long_poll_max_wait", allow_zero=True),
+            long_poll_max_wait_s=limits.seconds("long_poll_max_wait_s", allow_zero=True),
             long_poll_linger_s=limits.seconds("long_poll_linger_s", allow_zero=True),
             max_held_requests=limits.integer("max_held_requests", low=0),
             max_clock_skew_s=limits.seconds("max_clock_skew_s", allow_zero=True),
@@ -235,6 +251,7 @@ def load_config(
         auth=AuthConfig(_api_keys(auth)),
         logging=_logging(logs),
         source=source,
+        warnings=warnings,
     )
 
 
@@ -286,6 +303,29 @@ def _sections(document: Mapping[str, Any]) -> dict[str, dict[str, object]]:
     return tables
 
 
+def _rename_old_keys(
+    tables: dict[str, dict[str, object]], source: Path | None
+) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Move each old key to its new name; return the old name of each key moved (so that a refusal names
+    what the file says) and one warning per key."""
+    labels: dict[str, str] = {}
+    warnings: list[str] = []
+    for old, new in OLD_NAMES.items():
+        section, old_key = old.split(".")
+        new_key = new.split(".")[1]
+        table = tables[section]
+        if old_key not in table:
+            continue
+        if new_key in table:
+            # Refused rather than letting one win: the two values may differ, and the operator who reads
+            # the one that lost would believe it in force.
+            raise ConfigError(f"{old} and {new} are both set: keep only {new} ({old} is its old name)")
+        table[new_key] = table.pop(old_key)
+        labels[new] = old
+        warnings.append(f"{old} in {source} is an old name: call it {new} (the old name is still read)")
+    return labels, tuple(warnings)
+
+
 def _apply_env(tables: dict[str, dict[str, object]], env: Mapping[str, str]) -> dict[str, str]:
     """Put each variable's value in place of its key; return which dotted keys now come from which variable."""
     labels: dict[str, str] = {}
@@ -327,19 +367,19 @@ def _upstream(table: _Table, where: str) -> UpstreamConfig:
     upstream = UpstreamConfig(
         url=url,
         anon_key=anon_key,
-        heartbeat_interval=table.seconds("heartbeat_interval"),
-        connect_timeout=table.seconds("connect_timeout"),
-        backoff_initial=table.seconds("backoff_initial"),
-        backoff_max=table.seconds("backoff_max"),
+        heartbeat_interval_s=table.seconds("heartbeat_interval_s"),
+        connect_timeout_s=table.seconds("connect_timeout_s"),
+        backoff_initial_s=table.seconds("backoff_initial_s"),
+        backoff_max_s=table.seconds("backoff_max_s"),
         joins_per_second=table.rate("joins_per_second"),
         rest_url=_rest_url(table),
-        reconcile_interval=table.seconds("reconcile_interval"),
+        reconcile_interval_s=table.seconds("reconcile_interval_s"),
         channels=_channels(table),
     )
-    if upstream.backoff_initial > upstream.backoff_max:
+    if upstream.backoff_initial_s > upstream.backoff_max_s:
         raise ConfigError(
-            f"{table.label('backoff_initial')} ({upstream.backoff_initial:g}) must not exceed "
-            f"{table.label('backoff_max')} ({upstream.backoff_max:g})"
+            f"{table.label('backoff_initial_s')} ({upstream.backoff_initial_s:g}) must not exceed "
+            f"{table.label('backoff_max_s')} ({upstream.backoff_max_s:g})"
         )
     return upstream
 

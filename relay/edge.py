@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import trio
 from quart_trio import QuartTrio
 
-from relay.admission import Services
 from relay.answers import AnswerCache
 from relay.asgi import ASGIApp, EndAfterResponse, Message, Receive, Scope, Send
 from relay.events_http import EventsEndpoint
 from relay.http_stats import OTHER_ROUTE, HttpCounters
+
+if TYPE_CHECKING:  # the composition root builds Services and imports the HTTP side
+    from relay.service import Services
 
 
 def http_edge(services: Services, answers: AnswerCache, app: QuartTrio) -> ASGIApp:

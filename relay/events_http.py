@@ -15,11 +15,12 @@ A held long-poll or stream ends when its client goes away: hypercorn reports tha
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 import trio
 
-from relay.admission import Services, admit_faction, apply_client_clock, check_rate
+from relay.admission import apply_client_clock, check_rate
 from relay.answers import AnswerCache
 from relay.asgi import (
     ASGIApp,
@@ -43,6 +44,9 @@ from relay.responses import (
     asgi_headers,
     refusal,
 )
+
+if TYPE_CHECKING:  # the composition root builds Services and imports the HTTP side
+    from relay.service import Services
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +146,8 @@ class EventsEndpoint:
         since = parse_since(args.get("since"))
         if resume_text is not None:
             since = parse_since(resume_text)
-        wait_s = parse_wait(wait_text, services.config.limits.long_poll_max_wait)
-        await admit_faction(services, faction_id)
+        wait_s = parse_wait(wait_text, services.config.limits.long_poll_max_wait_s)
+        await services.factions.admit(faction_id)
         await apply_client_clock(services, since)
         services.traffic.seen(faction_id, address, trio.current_time())
         return faction_id, since, wait_s

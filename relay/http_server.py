@@ -54,9 +54,21 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, TaskGroup
 from hypercorn.utils import parse_socket_addr, repr_socket_addr, wrap_app
 
+from relay.config import Config
 from relay.http_stats import ConnectionCounters
 
 log = logging.getLogger(__name__)
+
+# Long enough for any answer in flight (milliseconds; held requests return at `stopping`). Hypercorn
+# 0.18 also keeps idle keep-alive connections open until this deadline, so it is what a clean
+# shutdown costs whenever a browser is connected: keep it short.
+GRACEFUL_TIMEOUT_S = 2.0
+KEEP_ALIVE_S = 5.0
+MAX_HEAD_BYTES = 16 * 1024
+# Connections the kernel queues before hypercorn accepts them (Linux caps it at net.core.somaxconn,
+# 4096 by default). hypercorn's default of 100 overflowed under `make bench`'s 15,000 SSE clients
+# connecting at once, which is what every member's browser does after a restart.
+LISTEN_BACKLOG = 4096
 
 HYPERCORN_VERSION = "0.18.0"
 # hypercorn's own read size.
@@ -437,3 +449,23 @@ async def serve(
                 sock.close()
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
+
+
+def hypercorn_config(config: Config) -> HypercornConfig:
+    server = HypercornConfig()
+    host = config.server.host
+    server.bind = [f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"]
+    server.graceful_timeout = GRACEFUL_TIMEOUT_S
+    server.backlog = LISTEN_BACKLOG
+    # Set deliberately rather than inherited: an idle connection is closed after KEEP_ALIVE_S, and
+    # hypercorn counts a connection idle until a whole request head has arrived, so this also cuts a
+    # head trickled byte by byte (slowloris) and a socket that never sends one. Heads are capped at
+    # MAX_HEAD_BYTES. There is no read timeout: a held long-poll or an SSE stream legitimately sends
+    # nothing for minutes.
+    server.keep_alive_timeout = KEEP_ALIVE_S
+    server.h11_max_incomplete_size = MAX_HEAD_BYTES
+    server.read_timeout = None
+    server.accesslog = None
+    # A Logger (not a path) makes hypercorn log through the relay's logging set-up, once.
+    server.errorlog = logging.getLogger("hypercorn.error")
+    return server

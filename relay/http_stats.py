@@ -18,7 +18,7 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "OPTIONS"})
 # mixing it with plain polls would hide a slow plain poll.
 LONG_POLL_ROUTE = "/events?wait"
 # Seconds; from a plain poll answered from memory (well under a millisecond) up to a long-poll's
-# `limits.long_poll_max_wait` (30 s by default).
+# `limits.long_poll_max_wait_s` (30 s by default).
 LATENCY_BUCKETS_S = (
     0.0005,
     0.001,

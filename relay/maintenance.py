@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import trio
 
+from relay.factions import Factions
 from relay.store import Store, StoreError
-from relay.supervisor import Supervisors
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,11 @@ async def run_schedule(
 
 
 async def maintenance_pass(
-    store: Store, supervisors: Supervisors, *, subscription_ttl_s: float
+    store: Store, factions: Factions, *, subscription_ttl_s: float
 ) -> MaintenanceReport:
     """One pass; a storage fault is logged and the pass tried again at the next interval."""
     try:
-        expired = await store.expire_idle(int(subscription_ttl_s * 1000))
-        for faction_id in expired:
-            await supervisors.stop(faction_id)
+        expired = await factions.expire_idle(subscription_ttl_s)
         trimmed = await store.trim()
         await store.checkpoint()
     except StoreError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import trio
 from prometheus_client import exposition
@@ -17,12 +18,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from relay.admission import Services
 from relay.answers import AnswerCache
 from relay.http_stats import ConnectionStatistics, Histogram
+from relay.shared_deletes import RouterStatistics
 from relay.status import faction_snapshots
 from relay.supervisor import UpstreamState, UpstreamStatistics
 from relay.traffic import Source
+
+if TYPE_CHECKING:  # the composition root builds Services and imports the HTTP side
+    from relay.service import Services
 
 PREFIX = "cat_relay"
 
@@ -111,6 +115,7 @@ class RelayCollector(Collector):
                 failing.add_metric([label], 1 if stats.reconcile.last_error else 0)
         yield from (state, attempts, reconnects, received, ignored, reconciles, rest_requests, failing)
         yield from _shared_deletes(services.supervisors.shared_deletes_statistics())
+        yield from _delete_routing(services.ingest.shared_deletes_statistics())
 
     def _traffic(self) -> Iterator[Metric]:
         services = self._services
@@ -245,6 +250,24 @@ def _shared_deletes(stats: UpstreamStatistics | None) -> Iterator[Metric]:
         f"{PREFIX}_shared_deletes_changes_received",
         "DELETEs received on the relay-wide channels, before routing to factions.",
         stats.changes_received,
+    )
+
+
+def _delete_routing(stats: RouterStatistics) -> Iterator[Metric]:
+    # Always there, also before the shared channels start: a zero is an answer, a missing series is not.
+    yield CounterMetricFamily(
+        f"{PREFIX}_shared_deletes_routed",
+        "Shared DELETEs handed to the faction holding their row, at once or after parking.",
+        stats.routed,
+    )
+    yield GaugeMetricFamily(
+        f"{PREFIX}_shared_deletes_parked", "Shared DELETEs waiting for their row's INSERT.", stats.parked
+    )
+    yield CounterMetricFamily(
+        f"{PREFIX}_shared_deletes_dropped",
+        "Shared DELETEs no faction stored the row of within the parking time: another relay's, or"
+        " lost (the reconcile is the backstop).",
+        stats.dropped,
     )
 
 

@@ -7,9 +7,9 @@ This module also names every way an upstream connection can end (the error tree 
     UpstreamError                   one connection ended; the supervisor backs off and reconnects
     ├── HandshakeRefused            the upgrade answered something other than 101 (401/403: auth)
     ├── ConnectFailed               no TCP/TLS connection (refused, DNS, unreachable)
-    ├── ConnectTimeout              no upgrade within upstream.connect_timeout
+    ├── ConnectTimeout              no upgrade within upstream.connect_timeout_s
     ├── ConnectionLost              the socket closed or broke (close code when there was one)
-    ├── HeartbeatTimeout            a heartbeat reply missing for a whole heartbeat_interval
+    ├── HeartbeatTimeout            a heartbeat reply missing for a whole heartbeat_interval_s
     ├── MalformedFrame              a frame that is not a vsn 1.0.0 JSON object
     └── ChannelFailed               a channel could not be, or stopped being, live
         ├── JoinRefused             phx_reply error to our phx_join (JWT reasons: auth)

@@ -2,7 +2,7 @@
 
 Supabase Realtime never replays: a change made while the faction's socket was down, reconnecting or
 dropped under load is gone. So once all of a faction's channels are live, and every
-`reconcile_interval` while they stay live, each table is read through REST (`relay.snapshot`) and
+`reconcile_interval_s` while they stay live, each table is read through REST (`relay.snapshot`) and
 the store turns the differences into ordinary `postgres_changes` events marked `resync`.
 
 The race: a change can reach the socket while a snapshot is being read. Such a change is at least as
@@ -20,7 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -35,6 +35,16 @@ log = logging.getLogger(__name__)
 ReadSnapshot = Callable[[str, str, str], Awaitable[Snapshot]]
 # (faction, table, rows, keys to leave alone, commit_timestamp) -> how many differences were stored.
 ApplySnapshot = Callable[[int, str, list[dict[str, Any]], frozenset[Any], str], Awaitable[int]]
+
+
+class ReconcileSink(Protocol):
+    """Where differences are stored (`relay.ingest.Ingest`), and who tells a reconciler of live changes."""
+
+    async def reconciled(
+        self, faction_id: int, table: str, rows: list[dict[str, Any]], skip: frozenset[Any], read_at: str
+    ) -> int: ...
+
+    def watch_live_changes(self, faction_id: int, watcher: Reconciler) -> None: ...
 
 
 def commit_timestamp(wall_clock_ms: int) -> str:
@@ -141,3 +151,38 @@ class Reconciler:
         return ReconcileStatistics(
             self._reconciles, self._last_at, self._last_differences, self._last_error, self._rest_requests
         )
+
+
+class Reconciling:
+    """Makes each faction's `Reconciler`, and has the ingest tell it about its live changes."""
+
+    def __init__(
+        self,
+        channels: Sequence[ChannelConfig],
+        read: ReadSnapshot,
+        ingest: ReconcileSink,
+        *,
+        interval_s: float,
+        backoff_initial_s: float,
+        backoff_max_s: float,
+        wall_clock_ms: Callable[[], int],
+    ) -> None:
+        self._channels = list(channels)
+        self._read = read
+        self._ingest = ingest
+        self._interval_s = interval_s
+        self._backoff_s = (backoff_initial_s, backoff_max_s)
+        self._wall_clock_ms = wall_clock_ms
+
+    def for_faction(self, faction_id: int) -> Reconciler:
+        reconciler = Reconciler(
+            faction_id,
+            self._channels,
+            self._read,
+            self._ingest.reconciled,
+            interval_s=self._interval_s,
+            backoff=Backoff(*self._backoff_s),
+            wall_clock_ms=self._wall_clock_ms,
+        )
+        self._ingest.watch_live_changes(faction_id, reconciler)
+        return reconciler

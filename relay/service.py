@@ -24,49 +24,55 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 import trio
-from hypercorn.config import Config as HypercornConfig
 from quart_trio import QuartTrio
 
 import relay
-from relay.admission import Services
 from relay.api import RelayApp, create_app
-from relay.backoff import Backoff
 from relay.config import Config
 from relay.delivery import SSE_KEEPALIVE_S, HeldRequests
 from relay.descriptors import max_connections, open_file_limit
-from relay.http_server import serve
+from relay.factions import Factions
+from relay.http_server import hypercorn_config, serve
 from relay.http_stats import ConnectionCounters, HttpCounters
 from relay.hub import Hub
+from relay.ingest import Ingest
 from relay.maintenance import maintenance_pass, run_schedule
-from relay.phoenix import ChangeReceived, split_conditions
 from relay.ratelimit import RateLimiter
-from relay.reconcile import Reconciler
-from relay.shared_deletes import DeleteRouter
-from relay.snapshot import RestSettings, Snapshot, read_rows
-from relay.store import Store, StoreError, open_store, wall_clock_ms
-from relay.supervisor import DeliveryFailed, Supervisors, SupervisorSettings
-from relay.traffic import Source, Traffic
+from relay.reconcile import Reconciling
+from relay.snapshot import RestSettings, read_rows
+from relay.store import Store, open_store, wall_clock_ms
+from relay.supervisor import Supervisors, SupervisorSettings
+from relay.traffic import Traffic
 from relay.upstream import ConnectionSettings
 
 log = logging.getLogger(__name__)
 
-# Long enough for any answer in flight (milliseconds; held requests return at `stopping`). Hypercorn
-# 0.18 also keeps idle keep-alive connections open until this deadline, so it is what a clean
-# shutdown costs whenever a browser is connected: keep it short.
-GRACEFUL_TIMEOUT_S = 2.0
-KEEP_ALIVE_S = 5.0
-MAX_HEAD_BYTES = 16 * 1024
-# Connections the kernel queues before hypercorn accepts them (Linux caps it at net.core.somaxconn,
-# 4096 by default). hypercorn's default of 100 overflowed under `make bench`'s 15,000 SSE clients
-# connecting at once, which is what every member's browser does after a restart.
-LISTEN_BACKLOG = 4096
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Services:
+    """The relay's parts as the HTTP side sees them, built by `build_services`."""
+
+    config: Config
+    store: Store
+    factions: Factions
+    supervisors: Supervisors
+    ingest: Ingest
+    hub: Hub
+    held: HeldRequests
+    limiter: RateLimiter
+    traffic: Traffic
+    http: HttpCounters
+    version: str
+    started_at: float  # trio clock
+    wall_clock_ms: Callable[[], int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +96,10 @@ class RunningRelay:
         return self.services.supervisors
 
     @property
+    def factions(self) -> Factions:
+        return self.services.factions
+
+    @property
     def hub(self) -> Hub:
         return self.services.hub
 
@@ -103,34 +113,14 @@ def supervisor_settings(config: Config) -> SupervisorSettings:
         connection=ConnectionSettings(
             url=upstream.url,
             api_key=upstream.anon_key,
-            heartbeat_interval_s=upstream.heartbeat_interval,
-            connect_timeout_s=upstream.connect_timeout,
+            heartbeat_interval_s=upstream.heartbeat_interval_s,
+            connect_timeout_s=upstream.connect_timeout_s,
         ),
         channels=upstream.channels,
-        backoff_initial_s=upstream.backoff_initial,
-        backoff_max_s=upstream.backoff_max,
+        backoff_initial_s=upstream.backoff_initial_s,
+        backoff_max_s=upstream.backoff_max_s,
         joins_per_second=upstream.joins_per_second,
     )
-
-
-def hypercorn_config(config: Config) -> HypercornConfig:
-    server = HypercornConfig()
-    host = config.server.host
-    server.bind = [f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"]
-    server.graceful_timeout = GRACEFUL_TIMEOUT_S
-    server.backlog = LISTEN_BACKLOG
-    # Set deliberately rather than inherited: an idle connection is closed after KEEP_ALIVE_S, and
-    # hypercorn counts a connection idle until a whole request head has arrived, so this also cuts a
-    # head trickled byte by byte (slowloris) and a socket that never sends one. Heads are capped at
-    # MAX_HEAD_BYTES. There is no read timeout: a held long-poll or an SSE stream legitimately sends
-    # nothing for minutes.
-    server.keep_alive_timeout = KEEP_ALIVE_S
-    server.h11_max_incomplete_size = MAX_HEAD_BYTES
-    server.read_timeout = None
-    server.accesslog = None
-    # A Logger (not a path) makes hypercorn log through the relay's logging set-up, once.
-    server.errorlog = logging.getLogger("hypercorn.error")
-    return server
 
 
 async def run_relay(
@@ -162,111 +152,85 @@ async def run_relay(
     log.info("relay stopped")
 
 
+def open_configured_store(config: Config) -> AbstractAsyncContextManager[Store]:
+    return open_store(
+        config.storage.path,
+        events_per_faction=config.retention.events_per_faction,
+        now_ms=wall_clock_ms,
+        key_columns=config.upstream.key_columns,
+    )
+
+
+def build_services(
+    config: Config,
+    *,
+    store: Store,
+    rest_client: httpx.AsyncClient,
+    hub: Hub | None = None,
+    wall_clock_ms: Callable[[], int] = wall_clock_ms,
+    rng: random.Random | None = None,
+) -> Services:
+    """Everything the relay runs, wired and not yet started: `run_relay` starts the long-lived parts,
+    and the HTTP-contract tests hand it to `create_app` without starting any (no socket is opened).
+    `run_relay` brings its own `hub`: a signal can ask it to stop while the store is still opening."""
+    upstream = config.upstream
+    hub = hub or Hub()
+    traffic = Traffic()
+    ingest = Ingest(store, hub, traffic, key_columns=upstream.key_columns, channels=upstream.channels)
+    rest = RestSettings(upstream.rest_base, upstream.anon_key, upstream.connect_timeout_s)
+    reconciling = Reconciling(
+        upstream.channels,
+        functools.partial(read_rows, rest_client, rest),
+        ingest,
+        interval_s=upstream.reconcile_interval_s,
+        backoff_initial_s=upstream.backoff_initial_s,
+        backoff_max_s=upstream.backoff_max_s,
+        wall_clock_ms=wall_clock_ms,
+    )
+    supervisors = Supervisors(
+        supervisor_settings(config),
+        ingest.upstream,
+        rng=rng,
+        wall_clock_ms=wall_clock_ms,
+        reconciler_for=reconciling.for_faction,
+        route_shared_deletes=ingest.route_shared_deletes,
+    )
+    return Services(
+        config=config,
+        store=store,
+        factions=Factions(store, supervisors, config.limits),
+        supervisors=supervisors,
+        ingest=ingest,
+        hub=hub,
+        held=HeldRequests(config.limits.max_held_requests),
+        limiter=RateLimiter(config.limits.client_rate, config.limits.client_burst),
+        traffic=traffic,
+        http=HttpCounters(max_connections(config, open_file_limit())),
+        version=relay.__version__,
+        started_at=trio.current_time(),
+        wall_clock_ms=wall_clock_ms,
+    )
+
+
 async def _run_relay(
     config: Config, hub: Hub, *, task_status: trio.TaskStatus[RunningRelay] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    started_at = trio.current_time()
     async with (
-        open_store(
-            config.storage.path,
-            events_per_faction=config.retention.events_per_faction,
-            now_ms=wall_clock_ms,
-            key_columns=config.upstream.key_columns,
-        ) as store,
+        open_configured_store(config) as store,
         httpx.AsyncClient() as rest_client,
     ):  # closed after the nursery below: no read outlives it
-        traffic = Traffic()
-
-        async def ingest(faction_id: int, changes: Sequence[ChangeReceived]) -> None:
-            traffic.upstream_changed(faction_id, trio.current_time())
-            try:
-                stored = await store.append_events(
-                    faction_id, [("postgres_changes", change.data) for change in changes]
-                )
-            except StoreError as exc:
-                # The connection ends and is retried with backoff; these changes were never served.
-                raise DeliveryFailed(f"{len(changes)} change(s) not stored: {exc}") from exc
-            hub.notify(faction_id)
-            traffic.stored(faction_id, Source.UPSTREAM, len(stored), trio.current_time())
-            await router.stored(faction_id, changes)
-
-        async def deliver_routed(faction_id: int, changes: Sequence[ChangeReceived]) -> None:
-            for change in changes:
-                supervisors.note_live_change(faction_id, change)
-            await ingest(faction_id, changes)
-
-        router = DeleteRouter(
-            config.upstream.key_columns,
-            store.row_owner,
-            deliver_routed,
-            filter_columns={
-                channel.table: frozenset(
-                    condition.partition("=")[0].strip() for condition in split_conditions(channel.filter)
-                )
-                for channel in config.upstream.channels
-            },
-        )
-
-        async def route_shared_deletes(_: int, changes: Sequence[ChangeReceived]) -> None:
-            await router.route(changes)
-
-        rest = RestSettings(
-            config.upstream.rest_base, config.upstream.anon_key, config.upstream.connect_timeout
-        )
-
-        async def read_snapshot(table: str, filter_text: str, key: str) -> Snapshot:
-            return await read_rows(rest_client, rest, table, filter_text, key)
-
-        async def apply_snapshot(
-            faction_id: int, table: str, rows: list[dict[str, Any]], skip: frozenset[Any], read_at: str
-        ) -> int:
-            events = await store.reconcile(faction_id, table, rows, skip=skip, commit_timestamp=read_at)
-            if events:
-                hub.notify(faction_id)
-                traffic.stored(faction_id, Source.RECONCILE, len(events), trio.current_time())
-            return len(events)
-
-        def reconciler_for(faction_id: int) -> Reconciler:
-            return Reconciler(
-                faction_id,
-                config.upstream.channels,
-                read_snapshot,
-                apply_snapshot,
-                interval_s=config.upstream.reconcile_interval,
-                backoff=Backoff(config.upstream.backoff_initial, config.upstream.backoff_max),
-                wall_clock_ms=wall_clock_ms,
-            )
-
-        supervisors = Supervisors(
-            supervisor_settings(config),
-            ingest,
-            wall_clock_ms=wall_clock_ms,
-            reconciler_for=reconciler_for,
-            route_shared_deletes=route_shared_deletes,
-        )
-        held = HeldRequests(config.limits.max_held_requests)
-        limiter = RateLimiter(config.limits.client_rate, config.limits.client_burst)
-        services = Services(
-            config,
-            store,
-            supervisors,
-            hub,
-            held,
-            limiter,
-            traffic,
-            HttpCounters(max_connections(config, open_file_limit())),
-            relay.__version__,
-            started_at,
-            wall_clock_ms,
-        )
+        services = build_services(config, store=store, rest_client=rest_client, hub=hub)
         async with trio.open_nursery() as nursery:
-            await nursery.start(supervisors.run, store.active_factions(), name="supervisors")
+            await nursery.start(services.supervisors.run, store.active_factions(), name="supervisors")
             nursery.start_soon(hub.wake_quiet_factions_every, SSE_KEEPALIVE_S, name="keep-alive")
             run_pass = functools.partial(
-                maintenance_pass, store, supervisors, subscription_ttl_s=config.retention.subscription_ttl
+                maintenance_pass,
+                store,
+                services.factions,
+                subscription_ttl_s=config.retention.subscription_ttl_s,
             )
             await nursery.start(
-                run_schedule, config.retention.maintenance_interval, run_pass, name="maintenance"
+                run_schedule, config.retention.maintenance_interval_s, run_pass, name="maintenance"
             )
             http_done = trio.Event()
             app = create_app(services)

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from relay.phoenix import ChangeReceived
+from relay.config import ChannelConfig
+from relay.phoenix import ChangeReceived, split_conditions
 from relay.state import RowKey, row_key
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,24 @@ PARK_S = 5.0
 PARKED_MAX = 10_000  # a flood of foreign DELETEs costs bounded memory
 
 Owner = Callable[[str, Any], int | None]
-Deliver = Callable[[int, Sequence[ChangeReceived]], Awaitable[None]]
+Deliver = Callable[[int, Sequence[ChangeReceived]], Awaitable[object]]
+
+
+@dataclass(frozen=True, slots=True)
+class RouterStatistics:
+    routed: int  # DELETEs handed to the faction holding their row, at once or after parking
+    parked: int  # waiting now for their row's INSERT
+    dropped: int  # parked until PARK_S and nobody stored the row (or pushed out by PARKED_MAX)
+
+
+def filter_columns(channels: Iterable[ChannelConfig]) -> dict[str, frozenset[str]]:
+    """The columns each table's faction channel filters on (`faction_id` of `faction_id=eq.{...}`)."""
+    return {
+        channel.table: frozenset(
+            condition.partition("=")[0].strip() for condition in split_conditions(channel.filter)
+        )
+        for channel in channels
+    }
 
 
 class DeleteRouter:
@@ -48,8 +67,8 @@ class DeleteRouter:
         self._owner = owner
         self._deliver = deliver
         self._parked: OrderedDict[tuple[str, RowKey], tuple[float, ChangeReceived]] = OrderedDict()
-        self.routed = 0
-        self.dropped = 0
+        self._routed = 0
+        self._dropped = 0
 
     async def route(self, changes: Sequence[ChangeReceived]) -> None:
         """Hand each DELETE to the faction holding its row, or park it."""
@@ -66,11 +85,11 @@ class DeleteRouter:
                 self._parked[(change.table, key)] = (now + PARK_S, change)
                 while len(self._parked) > PARKED_MAX:
                     self._parked.popitem(last=False)
-                    self.dropped += 1
+                    self._dropped += 1
                 continue
             routed.setdefault(owner, []).append(change)
         for faction_id, faction_changes in routed.items():
-            self.routed += len(faction_changes)
+            self._routed += len(faction_changes)
             await self._deliver(faction_id, faction_changes)
 
     async def stored(self, faction_id: int, changes: Sequence[ChangeReceived]) -> None:
@@ -84,7 +103,7 @@ class DeleteRouter:
             if parked is not None:
                 follow.append(parked[1])
         if follow:
-            self.routed += len(follow)
+            self._routed += len(follow)
             await self._deliver(faction_id, follow)
 
     def _key(self, table: str, row: object) -> RowKey | None:
@@ -99,4 +118,7 @@ class DeleteRouter:
             if deadline > now:
                 return
             self._parked.popitem(last=False)
-            self.dropped += 1
+            self._dropped += 1
+
+    def statistics(self) -> RouterStatistics:
+        return RouterStatistics(self._routed, len(self._parked), self._dropped)

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from relay.admission import Services
 from relay.reconcile import ReconcileStatistics
 from relay.supervisor import UpstreamState, UpstreamStatistics
 from relay.traffic import RATE_MINUTES
+
+if TYPE_CHECKING:  # the composition root builds Services and imports the HTTP side
+    from relay.service import Services
 
 
 @dataclass(frozen=True, slots=True)

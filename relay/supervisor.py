@@ -1,16 +1,20 @@
-"""Per-faction upstream supervisors and the registry that holds their nursery.
+"""Upstream supervisors, and the registry that holds their nursery.
 
-A supervisor keeps one faction's upstream connection alive: it runs a connection, records how it
-ended, waits a jittered backoff and tries again, forever, until it is stopped. While the connection
-is live, the faction's reconciler (`relay.reconcile`) runs beside it. One more supervisor, started
-with the first faction, holds the relay-wide DELETE subscription of the tables whose `deletes` is
-"shared", and hands each DELETE to the faction whose stored rows hold its key. It is the project's
-one broad `except Exception`, an explicit restart policy: whatever goes wrong with one faction is
-logged, shown in `/status`, and retried, and never reaches another faction or the HTTP server.
+A supervisor keeps one upstream connection alive: it runs a connection, records how it ended, waits
+a jittered backoff and tries again, forever, until it is stopped. There are two kinds, both built on
+`UpstreamSupervisor`: a `FactionSupervisor` holds one faction's channels, with its reconciler
+(`relay.reconcile`) beside the connection while it is live; the one `SharedDeleteSupervisor`,
+started with the first faction, holds the relay-wide DELETE subscription of the tables whose
+`deletes` is "shared" and hands every DELETE to the router (`relay.shared_deletes`, through
+`relay.ingest`). The connection loop holds the relay's upstream `except Exception` (there is one more
+in the reconciler's task, for the same reason): an explicit restart policy, so that whatever goes
+wrong with one faction is logged, shown in `/status`, and retried, and never reaches another faction
+or the HTTP server.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import math
@@ -28,7 +32,11 @@ from relay.upstream import ConnectionHooks, ConnectionSettings, run_connection
 
 log = logging.getLogger(__name__)
 
-Ingest = Callable[[int, Sequence[ChangeReceived]], Awaitable[None]]
+# Where a faction's changes go (`relay.ingest.Ingest.upstream`); it raises DeliveryFailed when it
+# cannot take them.
+FactionSink = Callable[[int, Sequence[ChangeReceived]], Awaitable[object]]
+# Where the relay-wide DELETEs go, to be routed by key (`relay.ingest.Ingest.route_shared_deletes`).
+SharedSink = Callable[[Sequence[ChangeReceived]], Awaitable[None]]
 WallClockMs = Callable[[], int]
 
 
@@ -96,33 +104,34 @@ class UpstreamStatistics:
     reconcile: ReconcileStatistics | None = None
 
 
-class FactionSupervisor:
+class UpstreamSupervisor:
+    """Keeps one upstream connection, of `specs`, alive until stopped; the base of both kinds.
+
+    It keeps a nursery of its own for the tasks that live beside its connection (a faction's
+    reconciler), so that stopping the supervisor stops them too. With the registry's, these are the
+    only nurseries the relay keeps.
+    """
+
     def __init__(
         self,
-        faction_id: int,
+        name: str,
         settings: SupervisorSettings,
-        ingest: Ingest,
+        specs: Sequence[ChannelSpec],
         *,
         pacer: JoinPacer,
         rng: random.Random,
         wall_clock_ms: WallClockMs,
-        specs: Sequence[ChannelSpec] | None = None,
-        reconciler: Reconciler | None = None,
-        name: str | None = None,
     ) -> None:
-        self.faction_id = faction_id
-        self._specs = list(specs) if specs is not None else settings.channel_specs(faction_id)
-        self._reconciler = reconciler
-        self._reconciling: trio.CancelScope | None = None
+        self._name = name
+        self._specs = list(specs)
         self._nursery: trio.Nursery | None = None
-        self._name = name or f"FactionSupervisor({faction_id})"
         self._settings = settings
         self._pacer = pacer
-        self._ingest = ingest
         self._wall_clock_ms = wall_clock_ms
         self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s, rng)
         self._scope = trio.CancelScope()
         self.stopped = trio.Event()
+        self._started = False
         self._state = UpstreamState.CONNECTING
         self._attempts = 0
         self._reconnects = 0
@@ -137,15 +146,15 @@ class FactionSupervisor:
         return self._name
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._started = True
         try:
             with self._scope:
-                # The reconciler's task lives here, so that stopping the faction stops it too.
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     task_status.started()
                     while True:
                         error = await self._run_one_connection()
-                        self._stop_reconciling()
+                        self._connection_ended()
                         await self._wait_after(error)
         finally:
             self._set_state(UpstreamState.STOPPED)
@@ -154,16 +163,31 @@ class FactionSupervisor:
 
     def stop(self) -> None:
         self._scope.cancel()
+        if not self._started:  # asked for before the registry ran, and never run: nothing to close
+            self._set_state(UpstreamState.STOPPED)
+            self.stopped.set()
 
     @property
     def stopping(self) -> bool:
         """Asked to stop (it may still be closing its socket) or already stopped."""
         return self._scope.cancel_called or self.stopped.is_set()
 
+    async def _deliver(self, changes: Sequence[ChangeReceived]) -> None:
+        """Hand the changes on; raises DeliveryFailed when they could not be taken."""
+        raise NotImplementedError  # each kind says where its changes go
+
+    def _connection_live(self) -> None:
+        """Every channel is live: what a kind starts beside the connection starts here."""
+
+    def _connection_ended(self) -> None:
+        """The connection ended: what `_connection_live` started stops here."""
+
     async def _run_one_connection(self) -> BaseException:
         self._attempts += 1
         self._set_state(UpstreamState.CONNECTING)
-        hooks = ConnectionHooks(deliver=self._deliver, on_live=self._on_live, on_ignored=self._on_ignored)
+        hooks = ConnectionHooks(
+            deliver=self._count_and_deliver, on_live=self._on_live, on_ignored=self._on_ignored
+        )
         specs = self._specs
         await self._pacer.wait_turn(len(specs))
         try:
@@ -194,15 +218,8 @@ class FactionSupervisor:
         await trio.sleep_until(self._next_attempt_at)
         self._next_attempt_at = None
 
-    def note_live_change(self, change: ChangeReceived) -> None:
-        """A change of this faction's rows arrived live: a snapshot being read must leave its key alone."""
-        if self._reconciler is not None:
-            self._reconciler.note_live_change(change.table, change.data)
-
-    async def _deliver(self, changes: Sequence[ChangeReceived]) -> None:
-        for change in changes:  # before the await: a change waiting for its commit counts too
-            self.note_live_change(change)
-        await self._ingest(self.faction_id, changes)
+    async def _count_and_deliver(self, changes: Sequence[ChangeReceived]) -> None:
+        await self._deliver(changes)
         self._received += len(changes)
 
     def _on_live(self) -> None:
@@ -210,23 +227,7 @@ class FactionSupervisor:
         self._live_since = trio.current_time()
         self._connected_since = self._wall_clock_ms()
         self._set_state(UpstreamState.CONNECTED)
-        if self._reconciler is not None and self._nursery is not None:
-            self._reconciling = trio.CancelScope()
-            self._nursery.start_soon(self._reconcile_while_live, self._reconciling, self._reconciler)
-
-    async def _reconcile_while_live(self, scope: trio.CancelScope, reconciler: Reconciler) -> None:
-        with scope:
-            try:
-                await reconciler.run_while_live()
-            except Exception:  # the restart policy: a bug here must not take the connection down
-                log.exception(
-                    "%r: reconciling failed unexpectedly; next try when the connection is back", self
-                )
-
-    def _stop_reconciling(self) -> None:
-        if self._reconciling is not None:
-            self._reconciling.cancel()
-            self._reconciling = None
+        self._connection_live()
 
     def _on_ignored(self, ignored: ChangeIgnored) -> None:
         self._ignored += 1
@@ -250,37 +251,117 @@ class FactionSupervisor:
             reconnects=self._reconnects,
             changes_received=self._received,
             changes_ignored=self._ignored,
-            reconcile=self._reconciler.statistics() if self._reconciler is not None else None,
         )
+
+
+class FactionSupervisor(UpstreamSupervisor):
+    """One faction's channels, and its reconciler beside the connection while it is live."""
+
+    def __init__(
+        self,
+        faction_id: int,
+        settings: SupervisorSettings,
+        sink: FactionSink,
+        *,
+        pacer: JoinPacer,
+        rng: random.Random,
+        wall_clock_ms: WallClockMs,
+        reconciler: Reconciler | None = None,
+    ) -> None:
+        super().__init__(
+            f"FactionSupervisor({faction_id})",
+            settings,
+            settings.channel_specs(faction_id),
+            pacer=pacer,
+            rng=rng,
+            wall_clock_ms=wall_clock_ms,
+        )
+        self.faction_id = faction_id
+        self._sink = sink
+        self._reconciler = reconciler
+        self._reconciling: trio.CancelScope | None = None
+
+    async def _deliver(self, changes: Sequence[ChangeReceived]) -> None:
+        await self._sink(self.faction_id, changes)
+
+    def _connection_live(self) -> None:
+        if self._reconciler is not None and self._nursery is not None:
+            self._reconciling = trio.CancelScope()
+            self._nursery.start_soon(self._reconcile_while_live, self._reconciling, self._reconciler)
+
+    def _connection_ended(self) -> None:
+        if self._reconciling is not None:
+            self._reconciling.cancel()
+            self._reconciling = None
+
+    async def _reconcile_while_live(self, scope: trio.CancelScope, reconciler: Reconciler) -> None:
+        with scope:
+            try:
+                await reconciler.run_while_live()
+            except Exception:  # the restart policy: a bug here must not take the connection down
+                log.exception(
+                    "%r: reconciling failed unexpectedly; next try when the connection is back", self
+                )
+
+    def statistics(self) -> UpstreamStatistics:
+        reconcile = self._reconciler.statistics() if self._reconciler is not None else None
+        return dataclasses.replace(super().statistics(), reconcile=reconcile)
+
+
+class SharedDeleteSupervisor(UpstreamSupervisor):
+    """The relay-wide DELETE channels, on one socket; every DELETE goes to `route`."""
+
+    def __init__(
+        self,
+        settings: SupervisorSettings,
+        route: SharedSink,
+        *,
+        pacer: JoinPacer,
+        rng: random.Random,
+        wall_clock_ms: WallClockMs,
+    ) -> None:
+        super().__init__(
+            "SharedDeletes",
+            settings,
+            settings.shared_delete_specs(),
+            pacer=pacer,
+            rng=rng,
+            wall_clock_ms=wall_clock_ms,
+        )
+        self._route = route
+
+    async def _deliver(self, changes: Sequence[ChangeReceived]) -> None:
+        await self._route(changes)
 
 
 class Supervisors:
     """The registry: one supervisor per subscribed faction, all in one nursery this object owns.
 
-    The only place in the relay that keeps a nursery: request handlers ask for a faction to be
-    running, and the supervisor task is started here, in the relay's task tree.
+    The only place in the relay that starts upstream tasks: request handlers ask for a faction to be
+    running, and its supervisor task is started here, in the relay's task tree. A faction asked for
+    before `run` is started when it runs (the HTTP-contract tests never run it: no socket is opened).
     """
 
     def __init__(
         self,
         settings: SupervisorSettings,
-        ingest: Ingest,
+        sink: FactionSink,
         *,
         rng: random.Random | None = None,
         wall_clock_ms: WallClockMs,
         reconciler_for: Callable[[int], Reconciler] | None = None,
-        route_shared_deletes: Ingest | None = None,
+        route_shared_deletes: SharedSink | None = None,
     ) -> None:
         self._settings = settings
-        self._ingest = ingest
+        self._sink = sink
         self._reconciler_for = reconciler_for
-        # Receives the relay-wide DELETE subscription's changes (faction id 0) to route them by key.
         self._route_shared_deletes = route_shared_deletes
-        self._shared: FactionSupervisor | None = None
+        self._shared: SharedDeleteSupervisor | None = None
         self._rng = rng or random.Random()
         self._wall_clock_ms = wall_clock_ms
         self._nursery: trio.Nursery | None = None
         self._supervisors: dict[int, FactionSupervisor] = {}
+        self._waiting: list[FactionSupervisor] = []  # asked for before `run`
         self._pacer = JoinPacer(settings.joins_per_second)
 
     async def run(
@@ -293,6 +374,9 @@ class Supervisors:
             self._nursery = nursery
             for faction_id in initial_factions:
                 self.ensure_running(faction_id)
+            waiting, self._waiting = self._waiting, []
+            for supervisor in waiting:
+                self._start(supervisor)
             task_status.started()
             try:
                 await trio.sleep_forever()
@@ -306,39 +390,39 @@ class Supervisors:
         # closing its old socket, and the old supervisor will not come back by itself.
         if current is not None and not current.stopping:
             return
-        if self._nursery is None:
-            raise RuntimeError("Supervisors.run is not running")
         supervisor = FactionSupervisor(
             faction_id,
             self._settings,
-            self._ingest,
+            self._sink,
             pacer=self._pacer,
             rng=self._rng,
             wall_clock_ms=self._wall_clock_ms,
             reconciler=self._reconciler_for(faction_id) if self._reconciler_for is not None else None,
         )
         self._supervisors[faction_id] = supervisor
+        self._start(supervisor)
+
+    def _start(self, supervisor: FactionSupervisor) -> None:
+        if self._nursery is None:
+            self._waiting.append(supervisor)
+            return
         self._nursery.start_soon(supervisor.run, name=repr(supervisor))
         self._ensure_shared_deletes()
 
     def _ensure_shared_deletes(self) -> None:
-        specs = self._settings.shared_delete_specs()
         if (
             self._shared is not None
             or self._route_shared_deletes is None
-            or not specs
+            or not self._settings.shared_delete_specs()
             or self._nursery is None
         ):
             return
-        self._shared = FactionSupervisor(
-            0,
+        self._shared = SharedDeleteSupervisor(
             self._settings,
             self._route_shared_deletes,
             pacer=self._pacer,
             rng=self._rng,
             wall_clock_ms=self._wall_clock_ms,
-            specs=specs,
-            name="SharedDeletes",
         )
         self._nursery.start_soon(self._shared.run, name=repr(self._shared))
 
@@ -356,13 +440,6 @@ class Supervisors:
 
     def statistics(self) -> dict[int, UpstreamStatistics]:
         return {faction_id: sup.statistics() for faction_id, sup in self._supervisors.items()}
-
-    def note_live_change(self, faction_id: int, change: ChangeReceived) -> None:
-        """A change for the faction that came by another socket (the shared DELETEs): its reconciler
-        must leave the key alone as it would for one of its own."""
-        supervisor = self._supervisors.get(faction_id)
-        if supervisor is not None:
-            supervisor.note_live_change(change)
 
     def shared_deletes_statistics(self) -> UpstreamStatistics | None:
         """The relay-wide DELETE subscription, once the first faction started it."""

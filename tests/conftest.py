@@ -6,6 +6,7 @@ import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
@@ -13,6 +14,9 @@ import trio
 from relay.config import Config, load_config
 from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
+
+if TYPE_CHECKING:
+    from tests.contract import RelayApp
 
 ANON_KEY = "test-anon-key"
 FACTION = 46666
@@ -66,8 +70,8 @@ def make_config(tmp_path: Path, fake_upstream: FakeSupabase) -> Callable[..., Co
     def make(toml: str = "", **overrides: str) -> Config:
         config_file = tmp_path / "relay.toml"
         config_file.write_text(
-            "[upstream]\nheartbeat_interval = 2.0\nconnect_timeout = 2.0\n"
-            "backoff_initial = 0.05\nbackoff_max = 0.5\n" + toml
+            "[upstream]\nheartbeat_interval_s = 2.0\nconnect_timeout_s = 2.0\n"
+            "backoff_initial_s = 0.05\nbackoff_max_s = 0.5\n" + toml
         )
         env = {
             "RELAY_UPSTREAM_URL": fake_upstream.url,
@@ -91,10 +95,19 @@ async def relay(make_config: Callable[..., Config]) -> AsyncIterator[RunningRela
 
 
 @pytest.fixture
+async def relay_app(tmp_path: Path) -> AsyncIterator[RelayApp]:
+    """The HTTP-contract tier's relay (tests/contract.py): built, never started."""
+    from tests.contract import contract_config, open_relay_app  # it imports this module's constants
+
+    async with open_relay_app(contract_config(tmp_path)) as built:
+        yield built
+
+
+@pytest.fixture
 def serve_config(tmp_path: Path, fake_upstream: FakeSupabase) -> tuple[Path, dict[str, str]]:
     config = tmp_path / "relay.toml"
     config.write_text(
-        '[server]\nport = 0\n[storage]\npath = "data/relay.db"\n[upstream]\nheartbeat_interval = 2.0\n'
+        '[server]\nport = 0\n[storage]\npath = "data/relay.db"\n[upstream]\nheartbeat_interval_s = 2.0\n'
     )
     env = {**os.environ, "RELAY_UPSTREAM_URL": fake_upstream.url, "RELAY_UPSTREAM_ANON_KEY": ANON_KEY}
     return config, env

@@ -1,4 +1,5 @@
-"""The HTTP contract through Quart's test client, on the app of a real running relay."""
+"""The HTTP contract through Quart's test client, on the app and services `run_relay` builds (`build_services`), over a
+real store and never started (tests/contract.py); only what needs a live upstream runs a whole relay."""
 
 from __future__ import annotations
 
@@ -13,29 +14,30 @@ from relay.answers import MAX_CACHED_BYTES, MAX_LARGE_CACHED_BYTES
 from relay.config import Config
 from relay.service import RunningRelay, run_relay
 from tests.conftest import ANON_KEY, FACTION, OTHER_FACTION
+from tests.contract import RelayApp
 
 
-def client(relay: RunningRelay) -> QuartClient:
+def client(relay: RelayApp | RunningRelay) -> QuartClient:
     return relay.app.test_client()
 
 
-async def subscribe(relay: RunningRelay, faction_id: Any = FACTION, key: str = ANON_KEY) -> Any:
+async def subscribe(relay: RelayApp | RunningRelay, faction_id: Any = FACTION, key: str = ANON_KEY) -> Any:
     response = await client(relay).post("/subscribe", json={"faction_id": faction_id, "api_key": key})
     return response.status_code, await response.get_json()
 
 
-async def events(relay: RunningRelay, query: str) -> tuple[int, Any]:
+async def events(relay: RelayApp | RunningRelay, query: str) -> tuple[int, Any]:
     response = await client(relay).get(f"/events?{query}")
     return response.status_code, await response.get_json()
 
 
 def change(n: int) -> dict[str, Any]:
-    # A table the relay does not track: the reconcile against the fake's empty tables leaves it alone.
+    # A table the relay_app does not track: the reconcile against the fake's empty tables leaves it alone.
     return {"table": "test_rows", "eventType": "INSERT", "new": {"id": n, "faction_id": FACTION}, "old": {}}
 
 
-async def test_ping_tells_todays_script_the_relay_is_there(relay: RunningRelay) -> None:
-    response = await client(relay).get("/ping")
+async def test_ping_tells_todays_script_the_relay_is_there(relay_app: RelayApp) -> None:
+    response = await client(relay_app).get("/ping")
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "application/json; charset=utf-8"
     body = await response.get_json()
@@ -45,24 +47,24 @@ async def test_ping_tells_todays_script_the_relay_is_there(relay: RunningRelay) 
     assert body["version"].count(".") == 2
 
 
-async def test_health_answers_while_the_store_does(relay: RunningRelay) -> None:
-    response = await client(relay).get("/health")
+async def test_health_answers_while_the_store_does(relay_app: RelayApp) -> None:
+    response = await client(relay_app).get("/health")
     assert (response.status_code, await response.get_json()) == (200, {"status": "ok"})
 
 
-async def test_subscribe_accepts_numbers_and_digit_strings_and_is_idempotent(relay: RunningRelay) -> None:
-    status, body = await subscribe(relay, FACTION)
+async def test_subscribe_accepts_numbers_and_digit_strings_and_is_idempotent(relay_app: RelayApp) -> None:
+    status, body = await subscribe(relay_app, FACTION)
     assert status == 200
-    assert body == {"status": "subscribed", "faction_id": FACTION, "timestamp": relay.store.cursor()}
-    status, again = await subscribe(relay, str(FACTION))
+    assert body == {"status": "subscribed", "faction_id": FACTION, "timestamp": relay_app.store.cursor()}
+    status, again = await subscribe(relay_app, str(FACTION))
     assert (status, again["faction_id"]) == (200, FACTION)
-    assert relay.store.active_factions() == [FACTION]
+    assert relay_app.store.active_factions() == [FACTION]
 
 
-async def test_events_since_returns_newer_events_oldest_first_with_the_cursor(relay: RunningRelay) -> None:
-    await subscribe(relay)
-    stored = await relay.store.append_events(FACTION, [("postgres_changes", change(n)) for n in range(3)])
-    status, body = await events(relay, f"faction_id={FACTION}")
+async def test_events_since_returns_newer_events_oldest_first_with_the_cursor(relay_app: RelayApp) -> None:
+    await subscribe(relay_app)
+    stored = await relay_app.store.append_events(FACTION, [("postgres_changes", change(n)) for n in range(3)])
+    status, body = await events(relay_app, f"faction_id={FACTION}")
     assert status == 200
     assert [event["id"] for event in body["events"]] == [event.id for event in stored]
     assert body["timestamp"] == stored[-1].timestamp
@@ -73,49 +75,49 @@ async def test_events_since_returns_newer_events_oldest_first_with_the_cursor(re
         "timestamp": stored[0].timestamp,
         "data": change(0),
     }
-    status, body = await events(relay, f"faction_id={FACTION}&since={stored[0].timestamp}")
+    status, body = await events(relay_app, f"faction_id={FACTION}&since={stored[0].timestamp}")
     assert [event["data"]["new"]["id"] for event in body["events"]] == [1, 2]
-    status, body = await events(relay, f"faction_id={FACTION}&since={stored[-1].timestamp}")
+    status, body = await events(relay_app, f"faction_id={FACTION}&since={stored[-1].timestamp}")
     assert body["events"] == []
     assert body["timestamp"] >= stored[-1].timestamp
-    (later,) = await relay.store.append_events(FACTION, [("postgres_changes", change(3))])
+    (later,) = await relay_app.store.append_events(FACTION, [("postgres_changes", change(3))])
     assert later.timestamp > body["timestamp"]
 
 
-async def test_empty_since_means_everything_retained(relay: RunningRelay) -> None:
-    await subscribe(relay)
-    await relay.store.append_events(FACTION, [("postgres_changes", change(1))])
-    status, body = await events(relay, f"faction_id={FACTION}&since=")
+async def test_empty_since_means_everything_retained(relay_app: RelayApp) -> None:
+    await subscribe(relay_app)
+    await relay_app.store.append_events(FACTION, [("postgres_changes", change(1))])
+    status, body = await events(relay_app, f"faction_id={FACTION}&since=")
     assert (status, len(body["events"])) == (200, 1)
 
 
-async def test_a_since_ahead_of_the_relay_clock_does_not_hide_later_events(relay: RunningRelay) -> None:
-    await subscribe(relay)
-    ahead = relay.store.cursor() + 120_000  # a member whose clock runs two minutes fast
-    status, body = await events(relay, f"faction_id={FACTION}&since={ahead}")
+async def test_a_since_ahead_of_the_relay_clock_does_not_hide_later_events(relay_app: RelayApp) -> None:
+    await subscribe(relay_app)
+    ahead = relay_app.store.cursor() + 120_000  # a member whose clock runs two minutes fast
+    status, body = await events(relay_app, f"faction_id={FACTION}&since={ahead}")
     assert (status, body["events"]) == (200, [])
     assert body["timestamp"] >= ahead
-    await relay.store.append_events(FACTION, [("postgres_changes", change(1))])
-    status, body = await events(relay, f"faction_id={FACTION}&since={ahead}")
+    await relay_app.store.append_events(FACTION, [("postgres_changes", change(1))])
+    status, body = await events(relay_app, f"faction_id={FACTION}&since={ahead}")
     assert [event["data"]["new"]["id"] for event in body["events"]] == [1]
 
 
-async def test_events_are_per_faction(relay: RunningRelay) -> None:
-    await subscribe(relay, FACTION)
-    await subscribe(relay, OTHER_FACTION)
-    await relay.store.append_events(OTHER_FACTION, [("postgres_changes", change(1))])
-    status, body = await events(relay, f"faction_id={FACTION}&since=0")
+async def test_events_are_per_faction(relay_app: RelayApp) -> None:
+    await subscribe(relay_app, FACTION)
+    await subscribe(relay_app, OTHER_FACTION)
+    await relay_app.store.append_events(OTHER_FACTION, [("postgres_changes", change(1))])
+    status, body = await events(relay_app, f"faction_id={FACTION}&since=0")
     assert (status, body["events"]) == (200, [])
 
 
-async def test_a_poll_of_an_expired_faction_revives_it(relay: RunningRelay) -> None:
-    await subscribe(relay)
-    assert await relay.store.expire_idle(-1) == [FACTION]
-    await relay.supervisors.stop(FACTION)
-    status, _ = await events(relay, f"faction_id={FACTION}")
+async def test_a_poll_of_an_expired_faction_revives_it(relay_app: RelayApp) -> None:
+    await subscribe(relay_app)
+    assert await relay_app.store.expire_idle(-1) == [FACTION]
+    await relay_app.supervisors.stop(FACTION)
+    status, _ = await events(relay_app, f"faction_id={FACTION}")
     assert status == 200
-    assert relay.store.active_factions() == [FACTION]
-    assert relay.supervisors.statistics()[FACTION].state != "stopped"
+    assert relay_app.store.active_factions() == [FACTION]
+    assert relay_app.supervisors.statistics()[FACTION].state != "stopped"
 
 
 async def test_status_lists_each_faction_with_its_upstream(relay: RunningRelay) -> None:
@@ -156,11 +158,11 @@ async def test_status_lists_each_faction_with_its_upstream(relay: RunningRelay) 
     assert faction["last_event_at"] == relay.store.cursor()
 
 
-async def test_cors_on_every_answer_and_preflight_answered(relay: RunningRelay) -> None:
+async def test_cors_on_every_answer_and_preflight_answered(relay_app: RelayApp) -> None:
     for path in ["/ping", "/events?faction_id=x", "/nowhere"]:
-        response = await client(relay).get(path)
+        response = await client(relay_app).get(path)
         assert response.headers["Access-Control-Allow-Origin"] == "*", path
-    preflight = await client(relay).options(
+    preflight = await client(relay_app).options(
         "/subscribe", headers={"Origin": "https://www.torn.com", "Access-Control-Request-Method": "POST"}
     )
     assert preflight.status_code == 200
@@ -182,32 +184,32 @@ async def test_max_factions_refuses_the_next_faction_but_not_a_known_one(
     small.stop()
 
 
-async def test_the_browser_client_is_served_as_javascript(relay: RunningRelay) -> None:
-    response = await client(relay).get("/client.js", headers={"Host": "relay.example:8444"})
+async def test_the_browser_client_is_served_as_javascript(relay_app: RelayApp) -> None:
+    response = await client(relay_app).get("/client.js", headers={"Host": "relay.example:8444"})
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "application/javascript; charset=utf-8"
     assert response.headers["Access-Control-Allow-Origin"] == "*"
     source = await response.get_data(as_text=True)
     assert "function createCATRelayConnection" in source
     assert "CATRelayClient" in source
-    # The relay's own address, from the request, so that `@require https://<relay>/client.js` just works.
+    # The relay_app's own address, from the request, so that `@require https://<relay_app>/client.js` just works.
     assert source.endswith('\nCATRelay.defaults.relayUrl = "http://relay.example:8444";\n')
 
 
-async def test_status_counts_members_by_address_and_events_per_minute(relay: RunningRelay) -> None:
-    await subscribe(relay)
+async def test_status_counts_members_by_address_and_events_per_minute(relay_app: RelayApp) -> None:
+    await subscribe(relay_app)
     for address in ("198.51.100.7", "198.51.100.7", "203.0.113.9"):
-        response = await client(relay).get(
+        response = await client(relay_app).get(
             f"/events?faction_id={FACTION}", scope_base={"client": (address, 40000)}
         )
         assert response.status_code == 200
     for n in range(3):
-        response = await client(relay).post(
+        response = await client(relay_app).post(
             "/events",
             json={"faction_id": FACTION, "api_key": ANON_KEY, "type": "hospital_update", "data": {"n": n}},
         )
         assert response.status_code == 200
-    body = await (await client(relay).get("/status")).get_json()
+    body = await (await client(relay_app).get("/status")).get_json()
     (faction,) = body["factions"]
     assert faction["members"] == 2
     assert len(faction["events_per_minute"]) == 30
@@ -216,26 +218,26 @@ async def test_status_counts_members_by_address_and_events_per_minute(relay: Run
     assert body["now"] >= faction["last_event_at"]
 
 
-async def test_static_files_are_served_only_by_their_own_routes(relay: RunningRelay) -> None:
+async def test_static_files_are_served_only_by_their_own_routes(relay_app: RelayApp) -> None:
     for path in ("/static/status.html", "/static/client.js"):
-        response = await client(relay).get(path)
+        response = await client(relay_app).get(path)
         assert response.status_code == 404, path
 
 
-async def test_the_package_folder_is_not_served_as_static_files(relay: RunningRelay) -> None:
-    # Quart's default static route would serve relay/static/ at /static/..., paths nobody documented
+async def test_the_package_folder_is_not_served_as_static_files(relay_app: RelayApp) -> None:
+    # Quart's default static route would serve relay_app/static/ at /static/..., paths nobody documented
     # (found by the route check in tests/test_openapi.py).
-    response = await client(relay).get("/static/client.js")
+    response = await client(relay_app).get("/static/client.js")
     assert response.status_code == 404
     assert (await response.get_json())["code"] == "not_found"
 
 
-async def test_readers_far_behind_share_one_large_answer(relay: RunningRelay) -> None:
+async def test_readers_far_behind_share_one_large_answer(relay_app: RelayApp) -> None:
     """Twenty published events of 250 KB (above the small answers' 4 MiB in all): a second member far
     behind is sent the answer built for the first, although other polls were answered in between."""
-    await subscribe(relay)
+    await subscribe(relay_app)
     for n in range(20):
-        response = await client(relay).post(
+        response = await client(relay_app).post(
             "/events",
             json={
                 "faction_id": FACTION,
@@ -245,13 +247,13 @@ async def test_readers_far_behind_share_one_large_answer(relay: RunningRelay) ->
             },
         )
         assert response.status_code == 200
-    answers = relay.app.answers
-    status, first = await events(relay, f"faction_id={FACTION}&since=0")
+    answers = relay_app.app.answers
+    status, first = await events(relay_app, f"faction_id={FACTION}&since=0")
     assert (status, len(first["events"])) == (200, 20)
     built = answers.built
-    status, caught_up = await events(relay, f"faction_id={FACTION}&since={first['timestamp']}")
+    status, caught_up = await events(relay_app, f"faction_id={FACTION}&since={first['timestamp']}")
     assert (status, caught_up["events"]) == (200, [])
-    status, again = await events(relay, f"faction_id={FACTION}&since=0")
+    status, again = await events(relay_app, f"faction_id={FACTION}&since=0")
     assert (status, again) == (200, first)
     assert answers.built == built + 1  # the caught-up member's empty answer only
     assert answers.retained_bytes <= MAX_CACHED_BYTES + MAX_LARGE_CACHED_BYTES

@@ -25,7 +25,7 @@ CONFIG = f"""
 port = 9001
 [upstream]
 url = "{URL}"
-backoff_max = 30.0
+backoff_max_s = 30.0
 [[upstream.channels]]
 table = "war_calls"
 filter = "faction_id=eq.{{faction_id}}"
@@ -60,6 +60,29 @@ def test_the_output_loads_back_to_the_same_config_with_the_secrets_kept_where_th
     # The operator keeps their api_keys line: it is shown only masked, as a comment.
     pasted.write_text(shown.replace("[auth]\n", f'[auth]\napi_keys = ["{API_KEYS[0]}", "{API_KEYS[1]}"]\n'))
     again = load_config(pasted, environ=environ)
+    assert dataclasses.replace(again, source=None) == dataclasses.replace(checked.config, source=None)
+
+
+def test_old_key_names_are_shown_by_their_new_names_and_load_back_the_same(tmp_path: Path) -> None:
+    environ = {"RELAY_UPSTREAM_ANON_KEY": ANON_KEY}
+    old_names = (
+        f'[upstream]\nurl = "{URL}"\nheartbeat_interval = 5.0\n[retention]\nsubscription_ttl = 600.0\n'
+    )
+    checked = check_config(write_config(tmp_path, old_names), environ)
+    assert checked.problems == []
+    assert checked.config is not None
+    assert len(checked.config.warnings) == 2
+    shown = render(checked.config, environ)
+    lines = shown.splitlines()
+    assert "heartbeat_interval_s = 5.0  # default 25.0" in lines
+    assert "subscription_ttl_s = 600.0  # default 1800.0" in lines
+    assert not any(line.startswith(("heartbeat_interval ", "subscription_ttl ")) for line in lines)
+
+    pasted = tmp_path / "pasted" / "relay.toml"
+    pasted.parent.mkdir()
+    pasted.write_text(shown)
+    again = load_config(pasted, environ=environ)
+    assert again.warnings == ()
     assert dataclasses.replace(again, source=None) == dataclasses.replace(checked.config, source=None)
 
 
@@ -169,6 +192,20 @@ async def test_a_good_config_exits_0_and_prints_only_the_toml(tmp_path: Path) ->
     assert (ran.status, ran.err) == (0, "")
     assert tomllib.loads(ran.out)["retention"]["events_per_faction"] == 250
     assert ANON_KEY not in ran.out
+
+
+async def test_an_old_key_name_is_one_warning_on_stderr_and_its_new_name_on_stdout(tmp_path: Path) -> None:
+    config = write_config(tmp_path, f'[upstream]\nurl = "{URL}"\nbackoff_max = 30.0\n')
+    ran = await run_relay_command(
+        "check-config", "--config", config, environ=clean_environ(RELAY_UPSTREAM_ANON_KEY=ANON_KEY)
+    )
+    assert ran.status == 0
+    assert len(ran.error_lines) == 1
+    assert "WARNING" in ran.error_lines[0]
+    assert f"upstream.backoff_max in {config} is an old name: call it upstream.backoff_max_s" in ran.err
+    upstream = tomllib.loads(ran.out)["upstream"]
+    assert upstream["backoff_max_s"] == 30.0
+    assert "backoff_max" not in upstream
 
 
 async def test_a_refused_config_is_one_line_and_nothing_on_stdout(tmp_path: Path) -> None:

@@ -113,6 +113,22 @@ async def test_a_config_error_is_one_line_and_exit_status_2(tmp_path: Path) -> N
     assert "anon_key" in lines[0]
 
 
+async def test_an_old_key_name_is_served_with_one_warning_naming_the_new_one(
+    serve_config: tuple[Path, dict[str, str]], fake_upstream: FakeSupabase
+) -> None:
+    config, env = serve_config
+    config.write_text(config.read_text().replace("heartbeat_interval_s =", "heartbeat_interval ="))
+    with trio.fail_after(30):
+        async with relay_process(config, env) as relay:
+            relay.process.send_signal(signal.SIGTERM)
+            assert await relay.process.wait() == 0
+    warnings = [line for line in relay.log if "heartbeat_interval" in line]
+    assert len(warnings) == 1, warnings
+    assert "WARNING" in warnings[0]
+    assert "upstream.heartbeat_interval in" in warnings[0]
+    assert "call it upstream.heartbeat_interval_s" in warnings[0]
+
+
 async def test_demo_serves_live_war_traffic_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     process = await trio.lowlevel.open_process(
         [RELAY, "demo", "--port", "0", "--changes-per-s", "50"],

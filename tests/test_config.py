@@ -13,6 +13,7 @@ import pytest
 from relay.config import (
     DEFAULT_STORAGE_PATH,
     HELD_AS_PAIRS,
+    OLD_NAMES,
     AuthConfig,
     ChannelConfig,
     Config,
@@ -30,6 +31,7 @@ KEY = "anon-key-that-must-never-be-echoed"
 REQUIRED = {"RELAY_UPSTREAM_URL": URL, "RELAY_UPSTREAM_ANON_KEY": KEY}
 SHIPPED = Path(__file__).resolve().parents[1] / "relay.toml"
 SHIPPED_URL = "wss://YOUR-PROJECT-REF.supabase.co/realtime/v1/websocket"
+NOT_SECTIONS = {"source", "warnings"}  # Config's fields about the loading, not read from a table
 
 
 def load(tmp_path: Path, toml: str, **env: str) -> Config:
@@ -60,7 +62,7 @@ def test_defaults_with_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         "wars",
     ]
     assert config.retention == RetentionConfig(100, 300.0, 1800.0)
-    assert config.limits == LimitsConfig(max_factions=150, long_poll_max_wait=30.0, max_clock_skew_s=600.0)
+    assert config.limits == LimitsConfig(max_factions=150, long_poll_max_wait_s=30.0, max_clock_skew_s=600.0)
     assert config.auth == AuthConfig(())
     assert config.accepted_api_keys == (KEY,)
 
@@ -101,21 +103,21 @@ def test_file_values(tmp_path: Path) -> None:
         [storage]
         path = "/var/lib/relay/relay.db"
         [upstream]
-        heartbeat_interval = 5      # an int is fine where seconds are asked for
-        connect_timeout = 2.5
-        backoff_initial = 0.5
-        backoff_max = 30.0
+        heartbeat_interval_s = 5    # an int is fine where seconds are asked for
+        connect_timeout_s = 2.5
+        backoff_initial_s = 0.5
+        backoff_max_s = 30.0
         [[upstream.channels]]
         table = "wars"
         filter = "faction_id=eq.{faction_id}"
         [retention]
         events_per_faction = 10
-        maintenance_interval = 60.0
-        subscription_ttl = 600.0
+        maintenance_interval_s = 60.0
+        subscription_ttl_s = 600.0
         [limits]
         max_factions = 3
         max_standby_factions = 0    # learns no faction from standby subscribes
-        long_poll_max_wait = 0
+        long_poll_max_wait_s = 0
         max_clock_skew_s = 0.0
         [auth]
         api_keys = ["one", "two"]
@@ -127,10 +129,10 @@ def test_file_values(tmp_path: Path) -> None:
     assert config.upstream == UpstreamConfig(
         URL, KEY, 5.0, 2.5, 0.5, 30.0, channels=(ChannelConfig("wars", "faction_id=eq.{faction_id}"),)
     )
-    assert type(config.upstream.heartbeat_interval) is float
+    assert type(config.upstream.heartbeat_interval_s) is float
     assert config.retention == RetentionConfig(10, 60.0, 600.0)
     assert config.limits == LimitsConfig(
-        max_factions=3, max_standby_factions=0, long_poll_max_wait=0.0, max_clock_skew_s=0.0
+        max_factions=3, max_standby_factions=0, long_poll_max_wait_s=0.0, max_clock_skew_s=0.0
     )
     assert config.accepted_api_keys == ("one", "two")
     assert config.source == tmp_path / "relay.toml"
@@ -229,14 +231,23 @@ def test_a_relative_config_path_is_made_absolute(tmp_path: Path, monkeypatch: py
             {},
             ["unknown key upstream.channels[0].tabel"],
         ),
+        # old names are read only where they were, and a typo in one is unknown like any other
+        ("[limits]\nheartbeat_interval = 1\n", {}, ["unknown key limits.heartbeat_interval"]),
+        (
+            "[upstream]\nheartbeat_intervall = 1\n",
+            {},
+            ["unknown key upstream.heartbeat_intervall", "heartbeat_interval_s,"],
+        ),
         # wrong types: key, expected type, value
         ('[server]\nport = "8444"\n', {}, ["server.port", "an integer", '"8444"', "string"]),
         ("[server]\nport = true\n", {}, ["server.port", "an integer", "true", "boolean"]),
         ("[limits]\nmax_factions = 1.5\n", {}, ["limits.max_factions", "an integer", "1.5", "float"]),
         ("[server]\nhost = 1\n", {}, ["server.host", "a string", "1", "integer"]),
-        ("[upstream]\nconnect_timeout = true\n", {}, ["upstream.connect_timeout", "seconds", "true"]),
-        ('[upstream]\nheartbeat_interval = "25s"\n', {}, ["upstream.heartbeat_interval", '"25s"']),
-        ("[retention]\nsubscription_ttl = 1979-05-27\n", {}, ["retention.subscription_ttl", "date"]),
+        ("[upstream]\nconnect_timeout_s = true\n", {}, ["upstream.connect_timeout_s", "seconds", "true"]),
+        ('[upstream]\nheartbeat_interval_s = "25s"\n', {}, ["upstream.heartbeat_interval_s", '"25s"']),
+        ("[retention]\nsubscription_ttl_s = 1979-05-27\n", {}, ["retention.subscription_ttl_s", "date"]),
+        # an old name refused for its value is named as the file spells it
+        ('[upstream]\nheartbeat_interval = "25s"\n', {}, ["upstream.heartbeat_interval must", '"25s"']),
         ("server = 1\n", {}, ["server must be a table", "integer"]),
         # url
         ("[upstream]\nurl = 'https://x.supabase.co'\n", {"RELAY_UPSTREAM_URL": ""}, ["RELAY_UPSTREAM_URL"]),
@@ -251,17 +262,26 @@ def test_a_relative_config_path_is_made_absolute(tmp_path: Path, monkeypatch: py
         ("", {"RELAY_UPSTREAM_URL": "wss://h/ws?apikey=SECRET-VALUE"}, ["RELAY_UPSTREAM_URL", "apikey"]),
         ("", {"RELAY_UPSTREAM_ANON_KEY": " "}, ["RELAY_UPSTREAM_ANON_KEY must not be empty"]),
         # seconds: positive and finite
-        ("[upstream]\nheartbeat_interval = 0\n", {}, ["upstream.heartbeat_interval", "more than zero", "0"]),
-        ("[upstream]\nconnect_timeout = -1.5\n", {}, ["upstream.connect_timeout", "-1.5"]),
-        ("[upstream]\nbackoff_max = inf\n", {}, ["upstream.backoff_max", "finite", "inf"]),
-        ("[retention]\nmaintenance_interval = nan\n", {}, ["retention.maintenance_interval", "nan"]),
-        ("[retention]\nsubscription_ttl = 0.0\n", {}, ["retention.subscription_ttl", "0.0"]),
-        ("[limits]\nlong_poll_max_wait = -1\n", {}, ["limits.long_poll_max_wait", "zero or more", "-1"]),
+        (
+            "[upstream]\nheartbeat_interval_s = 0\n",
+            {},
+            ["upstream.heartbeat_interval_s", "more than zero", "0"],
+        ),
+        ("[upstream]\nconnect_timeout_s = -1.5\n", {}, ["upstream.connect_timeout_s", "-1.5"]),
+        ("[upstream]\nbackoff_max_s = inf\n", {}, ["upstream.backoff_max_s", "finite", "inf"]),
+        ("[retention]\nmaintenance_interval_s = nan\n", {}, ["retention.maintenance_interval_s", "nan"]),
+        ("[retention]\nsubscription_ttl_s = 0.0\n", {}, ["retention.subscription_ttl_s", "0.0"]),
+        ("[limits]\nlong_poll_max_wait_s = -1\n", {}, ["limits.long_poll_max_wait_s", "zero or more", "-1"]),
         ("[limits]\nmax_clock_skew_s = -0.5\n", {}, ["limits.max_clock_skew_s", "-0.5"]),
+        (
+            "[upstream]\nbackoff_initial_s = 61\n",
+            {},
+            ["upstream.backoff_initial_s (61)", "must not exceed", "upstream.backoff_max_s (60)"],
+        ),
         (
             "[upstream]\nbackoff_initial = 61\n",
             {},
-            ["upstream.backoff_initial (61)", "must not exceed", "upstream.backoff_max (60)"],
+            ["upstream.backoff_initial (61)", "must not exceed", "upstream.backoff_max_s (60)"],
         ),
         # counts and sizes
         ("[retention]\nevents_per_faction = 0\n", {}, ["retention.events_per_faction", "at least 1", "0"]),
@@ -369,6 +389,44 @@ def test_refusals_name_the_key_and_value(
     assert "SECRET-VALUE" not in message
 
 
+@pytest.mark.parametrize(("old", "new"), OLD_NAMES.items())
+def test_an_old_key_name_is_read_as_the_new_one_with_one_warning_naming_both(
+    tmp_path: Path, old: str, new: str
+) -> None:
+    section, old_key = old.split(".")
+    new_key = new.split(".")[1]
+    config = load(tmp_path, f"[{section}]\n{old_key} = 7\n")
+    assert getattr(getattr(config, section), new_key) == 7.0
+    assert len(config.warnings) == 1
+    (warning,) = config.warnings
+    assert "\n" not in warning
+    assert re.search(rf"{re.escape(old)}\b", warning)  # the old name itself, not the new one
+    assert new in warning
+    assert str(tmp_path / "relay.toml") in warning
+    assert config == load(tmp_path, f"[{section}]\n{new_key} = 7\n")
+
+
+def test_each_old_name_in_a_file_is_one_warning_and_new_names_are_none(tmp_path: Path) -> None:
+    old_file = "[upstream]\nheartbeat_interval = 5\nbackoff_max = 30\n[limits]\nlong_poll_max_wait = 0\n"
+    config = load(tmp_path, old_file)
+    assert [warning.split(" ", 1)[0] for warning in config.warnings] == [
+        "upstream.heartbeat_interval",
+        "upstream.backoff_max",
+        "limits.long_poll_max_wait",
+    ]
+    assert load(tmp_path, re.sub(r" = ", "_s = ", old_file)).warnings == ()
+    assert load(tmp_path, "").warnings == ()
+
+
+def test_an_old_and_a_new_name_for_the_same_key_are_refused(tmp_path: Path) -> None:
+    # Whichever one won, the operator reading the other would believe it in force.
+    message = refusal(tmp_path, "[retention]\nsubscription_ttl = 600\nsubscription_ttl_s = 900\n")
+    assert message == (
+        "retention.subscription_ttl and retention.subscription_ttl_s are both set: "
+        "keep only retention.subscription_ttl_s (retention.subscription_ttl is its old name)"
+    )
+
+
 def test_a_secret_of_the_wrong_type_is_described_not_shown(tmp_path: Path) -> None:
     config_file = tmp_path / "relay.toml"
     config_file.write_text("[upstream]\nanon_key = 1234567\n")
@@ -450,7 +508,7 @@ def test_the_shipped_relay_toml_holds_every_key_at_its_default() -> None:
     document = tomllib.loads(SHIPPED.read_text())
     sections = typing.get_type_hints(Config)
     without_default = {"upstream.url": SHIPPED_URL, "storage.path": DEFAULT_STORAGE_PATH}
-    assert set(document) == {f.name for f in dataclasses.fields(Config)} - {"source"}
+    assert set(document) == {f.name for f in dataclasses.fields(Config)} - NOT_SECTIONS
     for name, table in document.items():
         for f in dataclasses.fields(sections[name]):
             dotted = f"{name}.{f.name}"
@@ -481,7 +539,7 @@ def test_the_shipped_relay_toml_explains_every_key() -> None:
     keys = {
         f"{section.name}.{f.name}"
         for section in dataclasses.fields(Config)
-        if section.name != "source"
+        if section.name not in NOT_SECTIONS
         for f in dataclasses.fields(typing.get_type_hints(Config)[section.name])
     } | {f"upstream.channels.{f.name}" for f in dataclasses.fields(ChannelConfig)}
     assert explained == dict.fromkeys(keys, True)

@@ -207,6 +207,18 @@ async def test_a_config_without_upstream_settings_is_enough_to_find_the_database
     assert f"database  {tmp_path / 'copy' / 'relay.db'}" in ran.out
 
 
+async def test_an_old_key_name_in_the_config_is_one_warning_and_the_stats_still_print(tmp_path: Path) -> None:
+    await made_by_the_store(tmp_path / "copy" / "relay.db")
+    config = tmp_path / "relay.toml"
+    config.write_text('[storage]\npath = "copy/relay.db"\n[retention]\nsubscription_ttl = 600.0\n')
+    ran = await run_relay_command("db", "stats", "--config", config, environ=clean_environ())
+    assert ran.status == 0
+    assert len(ran.error_lines) == 1
+    assert "retention.subscription_ttl in" in ran.err
+    assert "call it retention.subscription_ttl_s" in ran.err
+    assert f"database  {tmp_path / 'copy' / 'relay.db'}" in ran.out
+
+
 async def test_a_missing_file_is_one_line_and_exit_status_2(tmp_path: Path) -> None:
     ran = await run_relay_command("db", "stats", "--db", tmp_path / "nowhere.db")
     assert (ran.status, ran.out) == (2, "")

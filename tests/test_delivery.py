@@ -13,6 +13,7 @@ import trio
 
 from relay.config import Config
 from relay.delivery import DeliveryStatistics, HeldRequests
+from relay.phoenix import ChangeReceived
 from relay.service import RunningRelay, run_relay
 from tests.conftest import ANON_KEY, FACTION, OTHER_FACTION, eventually
 from tests.sse_client import open_sse
@@ -27,11 +28,10 @@ async def http(relay: RunningRelay) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def append(relay: RunningRelay, *numbers: int, faction_id: int = FACTION) -> list[int]:
-    """What ingest does for an upstream change: commit, then wake the faction's waiters."""
+    """Upstream changes, through the relay's own ingest: committed, then the faction's waiters woken."""
     # A table the relay does not track: the reconcile against the fake's empty tables leaves it alone.
-    changes = [("postgres_changes", {"table": "test_rows", "new": {"id": n}}) for n in numbers]
-    stored = await relay.store.append_events(faction_id, changes)
-    relay.hub.notify(faction_id)
+    changes = [ChangeReceived("test_rows", {"table": "test_rows", "new": {"id": n}}) for n in numbers]
+    stored = await relay.services.ingest.upstream(faction_id, changes)
     return [event.timestamp for event in stored]
 
 

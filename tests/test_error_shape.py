@@ -11,6 +11,7 @@ import trio
 
 from relay.service import RunningRelay
 from tests.conftest import ANON_KEY, FACTION
+from tests.contract import RelayApp
 from tests.sse_client import open_sse
 
 BAD_FACTION_IDS: list[Any] = [
@@ -41,78 +42,82 @@ def assert_error(status: int, body: Any, expected_status: int, code: str) -> Non
     assert body["error"]
 
 
-async def post(relay: RunningRelay, path: str, data: bytes, **headers: str) -> tuple[int, Any]:
+async def post(relay: RelayApp | RunningRelay, path: str, data: bytes, **headers: str) -> tuple[int, Any]:
     response = await relay.app.test_client().post(path, data=data, headers=headers)
     return response.status_code, await response.get_json()
 
 
-async def get(relay: RunningRelay, path: str) -> tuple[int, Any]:
+async def get(relay: RelayApp | RunningRelay, path: str) -> tuple[int, Any]:
     response = await relay.app.test_client().get(path)
     return response.status_code, await response.get_json()
 
 
 @pytest.mark.parametrize("faction_id", BAD_FACTION_IDS)
-async def test_subscribe_invalid_faction_id(relay: RunningRelay, faction_id: Any) -> None:
-    response = await relay.app.test_client().post(
+async def test_subscribe_invalid_faction_id(relay_app: RelayApp, faction_id: Any) -> None:
+    response = await relay_app.app.test_client().post(
         "/subscribe", json={"faction_id": faction_id, "api_key": ANON_KEY}
     )
     assert_error(response.status_code, await response.get_json(), 400, "invalid_faction_id")
 
 
 @pytest.mark.parametrize("number", ["1e999999", "NaN", "-Infinity"])
-async def test_a_number_json_cannot_carry_is_invalid_json(relay: RunningRelay, number: str) -> None:
+async def test_a_number_json_cannot_carry_is_invalid_json(relay_app: RelayApp, number: str) -> None:
     body = f'{{"faction_id": {number}, "api_key": "{ANON_KEY}"}}'.encode()
-    assert_error(*await post(relay, "/subscribe", body), 400, "invalid_json")
+    assert_error(*await post(relay_app, "/subscribe", body), 400, "invalid_json")
 
 
-async def test_subscribe_missing_faction_id(relay: RunningRelay) -> None:
-    response = await relay.app.test_client().post("/subscribe", json={"api_key": ANON_KEY})
+async def test_subscribe_missing_faction_id(relay_app: RelayApp) -> None:
+    response = await relay_app.app.test_client().post("/subscribe", json={"api_key": ANON_KEY})
     assert_error(response.status_code, await response.get_json(), 400, "invalid_faction_id")
 
 
 @pytest.mark.parametrize("body", [b"", b"not json", b"[1, 2]", b'"text"', b"\xff\xfe\x00", b"[" * 5000])
-async def test_subscribe_invalid_json(relay: RunningRelay, body: bytes) -> None:
+async def test_subscribe_invalid_json(relay_app: RelayApp, body: bytes) -> None:
     assert_error(
-        *await post(relay, "/subscribe", body, **{"Content-Type": "application/json"}), 400, "invalid_json"
+        *await post(relay_app, "/subscribe", body, **{"Content-Type": "application/json"}),
+        400,
+        "invalid_json",
     )
 
 
 @pytest.mark.parametrize("key", [None, "", "wrong", 12345, ["test-anon-key"], "tëst"])
-async def test_subscribe_invalid_api_key(relay: RunningRelay, key: Any) -> None:
-    response = await relay.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": key})
+async def test_subscribe_invalid_api_key(relay_app: RelayApp, key: Any) -> None:
+    response = await relay_app.app.test_client().post(
+        "/subscribe", json={"faction_id": FACTION, "api_key": key}
+    )
     assert_error(response.status_code, await response.get_json(), 401, "invalid_api_key")
-    assert relay.store.subscription(FACTION) is None
+    assert relay_app.store.subscription(FACTION) is None
 
 
-async def test_subscribe_body_too_large(relay: RunningRelay) -> None:
+async def test_subscribe_body_too_large(relay_app: RelayApp) -> None:
     padding = "x" * 20_000
     body = f'{{"faction_id": {FACTION}, "api_key": "{ANON_KEY}", "pad": "{padding}"}}'.encode()
-    assert_error(*await post(relay, "/subscribe", body), 413, "body_too_large")
+    assert_error(*await post(relay_app, "/subscribe", body), 413, "body_too_large")
 
 
 @pytest.mark.parametrize("faction_id", ["", "abc", "0", "-1", "2147483648", "1.5", "%D9%A3", "99999999999"])
-async def test_events_invalid_faction_id(relay: RunningRelay, faction_id: str) -> None:
-    assert_error(*await get(relay, f"/events?faction_id={faction_id}"), 400, "invalid_faction_id")
+async def test_events_invalid_faction_id(relay_app: RelayApp, faction_id: str) -> None:
+    assert_error(*await get(relay_app, f"/events?faction_id={faction_id}"), 400, "invalid_faction_id")
 
 
-async def test_events_missing_faction_id(relay: RunningRelay) -> None:
-    assert_error(*await get(relay, "/events"), 400, "invalid_faction_id")
+async def test_events_missing_faction_id(relay_app: RelayApp) -> None:
+    assert_error(*await get(relay_app, "/events"), 400, "invalid_faction_id")
 
 
-async def test_events_not_subscribed(relay: RunningRelay) -> None:
-    assert_error(*await get(relay, f"/events?faction_id={FACTION}"), 404, "not_subscribed")
+async def test_events_not_subscribed(relay_app: RelayApp) -> None:
+    assert_error(*await get(relay_app, f"/events?faction_id={FACTION}"), 404, "not_subscribed")
 
 
 @pytest.mark.parametrize("since", ["abc", "-1", "1.5", "1e9", "%D9%A3", "1" * 17, "99999999999999"])
-async def test_events_invalid_since(relay: RunningRelay, since: str) -> None:
-    await relay.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
-    assert_error(*await get(relay, f"/events?faction_id={FACTION}&since={since}"), 400, "invalid_since")
+async def test_events_invalid_since(relay_app: RelayApp, since: str) -> None:
+    await relay_app.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
+    assert_error(*await get(relay_app, f"/events?faction_id={FACTION}&since={since}"), 400, "invalid_since")
 
 
-async def test_unknown_path_and_wrong_method(relay: RunningRelay) -> None:
-    assert_error(*await get(relay, "/nowhere"), 404, "not_found")
-    assert_error(*await get(relay, "/subscribe"), 405, "method_not_allowed")
-    response = await relay.app.test_client().put("/events", data=b"{}")
+async def test_unknown_path_and_wrong_method(relay_app: RelayApp) -> None:
+    assert_error(*await get(relay_app, "/nowhere"), 404, "not_found")
+    assert_error(*await get(relay_app, "/subscribe"), 405, "method_not_allowed")
+    response = await relay_app.app.test_client().put("/events", data=b"{}")
     assert_error(response.status_code, await response.get_json(), 405, "method_not_allowed")
 
 
@@ -157,54 +162,54 @@ async def test_a_streams_invalid_since_is_refused_even_with_a_resume_point(
 @pytest.mark.parametrize(
     "wait", ["abc", "-1", "nan", "inf", "1e400", "%D9%A3", "1" * 33, "%201", "1_0", "-0", "1e", "."]
 )
-async def test_events_invalid_wait(relay: RunningRelay, wait: str) -> None:
-    await relay.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
-    assert_error(*await get(relay, f"/events?faction_id={FACTION}&wait={wait}"), 400, "invalid_wait")
+async def test_events_invalid_wait(relay_app: RelayApp, wait: str) -> None:
+    await relay_app.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
+    assert_error(*await get(relay_app, f"/events?faction_id={FACTION}&wait={wait}"), 400, "invalid_wait")
 
 
-async def publish(relay: RunningRelay, body: dict[str, Any], path: str = "/events") -> tuple[int, Any]:
-    response = await relay.app.test_client().post(path, json=body)
+async def publish(relay_app: RelayApp, body: dict[str, Any], path: str = "/events") -> tuple[int, Any]:
+    response = await relay_app.app.test_client().post(path, json=body)
     return response.status_code, await response.get_json()
 
 
 @pytest.mark.parametrize("event_type", [None, 5, "", "postgres_changes", "war_calls", "hospital_update "])
-async def test_publish_invalid_type(relay: RunningRelay, event_type: Any) -> None:
-    await relay.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
+async def test_publish_invalid_type(relay_app: RelayApp, event_type: Any) -> None:
+    await relay_app.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
     body = {"faction_id": FACTION, "api_key": ANON_KEY, "type": event_type, "data": {}}
-    assert_error(*await publish(relay, body), 400, "invalid_type")
+    assert_error(*await publish(relay_app, body), 400, "invalid_type")
 
 
 @pytest.mark.parametrize("data", [None, "text", 5, True])
-async def test_publish_invalid_data(relay: RunningRelay, data: Any) -> None:
-    await relay.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
+async def test_publish_invalid_data(relay_app: RelayApp, data: Any) -> None:
+    await relay_app.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
     body = {"faction_id": FACTION, "api_key": ANON_KEY, "type": "hospital_update", "data": data}
-    assert_error(*await publish(relay, body), 400, "invalid_data")
+    assert_error(*await publish(relay_app, body), 400, "invalid_data")
     assert_error(
-        *await publish(relay, {"faction_id": FACTION, "api_key": ANON_KEY, "data": data}, "/hospital"),
+        *await publish(relay_app, {"faction_id": FACTION, "api_key": ANON_KEY, "data": data}, "/hospital"),
         400,
         "invalid_data",
     )
 
 
 @pytest.mark.parametrize("path", ["/events", "/hospital", "/faction-members"])
-async def test_publish_needs_the_key_and_a_subscribed_faction(relay: RunningRelay, path: str) -> None:
+async def test_publish_needs_the_key_and_a_subscribed_faction(relay_app: RelayApp, path: str) -> None:
     body = {"faction_id": FACTION, "type": "hospital_update", "data": {}, "members": {}}
-    assert_error(*await publish(relay, body, path), 401, "invalid_api_key")
-    assert_error(*await publish(relay, {**body, "api_key": "wrong"}, path), 401, "invalid_api_key")
-    assert_error(*await publish(relay, {**body, "api_key": ANON_KEY}, path), 404, "not_subscribed")
+    assert_error(*await publish(relay_app, body, path), 401, "invalid_api_key")
+    assert_error(*await publish(relay_app, {**body, "api_key": "wrong"}, path), 401, "invalid_api_key")
+    assert_error(*await publish(relay_app, {**body, "api_key": ANON_KEY}, path), 404, "not_subscribed")
     assert_error(
-        *await publish(relay, {**body, "api_key": ANON_KEY, "faction_id": "x"}, path),
+        *await publish(relay_app, {**body, "api_key": ANON_KEY, "faction_id": "x"}, path),
         400,
         "invalid_faction_id",
     )
 
 
-async def test_publish_body_limit_is_its_own(relay: RunningRelay) -> None:
+async def test_publish_body_limit_is_its_own(relay_app: RelayApp) -> None:
     members = {str(n): {"name": "x" * 200} for n in range(1500)}  # ~330 KB: over publish.max_body_bytes
     body = json.dumps({"faction_id": FACTION, "api_key": ANON_KEY, "members": members}).encode()
-    assert_error(*await post(relay, "/faction-members", body), 413, "body_too_large")
+    assert_error(*await post(relay_app, "/faction-members", body), 413, "body_too_large")
 
 
-async def test_stream_of_an_unknown_faction_is_refused_before_streaming(relay: RunningRelay) -> None:
-    assert_error(*await get(relay, f"/events/stream?faction_id={FACTION}"), 404, "not_subscribed")
-    assert_error(*await get(relay, "/events/stream?faction_id=0"), 400, "invalid_faction_id")
+async def test_stream_of_an_unknown_faction_is_refused_before_streaming(relay_app: RelayApp) -> None:
+    assert_error(*await get(relay_app, f"/events/stream?faction_id={FACTION}"), 404, "not_subscribed")
+    assert_error(*await get(relay_app, "/events/stream?faction_id=0"), 400, "invalid_faction_id")

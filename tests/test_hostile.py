@@ -60,7 +60,7 @@ max_body_bytes = {max_body_bytes}
 [storage]
 path = "data/relay.db"
 [upstream]
-heartbeat_interval = 2.0
+heartbeat_interval_s = 2.0
 [limits]
 {limits}
 [publish]

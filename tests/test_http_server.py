@@ -32,8 +32,9 @@ from hypercorn.trio.worker_context import WorkerContext
 
 from relay import http_server
 from relay.config import Config
+from relay.http_server import hypercorn_config
 from relay.http_stats import ConnectionCounters
-from relay.service import RunningRelay, hypercorn_config, run_relay
+from relay.service import RunningRelay, run_relay
 from tests.conftest import ANON_KEY, FACTION, eventually
 
 BIG = b"x" * (64 * 1024 * 1024)  # past any loopback socket's buffers

@@ -63,7 +63,7 @@ async def test_a_pass_trims_expires_closes_sockets_and_says_so(
         await trio.sleep(0.01)  # the subscriptions' activity is now in the past
         caplog.set_level(logging.INFO, logger="relay.maintenance")
 
-        report = await maintenance_pass(relay.store, relay.supervisors, subscription_ttl_s=0.0)
+        report = await maintenance_pass(relay.store, relay.factions, subscription_ttl_s=0.0)
 
         assert report == MaintenanceReport(events_trimmed=2, factions_expired=(OTHER_FACTION, FACTION))
         assert (await relay.store.counts())[FACTION].events_stored == 3

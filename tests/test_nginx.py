@@ -42,7 +42,7 @@ POLL_S = 0.05
 # every member's requests (the per-address test sets its own).
 RELAY_TOML = (
     '[server]\nport = 0\ntrusted_proxies = ["127.0.0.1"]\n[storage]\npath = "data/relay.db"\n'
-    "[upstream]\nheartbeat_interval = 2.0\nconnect_timeout = 2.0\nbackoff_initial = 0.05\nbackoff_max = 0.5\n"
+    "[upstream]\nheartbeat_interval_s = 2.0\nconnect_timeout_s = 2.0\nbackoff_initial_s = 0.05\nbackoff_max_s = 0.5\n"
 )
 NO_RATE_LIMIT = "[limits]\nclient_rate = 0\n"
 

@@ -106,9 +106,9 @@ async def serve_seeded_relay(tmp_path: Path, handoff: queue.Queue[Any]) -> None:
     config_file = tmp_path / "relay.toml"
     config_file.write_text(
         # No 429 from the flood of generated requests; generated `wait=` values hold a poll 50 ms at most.
-        "[limits]\nclient_rate = 0\nlong_poll_max_wait = 0.05\n"
+        "[limits]\nclient_rate = 0\nlong_poll_max_wait_s = 0.05\n"
         f"[auth]\napi_keys = [{json.dumps(EXAMPLE_KEY)}]\n"
-        "[upstream]\nheartbeat_interval = 2.0\nconnect_timeout = 2.0\nbackoff_initial = 0.05\nbackoff_max = 0.5\n"
+        "[upstream]\nheartbeat_interval_s = 2.0\nconnect_timeout_s = 2.0\nbackoff_initial_s = 0.05\nbackoff_max_s = 0.5\n"
     )
     async with trio.open_nursery() as nursery:
         fake = FakeSupabase(valid_keys=(ANON_KEY,))

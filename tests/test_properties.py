@@ -13,7 +13,7 @@ relay and then runs a Hypothesis-decorated *sync* property in a worker thread
 no health check to suppress), and shrinking replays against the same relay. Examples are derandomized
 and the example database is off, so every run sends the same requests.
 
-Requests that would be held are kept short: `long_poll_max_wait` is at most 0.05 s here, and an SSE stream
+Requests that would be held are kept short: `long_poll_max_wait_s` is at most 0.05 s here, and an SSE stream
 that opens is read up to its first chunk (`retry:`) and then dropped, as a client going away would be.
 Left out on purpose, because hypercorn would never hand them to the app: a Content-Length that lies
 about the body, control characters in header values, and paths the test client itself cannot send
@@ -56,7 +56,7 @@ CONFIGS = {
 [retention]
 events_per_faction = 100000
 [limits]
-long_poll_max_wait = 0.05
+long_poll_max_wait_s = 0.05
 max_factions = 5
 client_rate = 0
 """,
@@ -67,10 +67,10 @@ max_body_bytes = 1024
 max_body_bytes = 2048
 [retention]
 events_per_faction = 100000
-maintenance_interval = 0.2
-subscription_ttl = 0.1
+maintenance_interval_s = 0.2
+subscription_ttl_s = 0.1
 [limits]
-long_poll_max_wait = 0.0
+long_poll_max_wait_s = 0.0
 max_held_requests = 0
 max_factions = 2
 max_clock_skew_s = 0.0

@@ -40,7 +40,7 @@ from tests.test_end_to_end import call
 
 # The faulted faction has the larger id, so that it coming first shows the page's order by state.
 LIVE, FAULTED = OTHER_FACTION, FACTION
-# A refused key stays `auth_failed` until its retry, drawn between half and all of `backoff_max`: at
+# A refused key stays `auth_failed` until its retry, drawn between half and all of `backoff_max_s`: at
 # 120 s, the faulted faction keeps its state (and the page its "retry in N s") for the whole test.
 SCENE_BACKOFF_MAX_S = 120.0
 LIVE_CHANGES = 3
@@ -251,8 +251,8 @@ async def open_page(devtools_url: str) -> AsyncIterator[DevTools]:
 def scene_config(directory: Path, upstream_url: str) -> Config:
     config_file = directory / "relay.toml"
     config_file.write_text(
-        "[upstream]\nheartbeat_interval = 2.0\nconnect_timeout = 2.0\nbackoff_initial = 0.05\n"
-        f"backoff_max = {SCENE_BACKOFF_MAX_S}\n"
+        "[upstream]\nheartbeat_interval_s = 2.0\nconnect_timeout_s = 2.0\nbackoff_initial_s = 0.05\n"
+        f"backoff_max_s = {SCENE_BACKOFF_MAX_S}\n"
         # The test watches /status (10 tokens a request) from the page's own address: without this the
         # page meets 429s of the test's making. The limit is test_ratelimit.py's to test.
         "[limits]\nclient_rate = 0\n"

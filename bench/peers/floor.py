@@ -1,6 +1,6 @@
 """The floor of our server: a bare ASGI app under hypercorn's trio worker answering every request with
 one fixed body, the relay's own empty `/events` answer with the relay's headers, served with exactly
-the relay's hypercorn settings (`relay.service.hypercorn_config`), so it differs from the relay only
+the relay's hypercorn settings (`relay.http_server.hypercorn_config`), so it differs from the relay only
 in the app. Prints "listening on <url>" once it accepts connections; SIGTERM or SIGINT stops it.
 
     python -m bench.peers.floor --port 0
@@ -19,8 +19,8 @@ from hypercorn.trio import serve
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPResponseStartEvent, Scope
 
 from relay.config import Config, load_config
+from relay.http_server import hypercorn_config
 from relay.responses import CORS_HEADERS, JSON_TYPE, asgi_headers
-from relay.service import hypercorn_config
 from relay.store import wall_clock_ms
 
 # Only to build a relay Config (both are required); the floor never connects anywhere.

@@ -40,8 +40,7 @@ async def run_demo(*, port: int, factions: Sequence[int], changes_per_s: float) 
             async with trio.open_nursery() as relay_side:
                 relay = await relay_side.start(functools.partial(run_relay, config, handle_signals=True))
                 for faction_id in factions:
-                    await relay.store.subscribe(faction_id)
-                    relay.supervisors.ensure_running(faction_id)
+                    await relay.factions.subscribe(faction_id)
                 upstream_side.start_soon(traffic)
                 print(_banner(relay.url, factions, fake.url, data_dir), flush=True)
             upstream_side.cancel_scope.cancel()

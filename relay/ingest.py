@@ -1,0 +1,106 @@
+"""The one way an event enters the relay: stored, then the faction's waiters woken, then counted.
+
+Three sources write events: the faction's upstream socket (and the relay-wide DELETE socket, routed
+by key), its reconciles, and members publishing. Each goes through `Ingest`, so "notify only after
+the commit returned" (style habit 6) holds by construction: nothing else calls `Hub.notify`.
+
+An upstream change is also live news for a snapshot read in flight: the faction's reconciler is told
+before the change is stored, so that a change still waiting for its commit keeps its key out of the
+comparison (`relay.reconcile`). And a stored upstream change may be the row a parked shared DELETE was
+waiting for (`relay.shared_deletes`): that DELETE follows it here, through the same path.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import trio
+
+from relay.config import ChannelConfig
+from relay.hub import Hub
+from relay.phoenix import ChangeReceived
+from relay.shared_deletes import DeleteRouter, RouterStatistics, filter_columns
+from relay.store import Store, StoredEvent, StoreError
+from relay.supervisor import DeliveryFailed
+from relay.traffic import Source, Traffic
+
+# What Realtime calls the events its channels carry; stored as each upstream change's type.
+UPSTREAM_EVENT_TYPE = "postgres_changes"
+
+
+class LiveChangeWatcher(Protocol):
+    def note_live_change(self, table: str, change: dict[str, Any]) -> None: ...
+
+
+class Ingest:
+    def __init__(
+        self,
+        store: Store,
+        hub: Hub,
+        traffic: Traffic,
+        *,
+        key_columns: Mapping[str, str],
+        channels: Iterable[ChannelConfig],
+    ) -> None:
+        self._store = store
+        self._hub = hub
+        self._traffic = traffic
+        # Held weakly: a faction's reconciler lives as long as its supervisor, and a revived faction
+        # gets a new one.
+        self._watchers: weakref.WeakValueDictionary[int, LiveChangeWatcher] = weakref.WeakValueDictionary()
+        self._router = DeleteRouter(
+            key_columns, store.row_owner, self.upstream, filter_columns=filter_columns(channels)
+        )
+
+    def __repr__(self) -> str:
+        return "Ingest"
+
+    def watch_live_changes(self, faction_id: int, watcher: LiveChangeWatcher) -> None:
+        """Tell `watcher` about every upstream change of the faction from now on, before it is stored."""
+        self._watchers[faction_id] = watcher
+
+    async def upstream(self, faction_id: int, changes: Sequence[ChangeReceived]) -> list[StoredEvent]:
+        """Changes from the faction's socket, or DELETEs routed to it from the shared one."""
+        self._traffic.upstream_changed(faction_id, trio.current_time())
+        watcher = self._watchers.get(faction_id)
+        if watcher is not None:
+            for change in changes:  # before the await: a change waiting for its commit counts too
+                watcher.note_live_change(change.table, change.data)
+        try:
+            stored = await self._store.append_events(
+                faction_id, [(UPSTREAM_EVENT_TYPE, change.data) for change in changes]
+            )
+        except StoreError as exc:
+            # The connection ends and is retried with backoff; these changes were never served.
+            raise DeliveryFailed(f"{len(changes)} change(s) not stored: {exc}") from exc
+        self._stored(faction_id, Source.UPSTREAM, len(stored))
+        await self._router.stored(faction_id, changes)
+        return stored
+
+    async def route_shared_deletes(self, changes: Sequence[ChangeReceived]) -> None:
+        """DELETEs from the relay-wide socket: each to the faction holding its row, or parked."""
+        await self._router.route(changes)
+
+    async def reconciled(
+        self, faction_id: int, table: str, rows: list[dict[str, Any]], skip: frozenset[Any], read_at: str
+    ) -> int:
+        """A table's rows as upstream holds them now: the differences are stored as resync events."""
+        events = await self._store.reconcile(faction_id, table, rows, skip=skip, commit_timestamp=read_at)
+        if events:
+            self._stored(faction_id, Source.RECONCILE, len(events))
+        return len(events)
+
+    async def published(self, faction_id: int, event_type: str, data: object) -> StoredEvent:
+        """An event a member published (`POST /events` and the legacy paths)."""
+        (stored,) = await self._store.append_events(faction_id, [(event_type, data)])
+        self._stored(faction_id, Source.PUBLISHED, 1)
+        return stored
+
+    def _stored(self, faction_id: int, source: Source, count: int) -> None:
+        self._hub.notify(faction_id)
+        self._traffic.stored(faction_id, source, count, trio.current_time())
+
+    def shared_deletes_statistics(self) -> RouterStatistics:
+        return self._router.statistics()
