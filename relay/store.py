@@ -1,8 +1,7 @@
 """Events, subscriptions and the relay's clock: async outside, SQLite in worker threads inside.
 
-One write connection behind one `CapacityLimiter(1)` serializes every write, and every event's stamp
-is assigned inside the transaction that stores it; a second connection serves the reads that need the
-database. Appends are group-committed: one committer task writes everything appended while the
+Every event's stamp is assigned inside the transaction that stores it, through the database's one
+write connection (`relay.database`, which also serves the reads that need the database). Appends are group-committed: one committer task writes everything appended while the
 previous commit was running in a single transaction, so the number of fsyncs per second no longer
 bounds how many changes per second the relay can take. Polls are answered from memory: the newest
 events of each faction, published only after their commit returns. Errors: `StoreError` for any
@@ -16,7 +15,6 @@ import functools
 import itertools
 import json
 import logging
-import math
 import sqlite3
 import time
 from collections import OrderedDict, deque
@@ -24,19 +22,16 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 
-from relay.migrations import apply_migrations
+from relay.database import Database, FileSizes, open_database
+from relay.database import StoreError as StoreError  # the storage API's error, named here for callers
 from relay.state import FactionRows, Lookup, Row, RowChange, RowKey, complete_change, diff, row_key
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-# How long a statement waits on a lock held by another connection (the operator's sqlite3 shell, or
-# our own reader during a checkpoint) before giving up; long enough to ride out a manual query.
-BUSY_TIMEOUT_MS = 5_000
 # Tombstones: the commit time of each recent upstream DELETE, per faction, table and key. Two sockets
 # (the faction's and the shared DELETE one) do not keep each other's order, so a DELETE may arrive
 # twice, or before a change it followed upstream; both are recognised by commit time and dropped.
@@ -55,19 +50,10 @@ HEALTH_PROBE_INTERVAL_S = 1.0
 # worst while other work loads it (of which planning, on the event loop, up to 0.45 s).
 RECONCILE_CHUNK_EVENTS = 1_000
 RECONCILE_CHUNK_BYTES = 1024 * 1024
-# At close, another connection's lock (an operator's sqlite3 shell) is waited for this long, not
-# BUSY_TIMEOUT_MS, and the checkpoint is interrupted after CLOSE_CHECKPOINT_S: it only copies what the
-# WAL holds already, durably, so cutting it short loses nothing and the next start has more to fold in.
-CLOSE_BUSY_TIMEOUT_MS = 250
-CLOSE_CHECKPOINT_S = 0.5
 
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-class StoreError(Exception):
-    """The database could not do what was asked; the relay's data is unchanged by the failed call."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +96,17 @@ class _Snapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class _Loaded:
+    """What the store keeps in memory, as the database holds it at start."""
+
+    subscriptions: list[Subscription]
+    events: list[StoredEvent]  # the newest `events_per_faction` of each faction, oldest first
+    high_water: int
+    rows: FactionRows
+    dropped_up_to: dict[int, int]  # per faction, the newest stamp of the events not kept in memory
+
+
+@dataclass(frozen=True, slots=True)
 class FactionState:
     """A faction's current rows per table, and the cursor they correspond to."""
 
@@ -140,19 +137,6 @@ class StoreStatistics:
     group_commits: int  # transactions that stored appended events, each holding one or more appends
 
 
-@dataclass(frozen=True, slots=True)
-class FileSizes:
-    database_bytes: int
-    wal_bytes: int
-
-
-def _size_or_zero(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
 @asynccontextmanager
 async def open_store(
     path: Path,
@@ -165,10 +149,10 @@ async def open_store(
 
     `key_columns` maps each upstream table whose rows the store tracks to its key column.
     """
-    opened = await trio.to_thread.run_sync(_open, path, events_per_faction)
+    database, loaded = await open_database(path, functools.partial(_load, per_faction=events_per_faction))
     store = Store(
-        *opened,
-        path=path,
+        database,
+        loaded,
         events_per_faction=events_per_faction,
         now_ms=now_ms,
         key_columns=key_columns or {},
@@ -188,35 +172,24 @@ class Store:
 
     def __init__(
         self,
-        writer: sqlite3.Connection,
-        reader: sqlite3.Connection,
-        subscriptions: Iterable[Subscription],
-        events: Iterable[StoredEvent],
-        high_water: int,
-        rows: FactionRows,
-        dropped_up_to: dict[int, int],
+        database: Database,
+        loaded: _Loaded,
         *,
-        path: Path,
         events_per_faction: int,
         now_ms: Callable[[], int],
         key_columns: Mapping[str, str],
     ) -> None:
-        self._path = path
-        self._writer, self._reader = writer, reader
-        self._write_limiter = trio.CapacityLimiter(1)  # the single write limiter: writes in order
-        self._write_fault: str | None = None
-        self._last_write_at = -math.inf  # trio clock
-        self._read_limiter = trio.CapacityLimiter(1)
+        self._database = database
         self._events_per_faction = events_per_faction
         self._now_ms = now_ms
-        self._subscriptions = {sub.faction_id: sub for sub in subscriptions}
+        self._subscriptions = {sub.faction_id: sub for sub in loaded.subscriptions}
         self._dirty_activity: set[int] = set()  # touched since the last flush
         self._events: dict[int, deque[StoredEvent]] = {}
         self._key_columns = dict(key_columns)
-        self._rows = rows
+        self._rows = loaded.rows
         self._tombstones: OrderedDict[tuple[int, str, RowKey], str] = OrderedDict()
         # Per faction, the newest stamp no longer retained: a `since` below it has missed events.
-        self._dropped_up_to = dropped_up_to
+        self._dropped_up_to = loaded.dropped_up_to
         self._pending_appends: list[_Pending] = []
         self._appends_waiting = trio.Event()  # set while _pending_appends is not empty
         self._group_commits = 0
@@ -224,11 +197,11 @@ class Store:
         self._committer_done = trio.Event()
         # Every stamp ever assigned or promised; the next stamp is above it. Only changed by the
         # write thread, under the write limiter.
-        self._high_water = high_water
+        self._high_water = loaded.high_water
         # The cursor safe to hand out: no stamp at or below it can still be on its way to memory.
         # Only changed in Trio, when a commit has returned.
-        self._visible = high_water
-        for event in events:
+        self._visible = loaded.high_water
+        for event in loaded.events:
             self._publish(event)
 
     def __repr__(self) -> str:
@@ -285,7 +258,7 @@ class Store:
                 conn.execute("UPDATE relay_clock SET high_water = ? WHERE id = 1", (since,))
                 self._high_water = since
 
-        await self._write(advance)
+        await self._database.write(advance)
         self._visible = max(self._visible, since)
 
     async def append_events(self, faction_id: int, items: Sequence[tuple[str, Any]]) -> list[StoredEvent]:
@@ -456,7 +429,7 @@ class Store:
         # Shielded: once committed, an event must reach memory, or pollers would never see it.
         with trio.CancelScope(shield=True):
             try:
-                await self._write(insert)
+                await self._database.write(insert)
             except StoreError as exc:
                 return exc
             self._group_commits += 1
@@ -558,7 +531,7 @@ class Store:
         if known is not None:
             return known
         now = self._now_ms()
-        await self._write(
+        await self._database.write(
             lambda conn: conn.execute(
                 "INSERT INTO subscriptions (faction_id, active, subscribed_at, last_activity_at)"
                 " VALUES (?, 0, ?, ?) ON CONFLICT (faction_id) DO NOTHING",
@@ -576,7 +549,7 @@ class Store:
         now = self._now_ms()
         known = self._subscriptions.get(faction_id)
         subscription = Subscription(faction_id, True, known.subscribed_at if known else now, now)
-        await self._write(
+        await self._database.write(
             lambda conn: conn.execute(
                 "INSERT INTO subscriptions (faction_id, active, subscribed_at, last_activity_at)"
                 " VALUES (?, 1, ?, ?) ON CONFLICT (faction_id) DO UPDATE"
@@ -615,7 +588,7 @@ class Store:
         """Write the activity that `touch` kept in memory."""
         activity = self._activity_snapshot()
         if activity:
-            await self._write(lambda conn: _write_activity(conn, activity))
+            await self._database.write(lambda conn: _write_activity(conn, activity))
             self._forget_flushed(activity)
 
     async def expire_idle(self, idle_for_ms: int) -> list[int]:
@@ -634,7 +607,7 @@ class Store:
             _write_activity(conn, activity)
             conn.executemany("UPDATE subscriptions SET active = 0 WHERE faction_id = ?", [(f,) for f in idle])
 
-        await self._write(expire)
+        await self._database.write(expire)
         self._forget_flushed(activity)
         for faction_id in idle:
             self._subscriptions[faction_id] = dataclasses.replace(
@@ -664,16 +637,14 @@ class Store:
                 (self._events_per_faction,),
             ).rowcount
 
-        return await self._write(delete)
+        return await self._database.write(delete)
 
     async def checkpoint(self) -> None:
         """Fold the WAL back into the database file and truncate it, so it cannot grow without bound."""
-        await self._write(
-            lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall(), transaction=False
-        )
+        await self._database.checkpoint()
 
     async def counts(self) -> dict[int, FactionCounts]:
-        rows = await self._read(
+        rows = await self._database.read(
             lambda conn: conn.execute(
                 "SELECT faction_id, count(*), max(timestamp) FROM events GROUP BY faction_id"
             ).fetchall()
@@ -687,19 +658,18 @@ class Store:
         real change (relay_health.probed_at), at most once per HEALTH_PROBE_INTERVAL_S; between
         probes the outcome of the last real write stands.
         """
-        await self._read(lambda conn: conn.execute("SELECT high_water FROM relay_clock").fetchall())
-        if trio.current_time() - self._last_write_at >= HEALTH_PROBE_INTERVAL_S:
+        database = self._database
+        await database.read(lambda conn: conn.execute("SELECT high_water FROM relay_clock").fetchall())
+        if trio.current_time() - database.last_write_at >= HEALTH_PROBE_INTERVAL_S:
             now = self._now_ms()
-            await self._write(lambda conn: conn.execute("UPDATE relay_health SET probed_at = ?", (now,)))
-        elif self._write_fault is not None:
-            raise StoreError(self._write_fault)
+            await database.write(lambda conn: conn.execute("UPDATE relay_health SET probed_at = ?", (now,)))
+        elif database.write_fault is not None:
+            raise StoreError(database.write_fault)
 
     def file_sizes(self) -> FileSizes:
         """The database file and its write-ahead log, in bytes: a `stat` each, cheap enough to call
         from Trio. The maintenance checkpoint truncates the log; between passes it grows."""
-        return FileSizes(
-            _size_or_zero(self._path), _size_or_zero(self._path.with_name(self._path.name + "-wal"))
-        )
+        return self._database.file_sizes()
 
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(
@@ -710,83 +680,13 @@ class Store:
             group_commits=self._group_commits,
         )
 
-    # --- threads ---
-
-    async def _write(self, fn: Callable[[sqlite3.Connection], T], *, transaction: bool = True) -> T:
-        # Never abandon_on_cancel: a write that was started must finish before anyone goes on.
-        call = functools.partial(_in_transaction, fn) if transaction else fn
-        try:
-            result = await trio.to_thread.run_sync(call, self._writer, limiter=self._write_limiter)
-        except sqlite3.Error as exc:
-            fault = f"database write failed: {exc}"
-            if fault != self._write_fault:
-                log.error("%r: %s", self, fault)
-            self._write_fault, self._last_write_at = fault, trio.current_time()
-            raise StoreError(fault) from exc
-        if self._write_fault is not None:
-            log.info("%r: writes work again (after: %s)", self, self._write_fault)
-        self._write_fault, self._last_write_at = None, trio.current_time()
-        return result
-
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        # A read changes nothing, so a cancelled caller may leave it running; the limiter stays held
-        # until it ends, so the connection is still used by one thread at a time.
-        try:
-            return await trio.to_thread.run_sync(
-                fn, self._reader, limiter=self._read_limiter, abandon_on_cancel=True
-            )
-        except sqlite3.Error as exc:
-            raise StoreError(f"database read failed: {exc}") from exc
-
     async def _close(self) -> None:
-        """Bounded: the committer ends after the append or reconcile chunk in progress, and the final
-        flush and checkpoint wait CLOSE_BUSY_TIMEOUT_MS for a lock and CLOSE_CHECKPOINT_S at most."""
+        """Bounded: the committer ends after the append or reconcile chunk in progress, then the final
+        flush and checkpoint wait a short while at most (`Database.close`)."""
         self._closing = True  # no new appends; the committer finishes the ones already made
         self._appends_waiting.set()
         await self._committer_done.wait()
-        checkpointed = False
-        try:
-            await self._write(
-                lambda conn: conn.execute(f"PRAGMA busy_timeout = {CLOSE_BUSY_TIMEOUT_MS}"),
-                transaction=False,
-            )
-            await self.flush_activity()
-            checkpointed = await self._final_checkpoint()
-        except StoreError as exc:
-            log.error("%r: closing without a final flush: %s", self, exc)
-        finally:
-            await trio.to_thread.run_sync(self._reader.close, limiter=self._read_limiter)
-            if not checkpointed:
-                # The last connection to close checkpoints the WAL itself, unboundedly: interrupted,
-                # it leaves the rest to the next start instead.
-                self._writer.interrupt()
-            await trio.to_thread.run_sync(self._writer.close, limiter=self._write_limiter)
-
-    async def _final_checkpoint(self) -> bool:
-        """`checkpoint`, interrupted after CLOSE_CHECKPOINT_S (see there); whether it finished."""
-
-        def checkpoint() -> bool:
-            busy, _, _ = self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-            return bool(busy)
-
-        async def interrupt_later() -> None:
-            await trio.sleep(CLOSE_CHECKPOINT_S)
-            self._writer.interrupt()  # nothing else writes now: only the checkpoint can be running
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(interrupt_later)
-            try:
-                busy = await trio.to_thread.run_sync(checkpoint, limiter=self._write_limiter)
-                outcome = "another connection is reading" if busy else None
-            except sqlite3.Error as exc:  # "interrupted", once CLOSE_CHECKPOINT_S is up
-                outcome = str(exc)
-            finally:
-                nursery.cancel_scope.cancel()
-        if outcome is not None:
-            log.warning(
-                "%r: final checkpoint unfinished (%s); the next start folds the WAL in", self, outcome
-            )
-        return outcome is None
+        await self._database.close(last_writes=self.flush_activity)
 
 
 def _ordering(
@@ -832,19 +732,6 @@ def _write_rows(conn: sqlite3.Connection, changes: Sequence[RowChange]) -> None:
             )
 
 
-def _in_transaction(fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
-    # IMMEDIATE takes the write lock up front, so a busy database fails before anything is stamped.
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = fn(conn)
-        conn.execute("COMMIT")
-    except Exception:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return result
-
-
 def _write_activity(conn: sqlite3.Connection, activity: dict[int, int]) -> None:
     conn.executemany(
         "UPDATE subscriptions SET last_activity_at = ? WHERE faction_id = ?",
@@ -852,63 +739,7 @@ def _write_activity(conn: sqlite3.Connection, activity: dict[int, int]) -> None:
     )
 
 
-def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
-    # isolation_level=None: we issue BEGIN/COMMIT ourselves. check_same_thread=False: each connection
-    # is used by whichever worker thread holds its limiter, one at a time.
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        # FULL syncs the WAL on every commit: a crash (even power loss) loses no event a client has seen.
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = ON")
-        if read_only:
-            conn.execute("PRAGMA query_only = ON")
-        elif conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
-            raise StoreError(f"{path} cannot use WAL mode (is it on a network filesystem?)")
-    except Exception:
-        conn.close()
-        raise
-    return conn
-
-
-_Opened = tuple[
-    sqlite3.Connection,
-    sqlite3.Connection,
-    list[Subscription],
-    list[StoredEvent],
-    int,
-    FactionRows,
-    dict[int, int],
-]
-
-
-def _open(path: Path, per_faction: int) -> _Opened:
-    """Both connections, migrated, and what the store keeps in memory; nothing left open on failure."""
-    opened: list[sqlite3.Connection] = []
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        opened.append(_connect(path, read_only=False))
-        apply_migrations(opened[0])
-        opened.append(_connect(path, read_only=True))
-        return (opened[0], opened[1], *_load(opened[0], per_faction))
-    except (OSError, sqlite3.Error) as exc:
-        _close_all(opened)
-        raise StoreError(f"cannot open the database {path}: {exc}") from exc
-    except Exception:  # MigrationError, StoreError: already say what went wrong
-        _close_all(opened)
-        raise
-
-
-def _close_all(connections: list[sqlite3.Connection]) -> None:
-    for conn in connections:
-        conn.close()
-
-
-def _load(
-    conn: sqlite3.Connection, per_faction: int
-) -> tuple[list[Subscription], list[StoredEvent], int, FactionRows, dict[int, int]]:
-    """Subscriptions, the newest `per_faction` events of each faction (oldest first), the high water,
-    the faction rows, and per faction the newest stamp of the events not kept in memory."""
+def _load(conn: sqlite3.Connection, per_faction: int) -> _Loaded:
     subscriptions = [
         Subscription(faction_id, bool(active), subscribed_at, last_activity_at)
         for faction_id, active, subscribed_at, last_activity_at in conn.execute(
@@ -943,4 +774,4 @@ def _load(
             (per_faction,),
         ).fetchall()
     )
-    return subscriptions, events, high_water, rows, dropped_up_to
+    return _Loaded(subscriptions, events, high_water, rows, dropped_up_to)
