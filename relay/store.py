@@ -1,8 +1,9 @@
 """Events, subscriptions and the relay's clock: async outside, SQLite in worker threads inside.
 
 Every event's stamp is assigned inside the transaction that stores it, through the database's one
-write connection (`relay.database`, which also serves the reads that need the database). Appends are group-committed: one committer task writes everything appended while the
-previous commit was running in a single transaction, so the number of fsyncs per second no longer
+write connection (`relay.database`, which also serves the reads that need the database). Appends are
+group-committed: one committer task writes everything appended while the previous commit was running
+in a single transaction, planned by `relay.planning`, so the number of fsyncs per second no longer
 bounds how many changes per second the relay can take. Polls are answered from memory: the newest
 events of each faction, published only after their commit returns. Errors: `StoreError` for any
 storage fault; `MigrationError` from opening.
@@ -17,8 +18,8 @@ import json
 import logging
 import sqlite3
 import time
-from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +29,11 @@ import trio
 
 from relay.database import Database, FileSizes, open_database
 from relay.database import StoreError as StoreError  # the storage API's error, named here for callers
-from relay.state import FactionRows, Lookup, Row, RowChange, RowKey, complete_change, diff, row_key
+from relay.planning import Append, Item, Plan, Tombstones, encode, plan_batch, plan_chunk
+from relay.state import FactionRows, Row, RowChange, RowKey, diff, row_key
 
 log = logging.getLogger(__name__)
 
-# Tombstones: the commit time of each recent upstream DELETE, per faction, table and key. Two sockets
-# (the faction's and the shared DELETE one) do not keep each other's order, so a DELETE may arrive
-# twice, or before a change it followed upstream; both are recognised by commit time and dropped.
-# Out-of-order arrivals are a second apart at most, so a few thousand recent ones are plenty.
-TOMBSTONES_KEPT = 4_096
 # A faction's activity is only compared with a TTL of hours, so `touch` records it to the second: every
 # poll and every woken stream touches, and most of them then cost a clock read and a comparison.
 ACTIVITY_RESOLUTION_MS = 1_000
@@ -79,7 +76,7 @@ class _Pending:
     """One call waiting for the committer: events to append, or a snapshot to reconcile with."""
 
     faction_id: int
-    items: list[tuple[str, Any, str]]  # (type, data, data as JSON) to append
+    items: list[Item]
     snapshot: _Snapshot | None = None
     done: trio.Event = dataclasses.field(default_factory=trio.Event)
     stop_asked: bool = False  # its caller was cancelled: a reconcile stops after the chunk being written
@@ -187,7 +184,7 @@ class Store:
         self._events: dict[int, deque[StoredEvent]] = {}
         self._key_columns = dict(key_columns)
         self._rows = loaded.rows
-        self._tombstones: OrderedDict[tuple[int, str, RowKey], str] = OrderedDict()
+        self._tombstones = Tombstones()
         # Per faction, the newest stamp no longer retained: a `since` below it has missed events.
         self._dropped_up_to = loaded.dropped_up_to
         self._pending_appends: list[_Pending] = []
@@ -270,8 +267,8 @@ class Store:
         returns or raises, the events are published or refused. A storage fault fails every append
         of the same group commit with `StoreError`.
         """
-        # allow_nan=False: browsers' JSON.parse refuses NaN, so such data is refused here, up front.
-        encoded = [(kind, data, _encode(data)) for kind, data in items]
+        # Encoded up front, so that data JSON cannot carry (NaN: see `encode`) is refused unstamped.
+        encoded = [(kind, data, encode(data)) for kind, data in items]
         if not encoded:
             return []
         return await self._submit(_Pending(faction_id, encoded))
@@ -342,8 +339,13 @@ class Store:
                 continue
             appends = list(itertools.takewhile(lambda pending: pending.snapshot is None, batch))
             del batch[: len(appends)]
-            planned, row_changes, tombstones = self._plan(appends)
-            fault = await self._commit(planned, row_changes, tombstones)
+            plan = plan_batch(
+                [Append(pending.faction_id, pending.items) for pending in appends],
+                self._rows.get,
+                self._tombstones,
+                self._key_columns,
+            )
+            fault = await self._commit(plan, appends)
             for pending in appends:
                 pending.fault = fault
                 pending.done.set()
@@ -364,10 +366,18 @@ class Store:
             skip=snapshot.skip,
             commit_timestamp=snapshot.commit_timestamp,
         )
+        key_column = self._key_columns[snapshot.table]
         finished = False
         while not (finished or pending.stop_asked or self._closing):
-            planned, row_changes, finished = self._plan_chunk(pending, changes)
-            pending.fault = await self._commit(planned, row_changes, {})
+            plan, finished = plan_chunk(
+                pending.faction_id,
+                key_column,
+                changes,
+                self._rows.get,
+                max_events=RECONCILE_CHUNK_EVENTS,
+                max_bytes=RECONCILE_CHUNK_BYTES,
+            )
+            pending.fault = await self._commit(plan, [pending])
             if pending.fault is not None:
                 break
         if not finished and pending.fault is None:
@@ -381,49 +391,29 @@ class Store:
                 pending.fault = StoreError("the store closed during a reconcile")
         pending.done.set()
 
-    def _plan_chunk(
-        self, pending: _Pending, changes: Iterator[dict[str, Any]]
-    ) -> tuple[list[tuple[_Pending, tuple[int, str, str]]], list[RowChange], bool]:
-        """The next chunk of a reconcile's differences, what they do to the rows, and whether they
-        were the last."""
-        assert pending.snapshot is not None
-        faction_id, key_column = pending.faction_id, self._key_columns[pending.snapshot.table]
-        planned: list[tuple[_Pending, tuple[int, str, str]]] = []
-        row_changes: list[RowChange] = []
-        size = 0
-        for change in changes:
-            served, effects = complete_change(faction_id, change, key_column, self._rows.get)
-            data_json = _encode(served)
-            planned.append((pending, (faction_id, "postgres_changes", data_json)))
-            row_changes.extend(effects)
-            size += len(data_json)
-            if len(planned) >= RECONCILE_CHUNK_EVENTS or size >= RECONCILE_CHUNK_BYTES:
-                return planned, row_changes, False
-        return planned, row_changes, True
-
-    async def _commit(
-        self,
-        planned: Sequence[tuple[_Pending, tuple[int, str, str]]],
-        row_changes: Sequence[RowChange],
-        tombstones: Mapping[tuple[int, str, RowKey], str],
-    ) -> StoreError | None:
-        """Stamp and insert `planned` and apply `row_changes` in one transaction, then publish; the
-        fault, if the write failed (nothing is published then)."""
-        if not planned and not row_changes:
+    async def _commit(self, plan: Plan, sources: Sequence[_Pending]) -> StoreError | None:
+        """Stamp and insert the plan's events and apply its row changes in one transaction, then
+        publish each event to memory and to its source; the fault, if the write failed (nothing is
+        published then)."""
+        if not plan.events and not plan.row_changes:
             return None
-        stored: list[tuple[_Pending, StoredEvent]] = []
+        stored: list[StoredEvent] = []
 
         def insert(conn: sqlite3.Connection) -> None:
-            for pending, (faction_id, kind, data_json) in planned:
+            for planned in plan.events:
                 # Burnt on failure (never reused), which only leaves a gap.
                 self._high_water = stamp = max(self._now_ms(), self._high_water + 1)
                 row = conn.execute(
                     "INSERT INTO events (faction_id, timestamp, type, data) VALUES (?, ?, ?, ?)",
-                    (faction_id, stamp, kind, data_json),
+                    (planned.faction_id, stamp, planned.type, planned.data_json),
                 )
                 assert row.lastrowid is not None
-                stored.append((pending, StoredEvent.build(row.lastrowid, faction_id, stamp, kind, data_json)))
-            _write_rows(conn, row_changes)
+                stored.append(
+                    StoredEvent.build(
+                        row.lastrowid, planned.faction_id, stamp, planned.type, planned.data_json
+                    )
+                )
+            _write_rows(conn, plan.row_changes)
             conn.execute("UPDATE relay_clock SET high_water = ? WHERE id = 1", (self._high_water,))
 
         # Shielded: once committed, an event must reach memory, or pollers would never see it.
@@ -435,69 +425,15 @@ class Store:
             self._group_commits += 1
             # No checkpoint between the commit returning and these lines: publishing, the rows and the
             # cursor change in the same Trio step, before the next writer's result can be handled.
-            for change in row_changes:
+            for change in plan.row_changes:
                 self._rows.apply(change)
-            self._tombstones.update(tombstones)
-            while len(self._tombstones) > TOMBSTONES_KEPT:
-                self._tombstones.popitem(last=False)
-            for pending, event in stored:
-                pending.stored.append(event)
+            self._tombstones.remember(plan.tombstones)
+            for planned, event in zip(plan.events, stored, strict=True):
+                sources[planned.source].stored.append(event)
                 self._publish(event)
             if stored:
-                self._visible = max(self._visible, stored[-1][1].timestamp)
+                self._visible = max(self._visible, stored[-1].timestamp)
         return None
-
-    def _plan(
-        self, batch: Sequence[_Pending]
-    ) -> tuple[
-        list[tuple[_Pending, tuple[int, str, str]]], list[RowChange], dict[tuple[int, str, RowKey], str]
-    ]:
-        """The events to insert, in order, and what they do to the stored rows: each change sees the
-        rows as every earlier change of the batch left them."""
-        overlay: dict[tuple[int, str, RowKey], Row | None] = {}
-
-        def lookup(faction_id: int, table: str, key: RowKey) -> Row | None:
-            if (faction_id, table, key) in overlay:
-                return overlay[(faction_id, table, key)]
-            return self._rows.get(faction_id, table, key)
-
-        planned: list[tuple[_Pending, tuple[int, str, str]]] = []
-        row_changes: list[RowChange] = []
-        tombstones: dict[tuple[int, str, RowKey], str] = {}
-
-        def record(changes: Iterable[RowChange]) -> None:
-            for change in changes:
-                overlay[(change.faction_id, change.table, change.key)] = change.row
-                row_changes.append(change)
-
-        for pending in batch:
-            faction_id = pending.faction_id
-            for kind, data, data_json in pending.items:
-                key_column = (
-                    self._key_columns.get(str(data.get("table")))
-                    if kind == "postgres_changes" and isinstance(data, Mapping)
-                    else None
-                )
-                if key_column is not None:
-                    arrival = _ordering(faction_id, data, key_column)
-                    if arrival is not None:
-                        place, committed_at = arrival
-                        deleted_at = tombstones.get(place) or self._tombstones.get(place)
-                        if deleted_at is not None and committed_at <= deleted_at:
-                            # This DELETE again (by a second channel), or a change it overtook.
-                            continue
-                        if data.get("eventType") == "DELETE":
-                            tombstones[place] = committed_at
-                    served, effects = complete_change(faction_id, data, key_column, lookup)
-                    if _changes_nothing(effects, lookup):
-                        # A row the faction holds already, as it is (a snapshot read just before
-                        # brought it): whoever follows the events has it, so it is not served twice.
-                        continue
-                    record(effects)
-                    if served != data:
-                        data_json = _encode(served)
-                planned.append((pending, (faction_id, kind, data_json)))
-        return planned, row_changes, tombstones
 
     def _publish(self, event: StoredEvent) -> None:
         retained = self._events.get(event.faction_id)
@@ -689,35 +625,6 @@ class Store:
         await self._database.close(last_writes=self.flush_activity)
 
 
-def _ordering(
-    faction_id: int, change: Mapping[str, Any], key_column: str
-) -> tuple[tuple[int, str, RowKey], str] | None:
-    """Where an upstream change lands (faction, table, key) and when it committed; None for a change
-    that cannot be placed (no key, no commit time) and for the relay's own resync changes."""
-    stamp, kind = change.get("commit_timestamp"), change.get("eventType")
-    row = change.get("old") if kind == "DELETE" else change.get("new")
-    if (
-        change.get("resync")
-        or not isinstance(stamp, str)
-        or not isinstance(row, Mapping)
-        or key_column not in row
-    ):
-        return None
-    # Realtime's commit_timestamp is fixed-width ISO 8601 UTC, so text order is time order.
-    return (faction_id, str(change.get("table")), row_key(row[key_column])), stamp
-
-
-def _changes_nothing(effects: Sequence[RowChange], lookup: Lookup) -> bool:
-    return bool(effects) and all(
-        change.row is not None and lookup(change.faction_id, change.table, change.key) == change.row
-        for change in effects
-    )
-
-
-def _encode(data: Any) -> str:
-    return json.dumps(data, separators=(",", ":"), allow_nan=False)
-
-
 def _write_rows(conn: sqlite3.Connection, changes: Sequence[RowChange]) -> None:
     for change in changes:
         if change.row is None:
@@ -728,7 +635,7 @@ def _write_rows(conn: sqlite3.Connection, changes: Sequence[RowChange]) -> None:
         else:
             conn.execute(
                 "INSERT OR REPLACE INTO faction_rows (faction_id, table_name, row_key, row) VALUES (?, ?, ?, ?)",
-                (change.faction_id, change.table, change.key, _encode(change.row)),
+                (change.faction_id, change.table, change.key, encode(change.row)),
             )
 
 
