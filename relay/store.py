@@ -1,12 +1,12 @@
-"""Events, subscriptions and the relay's clock: async outside, SQLite in worker threads inside.
+"""Events and the relay's clock behind one async API: `Store`, opened by `open_store`.
 
 Every event's stamp is assigned inside the transaction that stores it, through the database's one
-write connection (`relay.database`, which also serves the reads that need the database). Appends are
-group-committed: one committer task writes everything appended while the previous commit was running
-in a single transaction, planned by `relay.planning`, so the number of fsyncs per second no longer
-bounds how many changes per second the relay can take. Polls are answered from memory: the newest
-events of each faction, published only after their commit returns. Errors: `StoreError` for any
-storage fault; `MigrationError` from opening.
+write connection (`relay.database`). Appends are group-committed: one committer task writes everything
+appended while the previous commit was running in a single transaction, planned by
+`relay.planning`, so the number of fsyncs per second no longer bounds how many changes per second the
+relay can take. Polls are answered from memory: the newest events of each faction, published only
+after their commit returns. Subscriptions are kept by `relay.subscriptions`, behind the same API.
+Errors: `StoreError` for any storage fault; `MigrationError` from opening.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import json
 import logging
 import sqlite3
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -30,13 +29,14 @@ import trio
 from relay.database import Database, FileSizes, open_database
 from relay.database import StoreError as StoreError  # the storage API's error, named here for callers
 from relay.planning import Append, Item, Plan, Tombstones, encode, plan_batch, plan_chunk
+from relay.retained import RetainedEvents, load_retained
+from relay.retained import StoredEvent as StoredEvent  # a result type of the API, named here
 from relay.state import FactionRows, Row, RowChange, RowKey, diff, row_key
+from relay.subscriptions import Subscription as Subscription  # a result type of the API, named here
+from relay.subscriptions import Subscriptions, load_subscriptions
 
 log = logging.getLogger(__name__)
 
-# A faction's activity is only compared with a TTL of hours, so `touch` records it to the second: every
-# poll and every woken stream touches, and most of them then cost a clock read and a comparison.
-ACTIVITY_RESOLUTION_MS = 1_000
 # /health proves the database writable by committing a no-op write, but not more often than this.
 HEALTH_PROBE_INTERVAL_S = 1.0
 # A reconcile stores its differences in chunks, each its own transaction, of at most this many events
@@ -51,24 +51,6 @@ RECONCILE_CHUNK_BYTES = 1024 * 1024
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
-    id: int
-    faction_id: int
-    timestamp: int
-    type: str
-    data_json: str  # the event's data, JSON text exactly as stored
-    json: str  # the whole event as served, built once so that a poll only joins strings
-
-    @classmethod
-    def build(cls, id: int, faction_id: int, timestamp: int, type: str, data_json: str) -> StoredEvent:
-        served = f'{{"id":{id},"type":{json.dumps(type)},"timestamp":{timestamp},"data":{data_json}}}'
-        return cls(id, faction_id, timestamp, type, data_json, served)
-
-    def data(self) -> Any:
-        return json.loads(self.data_json)
 
 
 @dataclass(eq=False, slots=True)
@@ -97,10 +79,9 @@ class _Loaded:
     """What the store keeps in memory, as the database holds it at start."""
 
     subscriptions: list[Subscription]
-    events: list[StoredEvent]  # the newest `events_per_faction` of each faction, oldest first
+    retained: RetainedEvents
     high_water: int
     rows: FactionRows
-    dropped_up_to: dict[int, int]  # per faction, the newest stamp of the events not kept in memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,14 +90,6 @@ class FactionState:
 
     timestamp: int
     tables: dict[str, list[Row]]
-
-
-@dataclass(frozen=True, slots=True)
-class Subscription:
-    faction_id: int
-    active: bool
-    subscribed_at: int
-    last_activity_at: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,14 +152,11 @@ class Store:
         self._database = database
         self._events_per_faction = events_per_faction
         self._now_ms = now_ms
-        self._subscriptions = {sub.faction_id: sub for sub in loaded.subscriptions}
-        self._dirty_activity: set[int] = set()  # touched since the last flush
-        self._events: dict[int, deque[StoredEvent]] = {}
+        self._subscriptions = Subscriptions(database, loaded.subscriptions, now_ms)
+        self._retained = loaded.retained
         self._key_columns = dict(key_columns)
         self._rows = loaded.rows
         self._tombstones = Tombstones()
-        # Per faction, the newest stamp no longer retained: a `since` below it has missed events.
-        self._dropped_up_to = loaded.dropped_up_to
         self._pending_appends: list[_Pending] = []
         self._appends_waiting = trio.Event()  # set while _pending_appends is not empty
         self._group_commits = 0
@@ -198,8 +168,6 @@ class Store:
         # The cursor safe to hand out: no stamp at or below it can still be on its way to memory.
         # Only changed in Trio, when a commit has returned.
         self._visible = loaded.high_water
-        for event in loaded.events:
-            self._publish(event)
 
     def __repr__(self) -> str:
         return f"<Store factions={len(self._subscriptions)} cursor={self._visible}>"
@@ -212,22 +180,15 @@ class Store:
 
     def read_since(self, faction_id: int, since: int | None) -> tuple[list[StoredEvent], int]:
         """Retained events stamped after `since` (all when None), oldest first, and the next cursor."""
-        retained = self._events.get(faction_id, ())
-        found: list[StoredEvent] = []
-        for event in reversed(retained):  # a poll usually wants the last few, so walk from the end
-            if since is not None and event.timestamp <= since:
-                break
-            found.append(event)
-        found.reverse()
+        found = self._retained.since(faction_id, since)
         return found, (found[-1].timestamp if found else self._visible)
 
     def newest_timestamp(self, faction_id: int) -> int | None:
-        retained = self._events.get(faction_id)
-        return retained[-1].timestamp if retained else None
+        return self._retained.newest_timestamp(faction_id)
 
     def missed_since(self, faction_id: int, since: int | None) -> bool:
         """Whether events after `since` are no longer retained: the answer is not the whole story."""
-        return since is not None and since < self._dropped_up_to.get(faction_id, 0)
+        return self._retained.missed_since(faction_id, since)
 
     def faction_state(self, faction_id: int) -> FactionState:
         """The faction's rows per tracked table, consistent with the cursor that comes with them: every
@@ -430,91 +391,40 @@ class Store:
             self._tombstones.remember(plan.tombstones)
             for planned, event in zip(plan.events, stored, strict=True):
                 sources[planned.source].stored.append(event)
-                self._publish(event)
+                self._retained.publish(event)
             if stored:
                 self._visible = max(self._visible, stored[-1].timestamp)
         return None
 
-    def _publish(self, event: StoredEvent) -> None:
-        retained = self._events.get(event.faction_id)
-        if retained is None:
-            retained = self._events[event.faction_id] = deque(maxlen=self._events_per_faction)
-        if len(retained) == retained.maxlen:
-            self._dropped_up_to[event.faction_id] = retained[0].timestamp
-        retained.append(event)
-
-    # --- subscriptions ---
+    # --- subscriptions, kept by `Subscriptions` ---
 
     async def subscribe(self, faction_id: int) -> Subscription:
         """Active from now on; idempotent (the first `subscribed_at` is kept), and counts as activity."""
-        known = self._subscriptions.get(faction_id)
-        subscription = await self._activate(faction_id)
-        if known is None or not known.active:  # one log line per change, not per page load
-            log.info("%r: faction %d subscribed", self, faction_id)
-        return subscription
+        return await self._subscriptions.subscribe(faction_id)
 
     async def revive(self, faction_id: int) -> Subscription:
         """A known faction polled after it expired: active again, as if it had re-subscribed."""
-        subscription = await self._activate(faction_id)
-        log.info("%r: faction %d revived by a poll", self, faction_id)
-        return subscription
+        return await self._subscriptions.revive(faction_id)
 
     async def stand_by(self, faction_id: int) -> Subscription:
         """Known from now on but inactive, so that a later poll revives it; a known faction, active
         or not, is left as it is. What another relay instance's faction looks like here (see
         deploy/nginx.conf): this instance takes over its polls only if that instance goes away."""
-        known = self._subscriptions.get(faction_id)
-        if known is not None:
-            return known
-        now = self._now_ms()
-        await self._database.write(
-            lambda conn: conn.execute(
-                "INSERT INTO subscriptions (faction_id, active, subscribed_at, last_activity_at)"
-                " VALUES (?, 0, ?, ?) ON CONFLICT (faction_id) DO NOTHING",
-                (faction_id, now, now),
-            )
-        )
-        # A subscribe may have activated the faction while this write waited its turn: it stays active.
-        subscription = self._subscriptions.get(faction_id)
-        if subscription is None:
-            subscription = self._subscriptions[faction_id] = Subscription(faction_id, False, now, now)
-            log.info("%r: faction %d known, on standby", self, faction_id)
-        return subscription
-
-    async def _activate(self, faction_id: int) -> Subscription:
-        now = self._now_ms()
-        known = self._subscriptions.get(faction_id)
-        subscription = Subscription(faction_id, True, known.subscribed_at if known else now, now)
-        await self._database.write(
-            lambda conn: conn.execute(
-                "INSERT INTO subscriptions (faction_id, active, subscribed_at, last_activity_at)"
-                " VALUES (?, 1, ?, ?) ON CONFLICT (faction_id) DO UPDATE"
-                " SET active = 1, last_activity_at = excluded.last_activity_at",
-                (faction_id, subscription.subscribed_at, now),
-            )
-        )
-        self._subscriptions[faction_id] = subscription
-        return subscription
+        return await self._subscriptions.stand_by(faction_id)
 
     def subscription(self, faction_id: int) -> Subscription | None:
         return self._subscriptions.get(faction_id)
 
     def active_factions(self) -> list[int]:
-        return sorted(f for f, sub in self._subscriptions.items() if sub.active)
+        return self._subscriptions.active()
 
     def known_factions(self) -> list[int]:
         """Every faction ever subscribed, expired ones included."""
-        return sorted(self._subscriptions)
+        return self._subscriptions.known()
 
     def touch(self, faction_id: int) -> None:
         """A request about the faction: activity, kept in memory (a write per poll would be wasteful)."""
-        subscription = self._subscriptions.get(faction_id)
-        if subscription is None:
-            return
-        now = self._now_ms()
-        if now - subscription.last_activity_at >= ACTIVITY_RESOLUTION_MS:
-            self._subscriptions[faction_id] = dataclasses.replace(subscription, last_activity_at=now)
-            self._dirty_activity.add(faction_id)
+        self._subscriptions.touch(faction_id)
 
     def last_activity_at(self, faction_id: int) -> int | None:
         subscription = self._subscriptions.get(faction_id)
@@ -522,44 +432,11 @@ class Store:
 
     async def flush_activity(self) -> None:
         """Write the activity that `touch` kept in memory."""
-        activity = self._activity_snapshot()
-        if activity:
-            await self._database.write(lambda conn: _write_activity(conn, activity))
-            self._forget_flushed(activity)
+        await self._subscriptions.flush_activity()
 
     async def expire_idle(self, idle_for_ms: int) -> list[int]:
         """Deactivate the active factions nobody asked about for `idle_for_ms`; returns their ids."""
-        cutoff = self._now_ms() - idle_for_ms
-        idle = [
-            f
-            for f, sub in sorted(self._subscriptions.items())
-            if sub.active and sub.last_activity_at < cutoff
-        ]
-        activity = self._activity_snapshot()
-        if not idle and not activity:
-            return []
-
-        def expire(conn: sqlite3.Connection) -> None:
-            _write_activity(conn, activity)
-            conn.executemany("UPDATE subscriptions SET active = 0 WHERE faction_id = ?", [(f,) for f in idle])
-
-        await self._database.write(expire)
-        self._forget_flushed(activity)
-        for faction_id in idle:
-            self._subscriptions[faction_id] = dataclasses.replace(
-                self._subscriptions[faction_id], active=False
-            )
-            log.info("%r: faction %d expired after %d ms without a request", self, faction_id, idle_for_ms)
-        return idle
-
-    def _activity_snapshot(self) -> dict[int, int]:
-        return {f: self._subscriptions[f].last_activity_at for f in self._dirty_activity}
-
-    def _forget_flushed(self, activity: dict[int, int]) -> None:
-        # A faction touched again while the write ran stays dirty for the next flush.
-        for faction_id, at in activity.items():
-            if self._subscriptions[faction_id].last_activity_at == at:
-                self._dirty_activity.discard(faction_id)
+        return await self._subscriptions.expire_idle(idle_for_ms)
 
     # --- upkeep and introspection ---
 
@@ -610,8 +487,8 @@ class Store:
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(
             factions=len(self._subscriptions),
-            active_factions=sum(sub.active for sub in self._subscriptions.values()),
-            events_in_memory=sum(len(retained) for retained in self._events.values()),
+            active_factions=len(self._subscriptions.active()),
+            events_in_memory=len(self._retained),
             clock_high_water=self._high_water,
             group_commits=self._group_commits,
         )
@@ -639,29 +516,7 @@ def _write_rows(conn: sqlite3.Connection, changes: Sequence[RowChange]) -> None:
             )
 
 
-def _write_activity(conn: sqlite3.Connection, activity: dict[int, int]) -> None:
-    conn.executemany(
-        "UPDATE subscriptions SET last_activity_at = ? WHERE faction_id = ?",
-        [(at, faction_id) for faction_id, at in activity.items()],
-    )
-
-
 def _load(conn: sqlite3.Connection, per_faction: int) -> _Loaded:
-    subscriptions = [
-        Subscription(faction_id, bool(active), subscribed_at, last_activity_at)
-        for faction_id, active, subscribed_at, last_activity_at in conn.execute(
-            "SELECT faction_id, active, subscribed_at, last_activity_at FROM subscriptions"
-        )
-    ]
-    events = [
-        StoredEvent.build(*row)
-        for row in conn.execute(
-            "SELECT id, faction_id, timestamp, type, data FROM (SELECT *, row_number() OVER"
-            " (PARTITION BY faction_id ORDER BY timestamp DESC) AS newest FROM events)"
-            " WHERE newest <= ? ORDER BY timestamp",
-            (per_faction,),
-        )
-    ]
     # Both count: a clock advance survives only in relay_clock, an event's stamp is in its row.
     (high_water,) = conn.execute(
         "SELECT max((SELECT high_water FROM relay_clock WHERE id = 1),"
@@ -673,12 +528,4 @@ def _load(conn: sqlite3.Connection, per_faction: int) -> _Loaded:
             "SELECT faction_id, table_name, row_key, row FROM faction_rows"
         )
     )
-    dropped_up_to = dict(
-        conn.execute(
-            "SELECT faction_id, max(timestamp) FROM (SELECT faction_id, timestamp, row_number() OVER"
-            " (PARTITION BY faction_id ORDER BY timestamp DESC) AS newest FROM events)"
-            " WHERE newest > ? GROUP BY faction_id",
-            (per_faction,),
-        ).fetchall()
-    )
-    return _Loaded(subscriptions, events, high_water, rows, dropped_up_to)
+    return _Loaded(load_subscriptions(conn), load_retained(conn, per_faction), high_water, rows)
