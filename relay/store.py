@@ -138,7 +138,12 @@ async def open_store(
 
 
 class Store:
-    """Create with `open_store`. Methods that cannot block are sync and answer from memory."""
+    """Create with `open_store`. Methods that cannot block are sync and answer from memory.
+
+    The group committer lives here, not in a module of its own, because what a commit changes must
+    change in one Trio step when it returns: the visible cursor, the faction rows, the tombstones and
+    the events in memory. Subscriptions and the database seam share none of that, so they are apart.
+    """
 
     def __init__(
         self,

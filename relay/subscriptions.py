@@ -24,6 +24,8 @@ ACTIVITY_RESOLUTION_MS = 1_000
 
 @dataclass(frozen=True, slots=True)
 class Subscription:
+    """A faction the relay knows: active while it is served, inactive once expired or on standby."""
+
     faction_id: int
     active: bool
     subscribed_at: int
