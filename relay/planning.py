@@ -33,13 +33,17 @@ def encode(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"), allow_nan=False)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one of each is made per appended event, and a frozen dataclass takes three times as long
+# to make (its __init__ goes through object.__setattr__).
+
+
+@dataclass(slots=True)
 class Append:
     faction_id: int
     items: Sequence[Item]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PlannedEvent:
     source: int  # the index of the append (in the batch) it comes from
     faction_id: int
