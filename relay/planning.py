@@ -16,7 +16,8 @@ from typing import Any
 
 from relay.state import Lookup, Row, RowChange, RowKey, complete_change, row_key
 
-# The event type of an upstream row change, in the realtime-js shape.
+# What Realtime calls the events its channels carry: each upstream change is stored with this type, and
+# only an event of this type (of a tracked table) changes the faction rows.
 CHANGE_TYPE = "postgres_changes"
 # Tombstones: the commit time of each recent upstream DELETE, per faction, table and key. Two sockets
 # (the faction's and the shared DELETE one) do not keep each other's order, so a DELETE may arrive
@@ -33,10 +34,8 @@ def encode(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"), allow_nan=False)
 
 
-# Not frozen: one of each is made per appended event, and a frozen dataclass takes three times as long
-# to make (its __init__ goes through object.__setattr__).
-
-
+# Append and PlannedEvent are not frozen: one of each is made per appended event, and a frozen
+# dataclass takes three times as long to make (its __init__ goes through object.__setattr__).
 @dataclass(slots=True)
 class Append:
     faction_id: int
