@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from relay.config import CONFIG_VARIABLE, ENV_KEYS, HELD_AS_PAIRS, SECTIONS, Config, ConfigError, load_config
+from relay.database import side_file
 from relay.migrations import find_migrations, migrations_dir
-from relay.offline import DatabaseUnreadable, open_read_only, recorded_schema_version, side_file
+from relay.offline import DatabaseUnreadable, open_read_only, recorded_schema_version
 
 SHOWN_SECRET_CHARS: Final = 4
 # Below this length the first characters would give away too large a share of the secret.

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay import terminal
+from relay.database import side_file, table_names
 from relay.migrations import find_migrations, migrations_dir
-from relay.offline import DatabaseUnreadable, open_read_only, recorded_schema_version, side_file
+from relay.offline import DatabaseUnreadable, open_read_only, recorded_schema_version
 
 SIDE_SUFFIXES = ("-wal", "-shm")
 
@@ -54,9 +55,7 @@ def read_stats(path: Path) -> DatabaseStats:
     try:
         connection.execute("BEGIN")
         version = recorded_schema_version(connection, path)
-        tables = {
-            name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-        }
+        tables = table_names(connection)
         factions = _factions(connection, tables)
         high_water = (
             connection.execute("SELECT high_water FROM relay_clock").fetchone()

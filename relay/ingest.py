@@ -21,13 +21,11 @@ import trio
 from relay.config import ChannelConfig
 from relay.hub import Hub
 from relay.phoenix import ChangeReceived
+from relay.planning import CHANGE_TYPE
 from relay.shared_deletes import DeleteRouter, RouterStatistics, filter_columns
 from relay.store import Store, StoredEvent, StoreError
 from relay.supervisor import DeliveryFailed
 from relay.traffic import Source, Traffic
-
-# What Realtime calls the events its channels carry; stored as each upstream change's type.
-UPSTREAM_EVENT_TYPE = "postgres_changes"
 
 
 class LiveChangeWatcher(Protocol):
@@ -70,7 +68,7 @@ class Ingest:
                 watcher.note_live_change(change.table, change.data)
         try:
             stored = await self._store.append_events(
-                faction_id, [(UPSTREAM_EVENT_TYPE, change.data) for change in changes]
+                faction_id, [(CHANGE_TYPE, change.data) for change in changes]
             )
         except StoreError as exc:
             # The connection ends and is retried with backoff; these changes were never served.

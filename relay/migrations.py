@@ -82,7 +82,7 @@ def apply_migrations(conn: sqlite3.Connection, directory: Path | None = None) ->
         raise ValueError("apply_migrations needs a connection opened with isolation_level=None")
     migrations = find_migrations(directory or migrations_dir())
     conn.execute(_RECORD_TABLE)
-    current = _recorded_version(conn)
+    current = recorded_version(conn)
     newest = migrations[-1].version
     if current > newest:
         raise DatabaseTooNew(
@@ -96,7 +96,8 @@ def apply_migrations(conn: sqlite3.Connection, directory: Path | None = None) ->
     return applied
 
 
-def _recorded_version(conn: sqlite3.Connection) -> int:
+def recorded_version(conn: sqlite3.Connection) -> int:
+    """The newest migration recorded in the database (0 for none); `schema_migrations` must exist."""
     row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
     return int(row[0] or 0)
 
@@ -109,7 +110,7 @@ def _apply_one(conn: sqlite3.Connection, migration: Migration) -> bool:
     conn.execute("BEGIN IMMEDIATE")
     try:
         # Re-checked under the write lock: two relays starting on one file must not both apply it.
-        if _recorded_version(conn) >= migration.version:
+        if recorded_version(conn) >= migration.version:
             conn.execute("ROLLBACK")
             return False
         for statement in split_statements(sql):

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Final
 
 from relay.config import Config, load_config
+from relay.database import BUSY_TIMEOUT_MS, side_file, table_names
+from relay.migrations import recorded_version
 
 # Stand-ins for the two keys that have no default, for commands that never connect upstream (an
 # operator inspecting a copied database has neither at hand). `.invalid` can never resolve.
 OFFLINE_URL: Final = "ws://offline.invalid/realtime/v1/websocket"
 OFFLINE_KEY: Final = "offline"
-# A read waits this long for the writer's checkpoint to let go, as the relay's own connections do.
-BUSY_TIMEOUT_MS: Final = 5_000
 
 
 class DatabaseUnreadable(Exception):
@@ -31,11 +31,6 @@ def load_offline(path: Path | None) -> Config:
     return load_config(
         path, overrides={"RELAY_UPSTREAM_URL": OFFLINE_URL, "RELAY_UPSTREAM_ANON_KEY": OFFLINE_KEY}
     )
-
-
-def side_file(path: Path, suffix: str) -> Path:
-    """SQLite's companion files sit beside the database: relay.db-wal, relay.db-shm."""
-    return path.with_name(path.name + suffix)
 
 
 def open_read_only(path: Path) -> tuple[sqlite3.Connection, str]:
@@ -71,6 +66,7 @@ def open_read_only(path: Path) -> tuple[sqlite3.Connection, str]:
 def _checked(connection: sqlite3.Connection) -> sqlite3.Connection:
     # Opening is lazy: a missing -shm or a file that is not a database shows at the first read.
     try:
+        # A read waits for the writer's checkpoint to let go, as the relay's own connections do.
         connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.Error:
@@ -82,10 +78,9 @@ def _checked(connection: sqlite3.Connection) -> sqlite3.Connection:
 def recorded_schema_version(connection: sqlite3.Connection, path: Path) -> int:
     """The newest migration recorded in the database at `path` (0 for an empty file); refuses a
     database with tables of its own that the relay never made."""
-    tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    tables = table_names(connection)
     if not tables:
         return 0  # an empty file, which the relay migrates from the start
     if "schema_migrations" not in tables:
         raise DatabaseUnreadable(f"{path} is not a relay database: it has no schema_migrations table")
-    (version,) = connection.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
-    return int(version)
+    return recorded_version(connection)

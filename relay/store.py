@@ -1,12 +1,12 @@
-"""Events, subscriptions and the relay's clock: async outside, SQLite in worker threads inside.
+"""Events and the relay's clock behind one async API: `Store`, opened by `open_store`.
 
-One write connection behind one `CapacityLimiter(1)` serializes every write, and every event's stamp
-is assigned inside the transaction that stores it; a second connection serves the reads that need the
-database. Appends are group-committed: one committer task writes everything appended while the
-previous commit was running in a single transaction, so the number of fsyncs per second no longer
-bounds how many changes per second the relay can take. Polls are answered from memory: the newest
-events of each faction, published only after their commit returns. Errors: `StoreError` for any
-storage fault; `MigrationError` from opening.
+Every event's stamp is assigned inside the transaction that stores it, through the database's one
+write connection (`relay.database`). Appends are group-committed: one committer task writes everything
+appended while the previous commit was running in a single transaction, planned by
+`relay.planning`, so the number of fsyncs per second no longer bounds how many changes per second the
+relay can take. Polls are answered from memory: the newest events of each faction, published only
+after their commit returns. Subscriptions are kept by `relay.subscriptions`, behind the same API.
+Errors: `StoreError` for any storage fault; `MigrationError` from opening.
 """
 
 from __future__ import annotations
@@ -16,35 +16,27 @@ import functools
 import itertools
 import json
 import logging
-import math
 import sqlite3
 import time
-from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 
-from relay.migrations import apply_migrations
-from relay.state import FactionRows, Lookup, Row, RowChange, RowKey, complete_change, diff, row_key
+from relay.database import Database, FileSizes, open_database
+from relay.database import StoreError as StoreError  # the storage API's error, named here for callers
+from relay.planning import Append, Item, Plan, Tombstones, encode, plan_batch, plan_chunk
+from relay.retained import RetainedEvents, load_retained
+from relay.retained import StoredEvent as StoredEvent  # a result type of the API, named here
+from relay.state import FactionRows, Row, RowChange, RowKey, diff, row_key
+from relay.subscriptions import Subscription as Subscription  # a result type of the API, named here
+from relay.subscriptions import Subscriptions, load_subscriptions
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-# How long a statement waits on a lock held by another connection (the operator's sqlite3 shell, or
-# our own reader during a checkpoint) before giving up; long enough to ride out a manual query.
-BUSY_TIMEOUT_MS = 5_000
-# Tombstones: the commit time of each recent upstream DELETE, per faction, table and key. Two sockets
-# (the faction's and the shared DELETE one) do not keep each other's order, so a DELETE may arrive
-# twice, or before a change it followed upstream; both are recognised by commit time and dropped.
-# Out-of-order arrivals are a second apart at most, so a few thousand recent ones are plenty.
-TOMBSTONES_KEPT = 4_096
-# A faction's activity is only compared with a TTL of hours, so `touch` records it to the second: every
-# poll and every woken stream touches, and most of them then cost a clock read and a comparison.
-ACTIVITY_RESOLUTION_MS = 1_000
 # /health proves the database writable by committing a no-op write, but not more often than this.
 HEALTH_PROBE_INTERVAL_S = 1.0
 # A reconcile stores its differences in chunks, each its own transaction, of at most this many events
@@ -55,37 +47,10 @@ HEALTH_PROBE_INTERVAL_S = 1.0
 # worst while other work loads it (of which planning, on the event loop, up to 0.45 s).
 RECONCILE_CHUNK_EVENTS = 1_000
 RECONCILE_CHUNK_BYTES = 1024 * 1024
-# At close, another connection's lock (an operator's sqlite3 shell) is waited for this long, not
-# BUSY_TIMEOUT_MS, and the checkpoint is interrupted after CLOSE_CHECKPOINT_S: it only copies what the
-# WAL holds already, durably, so cutting it short loses nothing and the next start has more to fold in.
-CLOSE_BUSY_TIMEOUT_MS = 250
-CLOSE_CHECKPOINT_S = 0.5
 
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-class StoreError(Exception):
-    """The database could not do what was asked; the relay's data is unchanged by the failed call."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
-    id: int
-    faction_id: int
-    timestamp: int
-    type: str
-    data_json: str  # the event's data, JSON text exactly as stored
-    json: str  # the whole event as served, built once so that a poll only joins strings
-
-    @classmethod
-    def build(cls, id: int, faction_id: int, timestamp: int, type: str, data_json: str) -> StoredEvent:
-        served = f'{{"id":{id},"type":{json.dumps(type)},"timestamp":{timestamp},"data":{data_json}}}'
-        return cls(id, faction_id, timestamp, type, data_json, served)
-
-    def data(self) -> Any:
-        return json.loads(self.data_json)
 
 
 @dataclass(eq=False, slots=True)
@@ -93,7 +58,7 @@ class _Pending:
     """One call waiting for the committer: events to append, or a snapshot to reconcile with."""
 
     faction_id: int
-    items: list[tuple[str, Any, str]]  # (type, data, data as JSON) to append
+    items: list[Item]
     snapshot: _Snapshot | None = None
     done: trio.Event = dataclasses.field(default_factory=trio.Event)
     stop_asked: bool = False  # its caller was cancelled: a reconcile stops after the chunk being written
@@ -110,19 +75,21 @@ class _Snapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class _Loaded:
+    """What the store keeps in memory, as the database holds it at start."""
+
+    subscriptions: list[Subscription]
+    retained: RetainedEvents
+    high_water: int
+    rows: FactionRows
+
+
+@dataclass(frozen=True, slots=True)
 class FactionState:
     """A faction's current rows per table, and the cursor they correspond to."""
 
     timestamp: int
     tables: dict[str, list[Row]]
-
-
-@dataclass(frozen=True, slots=True)
-class Subscription:
-    faction_id: int
-    active: bool
-    subscribed_at: int
-    last_activity_at: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,19 +107,6 @@ class StoreStatistics:
     group_commits: int  # transactions that stored appended events, each holding one or more appends
 
 
-@dataclass(frozen=True, slots=True)
-class FileSizes:
-    database_bytes: int
-    wal_bytes: int
-
-
-def _size_or_zero(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
 @asynccontextmanager
 async def open_store(
     path: Path,
@@ -165,10 +119,10 @@ async def open_store(
 
     `key_columns` maps each upstream table whose rows the store tracks to its key column.
     """
-    opened = await trio.to_thread.run_sync(_open, path, events_per_faction)
+    database, loaded = await open_database(path, functools.partial(_load, per_faction=events_per_faction))
     store = Store(
-        *opened,
-        path=path,
+        database,
+        loaded,
         events_per_faction=events_per_faction,
         now_ms=now_ms,
         key_columns=key_columns or {},
@@ -184,39 +138,30 @@ async def open_store(
 
 
 class Store:
-    """Create with `open_store`. Methods that cannot block are sync and answer from memory."""
+    """Create with `open_store`. Methods that cannot block are sync and answer from memory.
+
+    The group committer lives here, not in a module of its own, because what a commit changes must
+    change in one Trio step when it returns: the visible cursor, the faction rows, the tombstones and
+    the events in memory. Subscriptions and the database seam share none of that, so they are apart.
+    """
 
     def __init__(
         self,
-        writer: sqlite3.Connection,
-        reader: sqlite3.Connection,
-        subscriptions: Iterable[Subscription],
-        events: Iterable[StoredEvent],
-        high_water: int,
-        rows: FactionRows,
-        dropped_up_to: dict[int, int],
+        database: Database,
+        loaded: _Loaded,
         *,
-        path: Path,
         events_per_faction: int,
         now_ms: Callable[[], int],
         key_columns: Mapping[str, str],
     ) -> None:
-        self._path = path
-        self._writer, self._reader = writer, reader
-        self._write_limiter = trio.CapacityLimiter(1)  # the single write limiter: writes in order
-        self._write_fault: str | None = None
-        self._last_write_at = -math.inf  # trio clock
-        self._read_limiter = trio.CapacityLimiter(1)
+        self._database = database
         self._events_per_faction = events_per_faction
         self._now_ms = now_ms
-        self._subscriptions = {sub.faction_id: sub for sub in subscriptions}
-        self._dirty_activity: set[int] = set()  # touched since the last flush
-        self._events: dict[int, deque[StoredEvent]] = {}
+        self._subscriptions = Subscriptions(database, loaded.subscriptions, now_ms)
+        self._retained = loaded.retained
         self._key_columns = dict(key_columns)
-        self._rows = rows
-        self._tombstones: OrderedDict[tuple[int, str, RowKey], str] = OrderedDict()
-        # Per faction, the newest stamp no longer retained: a `since` below it has missed events.
-        self._dropped_up_to = dropped_up_to
+        self._rows = loaded.rows
+        self._tombstones = Tombstones()
         self._pending_appends: list[_Pending] = []
         self._appends_waiting = trio.Event()  # set while _pending_appends is not empty
         self._group_commits = 0
@@ -224,12 +169,10 @@ class Store:
         self._committer_done = trio.Event()
         # Every stamp ever assigned or promised; the next stamp is above it. Only changed by the
         # write thread, under the write limiter.
-        self._high_water = high_water
+        self._high_water = loaded.high_water
         # The cursor safe to hand out: no stamp at or below it can still be on its way to memory.
         # Only changed in Trio, when a commit has returned.
-        self._visible = high_water
-        for event in events:
-            self._publish(event)
+        self._visible = loaded.high_water
 
     def __repr__(self) -> str:
         return f"<Store factions={len(self._subscriptions)} cursor={self._visible}>"
@@ -242,22 +185,15 @@ class Store:
 
     def read_since(self, faction_id: int, since: int | None) -> tuple[list[StoredEvent], int]:
         """Retained events stamped after `since` (all when None), oldest first, and the next cursor."""
-        retained = self._events.get(faction_id, ())
-        found: list[StoredEvent] = []
-        for event in reversed(retained):  # a poll usually wants the last few, so walk from the end
-            if since is not None and event.timestamp <= since:
-                break
-            found.append(event)
-        found.reverse()
+        found = self._retained.since(faction_id, since)
         return found, (found[-1].timestamp if found else self._visible)
 
     def newest_timestamp(self, faction_id: int) -> int | None:
-        retained = self._events.get(faction_id)
-        return retained[-1].timestamp if retained else None
+        return self._retained.newest_timestamp(faction_id)
 
     def missed_since(self, faction_id: int, since: int | None) -> bool:
         """Whether events after `since` are no longer retained: the answer is not the whole story."""
-        return since is not None and since < self._dropped_up_to.get(faction_id, 0)
+        return self._retained.missed_since(faction_id, since)
 
     def faction_state(self, faction_id: int) -> FactionState:
         """The faction's rows per tracked table, consistent with the cursor that comes with them: every
@@ -285,7 +221,7 @@ class Store:
                 conn.execute("UPDATE relay_clock SET high_water = ? WHERE id = 1", (since,))
                 self._high_water = since
 
-        await self._write(advance)
+        await self._database.write(advance)
         self._visible = max(self._visible, since)
 
     async def append_events(self, faction_id: int, items: Sequence[tuple[str, Any]]) -> list[StoredEvent]:
@@ -297,8 +233,8 @@ class Store:
         returns or raises, the events are published or refused. A storage fault fails every append
         of the same group commit with `StoreError`.
         """
-        # allow_nan=False: browsers' JSON.parse refuses NaN, so such data is refused here, up front.
-        encoded = [(kind, data, _encode(data)) for kind, data in items]
+        # Encoded up front, so that data JSON cannot carry (NaN: see `encode`) is refused unstamped.
+        encoded = [(kind, data, encode(data)) for kind, data in items]
         if not encoded:
             return []
         return await self._submit(_Pending(faction_id, encoded))
@@ -369,8 +305,13 @@ class Store:
                 continue
             appends = list(itertools.takewhile(lambda pending: pending.snapshot is None, batch))
             del batch[: len(appends)]
-            planned, row_changes, tombstones = self._plan(appends)
-            fault = await self._commit(planned, row_changes, tombstones)
+            plan = plan_batch(
+                [Append(pending.faction_id, pending.items) for pending in appends],
+                self._rows.get,
+                self._tombstones,
+                self._key_columns,
+            )
+            fault = await self._commit(plan, appends)
             for pending in appends:
                 pending.fault = fault
                 pending.done.set()
@@ -391,10 +332,18 @@ class Store:
             skip=snapshot.skip,
             commit_timestamp=snapshot.commit_timestamp,
         )
+        key_column = self._key_columns[snapshot.table]
         finished = False
         while not (finished or pending.stop_asked or self._closing):
-            planned, row_changes, finished = self._plan_chunk(pending, changes)
-            pending.fault = await self._commit(planned, row_changes, {})
+            plan, finished = plan_chunk(
+                pending.faction_id,
+                key_column,
+                changes,
+                self._rows.get,
+                max_events=RECONCILE_CHUNK_EVENTS,
+                max_bytes=RECONCILE_CHUNK_BYTES,
+            )
+            pending.fault = await self._commit(plan, [pending])
             if pending.fault is not None:
                 break
         if not finished and pending.fault is None:
@@ -408,204 +357,79 @@ class Store:
                 pending.fault = StoreError("the store closed during a reconcile")
         pending.done.set()
 
-    def _plan_chunk(
-        self, pending: _Pending, changes: Iterator[dict[str, Any]]
-    ) -> tuple[list[tuple[_Pending, tuple[int, str, str]]], list[RowChange], bool]:
-        """The next chunk of a reconcile's differences, what they do to the rows, and whether they
-        were the last."""
-        assert pending.snapshot is not None
-        faction_id, key_column = pending.faction_id, self._key_columns[pending.snapshot.table]
-        planned: list[tuple[_Pending, tuple[int, str, str]]] = []
-        row_changes: list[RowChange] = []
-        size = 0
-        for change in changes:
-            served, effects = complete_change(faction_id, change, key_column, self._rows.get)
-            data_json = _encode(served)
-            planned.append((pending, (faction_id, "postgres_changes", data_json)))
-            row_changes.extend(effects)
-            size += len(data_json)
-            if len(planned) >= RECONCILE_CHUNK_EVENTS or size >= RECONCILE_CHUNK_BYTES:
-                return planned, row_changes, False
-        return planned, row_changes, True
-
-    async def _commit(
-        self,
-        planned: Sequence[tuple[_Pending, tuple[int, str, str]]],
-        row_changes: Sequence[RowChange],
-        tombstones: Mapping[tuple[int, str, RowKey], str],
-    ) -> StoreError | None:
-        """Stamp and insert `planned` and apply `row_changes` in one transaction, then publish; the
-        fault, if the write failed (nothing is published then)."""
-        if not planned and not row_changes:
+    async def _commit(self, plan: Plan, sources: Sequence[_Pending]) -> StoreError | None:
+        """Stamp and insert the plan's events and apply its row changes in one transaction, then
+        publish each event to memory and to its source; the fault, if the write failed (nothing is
+        published then)."""
+        if not plan.events and not plan.row_changes:
             return None
-        stored: list[tuple[_Pending, StoredEvent]] = []
+        stored: list[StoredEvent] = []
 
         def insert(conn: sqlite3.Connection) -> None:
-            for pending, (faction_id, kind, data_json) in planned:
+            for planned in plan.events:
                 # Burnt on failure (never reused), which only leaves a gap.
                 self._high_water = stamp = max(self._now_ms(), self._high_water + 1)
                 row = conn.execute(
                     "INSERT INTO events (faction_id, timestamp, type, data) VALUES (?, ?, ?, ?)",
-                    (faction_id, stamp, kind, data_json),
+                    (planned.faction_id, stamp, planned.type, planned.data_json),
                 )
                 assert row.lastrowid is not None
-                stored.append((pending, StoredEvent.build(row.lastrowid, faction_id, stamp, kind, data_json)))
-            _write_rows(conn, row_changes)
+                stored.append(
+                    StoredEvent.build(
+                        row.lastrowid, planned.faction_id, stamp, planned.type, planned.data_json
+                    )
+                )
+            _write_rows(conn, plan.row_changes)
             conn.execute("UPDATE relay_clock SET high_water = ? WHERE id = 1", (self._high_water,))
 
         # Shielded: once committed, an event must reach memory, or pollers would never see it.
         with trio.CancelScope(shield=True):
             try:
-                await self._write(insert)
+                await self._database.write(insert)
             except StoreError as exc:
                 return exc
             self._group_commits += 1
             # No checkpoint between the commit returning and these lines: publishing, the rows and the
             # cursor change in the same Trio step, before the next writer's result can be handled.
-            for change in row_changes:
+            for change in plan.row_changes:
                 self._rows.apply(change)
-            self._tombstones.update(tombstones)
-            while len(self._tombstones) > TOMBSTONES_KEPT:
-                self._tombstones.popitem(last=False)
-            for pending, event in stored:
-                pending.stored.append(event)
-                self._publish(event)
+            self._tombstones.remember(plan.tombstones)
+            for planned, event in zip(plan.events, stored, strict=True):
+                sources[planned.source].stored.append(event)
+                self._retained.publish(event)
             if stored:
-                self._visible = max(self._visible, stored[-1][1].timestamp)
+                self._visible = max(self._visible, stored[-1].timestamp)
         return None
 
-    def _plan(
-        self, batch: Sequence[_Pending]
-    ) -> tuple[
-        list[tuple[_Pending, tuple[int, str, str]]], list[RowChange], dict[tuple[int, str, RowKey], str]
-    ]:
-        """The events to insert, in order, and what they do to the stored rows: each change sees the
-        rows as every earlier change of the batch left them."""
-        overlay: dict[tuple[int, str, RowKey], Row | None] = {}
-
-        def lookup(faction_id: int, table: str, key: RowKey) -> Row | None:
-            if (faction_id, table, key) in overlay:
-                return overlay[(faction_id, table, key)]
-            return self._rows.get(faction_id, table, key)
-
-        planned: list[tuple[_Pending, tuple[int, str, str]]] = []
-        row_changes: list[RowChange] = []
-        tombstones: dict[tuple[int, str, RowKey], str] = {}
-
-        def record(changes: Iterable[RowChange]) -> None:
-            for change in changes:
-                overlay[(change.faction_id, change.table, change.key)] = change.row
-                row_changes.append(change)
-
-        for pending in batch:
-            faction_id = pending.faction_id
-            for kind, data, data_json in pending.items:
-                key_column = (
-                    self._key_columns.get(str(data.get("table")))
-                    if kind == "postgres_changes" and isinstance(data, Mapping)
-                    else None
-                )
-                if key_column is not None:
-                    arrival = _ordering(faction_id, data, key_column)
-                    if arrival is not None:
-                        place, committed_at = arrival
-                        deleted_at = tombstones.get(place) or self._tombstones.get(place)
-                        if deleted_at is not None and committed_at <= deleted_at:
-                            # This DELETE again (by a second channel), or a change it overtook.
-                            continue
-                        if data.get("eventType") == "DELETE":
-                            tombstones[place] = committed_at
-                    served, effects = complete_change(faction_id, data, key_column, lookup)
-                    if _changes_nothing(effects, lookup):
-                        # A row the faction holds already, as it is (a snapshot read just before
-                        # brought it): whoever follows the events has it, so it is not served twice.
-                        continue
-                    record(effects)
-                    if served != data:
-                        data_json = _encode(served)
-                planned.append((pending, (faction_id, kind, data_json)))
-        return planned, row_changes, tombstones
-
-    def _publish(self, event: StoredEvent) -> None:
-        retained = self._events.get(event.faction_id)
-        if retained is None:
-            retained = self._events[event.faction_id] = deque(maxlen=self._events_per_faction)
-        if len(retained) == retained.maxlen:
-            self._dropped_up_to[event.faction_id] = retained[0].timestamp
-        retained.append(event)
-
-    # --- subscriptions ---
+    # --- subscriptions, kept by `Subscriptions` ---
 
     async def subscribe(self, faction_id: int) -> Subscription:
         """Active from now on; idempotent (the first `subscribed_at` is kept), and counts as activity."""
-        known = self._subscriptions.get(faction_id)
-        subscription = await self._activate(faction_id)
-        if known is None or not known.active:  # one log line per change, not per page load
-            log.info("%r: faction %d subscribed", self, faction_id)
-        return subscription
+        return await self._subscriptions.subscribe(faction_id)
 
     async def revive(self, faction_id: int) -> Subscription:
         """A known faction polled after it expired: active again, as if it had re-subscribed."""
-        subscription = await self._activate(faction_id)
-        log.info("%r: faction %d revived by a poll", self, faction_id)
-        return subscription
+        return await self._subscriptions.revive(faction_id)
 
     async def stand_by(self, faction_id: int) -> Subscription:
         """Known from now on but inactive, so that a later poll revives it; a known faction, active
         or not, is left as it is. What another relay instance's faction looks like here (see
         deploy/nginx.conf): this instance takes over its polls only if that instance goes away."""
-        known = self._subscriptions.get(faction_id)
-        if known is not None:
-            return known
-        now = self._now_ms()
-        await self._write(
-            lambda conn: conn.execute(
-                "INSERT INTO subscriptions (faction_id, active, subscribed_at, last_activity_at)"
-                " VALUES (?, 0, ?, ?) ON CONFLICT (faction_id) DO NOTHING",
-                (faction_id, now, now),
-            )
-        )
-        # A subscribe may have activated the faction while this write waited its turn: it stays active.
-        subscription = self._subscriptions.get(faction_id)
-        if subscription is None:
-            subscription = self._subscriptions[faction_id] = Subscription(faction_id, False, now, now)
-            log.info("%r: faction %d known, on standby", self, faction_id)
-        return subscription
-
-    async def _activate(self, faction_id: int) -> Subscription:
-        now = self._now_ms()
-        known = self._subscriptions.get(faction_id)
-        subscription = Subscription(faction_id, True, known.subscribed_at if known else now, now)
-        await self._write(
-            lambda conn: conn.execute(
-                "INSERT INTO subscriptions (faction_id, active, subscribed_at, last_activity_at)"
-                " VALUES (?, 1, ?, ?) ON CONFLICT (faction_id) DO UPDATE"
-                " SET active = 1, last_activity_at = excluded.last_activity_at",
-                (faction_id, subscription.subscribed_at, now),
-            )
-        )
-        self._subscriptions[faction_id] = subscription
-        return subscription
+        return await self._subscriptions.stand_by(faction_id)
 
     def subscription(self, faction_id: int) -> Subscription | None:
         return self._subscriptions.get(faction_id)
 
     def active_factions(self) -> list[int]:
-        return sorted(f for f, sub in self._subscriptions.items() if sub.active)
+        return self._subscriptions.active()
 
     def known_factions(self) -> list[int]:
         """Every faction ever subscribed, expired ones included."""
-        return sorted(self._subscriptions)
+        return self._subscriptions.known()
 
     def touch(self, faction_id: int) -> None:
         """A request about the faction: activity, kept in memory (a write per poll would be wasteful)."""
-        subscription = self._subscriptions.get(faction_id)
-        if subscription is None:
-            return
-        now = self._now_ms()
-        if now - subscription.last_activity_at >= ACTIVITY_RESOLUTION_MS:
-            self._subscriptions[faction_id] = dataclasses.replace(subscription, last_activity_at=now)
-            self._dirty_activity.add(faction_id)
+        self._subscriptions.touch(faction_id)
 
     def last_activity_at(self, faction_id: int) -> int | None:
         subscription = self._subscriptions.get(faction_id)
@@ -613,44 +437,11 @@ class Store:
 
     async def flush_activity(self) -> None:
         """Write the activity that `touch` kept in memory."""
-        activity = self._activity_snapshot()
-        if activity:
-            await self._write(lambda conn: _write_activity(conn, activity))
-            self._forget_flushed(activity)
+        await self._subscriptions.flush_activity()
 
     async def expire_idle(self, idle_for_ms: int) -> list[int]:
         """Deactivate the active factions nobody asked about for `idle_for_ms`; returns their ids."""
-        cutoff = self._now_ms() - idle_for_ms
-        idle = [
-            f
-            for f, sub in sorted(self._subscriptions.items())
-            if sub.active and sub.last_activity_at < cutoff
-        ]
-        activity = self._activity_snapshot()
-        if not idle and not activity:
-            return []
-
-        def expire(conn: sqlite3.Connection) -> None:
-            _write_activity(conn, activity)
-            conn.executemany("UPDATE subscriptions SET active = 0 WHERE faction_id = ?", [(f,) for f in idle])
-
-        await self._write(expire)
-        self._forget_flushed(activity)
-        for faction_id in idle:
-            self._subscriptions[faction_id] = dataclasses.replace(
-                self._subscriptions[faction_id], active=False
-            )
-            log.info("%r: faction %d expired after %d ms without a request", self, faction_id, idle_for_ms)
-        return idle
-
-    def _activity_snapshot(self) -> dict[int, int]:
-        return {f: self._subscriptions[f].last_activity_at for f in self._dirty_activity}
-
-    def _forget_flushed(self, activity: dict[int, int]) -> None:
-        # A faction touched again while the write ran stays dirty for the next flush.
-        for faction_id, at in activity.items():
-            if self._subscriptions[faction_id].last_activity_at == at:
-                self._dirty_activity.discard(faction_id)
+        return await self._subscriptions.expire_idle(idle_for_ms)
 
     # --- upkeep and introspection ---
 
@@ -664,16 +455,14 @@ class Store:
                 (self._events_per_faction,),
             ).rowcount
 
-        return await self._write(delete)
+        return await self._database.write(delete)
 
     async def checkpoint(self) -> None:
         """Fold the WAL back into the database file and truncate it, so it cannot grow without bound."""
-        await self._write(
-            lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall(), transaction=False
-        )
+        await self._database.checkpoint()
 
     async def counts(self) -> dict[int, FactionCounts]:
-        rows = await self._read(
+        rows = await self._database.read(
             lambda conn: conn.execute(
                 "SELECT faction_id, count(*), max(timestamp) FROM events GROUP BY faction_id"
             ).fetchall()
@@ -687,135 +476,35 @@ class Store:
         real change (relay_health.probed_at), at most once per HEALTH_PROBE_INTERVAL_S; between
         probes the outcome of the last real write stands.
         """
-        await self._read(lambda conn: conn.execute("SELECT high_water FROM relay_clock").fetchall())
-        if trio.current_time() - self._last_write_at >= HEALTH_PROBE_INTERVAL_S:
+        database = self._database
+        await database.read(lambda conn: conn.execute("SELECT high_water FROM relay_clock").fetchall())
+        if trio.current_time() - database.last_write_at >= HEALTH_PROBE_INTERVAL_S:
             now = self._now_ms()
-            await self._write(lambda conn: conn.execute("UPDATE relay_health SET probed_at = ?", (now,)))
-        elif self._write_fault is not None:
-            raise StoreError(self._write_fault)
+            await database.write(lambda conn: conn.execute("UPDATE relay_health SET probed_at = ?", (now,)))
+        elif database.write_fault is not None:
+            raise StoreError(database.write_fault)
 
     def file_sizes(self) -> FileSizes:
         """The database file and its write-ahead log, in bytes: a `stat` each, cheap enough to call
         from Trio. The maintenance checkpoint truncates the log; between passes it grows."""
-        return FileSizes(
-            _size_or_zero(self._path), _size_or_zero(self._path.with_name(self._path.name + "-wal"))
-        )
+        return self._database.file_sizes()
 
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(
             factions=len(self._subscriptions),
-            active_factions=sum(sub.active for sub in self._subscriptions.values()),
-            events_in_memory=sum(len(retained) for retained in self._events.values()),
+            active_factions=len(self._subscriptions.active()),
+            events_in_memory=len(self._retained),
             clock_high_water=self._high_water,
             group_commits=self._group_commits,
         )
 
-    # --- threads ---
-
-    async def _write(self, fn: Callable[[sqlite3.Connection], T], *, transaction: bool = True) -> T:
-        # Never abandon_on_cancel: a write that was started must finish before anyone goes on.
-        call = functools.partial(_in_transaction, fn) if transaction else fn
-        try:
-            result = await trio.to_thread.run_sync(call, self._writer, limiter=self._write_limiter)
-        except sqlite3.Error as exc:
-            fault = f"database write failed: {exc}"
-            if fault != self._write_fault:
-                log.error("%r: %s", self, fault)
-            self._write_fault, self._last_write_at = fault, trio.current_time()
-            raise StoreError(fault) from exc
-        if self._write_fault is not None:
-            log.info("%r: writes work again (after: %s)", self, self._write_fault)
-        self._write_fault, self._last_write_at = None, trio.current_time()
-        return result
-
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        # A read changes nothing, so a cancelled caller may leave it running; the limiter stays held
-        # until it ends, so the connection is still used by one thread at a time.
-        try:
-            return await trio.to_thread.run_sync(
-                fn, self._reader, limiter=self._read_limiter, abandon_on_cancel=True
-            )
-        except sqlite3.Error as exc:
-            raise StoreError(f"database read failed: {exc}") from exc
-
     async def _close(self) -> None:
-        """Bounded: the committer ends after the append or reconcile chunk in progress, and the final
-        flush and checkpoint wait CLOSE_BUSY_TIMEOUT_MS for a lock and CLOSE_CHECKPOINT_S at most."""
+        """Bounded: the committer ends after the append or reconcile chunk in progress, then the final
+        flush and checkpoint wait a short while at most (`Database.close`)."""
         self._closing = True  # no new appends; the committer finishes the ones already made
         self._appends_waiting.set()
         await self._committer_done.wait()
-        checkpointed = False
-        try:
-            await self._write(
-                lambda conn: conn.execute(f"PRAGMA busy_timeout = {CLOSE_BUSY_TIMEOUT_MS}"),
-                transaction=False,
-            )
-            await self.flush_activity()
-            checkpointed = await self._final_checkpoint()
-        except StoreError as exc:
-            log.error("%r: closing without a final flush: %s", self, exc)
-        finally:
-            await trio.to_thread.run_sync(self._reader.close, limiter=self._read_limiter)
-            if not checkpointed:
-                # The last connection to close checkpoints the WAL itself, unboundedly: interrupted,
-                # it leaves the rest to the next start instead.
-                self._writer.interrupt()
-            await trio.to_thread.run_sync(self._writer.close, limiter=self._write_limiter)
-
-    async def _final_checkpoint(self) -> bool:
-        """`checkpoint`, interrupted after CLOSE_CHECKPOINT_S (see there); whether it finished."""
-
-        def checkpoint() -> bool:
-            busy, _, _ = self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-            return bool(busy)
-
-        async def interrupt_later() -> None:
-            await trio.sleep(CLOSE_CHECKPOINT_S)
-            self._writer.interrupt()  # nothing else writes now: only the checkpoint can be running
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(interrupt_later)
-            try:
-                busy = await trio.to_thread.run_sync(checkpoint, limiter=self._write_limiter)
-                outcome = "another connection is reading" if busy else None
-            except sqlite3.Error as exc:  # "interrupted", once CLOSE_CHECKPOINT_S is up
-                outcome = str(exc)
-            finally:
-                nursery.cancel_scope.cancel()
-        if outcome is not None:
-            log.warning(
-                "%r: final checkpoint unfinished (%s); the next start folds the WAL in", self, outcome
-            )
-        return outcome is None
-
-
-def _ordering(
-    faction_id: int, change: Mapping[str, Any], key_column: str
-) -> tuple[tuple[int, str, RowKey], str] | None:
-    """Where an upstream change lands (faction, table, key) and when it committed; None for a change
-    that cannot be placed (no key, no commit time) and for the relay's own resync changes."""
-    stamp, kind = change.get("commit_timestamp"), change.get("eventType")
-    row = change.get("old") if kind == "DELETE" else change.get("new")
-    if (
-        change.get("resync")
-        or not isinstance(stamp, str)
-        or not isinstance(row, Mapping)
-        or key_column not in row
-    ):
-        return None
-    # Realtime's commit_timestamp is fixed-width ISO 8601 UTC, so text order is time order.
-    return (faction_id, str(change.get("table")), row_key(row[key_column])), stamp
-
-
-def _changes_nothing(effects: Sequence[RowChange], lookup: Lookup) -> bool:
-    return bool(effects) and all(
-        change.row is not None and lookup(change.faction_id, change.table, change.key) == change.row
-        for change in effects
-    )
-
-
-def _encode(data: Any) -> str:
-    return json.dumps(data, separators=(",", ":"), allow_nan=False)
+        await self._database.close(last_writes=self.flush_activity)
 
 
 def _write_rows(conn: sqlite3.Connection, changes: Sequence[RowChange]) -> None:
@@ -828,102 +517,11 @@ def _write_rows(conn: sqlite3.Connection, changes: Sequence[RowChange]) -> None:
         else:
             conn.execute(
                 "INSERT OR REPLACE INTO faction_rows (faction_id, table_name, row_key, row) VALUES (?, ?, ?, ?)",
-                (change.faction_id, change.table, change.key, _encode(change.row)),
+                (change.faction_id, change.table, change.key, encode(change.row)),
             )
 
 
-def _in_transaction(fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
-    # IMMEDIATE takes the write lock up front, so a busy database fails before anything is stamped.
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = fn(conn)
-        conn.execute("COMMIT")
-    except Exception:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return result
-
-
-def _write_activity(conn: sqlite3.Connection, activity: dict[int, int]) -> None:
-    conn.executemany(
-        "UPDATE subscriptions SET last_activity_at = ? WHERE faction_id = ?",
-        [(at, faction_id) for faction_id, at in activity.items()],
-    )
-
-
-def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
-    # isolation_level=None: we issue BEGIN/COMMIT ourselves. check_same_thread=False: each connection
-    # is used by whichever worker thread holds its limiter, one at a time.
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        # FULL syncs the WAL on every commit: a crash (even power loss) loses no event a client has seen.
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = ON")
-        if read_only:
-            conn.execute("PRAGMA query_only = ON")
-        elif conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
-            raise StoreError(f"{path} cannot use WAL mode (is it on a network filesystem?)")
-    except Exception:
-        conn.close()
-        raise
-    return conn
-
-
-_Opened = tuple[
-    sqlite3.Connection,
-    sqlite3.Connection,
-    list[Subscription],
-    list[StoredEvent],
-    int,
-    FactionRows,
-    dict[int, int],
-]
-
-
-def _open(path: Path, per_faction: int) -> _Opened:
-    """Both connections, migrated, and what the store keeps in memory; nothing left open on failure."""
-    opened: list[sqlite3.Connection] = []
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        opened.append(_connect(path, read_only=False))
-        apply_migrations(opened[0])
-        opened.append(_connect(path, read_only=True))
-        return (opened[0], opened[1], *_load(opened[0], per_faction))
-    except (OSError, sqlite3.Error) as exc:
-        _close_all(opened)
-        raise StoreError(f"cannot open the database {path}: {exc}") from exc
-    except Exception:  # MigrationError, StoreError: already say what went wrong
-        _close_all(opened)
-        raise
-
-
-def _close_all(connections: list[sqlite3.Connection]) -> None:
-    for conn in connections:
-        conn.close()
-
-
-def _load(
-    conn: sqlite3.Connection, per_faction: int
-) -> tuple[list[Subscription], list[StoredEvent], int, FactionRows, dict[int, int]]:
-    """Subscriptions, the newest `per_faction` events of each faction (oldest first), the high water,
-    the faction rows, and per faction the newest stamp of the events not kept in memory."""
-    subscriptions = [
-        Subscription(faction_id, bool(active), subscribed_at, last_activity_at)
-        for faction_id, active, subscribed_at, last_activity_at in conn.execute(
-            "SELECT faction_id, active, subscribed_at, last_activity_at FROM subscriptions"
-        )
-    ]
-    events = [
-        StoredEvent.build(*row)
-        for row in conn.execute(
-            "SELECT id, faction_id, timestamp, type, data FROM (SELECT *, row_number() OVER"
-            " (PARTITION BY faction_id ORDER BY timestamp DESC) AS newest FROM events)"
-            " WHERE newest <= ? ORDER BY timestamp",
-            (per_faction,),
-        )
-    ]
+def _load(conn: sqlite3.Connection, per_faction: int) -> _Loaded:
     # Both count: a clock advance survives only in relay_clock, an event's stamp is in its row.
     (high_water,) = conn.execute(
         "SELECT max((SELECT high_water FROM relay_clock WHERE id = 1),"
@@ -935,12 +533,4 @@ def _load(
             "SELECT faction_id, table_name, row_key, row FROM faction_rows"
         )
     )
-    dropped_up_to = dict(
-        conn.execute(
-            "SELECT faction_id, max(timestamp) FROM (SELECT faction_id, timestamp, row_number() OVER"
-            " (PARTITION BY faction_id ORDER BY timestamp DESC) AS newest FROM events)"
-            " WHERE newest > ? GROUP BY faction_id",
-            (per_faction,),
-        ).fetchall()
-    )
-    return subscriptions, events, high_water, rows, dropped_up_to
+    return _Loaded(load_subscriptions(conn), load_retained(conn, per_faction), high_water, rows)

@@ -19,10 +19,9 @@ import pytest
 import trio
 import trio.testing
 
+from relay.database import CLOSE_BUSY_TIMEOUT_MS, CLOSE_CHECKPOINT_S
 from relay.state import row_key
 from relay.store import (
-    CLOSE_BUSY_TIMEOUT_MS,
-    CLOSE_CHECKPOINT_S,
     RECONCILE_CHUNK_EVENTS,
     FactionCounts,
     Store,
