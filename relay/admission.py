@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from relay.inputs import ApiError
+from relay.asgi import UNKNOWN_ADDRESS
 from relay.ratelimit import retry_after_header
+from relay.responses import ApiError
 from relay.store import StoreError
 
 if TYPE_CHECKING:  # the composition root builds Services and imports the HTTP side
@@ -41,7 +42,7 @@ REQUEST_COSTS = {"/status": VIEW_COST, "/metrics": VIEW_COST}
 
 
 def check_rate(services: Services, client_address: str | None, cost: float = 1.0) -> None:
-    wait_s = services.limiter.acquire(client_address or "unknown", trio.current_time(), cost)
+    wait_s = services.limiter.acquire(client_address or UNKNOWN_ADDRESS, trio.current_time(), cost)
     if wait_s > 0:
         raise ApiError(
             429,

@@ -57,7 +57,7 @@ def events_body(
     return f'{{"events":[{events}],"timestamp":{cursor},"next_poll_ms":{next_poll}{gap}}}'.encode()
 
 
-class Answers:
+class AnswerCache:
     """Status-200 `/events` answers (headers with their content-length, and the body) and SSE chunks."""
 
     def __init__(

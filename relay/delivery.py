@@ -7,13 +7,12 @@ woken request always finds it in memory.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
 
-from relay.answers import Answers
+from relay.answers import AnswerCache
 from relay.hub import Hub
 from relay.store import Store
 from relay.traffic import Traffic
@@ -38,7 +37,10 @@ class DeliveryStatistics:
 
 
 class HeldRequests:
-    """How many long-polls and streams are held, against `limit`."""
+    """How many long-polls and streams are held, against `limit`. A request is held inside
+    `with held.long_poll() as may_hold:` or `with held.stream() as may_hold:`; one that may not be
+    held (the relay holds its limit) is answered at once or refused, and its place is given back
+    when the `with` ends, however the request ends."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -54,31 +56,51 @@ class HeldRequests:
     def busy(self) -> bool:
         return self.held > self.limit * BUSY_SHARE
 
-    @contextmanager
-    def long_poll(self) -> Iterator[bool]:
-        """Yields whether this request may be held; one that may not is answered at once."""
-        if self.held >= self.limit:
-            self._refused += 1
-            yield False
-            return
-        self._long_polls += 1
-        try:
-            yield True
-        finally:
-            self._long_polls -= 1
+    def long_poll(self) -> Hold:
+        return Hold(self, stream=False)
 
-    def try_open_stream(self) -> bool:
+    def stream(self) -> Hold:
+        return Hold(self, stream=True)
+
+    def _take(self, stream: bool) -> bool:
         if self.held >= self.limit:
             self._refused += 1
             return False
-        self._streams += 1
+        if stream:
+            self._streams += 1
+        else:
+            self._long_polls += 1
         return True
 
-    def stream_closed(self) -> None:
-        self._streams -= 1
+    def _give_back(self, stream: bool) -> None:
+        if stream:
+            self._streams -= 1
+        else:
+            self._long_polls -= 1
 
     def statistics(self) -> DeliveryStatistics:
         return DeliveryStatistics(self._long_polls, self._streams, self._refused)
+
+
+class Hold:
+    """One request's place under `HeldRequests.limit`: taken on entering if there is room (`with`
+    gives whether it was), given back on leaving. A class with slots, not `@contextmanager`: it lives
+    as long as its request is held, thousands of them, and a generator and its frame cost more."""
+
+    __slots__ = ("_requests", "_stream", "_taken")
+
+    def __init__(self, requests: HeldRequests, *, stream: bool) -> None:
+        self._requests = requests
+        self._stream = stream
+        self._taken = False
+
+    def __enter__(self) -> bool:
+        self._taken = self._requests._take(self._stream)
+        return self._taken
+
+    def __exit__(self, *_: object) -> None:
+        if self._taken:
+            self._requests._give_back(self._stream)
 
 
 async def wait_for_events(
@@ -88,7 +110,7 @@ async def wait_for_events(
     burst is answered at once, or when the relay stops. The caller bounds the wait (its `wait=`).
     """
     while not store.read_since(faction_id, since)[0] and not hub.stopping.is_set():
-        await hub.wait_for_events(faction_id)
+        await hub.wait_for_notify(faction_id)
     if not hub.stopping.is_set():
         # Several members' wake-ups for one burst of calls cost one answer each, not one per call.
         with trio.move_on_after(linger_s):
@@ -98,8 +120,7 @@ async def wait_for_events(
 async def stream_events(
     store: Store,
     hub: Hub,
-    held: HeldRequests,
-    answers: Answers,
+    answers: AnswerCache,
     traffic: Traffic,
     faction_id: int,
     since: int | None,
@@ -108,37 +129,31 @@ async def stream_events(
     """An SSE body: `retry:`, a `truncated` event when `since` is older than what is retained, then
     every event after `since` (or after now), keep-alives, until shutdown (then True: the stream
     ended because the relay ended it).
-
-    The caller has already counted this stream in `held`; it is released when the stream ends,
-    however it ends (client gone, shutdown).
     """
-    try:
-        await send_chunk(f"retry: {SSE_RETRY_MS}\n\n".encode())
-        if store.missed_since(faction_id, since):
-            # No id: the resume point stays the last event the client really has.
-            await send_chunk(
-                f'event: truncated\ndata: {{"faction_id":{faction_id},"since":{since}}}\n\n'.encode()
-            )
-        cursor = store.cursor() if since is None else since
-        last_sent = trio.current_time()
-        while not hub.stopping.is_set():
-            store.touch(faction_id)  # an open stream is a member still watching
-            found, _ = store.read_since(faction_id, cursor)
-            if found:
-                await send_chunk(answers.stream_chunk(faction_id, found))
-                cursor = found[-1].timestamp
-                last_sent = trio.current_time()
-                traffic.served(faction_id, len(found), last_sent)
-                continue
-            if trio.current_time() - last_sent >= SSE_KEEPALIVE_S / 2:
-                await send_chunk(b": keep-alive\n\n")
-                last_sent = trio.current_time()
-            # No timer per stream: the hub wakes quiet factions' waiters every SSE_KEEPALIVE_S
-            # (`Hub.wake_quiet_factions_every`), so a silent stream says something every 7.5-22.5 s.
-            await hub.wait_for_events(faction_id)
-        return True
-    finally:
-        held.stream_closed()
+    await send_chunk(f"retry: {SSE_RETRY_MS}\n\n".encode())
+    if store.missed_since(faction_id, since):
+        # No id: the resume point stays the last event the client really has.
+        await send_chunk(
+            f'event: truncated\ndata: {{"faction_id":{faction_id},"since":{since}}}\n\n'.encode()
+        )
+    cursor = store.cursor() if since is None else since
+    last_sent = trio.current_time()
+    while not hub.stopping.is_set():
+        store.touch(faction_id)  # an open stream is a member still watching
+        found, _ = store.read_since(faction_id, cursor)
+        if found:
+            await send_chunk(answers.stream_chunk(faction_id, found))
+            cursor = found[-1].timestamp
+            last_sent = trio.current_time()
+            traffic.served(faction_id, len(found), last_sent)
+            continue
+        if trio.current_time() - last_sent >= SSE_KEEPALIVE_S / 2:
+            await send_chunk(b": keep-alive\n\n")
+            last_sent = trio.current_time()
+        # No timer per stream: the hub wakes quiet factions' waiters every SSE_KEEPALIVE_S
+        # (`Hub.wake_quiet_factions_every`), so a silent stream says something every 7.5-22.5 s.
+        await hub.wait_for_notify(faction_id)
+    return True
 
 
 def next_poll_ms(store: Store, held: HeldRequests, faction_id: int, now_ms: int) -> int:

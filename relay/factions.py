@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 
 from relay.config import LimitsConfig
-from relay.inputs import ApiError
+from relay.responses import ApiError
 from relay.store import Store
 from relay.supervisor import Supervisors
 

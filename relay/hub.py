@@ -51,7 +51,7 @@ class Hub:
             await trio.sleep(interval_s)
             self.wake_quiet_factions(interval_s)
 
-    async def wait_for_events(self, faction_id: int) -> None:
+    async def wait_for_notify(self, faction_id: int) -> None:
         """Return at the faction's next `notify` (or wake-up when quiet), or at once when the relay is
         stopping."""
         if self.stopping.is_set():

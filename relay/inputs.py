@@ -1,5 +1,5 @@
 """What a request may carry, parsed and refused in one place: every refusal is an `ApiError`, which
-the API renders as the one error shape."""
+`relay.responses` renders as the one error shape."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import math
 import re
 from collections.abc import Mapping
 from typing import Any
+
+from relay.responses import BODY_TOO_LARGE, ApiError
 
 MAX_FACTION_ID = 2**31 - 1
 # Longest digit strings worth parsing: ten digits hold 2**31-1, sixteen hold any ms timestamp
@@ -21,19 +23,6 @@ MAX_WAIT_CHARS = 32
 # A decimal number of 0 or more as programs write one (and as /openapi.json documents it); not the
 # wider syntax of Python's float(), which also takes " 1", "1_0", "-0" and "infinity".
 WAIT_SECONDS = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-
-
-class ApiError(Exception):
-    """A request the relay refuses: rendered as {"error": message, "code": code} with `status`."""
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = dict(headers or {})
 
 
 def parse_faction_id(value: object) -> int:
@@ -116,4 +105,4 @@ def check_api_key(presented: object, accepted: tuple[str, ...]) -> None:
 
 def check_body_size(length: int | None, limit: int) -> None:
     if length is not None and length > limit:
-        raise ApiError(413, "body_too_large", "the request body is larger than this relay accepts")
+        raise ApiError.of(BODY_TOO_LARGE)

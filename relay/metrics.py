@@ -18,8 +18,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from relay.answers import AnswerCache
 from relay.http_stats import ConnectionStatistics, Histogram
 from relay.shared_deletes import RouterStatistics
+from relay.status import faction_snapshots
 from relay.supervisor import UpstreamState, UpstreamStatistics
 from relay.traffic import Source
 
@@ -29,11 +31,11 @@ if TYPE_CHECKING:  # the composition root builds Services and imports the HTTP s
 PREFIX = "cat_relay"
 
 
-def metrics_registry(services: Services) -> CollectorRegistry:
+def metrics_registry(services: Services, answers: AnswerCache) -> CollectorRegistry:
     """A registry of its own per relay (not the library's global one), so that several relays in
     one process (the tests) do not collide; with the process's CPU, memory and descriptors."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(RelayCollector(services))
+    registry.register(RelayCollector(services, answers))
     ProcessCollector(registry=registry)
     return registry
 
@@ -45,8 +47,9 @@ def render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
 
 
 class RelayCollector(Collector):
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, answers: AnswerCache) -> None:
         self._services = services
+        self._answers = answers
 
     def collect(self) -> Iterator[Metric]:
         yield from self._relay()
@@ -68,8 +71,6 @@ class RelayCollector(Collector):
 
     def _upstream(self) -> Iterator[Metric]:
         services = self._services
-        upstream = services.supervisors.statistics()
-        factions = sorted(set(upstream) | set(services.store.known_factions()))
         state = GaugeMetricFamily(
             f"{PREFIX}_upstream_state",
             "1 for the faction's upstream state (connected, connecting, backoff, auth_failed, stopped), 0 for the others.",
@@ -98,12 +99,10 @@ class RelayCollector(Collector):
         failing = _per_faction(
             GaugeMetricFamily, "reconcile_failing", "1 while the faction's latest reconcile attempt failed."
         )
-        for faction_id in factions:
-            label = str(faction_id)
-            stats = upstream.get(faction_id)
-            current = stats.state if stats else UpstreamState.STOPPED
+        for faction in faction_snapshots(services):
+            label, stats = str(faction.faction_id), faction.upstream
             for each in UpstreamState:
-                state.add_metric([label, str(each)], 1 if each == current else 0)
+                state.add_metric([label, str(each)], 1 if each == faction.state else 0)
             if stats is None:
                 continue
             attempts.add_metric([label], stats.attempts)
@@ -170,12 +169,12 @@ class RelayCollector(Collector):
             delivery.refused_over_cap,
         )
         yield CounterMetricFamily(
-            f"{PREFIX}_answers_built", "Event answers and SSE chunks built.", services.answers.built
+            f"{PREFIX}_answers_built", "Event answers and SSE chunks built.", self._answers.built
         )
         yield CounterMetricFamily(
             f"{PREFIX}_answers_reused",
             "Event answers and SSE chunks sent again from the cache, built once for many members.",
-            services.answers.reused,
+            self._answers.reused,
         )
 
     def _http(self) -> Iterator[Metric]:

@@ -35,12 +35,10 @@ import trio
 from quart_trio import QuartTrio
 
 import relay
-from relay.answers import Answers
-from relay.api import create_app
+from relay.api import RelayApp, create_app
 from relay.config import Config
 from relay.delivery import SSE_KEEPALIVE_S, HeldRequests
 from relay.descriptors import max_connections, open_file_limit
-from relay.events_http import EVENTS_HEADERS
 from relay.factions import Factions
 from relay.http_server import hypercorn_config, serve
 from relay.http_stats import ConnectionCounters, HttpCounters
@@ -70,7 +68,6 @@ class Services:
     hub: Hub
     held: HeldRequests
     limiter: RateLimiter
-    answers: Answers
     traffic: Traffic
     http: HttpCounters
     version: str
@@ -83,7 +80,7 @@ class RunningRelay:
     """What a started relay hands its starter: where it listens and how to stop it."""
 
     urls: Sequence[str]
-    app: QuartTrio
+    app: RelayApp
     services: Services
 
     @property
@@ -207,7 +204,6 @@ def build_services(
         hub=hub,
         held=HeldRequests(config.limits.max_held_requests),
         limiter=RateLimiter(config.limits.client_rate, config.limits.client_burst),
-        answers=Answers(EVENTS_HEADERS),
         traffic=traffic,
         http=HttpCounters(max_connections(config, open_file_limit())),
         version=relay.__version__,

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from quart_trio import QuartTrio
 
-from relay.api import create_app
+from relay import api
 from relay.config import Config, load_config
 from relay.factions import Factions
 from relay.service import Services, build_services, open_configured_store
@@ -26,7 +25,7 @@ UNUSED_UPSTREAM = "ws://127.0.0.1:9/realtime/v1/websocket"
 
 @dataclass(frozen=True, slots=True)
 class RelayApp:
-    app: QuartTrio
+    app: api.RelayApp
     services: Services
 
     @property
@@ -57,4 +56,4 @@ def contract_config(data_dir: Path, toml: str = "") -> Config:
 async def open_relay_app(config: Config) -> AsyncIterator[RelayApp]:
     async with open_configured_store(config) as store, httpx.AsyncClient() as rest_client:
         services = build_services(config, store=store, rest_client=rest_client)
-        yield RelayApp(create_app(services), services)
+        yield RelayApp(api.create_app(services), services)

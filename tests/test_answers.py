@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from relay.answers import MAX_CACHED_BYTES, MAX_LARGE_CACHED_BYTES, Answers, events_body
+from relay.answers import MAX_CACHED_BYTES, MAX_LARGE_CACHED_BYTES, AnswerCache, events_body
 from relay.store import StoredEvent
 
 HEADERS = [(b"content-type", b"application/json")]
@@ -15,7 +15,7 @@ def event(id: int, faction_id: int, timestamp: int) -> StoredEvent:
 
 
 def test_an_answer_is_the_body_events_body_builds_with_its_length() -> None:
-    answers = Answers(HEADERS)
+    answers = AnswerCache(HEADERS)
     found = [event(1, 7, 100), event(2, 7, 101)]
     headers, body = answers.poll(7, found, 101, 1000, truncated=True)
     assert body == events_body(found, 101, 1000, truncated=True)
@@ -23,7 +23,7 @@ def test_an_answer_is_the_body_events_body_builds_with_its_length() -> None:
 
 
 def test_the_same_question_is_answered_from_the_bytes_built_the_first_time() -> None:
-    answers = Answers(HEADERS)
+    answers = AnswerCache(HEADERS)
     found = [event(1, 7, 100)]
     first = answers.poll(7, found, 100, 1000, truncated=False)
     again = answers.poll(7, [event(1, 7, 100)], 100, 1000, truncated=False)
@@ -32,7 +32,7 @@ def test_the_same_question_is_answered_from_the_bytes_built_the_first_time() -> 
 
 
 def test_answers_differ_by_faction_events_cursor_advice_and_truncation() -> None:
-    answers = Answers(HEADERS)
+    answers = AnswerCache(HEADERS)
     older, newer = event(1, 7, 100), event(2, 7, 101)
     bodies = {
         answers.poll(7, [older, newer], 101, 1000, truncated=False)[1],
@@ -48,12 +48,12 @@ def test_answers_differ_by_faction_events_cursor_advice_and_truncation() -> None
 
 
 def test_with_no_event_every_faction_shares_the_answer_for_a_cursor() -> None:
-    answers = Answers(HEADERS)
+    answers = AnswerCache(HEADERS)
     assert answers.poll(7, [], 500, 1000, truncated=False) is answers.poll(8, [], 500, 1000, truncated=False)
 
 
 def test_the_bytes_kept_are_bounded_and_answers_stay_right_after_eviction() -> None:
-    answers = Answers(HEADERS, max_bytes=200)
+    answers = AnswerCache(HEADERS, max_bytes=200)
     for cursor in range(1_000, 1_020):
         _, body = answers.poll(7, [], cursor, 1000, truncated=False)
         assert json.loads(body)["timestamp"] == cursor
@@ -76,7 +76,7 @@ def large_events(faction_id: int, count: int, size: int, first_id: int = 1) -> l
 def test_a_large_answer_is_shared_by_every_poll_asking_for_it() -> None:
     """A whole retention of large published events (above the small table's 4 MiB): every reader far
     behind gets the very same bytes, even with other answers built between their polls."""
-    answers = Answers(HEADERS)
+    answers = AnswerCache(HEADERS)
     found = large_events(7, 20, 250_000)
     first = answers.poll(7, found, found[-1].timestamp, 1000, truncated=False)
     assert len(first[1]) > MAX_CACHED_BYTES
@@ -90,7 +90,7 @@ def test_a_large_answer_is_shared_by_every_poll_asking_for_it() -> None:
 
 
 def test_a_large_stream_chunk_is_shared_too() -> None:
-    answers = Answers(HEADERS)
+    answers = AnswerCache(HEADERS)
     found = large_events(7, 20, 250_000)
     first = answers.stream_chunk(7, found)
     answers.stream_chunk(8, [event(1, 8, 100)])
@@ -98,7 +98,7 @@ def test_a_large_stream_chunk_is_shared_too() -> None:
 
 
 def test_large_answers_are_bounded_by_bytes_least_recently_asked_first() -> None:
-    answers = Answers(HEADERS, max_bytes=10_000, large_from_bytes=1_000, max_large_bytes=10_000)
+    answers = AnswerCache(HEADERS, max_bytes=10_000, large_from_bytes=1_000, max_large_bytes=10_000)
     shared = large_events(7, 1, 2_000)
     kept = answers.poll(7, shared, shared[-1].timestamp, 1000, truncated=False)
     for faction_id in range(100, 140):  # 40 other large answers of ~2 KB: 80 KB built
@@ -113,7 +113,7 @@ def test_large_answers_are_bounded_by_bytes_least_recently_asked_first() -> None
 
 
 def test_an_answer_larger_than_the_whole_large_bound_is_built_each_time_and_never_kept() -> None:
-    answers = Answers(HEADERS, large_from_bytes=1_000, max_large_bytes=5_000)
+    answers = AnswerCache(HEADERS, large_from_bytes=1_000, max_large_bytes=5_000)
     found = large_events(7, 1, 6_000)
     first = answers.poll(7, found, found[-1].timestamp, 1000, truncated=False)
     assert answers.poll(7, found, found[-1].timestamp, 1000, truncated=False) == first

@@ -247,7 +247,7 @@ async def test_readers_far_behind_share_one_large_answer(relay_app: RelayApp) ->
             },
         )
         assert response.status_code == 200
-    answers = relay_app.services.answers
+    answers = relay_app.app.answers
     status, first = await events(relay_app, f"faction_id={FACTION}&since=0")
     assert (status, len(first["events"])) == (200, 20)
     built = answers.built

@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from relay.config import Config
+from relay.delivery import DeliveryStatistics, HeldRequests
 from relay.phoenix import ChangeReceived
 from relay.service import RunningRelay, run_relay
 from tests.conftest import ANON_KEY, FACTION, OTHER_FACTION, eventually
@@ -93,7 +94,7 @@ async def test_members_held_on_one_cursor_are_answered_with_one_answer_built_onc
 ) -> None:
     answers: list[dict[str, Any]] = []
     members = 20
-    poll_answers = relay.services.answers
+    poll_answers = relay.app.answers
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             since = relay.store.cursor()
@@ -166,6 +167,20 @@ async def test_over_the_cap_a_long_poll_is_answered_as_a_plain_poll(
             assert (stream.status_code, stream.json()["code"]) == (503, "too_many_streams")
             assert stream.headers["Retry-After"] == "30"
     capped.stop()
+
+
+def test_a_held_place_is_given_back_however_its_request_ends() -> None:
+    held = HeldRequests(limit=2)
+    with held.long_poll() as polling, held.stream() as streaming:
+        assert (polling, streaming) == (True, True)
+        assert held.statistics() == DeliveryStatistics(held_long_polls=1, open_streams=1, refused_over_cap=0)
+        with held.stream() as over_the_cap, held.long_poll() as also_over:
+            assert (over_the_cap, also_over) == (False, False)
+        assert held.held == 2  # a refused place is not given back: it was never taken
+    assert held.statistics() == DeliveryStatistics(held_long_polls=0, open_streams=0, refused_over_cap=2)
+    with pytest.raises(trio.BrokenResourceError), held.stream():
+        raise trio.BrokenResourceError("the client went away mid-stream")
+    assert held.held == 0
 
 
 async def test_next_poll_ms_follows_the_factions_activity(

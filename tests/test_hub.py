@@ -13,7 +13,7 @@ async def test_notify_wakes_every_waiter_of_that_faction_only() -> None:
     woken: list[str] = []
 
     async def wait(name: str, faction_id: int) -> None:
-        await hub.wait_for_events(faction_id)
+        await hub.wait_for_notify(faction_id)
         woken.append(name)
 
     with trio.fail_after(5):
@@ -36,7 +36,7 @@ async def test_a_waiter_arriving_after_a_notify_waits_for_the_next_one(
     hub = Hub()
     hub.notify(1)
     with trio.move_on_after(1) as scope:
-        await hub.wait_for_events(1)
+        await hub.wait_for_notify(1)
     assert scope.cancelled_caught
     assert hub.statistics().factions_waited_on == 0  # a waiter given up on is not left behind
 
@@ -45,11 +45,11 @@ async def test_stopping_releases_waiters_and_later_ones_return_at_once() -> None
     hub = Hub()
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(hub.wait_for_events, 1)
-            nursery.start_soon(hub.wait_for_events, 2)
+            nursery.start_soon(hub.wait_for_notify, 1)
+            nursery.start_soon(hub.wait_for_notify, 2)
             await trio.testing.wait_all_tasks_blocked()
             hub.begin_stopping()
-        await hub.wait_for_events(3)
+        await hub.wait_for_notify(3)
     assert hub.statistics().stopping
 
 
@@ -61,7 +61,7 @@ async def test_the_timer_wakes_only_factions_quiet_for_a_whole_interval(
 
     async def wait(faction_id: int) -> None:
         while True:
-            await hub.wait_for_events(faction_id)
+            await hub.wait_for_notify(faction_id)
             woken.append((faction_id, trio.current_time()))
 
     async with trio.open_nursery() as nursery:
