@@ -1,12 +1,13 @@
-"""Shared fixtures: a fake Supabase on a loopback port, and the real relay in-process on port 0."""
+"""Fixtures only (what tests share besides fixtures is in tests/helpers/): the programs beyond
+Python, a fake Supabase on a loopback port, the real relay in-process on port 0, and the contract
+tier's relay, built and never started."""
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 import trio
@@ -14,35 +15,9 @@ import trio
 from relay.config import Config, load_config
 from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
-
-if TYPE_CHECKING:
-    from tests.contract import RelayApp
-
-ANON_KEY = "test-anon-key"
-FACTION = 46666
-OTHER_FACTION = 11581
-
-
-async def eventually(condition: Callable[[], object], step_s: float = 0.01) -> None:
-    """Wait until `condition()` holds.
-
-    The relay shows its state as `statistics()` snapshots rather than events to wait on (as Trio's own
-    objects do), so tests look again every `step_s`: free in virtual time, and a bounded, small cost
-    under the real clock, where every caller is inside `fail_after`.
-    """
-    while not condition():  # noqa: ASYNC110 - there is no event to wait on, by design (see above)
-        await trio.sleep(step_s)
-
-
-async def eventually_async(
-    step: Callable[[], Awaitable[object]], condition: Callable[[], object], pause_s: float = 0.02
-) -> None:
-    """Run `step` (a poll, say) until `condition()` holds; callers bound it with `fail_after`."""
-    while True:
-        await step()
-        if condition():
-            return
-        await trio.sleep(pause_s)
+from tests.helpers.contract import RelayApp, contract_config, open_relay_app
+from tests.helpers.factions import ANON_KEY
+from tests.helpers.programs import CHROMIUM, NGINX, OPENSSL, SYSTEM_PYTHON, SYSTEMD_ANALYZE
 
 
 def require_program(program: Path, package: str, purpose: str) -> Path:
@@ -54,6 +29,29 @@ def require_program(program: Path, package: str, purpose: str) -> Path:
             pytest.fail(f"{reason}; CI must run {purpose}")
         pytest.skip(reason)
     return program
+
+
+@pytest.fixture
+def chromium_binary() -> Path:
+    return require_program(CHROMIUM, "chromium", "the browser tests")
+
+
+@pytest.fixture
+def nginx_binary() -> Path:
+    """nginx, and openssl for the test's certificate."""
+    require_program(OPENSSL, "openssl", "the nginx tests")
+    return require_program(NGINX, "nginx", "the nginx tests")
+
+
+@pytest.fixture
+def system_python() -> Path:
+    return require_program(SYSTEM_PYTHON, "python3", "the one-file build")
+
+
+@pytest.fixture
+def systemd_analyze() -> Path:
+    """Only its files: no systemd needs to be running to verify a unit."""
+    return require_program(SYSTEMD_ANALYZE, "systemd", "the systemd unit's checks")
 
 
 @pytest.fixture
@@ -96,9 +94,7 @@ async def relay(make_config: Callable[..., Config]) -> AsyncIterator[RunningRela
 
 @pytest.fixture
 async def relay_app(tmp_path: Path) -> AsyncIterator[RelayApp]:
-    """The HTTP-contract tier's relay (tests/contract.py): built, never started."""
-    from tests.contract import contract_config, open_relay_app  # it imports this module's constants
-
+    """The HTTP-contract tier's relay (tests/helpers/contract.py): built, never started."""
     async with open_relay_app(contract_config(tmp_path)) as built:
         yield built
 

@@ -13,7 +13,7 @@ import trio
 
 from relay.config import Config
 from relay.service import RunningRelay, run_relay
-from tests.conftest import ANON_KEY, FACTION
+from tests.helpers.factions import ANON_KEY, FACTION
 
 
 async def start_relay(nursery: trio.Nursery, config: Config) -> RunningRelay:

@@ -15,7 +15,7 @@ import trio
 from relay.checkconfig import check_config, mask, mask_url, render
 from relay.config import SECTIONS, load_config
 from relay.migrations import apply_migrations
-from tests.operator_commands import clean_environ, run_relay_command
+from tests.helpers.operator_commands import clean_environ, run_relay_command
 
 URL = "wss://abcdefgh.supabase.co/realtime/v1/websocket"
 ANON_KEY = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.the-rest-of-the-anon-key"

@@ -18,9 +18,10 @@ import trio
 
 from relay.cli import GC_THRESHOLDS, build_parser, tune_garbage_collector
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, FACTION, eventually, eventually_async
-from tests.relay_process import RELAY, relay_process
-from tests.test_end_to_end import Userscript, call, wait_connected
+from tests.helpers.factions import ANON_KEY, FACTION, call
+from tests.helpers.relay_process import RELAY, relay_process
+from tests.helpers.userscript import Userscript, wait_connected
+from tests.helpers.waits import eventually, eventually_async
 
 
 async def test_sigterm_shuts_down_cleanly(

@@ -16,9 +16,9 @@ from relay.service import RunningRelay
 from relay.store import Store, open_store
 from relay.terminal import iso_time
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import FACTION, OTHER_FACTION
-from tests.operator_commands import clean_environ, run_relay_command
-from tests.test_end_to_end import Userscript, call, wait_connected
+from tests.helpers.factions import FACTION, OTHER_FACTION, call
+from tests.helpers.operator_commands import clean_environ, run_relay_command
+from tests.helpers.userscript import Userscript, wait_connected
 
 START_MS = 1_732_460_000_000
 MINUTE_MS = 60_000

@@ -15,8 +15,9 @@ from relay.config import Config
 from relay.delivery import DeliveryStatistics, HeldRequests
 from relay.phoenix import ChangeReceived
 from relay.service import RunningRelay, run_relay
-from tests.conftest import ANON_KEY, FACTION, OTHER_FACTION, eventually
-from tests.sse_client import open_sse
+from tests.helpers.factions import ANON_KEY, FACTION, OTHER_FACTION
+from tests.helpers.sse_client import open_sse
+from tests.helpers.waits import eventually
 
 
 @pytest.fixture

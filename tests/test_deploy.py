@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 import tomllib
 from pathlib import Path, PurePosixPath
 
-import pytest
-
 from relay.cli import EXIT_USER_ERROR
 from relay.config import load_config
-from tests.test_pyz import SYSTEM_PYTHON
-from tests.test_shutdown import SHUTDOWN_BOUND_S
+from tests.helpers.programs import SYSTEM_PYTHON
+from tests.helpers.relay_process import SHUTDOWN_BOUND_S
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "deploy" / "cat-relay.service"
 README = (REPO / "README.md").read_text()
-SYSTEMD_ANALYZE = "systemd-analyze"
 # `systemd-analyze security` scores exposure from 0 to 100 (printed divided by ten): the unit scores
 # 12 with Debian 12's systemd 252, and dropping any one protection raises it. A newer systemd that
 # scores more checks may need this number looked at again, not raised to whatever it prints.
@@ -62,18 +58,7 @@ def deploy_commands() -> str:
     return "\n".join(re.findall(r"```sh\n(.*?)```", deploy_section(), re.DOTALL))
 
 
-@pytest.fixture
-def systemd_analyze() -> str:
-    found = shutil.which(SYSTEMD_ANALYZE)
-    if found is None:
-        reason = "systemd-analyze is missing (Debian: apt-get install systemd)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason + "; CI must check the unit")
-        pytest.skip(reason)
-    return found
-
-
-def test_systemd_verify_accepts_the_unit_without_a_word(systemd_analyze: str) -> None:
+def test_systemd_verify_accepts_the_unit_without_a_word(systemd_analyze: Path) -> None:
     # verify exits 0 even for an unknown key or a value it cannot parse (it ignores the line, as
     # systemd would at boot), so anything on stderr is a failure too.
     result = subprocess.run(
@@ -82,7 +67,7 @@ def test_systemd_verify_accepts_the_unit_without_a_word(systemd_analyze: str) ->
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
-def test_the_unit_stays_hardened(systemd_analyze: str) -> None:
+def test_the_unit_stays_hardened(systemd_analyze: Path) -> None:
     result = subprocess.run(
         [
             systemd_analyze,

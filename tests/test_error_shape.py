@@ -10,9 +10,9 @@ import pytest
 import trio
 
 from relay.service import RunningRelay
-from tests.conftest import ANON_KEY, FACTION
-from tests.contract import RelayApp
-from tests.sse_client import open_sse
+from tests.helpers.contract import RelayApp
+from tests.helpers.factions import ANON_KEY, FACTION
+from tests.helpers.sse_client import open_sse
 
 BAD_FACTION_IDS: list[Any] = [
     None,

@@ -16,8 +16,8 @@ import trio
 
 from relay.supervisor import Supervisors, UpstreamState
 from relay.testing.fake_supabase import FakeConnection, FakeSupabase
-from tests.conftest import eventually
-from tests.test_supervisor import HEARTBEAT_S, KEY, MAX_S, Collected, call, war_calls_settings
+from tests.helpers.supervisors import HEARTBEAT_S, KEY, MAX_S, Collected, call, war_calls_settings
+from tests.helpers.waits import eventually
 
 A, B = 46666, 11581
 TOPIC_A = f"realtime:public:war_calls:faction_id=eq.{A}"

@@ -33,11 +33,11 @@ import pytest
 import trio
 
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, FACTION, OTHER_FACTION
-from tests.hostile_cases import body_timeout_cases, hostile_cases
-from tests.hostile_clients import Case, Outcome, Tally, Target, issue_13_reproducer, run_cases
-from tests.relay_process import RelayProcess, relay_process
-from tests.test_end_to_end import call, wait_connected
+from tests.helpers.factions import ANON_KEY, FACTION, OTHER_FACTION, call
+from tests.helpers.hostile_cases import body_timeout_cases, hostile_cases
+from tests.helpers.hostile_clients import Case, Outcome, Tally, Target, issue_13_reproducer, run_cases
+from tests.helpers.relay_process import RelayProcess, relay_process
+from tests.helpers.userscript import wait_connected
 
 CASES = 2400
 BATCH = 100  # at once: enough to race each other and the relay's own sends, few enough for 2 cores

@@ -35,7 +35,8 @@ from relay.config import Config
 from relay.http_server import hypercorn_config
 from relay.http_stats import ConnectionCounters
 from relay.service import RunningRelay, run_relay
-from tests.conftest import ANON_KEY, FACTION, eventually
+from tests.helpers.factions import ANON_KEY, FACTION
+from tests.helpers.waits import eventually
 
 BIG = b"x" * (64 * 1024 * 1024)  # past any loopback socket's buffers
 GRACEFUL_S = 2.0

@@ -18,9 +18,10 @@ import trio
 from relay.config import LoggingConfig
 from relay.logs import JsonFormatter, configure_logging
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, FACTION, eventually
-from tests.relay_process import relay_process
-from tests.test_end_to_end import Userscript, wait_connected
+from tests.helpers.factions import ANON_KEY, FACTION
+from tests.helpers.relay_process import relay_process
+from tests.helpers.userscript import Userscript, wait_connected
+from tests.helpers.waits import eventually
 
 TRANSITION = re.compile(rf"^FactionSupervisor\({FACTION}\): (\w+) -> (\w+)")
 

@@ -14,7 +14,7 @@ from relay.maintenance import MaintenanceReport, maintenance_pass, run_schedule
 from relay.service import RunningRelay, run_relay
 from relay.supervisor import UpstreamState
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import FACTION, OTHER_FACTION
+from tests.helpers.factions import FACTION, OTHER_FACTION
 
 
 async def test_passes_run_on_a_fixed_grid(autojump_clock: trio.abc.Clock) -> None:

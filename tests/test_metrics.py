@@ -10,8 +10,9 @@ from prometheus_client.samples import Sample
 import relay
 from relay.service import RunningRelay
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import FACTION, OTHER_FACTION, eventually, eventually_async
-from tests.test_end_to_end import Userscript, call, wait_connected, wait_reconciled
+from tests.helpers.factions import FACTION, OTHER_FACTION, call
+from tests.helpers.userscript import Userscript, wait_connected, wait_reconciled
+from tests.helpers.waits import eventually, eventually_async
 
 
 async def scrape(http: httpx.AsyncClient) -> dict[str, list[Sample]]:

@@ -32,7 +32,8 @@ from relay.config import load_config
 from relay.events_http import EVENTS_PATH, STREAM_PATH
 from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, eventually
+from tests.helpers.factions import ANON_KEY
+from tests.helpers.waits import eventually
 
 DOCUMENT: dict[str, Any] = json.loads(
     resources.files("relay").joinpath("static/openapi.json").read_text(encoding="utf-8")

@@ -15,14 +15,13 @@ import pytest
 import trio
 
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import FACTION, eventually_async
-from tests.relay_process import relay_process
-from tests.test_end_to_end import Userscript, call, wait_connected
+from tests.helpers.factions import FACTION, call
+from tests.helpers.relay_process import relay_process
+from tests.helpers.userscript import Userscript, wait_connected
+from tests.helpers.waits import eventually_async
 
 REPO = Path(__file__).resolve().parent.parent
 PYZ = REPO / "dist" / "cat-relay.pyz"
-# What deploy/cat-relay.service runs it with (tests/test_deploy.py holds the unit to it).
-SYSTEM_PYTHON = Path("/usr/bin/python3")
 CLIENT_JS = REPO / "relay" / "static" / "client.js"
 MIGRATIONS = sorted((REPO / "migrations").glob("*.sql"))
 # Compiled code that may ride along: markupsafe's optional speedups, which it replaces with pure
@@ -43,13 +42,6 @@ def pyz() -> Path:
     if not PYZ.exists():
         missing(f"{PYZ} is missing (make pyz)")
     return PYZ
-
-
-@pytest.fixture
-def system_python() -> Path:
-    if not SYSTEM_PYTHON.exists():
-        missing(f"{SYSTEM_PYTHON} is missing (Debian: apt-get install python3)")
-    return SYSTEM_PYTHON
 
 
 def test_the_pyz_carries_this_checkout_the_migrations_and_client_js(pyz: Path) -> None:

@@ -16,7 +16,8 @@ from relay.config import Config
 from relay.service import RunningRelay, run_relay
 from relay.store import StoredEvent
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, FACTION, OTHER_FACTION, eventually
+from tests.helpers.factions import ANON_KEY, FACTION, OTHER_FACTION
+from tests.helpers.waits import eventually
 
 TIMEOUT_S = 20
 

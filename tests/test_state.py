@@ -12,8 +12,9 @@ import trio
 from relay.config import Config
 from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, FACTION, eventually
-from tests.sse_client import open_sse
+from tests.helpers.factions import ANON_KEY, FACTION
+from tests.helpers.sse_client import open_sse
+from tests.helpers.waits import eventually
 
 
 async def start(nursery: trio.Nursery, make_config: Callable[..., Config], toml: str = "") -> RunningRelay:

@@ -34,9 +34,9 @@ import relay
 from relay.config import Config, load_config
 from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, FACTION, OTHER_FACTION, eventually_async
-from tests.test_browser import CHROMIUM, CHROMIUM_FLAGS, chromium_binary  # noqa: F401 - a fixture
-from tests.test_end_to_end import call
+from tests.helpers.factions import ANON_KEY, FACTION, OTHER_FACTION, call
+from tests.helpers.programs import CHROMIUM, CHROMIUM_FLAGS
+from tests.helpers.waits import eventually_async
 
 # The faulted faction has the larger id, so that it coming first shows the page's order by state.
 LIVE, FAULTED = OTHER_FACTION, FACTION
@@ -364,7 +364,7 @@ class Scene:
 
 @pytest.fixture
 async def scene(
-    chromium_binary: Path,  # noqa: F811 - the fixture imported above
+    chromium_binary: Path,
     nursery: trio.Nursery,
     tmp_path: Path,
     fake_upstream: FakeSupabase,

@@ -15,9 +15,9 @@ from relay.config import load_config
 from relay.service import RunningRelay
 from relay.statustable import Unreachable, exit_status, render, url_from_config
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import FACTION, OTHER_FACTION
-from tests.operator_commands import run_relay_command
-from tests.test_end_to_end import Userscript, wait_connected
+from tests.helpers.factions import FACTION, OTHER_FACTION
+from tests.helpers.operator_commands import run_relay_command
+from tests.helpers.userscript import Userscript, wait_connected
 
 NOW_MS = 1_732_460_000_000
 

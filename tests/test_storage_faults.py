@@ -16,9 +16,10 @@ import httpx
 import trio
 
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import FACTION, eventually
-from tests.relay_process import relay_process
-from tests.test_end_to_end import Userscript, call, wait_connected
+from tests.helpers.factions import FACTION, call
+from tests.helpers.relay_process import relay_process
+from tests.helpers.userscript import Userscript, wait_connected
+from tests.helpers.waits import eventually
 
 # Only the soft limit moves: raising a hard limit again would need CAP_SYS_RESOURCE.
 FILE_SIZE_HARD_LIMIT = resource.RLIM_INFINITY

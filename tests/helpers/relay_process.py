@@ -12,6 +12,9 @@ from pathlib import Path
 import trio
 
 RELAY = str(Path(sys.executable).parent / "relay")
+# Issue 13's bound on `relay serve`'s exit after SIGTERM (tests/test_shutdown.py), which
+# deploy/cat-relay.service's TimeoutStopSec is set from (tests/test_deploy.py).
+SHUTDOWN_BOUND_S = 5.0
 LISTENING = re.compile(r"listening on (http://\S+)")
 
 

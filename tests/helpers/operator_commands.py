@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from tests.relay_process import RELAY
+from tests.helpers.relay_process import RELAY
 
 
 @dataclass(frozen=True)
