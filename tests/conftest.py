@@ -1,5 +1,5 @@
-"""Fixtures only (what tests share besides fixtures is in tests/helpers/): the programs beyond
-Python, a fake Supabase on a loopback port, the real relay in-process on port 0, and the contract
+"""Fixtures only (what tests share besides fixtures is in tests/helpers/): an environment without
+the developer's RELAY_* variables, the programs beyond Python, a fake Supabase on a loopback port, the real relay in-process on port 0, and the contract
 tier's relay, built and never started."""
 
 from __future__ import annotations
@@ -18,6 +18,16 @@ from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.contract import RelayApp, contract_config, open_relay_app
 from tests.helpers.factions import ANON_KEY
 from tests.helpers.programs import CHROMIUM, NGINX, OPENSSL, SYSTEM_PYTHON, SYSTEMD_ANALYZE
+
+
+@pytest.fixture(autouse=True)
+def no_relay_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's exported RELAY_* would change what a test loads, and what every process a test
+    starts inherits from os.environ (`relay serve`, the operator's commands): each test starts
+    without them."""
+    for name in list(os.environ):
+        if name.startswith("RELAY_"):
+            monkeypatch.delenv(name)
 
 
 def require_program(program: Path, package: str, purpose: str) -> Path:
@@ -101,6 +111,8 @@ async def relay_app(tmp_path: Path) -> AsyncIterator[RelayApp]:
 
 @pytest.fixture
 def serve_config(tmp_path: Path, fake_upstream: FakeSupabase) -> tuple[Path, dict[str, str]]:
+    """A config for `relay serve` and its environment: this process's, which has no RELAY_* of the
+    developer's (`no_relay_variables`), and the fake upstream's URL and key."""
     config = tmp_path / "relay.toml"
     config.write_text(
         '[server]\nport = 0\n[storage]\npath = "data/relay.db"\n[upstream]\nheartbeat_interval_s = 2.0\n'

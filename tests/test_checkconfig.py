@@ -15,7 +15,7 @@ import trio
 from relay.checkconfig import check_config, mask, mask_url, render
 from relay.config import SECTIONS, load_config
 from relay.migrations import apply_migrations
-from tests.helpers.operator_commands import clean_environ, run_relay_command
+from tests.helpers.operator_commands import run_relay_command
 
 URL = "wss://abcdefgh.supabase.co/realtime/v1/websocket"
 ANON_KEY = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.the-rest-of-the-anon-key"
@@ -187,7 +187,7 @@ async def test_problems_are_one_line_each_on_stderr_and_exit_status_2(tmp_path: 
 async def test_a_good_config_exits_0_and_prints_only_the_toml(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     ran = await run_relay_command(
-        "check-config", "--config", config, environ=clean_environ(RELAY_UPSTREAM_ANON_KEY=ANON_KEY)
+        "check-config", "--config", config, variables={"RELAY_UPSTREAM_ANON_KEY": ANON_KEY}
     )
     assert (ran.status, ran.err) == (0, "")
     assert tomllib.loads(ran.out)["retention"]["events_per_faction"] == 250
@@ -197,7 +197,7 @@ async def test_a_good_config_exits_0_and_prints_only_the_toml(tmp_path: Path) ->
 async def test_an_old_key_name_is_one_warning_on_stderr_and_its_new_name_on_stdout(tmp_path: Path) -> None:
     config = write_config(tmp_path, f'[upstream]\nurl = "{URL}"\nbackoff_max = 30.0\n')
     ran = await run_relay_command(
-        "check-config", "--config", config, environ=clean_environ(RELAY_UPSTREAM_ANON_KEY=ANON_KEY)
+        "check-config", "--config", config, variables={"RELAY_UPSTREAM_ANON_KEY": ANON_KEY}
     )
     assert ran.status == 0
     assert len(ran.error_lines) == 1
@@ -211,7 +211,7 @@ async def test_an_old_key_name_is_one_warning_on_stderr_and_its_new_name_on_stdo
 async def test_a_refused_config_is_one_line_and_nothing_on_stdout(tmp_path: Path) -> None:
     config = write_config(tmp_path, f'[upstream]\nurl = "{URL}"\nurll = "typo"\n')
     ran = await run_relay_command(
-        "check-config", "--config", config, environ=clean_environ(RELAY_UPSTREAM_ANON_KEY=ANON_KEY)
+        "check-config", "--config", config, variables={"RELAY_UPSTREAM_ANON_KEY": ANON_KEY}
     )
     assert (ran.status, ran.out) == (2, "")
     assert len(ran.error_lines) == 1

@@ -17,7 +17,7 @@ from relay.store import Store, open_store
 from relay.terminal import iso_time
 from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.factions import FACTION, OTHER_FACTION, call
-from tests.helpers.operator_commands import clean_environ, run_relay_command
+from tests.helpers.operator_commands import run_relay_command
 from tests.helpers.userscript import Userscript, wait_connected
 
 START_MS = 1_732_460_000_000
@@ -202,7 +202,7 @@ async def test_a_config_without_upstream_settings_is_enough_to_find_the_database
     await made_by_the_store(tmp_path / "copy" / "relay.db")
     config = tmp_path / "relay.toml"
     config.write_text('[storage]\npath = "copy/relay.db"\n')  # no url, no anon key anywhere
-    ran = await run_relay_command("db", "stats", "--config", config, environ=clean_environ())
+    ran = await run_relay_command("db", "stats", "--config", config)
     assert (ran.status, ran.err) == (0, "")
     assert f"database  {tmp_path / 'copy' / 'relay.db'}" in ran.out
 
@@ -211,7 +211,7 @@ async def test_an_old_key_name_in_the_config_is_one_warning_and_the_stats_still_
     await made_by_the_store(tmp_path / "copy" / "relay.db")
     config = tmp_path / "relay.toml"
     config.write_text('[storage]\npath = "copy/relay.db"\n[retention]\nsubscription_ttl = 600.0\n')
-    ran = await run_relay_command("db", "stats", "--config", config, environ=clean_environ())
+    ran = await run_relay_command("db", "stats", "--config", config)
     assert ran.status == 0
     assert len(ran.error_lines) == 1
     assert "retention.subscription_ttl in" in ran.err
