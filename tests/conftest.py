@@ -1,6 +1,7 @@
-"""Fixtures only (what tests share besides fixtures is in tests/helpers/): an environment without
-the developer's RELAY_* variables, the programs beyond Python, a fake Supabase on a loopback port, the real relay in-process on port 0, and the contract
-tier's relay, built and never started."""
+"""Fixtures only (what tests share besides fixtures is in tests/helpers/): every test's tier, an
+environment without the developer's RELAY_* variables, the programs beyond Python, a fake Supabase on
+a loopback port, the real relay in-process on port 0, and the contract tier's relay, built and never
+started."""
 
 from __future__ import annotations
 
@@ -18,6 +19,34 @@ from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.contract import RelayApp, contract_config, open_relay_app
 from tests.helpers.factions import ANON_KEY
 from tests.helpers.programs import CHROMIUM, NGINX, OPENSSL, SYSTEM_PYTHON, SYSTEMD_ANALYZE
+
+# The tiers of style.md's "Tests", registered as markers in pyproject.toml: `pytest -m unit` runs one.
+TIERS = ("unit", "virtual_time", "contract", "e2e", "external")
+
+
+def tier_problem(item: pytest.Item) -> str | None:
+    """What is wrong with `item`'s tier, if anything: it has exactly one; the autojump clock is the
+    virtual-time tier's and only its; a unit opens no socket (the fake upstream is under `relay`,
+    `make_config` and `serve_config` too)."""
+    tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
+    if len(tiers) != 1:
+        return f"{len(tiers)} tiers {tiers}, expected one of {TIERS}"
+    fixtures = getattr(item, "fixturenames", ())
+    if (tiers[0] == "virtual_time") != ("autojump_clock" in fixtures):
+        return "virtual_time is the tier of the tests that use autojump_clock, and only of those"
+    if tiers[0] == "unit" and "fake_upstream" in fixtures:
+        return "a unit opens no socket, yet this one uses the fake upstream"
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: every collected test is checked
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    registered = {line.split(":", 1)[0].strip() for line in config.getini("markers")}
+    if missing := set(TIERS) - registered:
+        raise pytest.UsageError(f"pyproject.toml registers no marker for the tiers {sorted(missing)}")
+    problems = [f"{item.nodeid}: {problem}" for item in items if (problem := tier_problem(item))]
+    if problems:
+        raise pytest.UsageError("\n".join(problems))
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,8 @@ from relay.config import Config
 from relay.service import RunningRelay, run_relay
 from tests.helpers.factions import ANON_KEY, FACTION
 
+pytestmark = pytest.mark.e2e
+
 
 async def start_relay(nursery: trio.Nursery, config: Config) -> RunningRelay:
     running: RunningRelay = await nursery.start(functools.partial(run_relay, config))

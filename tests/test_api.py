@@ -7,6 +7,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import trio
 from quart.typing import TestClientProtocol as QuartClient
 
@@ -15,6 +16,8 @@ from relay.config import Config
 from relay.service import RunningRelay, run_relay
 from tests.helpers.contract import RelayApp
 from tests.helpers.factions import ANON_KEY, FACTION, OTHER_FACTION
+
+pytestmark = pytest.mark.contract
 
 
 def client(relay: RelayApp | RunningRelay) -> QuartClient:

@@ -35,6 +35,8 @@ from tests.helpers.relay_process import relay_process
 from tests.helpers.userscript import wait_connected, wait_reconciled
 from tests.helpers.waits import eventually
 
+pytestmark = pytest.mark.external
+
 PAGE = Path(__file__).parent / "helpers" / "browser_page.html"
 USERSCRIPT_PAGE = Path(__file__).parent / "helpers" / "userscript_page.html"
 # What the page receives, in order: the reply to its heartbeat, the three upstream changes, then the two

@@ -46,6 +46,7 @@ async def long_poll(http: httpx.AsyncClient, since: int, wait: float, into: list
     into.append(response.json())
 
 
+@pytest.mark.e2e
 async def test_a_long_poll_with_events_waiting_answers_at_once(
     relay: RunningRelay, http: httpx.AsyncClient
 ) -> None:
@@ -58,6 +59,7 @@ async def test_a_long_poll_with_events_waiting_answers_at_once(
     assert body["timestamp"] == stamp
 
 
+@pytest.mark.e2e
 async def test_a_wait_above_the_limit_is_clamped_however_long_its_spelling(
     relay: RunningRelay, http: httpx.AsyncClient
 ) -> None:
@@ -74,6 +76,7 @@ async def test_a_wait_above_the_limit_is_clamped_however_long_its_spelling(
     assert ids(response.json()) == [1]
 
 
+@pytest.mark.e2e
 async def test_a_held_long_poll_answers_with_the_next_burst(
     relay: RunningRelay, http: httpx.AsyncClient
 ) -> None:
@@ -90,6 +93,7 @@ async def test_a_held_long_poll_answers_with_the_next_burst(
     assert relay.services.held.statistics().held_long_polls == 0
 
 
+@pytest.mark.e2e
 async def test_members_held_on_one_cursor_are_answered_with_one_answer_built_once(
     relay: RunningRelay, http: httpx.AsyncClient
 ) -> None:
@@ -110,6 +114,7 @@ async def test_members_held_on_one_cursor_are_answered_with_one_answer_built_onc
     assert poll_answers.built == built_before + 1
 
 
+@pytest.mark.e2e
 async def test_a_long_poll_ignores_other_factions_and_times_out_with_a_valid_cursor(
     relay: RunningRelay, http: httpx.AsyncClient
 ) -> None:
@@ -126,6 +131,7 @@ async def test_a_long_poll_ignores_other_factions_and_times_out_with_a_valid_cur
     assert later > body["timestamp"]
 
 
+@pytest.mark.e2e
 async def test_a_long_poll_whose_client_hangs_up_is_released_at_once(
     relay: RunningRelay, http: httpx.AsyncClient
 ) -> None:
@@ -142,6 +148,7 @@ async def test_a_long_poll_whose_client_hangs_up_is_released_at_once(
         await eventually(lambda: relay.services.held.statistics().held_long_polls == 0)
 
 
+@pytest.mark.e2e
 async def test_shutdown_answers_held_long_polls_at_once(relay: RunningRelay, http: httpx.AsyncClient) -> None:
     answers: list[dict[str, Any]] = []
     with trio.fail_after(10):
@@ -152,6 +159,7 @@ async def test_shutdown_answers_held_long_polls_at_once(relay: RunningRelay, htt
     assert answers[0]["events"] == []
 
 
+@pytest.mark.e2e
 async def test_over_the_cap_a_long_poll_is_answered_as_a_plain_poll(
     nursery: trio.Nursery, make_config: Callable[..., Config]
 ) -> None:
@@ -170,6 +178,7 @@ async def test_over_the_cap_a_long_poll_is_answered_as_a_plain_poll(
     capped.stop()
 
 
+@pytest.mark.unit
 def test_a_held_place_is_given_back_however_its_request_ends() -> None:
     held = HeldRequests(limit=2)
     with held.long_poll() as polling, held.stream() as streaming:
@@ -184,6 +193,7 @@ def test_a_held_place_is_given_back_however_its_request_ends() -> None:
     assert held.held == 0
 
 
+@pytest.mark.e2e
 async def test_next_poll_ms_follows_the_factions_activity(
     relay: RunningRelay, http: httpx.AsyncClient
 ) -> None:
@@ -194,6 +204,7 @@ async def test_next_poll_ms_follows_the_factions_activity(
     assert active["next_poll_ms"] == 1_000
 
 
+@pytest.mark.e2e
 async def test_sse_streams_new_events_with_ids_types_and_the_event_json(
     relay: RunningRelay, http: httpx.AsyncClient
 ) -> None:
@@ -215,6 +226,7 @@ async def test_sse_streams_new_events_with_ids_types_and_the_event_json(
     await eventually(lambda: relay.services.held.statistics().open_streams == 0)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("resume", ["since", "Last-Event-ID", "since, with an empty Last-Event-ID"])
 async def test_sse_resumes_after_since_or_last_event_id(
     relay: RunningRelay, http: httpx.AsyncClient, resume: str
@@ -235,6 +247,7 @@ async def test_sse_resumes_after_since_or_last_event_id(
     assert json.loads(record["data"])["data"]["new"]["id"] == 2
 
 
+@pytest.mark.e2e
 async def test_sse_keep_alive_comment_and_shutdown_ends_the_stream(
     relay: RunningRelay, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -250,6 +263,7 @@ async def test_sse_keep_alive_comment_and_shutdown_ends_the_stream(
     assert b"id:" not in rest
 
 
+@pytest.mark.e2e
 async def test_published_events_are_stored_and_delivered_like_upstream_ones(
     relay: RunningRelay, http: httpx.AsyncClient
 ) -> None:

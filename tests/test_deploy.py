@@ -8,6 +8,8 @@ import subprocess
 import tomllib
 from pathlib import Path, PurePosixPath
 
+import pytest
+
 from relay.cli import EXIT_USER_ERROR
 from relay.config import load_config
 from tests.helpers.programs import SYSTEM_PYTHON
@@ -58,6 +60,7 @@ def deploy_commands() -> str:
     return "\n".join(re.findall(r"```sh\n(.*?)```", deploy_section(), re.DOTALL))
 
 
+@pytest.mark.external
 def test_systemd_verify_accepts_the_unit_without_a_word(systemd_analyze: Path) -> None:
     # verify exits 0 even for an unknown key or a value it cannot parse (it ignores the line, as
     # systemd would at boot), so anything on stderr is a failure too.
@@ -67,6 +70,7 @@ def test_systemd_verify_accepts_the_unit_without_a_word(systemd_analyze: Path) -
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
+@pytest.mark.external
 def test_the_unit_stays_hardened(systemd_analyze: Path) -> None:
     result = subprocess.run(
         [
@@ -85,6 +89,7 @@ def test_the_unit_stays_hardened(systemd_analyze: Path) -> None:
     assert result.stderr == ""
 
 
+@pytest.mark.unit
 def test_the_unit_holds_together() -> None:
     env = environment()
     state = PurePosixPath("/var/lib") / one("StateDirectory")
@@ -106,6 +111,7 @@ def test_the_unit_holds_together() -> None:
     assert Path(interpreter) == SYSTEM_PYTHON  # what tests/test_pyz.py runs the build with
 
 
+@pytest.mark.unit
 def test_the_readme_deploys_where_the_unit_looks() -> None:
     commands = deploy_commands()
     _, pyz, config = exec_start()
@@ -130,6 +136,7 @@ def test_the_readme_deploys_where_the_unit_looks() -> None:
     assert "deploy/nginx.conf" in section
 
 
+@pytest.mark.unit
 def test_the_readme_sed_sets_upstream_url_in_the_shipped_config(tmp_path: Path) -> None:
     found = re.search(r"^sed -i '([^']+)' (\S+)", deploy_commands(), re.MULTILINE)
     assert found, "the deploy commands set upstream.url with sed"

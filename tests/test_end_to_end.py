@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 import trio
 
 from relay.service import RunningRelay
@@ -10,6 +11,8 @@ from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.factions import FACTION, OTHER_FACTION, call
 from tests.helpers.userscript import Userscript, wait_connected
 from tests.helpers.waits import eventually
+
+pytestmark = pytest.mark.e2e
 
 
 async def test_todays_userscript_sees_insert_update_delete_in_order(

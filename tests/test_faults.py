@@ -19,6 +19,8 @@ from relay.testing.fake_supabase import FakeConnection, FakeSupabase
 from tests.helpers.supervisors import HEARTBEAT_S, KEY, MAX_S, Collected, call, war_calls_settings
 from tests.helpers.waits import eventually
 
+pytestmark = pytest.mark.virtual_time
+
 A, B = 46666, 11581
 TOPIC_A = f"realtime:public:war_calls:faction_id=eq.{A}"
 

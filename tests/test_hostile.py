@@ -39,6 +39,8 @@ from tests.helpers.hostile_clients import Case, Outcome, Tally, Target, issue_13
 from tests.helpers.relay_process import RelayProcess, relay_process
 from tests.helpers.userscript import wait_connected
 
+pytestmark = pytest.mark.e2e
+
 CASES = 2400
 BATCH = 100  # at once: enough to race each other and the relay's own sends, few enough for 2 cores
 RATE_LIMITED_CASES = 300

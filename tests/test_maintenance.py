@@ -17,6 +17,7 @@ from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.factions import FACTION, OTHER_FACTION
 
 
+@pytest.mark.virtual_time
 async def test_passes_run_on_a_fixed_grid(autojump_clock: trio.abc.Clock) -> None:
     started = trio.current_time()
     ran_at: list[float] = []
@@ -30,6 +31,7 @@ async def test_passes_run_on_a_fixed_grid(autojump_clock: trio.abc.Clock) -> Non
     assert ran_at == [10.0, 20.0, 30.0]
 
 
+@pytest.mark.virtual_time
 async def test_an_overrunning_pass_skips_the_missed_grid_points(autojump_clock: trio.abc.Clock) -> None:
     started = trio.current_time()
     ran_at: list[float] = []
@@ -44,6 +46,7 @@ async def test_an_overrunning_pass_skips_the_missed_grid_points(autojump_clock: 
     assert ran_at == [10.0, 40.0]
 
 
+@pytest.mark.e2e
 async def test_a_pass_trims_expires_closes_sockets_and_says_so(
     nursery: trio.Nursery,
     make_config: Callable[..., Config],

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from relay.testing.fake_supabase import FakeSupabase
@@ -30,6 +31,8 @@ from tests.helpers.relay_process import RelayProcess, relay_process
 from tests.helpers.sse_client import open_sse
 from tests.helpers.userscript import Userscript
 from tests.helpers.waits import eventually_async
+
+pytestmark = pytest.mark.external
 
 SHIPPED = Path(__file__).resolve().parents[1] / "deploy" / "nginx.conf"
 INSTANCE_PORTS = ("8444", "8445")  # the two `server` lines of the shipped upstream, in order

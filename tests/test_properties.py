@@ -46,6 +46,8 @@ from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.factions import ANON_KEY, FACTION, OTHER_FACTION
 
+pytestmark = pytest.mark.contract
+
 # "roomy": the defaults, except that long-polls give up after 50 ms, trimming is pushed out of reach
 # (so that "stored events are unchanged" is exact), a few factions only (so that the limit is reached),
 # and no per-address rate limit (every test-client request comes from one address).

@@ -20,6 +20,8 @@ from tests.helpers.relay_process import relay_process
 from tests.helpers.userscript import Userscript, wait_connected
 from tests.helpers.waits import eventually_async
 
+pytestmark = pytest.mark.external
+
 REPO = Path(__file__).resolve().parent.parent
 PYZ = REPO / "dist" / "cat-relay.pyz"
 CLIENT_JS = REPO / "relay" / "static" / "client.js"

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.events_http import _query
+
+pytestmark = pytest.mark.unit
 
 # The characters that steer parsing (separators, escapes, '+'), a few plain ones, and a non-ASCII byte.
 STEERING = b"a1=&%+_2F\xe9"

@@ -7,7 +7,11 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from relay.config import SECTIONS as CONFIG_SECTIONS
+
+pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()

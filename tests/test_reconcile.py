@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from relay.config import Config
@@ -18,6 +19,8 @@ from relay.store import StoredEvent
 from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.factions import ANON_KEY, FACTION, OTHER_FACTION
 from tests.helpers.waits import eventually
+
+pytestmark = pytest.mark.e2e
 
 TIMEOUT_S = 20
 

@@ -12,6 +12,7 @@ from contextlib import closing
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from relay.store import RECONCILE_CHUNK_EVENTS
@@ -20,6 +21,8 @@ from tests.helpers.factions import ANON_KEY, FACTION
 from tests.helpers.relay_process import SHUTDOWN_BOUND_S, RelayProcess, relay_process
 from tests.helpers.userscript import read_status
 from tests.helpers.waits import eventually, eventually_async
+
+pytestmark = pytest.mark.e2e
 
 FACTIONS = (FACTION, 11581, 9001, 777, 12345)
 # Ten chunks: the reconcile takes seconds to store, so SIGTERM meets it in the middle.

@@ -324,6 +324,7 @@ def sparkline_heights(line: str) -> list[float]:
     return [float(y) for y in re.findall(r"[ML][\d.]+ ([\d.]+)", line)]
 
 
+@pytest.mark.e2e
 async def test_the_page_is_one_file_that_may_load_nothing_but_itself(relay: RunningRelay) -> None:
     with trio.fail_after(10):
         async with httpx.AsyncClient(base_url=relay.url) as http:
@@ -389,6 +390,7 @@ async def scene(
             await relay_ended.wait()
 
 
+@pytest.mark.external
 async def test_a_person_sees_every_faction_its_state_and_a_refreshing_page(
     scene: Scene, tmp_path: Path
 ) -> None:
@@ -468,6 +470,7 @@ async def test_a_person_sees_every_faction_its_state_and_a_refreshing_page(
     assert (await trio.Path(shot).read_bytes()).startswith(b"\x89PNG\r\n\x1a\n")
 
 
+@pytest.mark.external
 async def test_an_unreachable_relay_is_said_and_its_last_figures_kept_greyed(scene: Scene) -> None:
     page = scene.page
     with trio.fail_after(60):

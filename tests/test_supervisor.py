@@ -28,6 +28,8 @@ from tests.helpers.supervisors import (
 )
 from tests.helpers.waits import eventually
 
+pytestmark = pytest.mark.virtual_time
+
 A, B = 46666, 11581
 SEED = 4
 

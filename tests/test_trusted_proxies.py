@@ -14,6 +14,8 @@ from relay.config import Config
 from relay.service import RunningRelay, run_relay
 from tests.helpers.factions import ANON_KEY
 
+pytestmark = pytest.mark.contract
+
 PROXY = "10.0.0.7"
 STRANGER = "10.0.0.8"
 # One request per address, then 429 for a long while: each answer says which bucket paid for it.
