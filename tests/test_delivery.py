@@ -255,9 +255,11 @@ async def test_sse_keep_alive_comment_and_shutdown_ends_the_stream(
     with trio.fail_after(10):
         async with open_sse(relay.url, f"/events/stream?faction_id={FACTION}") as stream:
             await eventually(lambda: relay.hub.statistics().factions_waited_on == 1)
-            await trio.sleep(0.05)
-            relay.hub.wake_quiet_factions(0.05)  # what the hub's timer does every SSE_KEEPALIVE_S
-            assert await stream.next_record() == {"comment": "keep-alive"}
+            async with trio.open_nursery() as timer:
+                # The hub's timer at the patched interval (the relay's own started with the real one).
+                timer.start_soon(relay.hub.wake_quiet_factions_every, 0.05)
+                assert await stream.next_record() == {"comment": "keep-alive"}
+                timer.cancel_scope.cancel()
             relay.stop()
             rest = await stream.read_body()
     assert b"id:" not in rest

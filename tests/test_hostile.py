@@ -172,11 +172,7 @@ class Tier:
     async def _settle_log(self) -> None:
         """A relay that is exiting is still writing its traceback: wait for that to end (bounded)."""
         with trio.move_on_after(5):
-            await self.relay.process.wait()
-            seen = -1
-            while seen != len(self.relay.log):  # stderr ending is no event we can see
-                seen = len(self.relay.log)
-                await trio.sleep(0.2)
+            await self.relay.log_ended.wait()
 
     def _report(self, label: str, problems: Sequence[str], outcomes: Sequence[Outcome]) -> str:
         cases = "\n".join(f"  {o.case} -> {o.status_line}" for o in outcomes)

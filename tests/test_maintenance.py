@@ -12,9 +12,11 @@ import trio
 from relay.config import Config
 from relay.maintenance import MaintenanceReport, maintenance_pass, run_schedule
 from relay.service import RunningRelay, run_relay
+from relay.store import wall_clock_ms
 from relay.supervisor import UpstreamState
 from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.factions import FACTION, OTHER_FACTION
+from tests.helpers.waits import eventually
 
 
 @pytest.mark.virtual_time
@@ -63,7 +65,9 @@ async def test_a_pass_trims_expires_closes_sockets_and_says_so(
         await fake_upstream.wait_until(lambda: len(fake_upstream.connections) == 2)
         for n in range(5):
             await relay.store.append_events(FACTION, [("postgres_changes", {"n": n})])
-        await trio.sleep(0.01)  # the subscriptions' activity is now in the past
+        # A TTL of 0 expires activity older than now: the store's clock must first pass the last one.
+        last_activity = max(relay.store.last_activity_at(f) or 0 for f in (FACTION, OTHER_FACTION))
+        await eventually(lambda: wall_clock_ms() > last_activity)
         caplog.set_level(logging.INFO, logger="relay.maintenance")
 
         report = await maintenance_pass(relay.store, relay.factions, subscription_ttl_s=0.0)

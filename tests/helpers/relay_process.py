@@ -24,6 +24,7 @@ class RelayProcess:
         self.log: list[str] = []
         self.url = ""
         self._listening = trio.Event()
+        self.log_ended = trio.Event()  # stderr closed: the process has written its last line
 
     async def collect_log(self) -> None:
         assert self.process.stderr is not None
@@ -37,6 +38,7 @@ class RelayProcess:
                 if found and not self._listening.is_set():
                     self.url = found.group(1)
                     self._listening.set()
+        self.log_ended.set()
 
     def text(self) -> str:
         return "\n".join(self.log)
