@@ -1,4 +1,5 @@
-"""The events endpoint's query parser against the standard library's, on any query a client can send."""
+"""relay.events_http's pure parts: the query parser, against the standard library's on any query a
+client can send. Its routes are tested over HTTP (test_delivery.py, test_error_shape.py)."""
 
 from __future__ import annotations
 
