@@ -13,7 +13,9 @@ import trio
 
 from relay.config import Config
 from relay.service import RunningRelay, run_relay
-from tests.conftest import ANON_KEY, FACTION
+from tests.helpers.factions import ANON_KEY, FACTION
+
+pytestmark = pytest.mark.e2e
 
 
 async def start_relay(nursery: trio.Nursery, config: Config) -> RunningRelay:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from relay.answers import MAX_CACHED_BYTES, MAX_LARGE_CACHED_BYTES, AnswerCache, events_body
 from relay.store import StoredEvent
+
+pytestmark = pytest.mark.unit
 
 HEADERS = [(b"content-type", b"application/json")]
 

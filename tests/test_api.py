@@ -7,14 +7,17 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import trio
 from quart.typing import TestClientProtocol as QuartClient
 
 from relay.answers import MAX_CACHED_BYTES, MAX_LARGE_CACHED_BYTES
 from relay.config import Config
 from relay.service import RunningRelay, run_relay
-from tests.conftest import ANON_KEY, FACTION, OTHER_FACTION
-from tests.contract import RelayApp
+from tests.helpers.contract import RelayApp
+from tests.helpers.factions import ANON_KEY, FACTION, OTHER_FACTION
+
+pytestmark = pytest.mark.contract
 
 
 def client(relay: RelayApp | RunningRelay) -> QuartClient:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from relay.backoff import Backoff
+
+pytestmark = pytest.mark.unit
 
 
 def expected_uniforms(seed: int, bounds: list[tuple[float, float]]) -> list[float]:

@@ -1,8 +1,8 @@
 """relay/static/client.js in a real headless Chromium, against the relay and the fake upstream.
 
-The page (tests/browser_page.html) comes from a second HTTP server on another port, so the client's
-requests to the relay are cross-origin, as from torn.com. It plays today's userscript through the
-WebSocket look-alike and POSTs what it received to that server's /report, which the test waits on.
+The page (tests/helpers/browser_page.html) comes from a second HTTP server on another port, so the
+client's requests to the relay are cross-origin, as from torn.com. It plays today's userscript through
+the WebSocket look-alike and POSTs what it received to that server's /report, which the test waits on.
 """
 
 from __future__ import annotations
@@ -29,33 +29,21 @@ from quart_trio import QuartTrio
 from relay.config import Config
 from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, FACTION, eventually, require_program
-from tests.relay_process import relay_process
-from tests.test_end_to_end import call, wait_connected, wait_reconciled
+from tests.helpers.factions import ANON_KEY, FACTION, call
+from tests.helpers.programs import CHROMIUM_FLAGS
+from tests.helpers.relay_process import relay_process
+from tests.helpers.userscript import wait_connected, wait_reconciled
+from tests.helpers.waits import eventually
 
-CHROMIUM = Path("/usr/bin/chromium")
-PAGE = Path(__file__).with_name("browser_page.html")
-USERSCRIPT_PAGE = Path(__file__).with_name("userscript_page.html")
-CHROMIUM_FLAGS = [
-    "--headless=new",
-    "--no-sandbox",  # CI runs as root, where Chromium's sandbox refuses to start
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+pytestmark = pytest.mark.external
+
+PAGE = Path(__file__).parent / "helpers" / "browser_page.html"
+USERSCRIPT_PAGE = Path(__file__).parent / "helpers" / "userscript_page.html"
 # What the page receives, in order: the reply to its heartbeat, the three upstream changes, then the two
 # updates it publishes itself (the second only after it has seen the first come back).
 EXPECTED = 6
 KILL_WAIT_S = 5.0
 REPORT_WAIT_S = 40.0  # under the test's fail_after, so a missing report fails with what the page said
-
-
-@pytest.fixture
-def chromium_binary() -> Path:
-    return require_program(CHROMIUM, "chromium", "the browser tests")
 
 
 @dataclass
@@ -308,7 +296,7 @@ async def test_todays_userscript_connection_code_gets_its_joins_through_a_relay_
     request_function: str,
     transport: str,
 ) -> None:
-    """tests/userscript_page.html runs the real script's RealtimeManager call shape (Option A or B of
+    """tests/helpers/userscript_page.html runs the real script's RealtimeManager call shape (Option A or B of
     docs/client.md) against `relay serve`, which is stopped with SIGTERM and started again meanwhile."""
     config, env = serve_config
     page_server.page = USERSCRIPT_PAGE

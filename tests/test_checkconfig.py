@@ -15,7 +15,7 @@ import trio
 from relay.checkconfig import check_config, mask, mask_url, render
 from relay.config import SECTIONS, load_config
 from relay.migrations import apply_migrations
-from tests.operator_commands import clean_environ, run_relay_command
+from tests.helpers.operator_commands import run_relay_command
 
 URL = "wss://abcdefgh.supabase.co/realtime/v1/websocket"
 ANON_KEY = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.the-rest-of-the-anon-key"
@@ -46,6 +46,7 @@ def write_config(tmp_path: Path, text: str = CONFIG) -> Path:
     return path
 
 
+@pytest.mark.unit
 def test_the_output_loads_back_to_the_same_config_with_the_secrets_kept_where_they_were(
     tmp_path: Path,
 ) -> None:
@@ -63,6 +64,7 @@ def test_the_output_loads_back_to_the_same_config_with_the_secrets_kept_where_th
     assert dataclasses.replace(again, source=None) == dataclasses.replace(checked.config, source=None)
 
 
+@pytest.mark.unit
 def test_old_key_names_are_shown_by_their_new_names_and_load_back_the_same(tmp_path: Path) -> None:
     environ = {"RELAY_UPSTREAM_ANON_KEY": ANON_KEY}
     old_names = (
@@ -86,6 +88,7 @@ def test_old_key_names_are_shown_by_their_new_names_and_load_back_the_same(tmp_p
     assert dataclasses.replace(again, source=None) == dataclasses.replace(checked.config, source=None)
 
 
+@pytest.mark.unit
 def test_every_key_is_there_with_env_overrides_and_changed_defaults_said(tmp_path: Path) -> None:
     environ = {"RELAY_UPSTREAM_ANON_KEY": ANON_KEY, "RELAY_SERVER_HOST": "0.0.0.0"}
     checked = check_config(write_config(tmp_path), environ)
@@ -111,6 +114,7 @@ def test_every_key_is_there_with_env_overrides_and_changed_defaults_said(tmp_pat
     assert f"# The effective configuration of {tmp_path / 'relay.toml'}." in lines
 
 
+@pytest.mark.unit
 def test_secrets_are_masked_and_never_shown_whole(tmp_path: Path) -> None:
     environ = {"RELAY_UPSTREAM_ANON_KEY": ANON_KEY}
     checked = check_config(write_config(tmp_path), environ)
@@ -127,6 +131,7 @@ def test_secrets_are_masked_and_never_shown_whole(tmp_path: Path) -> None:
     assert "anon_key" not in tomllib.loads(shown)["upstream"]
 
 
+@pytest.mark.unit
 def test_an_anon_key_in_the_file_is_masked_and_better_moved_to_the_environment(tmp_path: Path) -> None:
     config = write_config(tmp_path, f'[upstream]\nurl = "{URL}"\nanon_key = "{ANON_KEY}"\n')
     checked = check_config(config, {})
@@ -139,6 +144,7 @@ def test_an_anon_key_in_the_file_is_masked_and_better_moved_to_the_environment(t
     )
 
 
+@pytest.mark.unit
 def test_masks_show_a_few_characters_of_a_long_secret_and_none_of_a_short_one() -> None:
     assert mask(ANON_KEY) == "eyJh…"
     assert mask("short-key") == "***"
@@ -149,6 +155,7 @@ def test_masks_show_a_few_characters_of_a_long_secret_and_none_of_a_short_one() 
     assert mask_url(URL) == URL
 
 
+@pytest.mark.unit
 def test_a_missing_anon_key_does_not_hide_the_other_problems(tmp_path: Path) -> None:
     (tmp_path / "not-a-folder").write_text("")
     config = write_config(
@@ -172,6 +179,7 @@ def test_a_missing_anon_key_does_not_hide_the_other_problems(tmp_path: Path) -> 
     )
 
 
+@pytest.mark.e2e
 async def test_problems_are_one_line_each_on_stderr_and_exit_status_2(tmp_path: Path) -> None:
     (tmp_path / "not-a-folder").write_text("")
     config = write_config(tmp_path, f'[storage]\npath = "not-a-folder/relay.db"\n[upstream]\nurl = "{URL}"\n')
@@ -184,20 +192,22 @@ async def test_problems_are_one_line_each_on_stderr_and_exit_status_2(tmp_path: 
     assert "# anon_key is not set" in ran.out  # what could be loaded is still shown
 
 
+@pytest.mark.e2e
 async def test_a_good_config_exits_0_and_prints_only_the_toml(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     ran = await run_relay_command(
-        "check-config", "--config", config, environ=clean_environ(RELAY_UPSTREAM_ANON_KEY=ANON_KEY)
+        "check-config", "--config", config, variables={"RELAY_UPSTREAM_ANON_KEY": ANON_KEY}
     )
     assert (ran.status, ran.err) == (0, "")
     assert tomllib.loads(ran.out)["retention"]["events_per_faction"] == 250
     assert ANON_KEY not in ran.out
 
 
+@pytest.mark.e2e
 async def test_an_old_key_name_is_one_warning_on_stderr_and_its_new_name_on_stdout(tmp_path: Path) -> None:
     config = write_config(tmp_path, f'[upstream]\nurl = "{URL}"\nbackoff_max = 30.0\n')
     ran = await run_relay_command(
-        "check-config", "--config", config, environ=clean_environ(RELAY_UPSTREAM_ANON_KEY=ANON_KEY)
+        "check-config", "--config", config, variables={"RELAY_UPSTREAM_ANON_KEY": ANON_KEY}
     )
     assert ran.status == 0
     assert len(ran.error_lines) == 1
@@ -208,10 +218,11 @@ async def test_an_old_key_name_is_one_warning_on_stderr_and_its_new_name_on_stdo
     assert "backoff_max" not in upstream
 
 
+@pytest.mark.e2e
 async def test_a_refused_config_is_one_line_and_nothing_on_stdout(tmp_path: Path) -> None:
     config = write_config(tmp_path, f'[upstream]\nurl = "{URL}"\nurll = "typo"\n')
     ran = await run_relay_command(
-        "check-config", "--config", config, environ=clean_environ(RELAY_UPSTREAM_ANON_KEY=ANON_KEY)
+        "check-config", "--config", config, variables={"RELAY_UPSTREAM_ANON_KEY": ANON_KEY}
     )
     assert (ran.status, ran.out) == (2, "")
     assert len(ran.error_lines) == 1
@@ -230,6 +241,7 @@ def make_database(path: Path, *, version: int | None = None) -> None:
             )
 
 
+@pytest.mark.unit
 def test_a_database_newer_than_this_relay_is_a_problem_and_is_left_untouched(tmp_path: Path) -> None:
     database = tmp_path / "data" / "relay.db"
     make_database(database, version=99)
@@ -243,6 +255,7 @@ def test_a_database_newer_than_this_relay_is_a_problem_and_is_left_untouched(tmp
     assert sorted(p.name for p in database.parent.iterdir()) == ["relay.db"]  # nothing created beside it
 
 
+@pytest.mark.unit
 def test_a_database_of_this_relay_is_fine(tmp_path: Path) -> None:
     make_database(tmp_path / "data" / "relay.db")
     assert check_config(write_config(tmp_path), {"RELAY_UPSTREAM_ANON_KEY": ANON_KEY}).problems == []
@@ -252,6 +265,7 @@ async def chattr(flag: str, path: Path) -> None:
     await trio.run_process(["chattr", flag, str(path)])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("existing", [True, False], ids=["database folder", "folder to create in"])
 async def test_a_storage_folder_that_cannot_be_written_is_a_problem(tmp_path: Path, existing: bool) -> None:
     """chattr +i refuses writes even to root, who ignores permission bits."""
@@ -267,6 +281,7 @@ async def test_a_storage_folder_that_cannot_be_written_is_a_problem(tmp_path: Pa
     assert checked.problems == [f"storage.path: this user cannot create files in the folder {locked}"]
 
 
+@pytest.mark.unit
 def test_a_storage_path_from_the_environment_is_named_as_the_variable(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("")
     environ = {"RELAY_UPSTREAM_ANON_KEY": ANON_KEY, "RELAY_STORAGE_PATH": str(tmp_path / "a-file" / "x.db")}

@@ -26,6 +26,8 @@ from relay.config import (
     load_config,
 )
 
+pytestmark = pytest.mark.unit
+
 URL = "wss://example.supabase.co/realtime/v1/websocket"
 KEY = "anon-key-that-must-never-be-echoed"
 REQUIRED = {"RELAY_UPSTREAM_URL": URL, "RELAY_UPSTREAM_ANON_KEY": KEY}

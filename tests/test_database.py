@@ -13,6 +13,8 @@ import trio.testing
 
 from relay.database import Database, StoreError, open_database, side_file, table_names
 
+pytestmark = pytest.mark.unit
+
 TEST_TIMEOUT_S = 10
 HOLD_LIMIT_S = 5  # a held write thread gives up after this long, so a failing test cannot hang
 

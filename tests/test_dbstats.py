@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from relay.dbstats import read_stats, render
@@ -16,9 +17,9 @@ from relay.service import RunningRelay
 from relay.store import Store, open_store
 from relay.terminal import iso_time
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import FACTION, OTHER_FACTION
-from tests.operator_commands import clean_environ, run_relay_command
-from tests.test_end_to_end import Userscript, call, wait_connected
+from tests.helpers.factions import FACTION, OTHER_FACTION, call
+from tests.helpers.operator_commands import run_relay_command
+from tests.helpers.userscript import Userscript, wait_connected
 
 START_MS = 1_732_460_000_000
 MINUTE_MS = 60_000
@@ -74,6 +75,7 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     return {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in sorted(folder.iterdir())}
 
 
+@pytest.mark.unit
 async def test_per_faction_counts_times_and_rows_of_a_store_made_database(tmp_path: Path) -> None:
     path = tmp_path / "relay.db"
     await made_by_the_store(path)
@@ -122,6 +124,7 @@ async def test_per_faction_counts_times_and_rows_of_a_store_made_database(tmp_pa
     assert row_b.split()[1] == "expired"
 
 
+@pytest.mark.e2e
 async def test_the_command_leaves_the_file_and_its_folder_exactly_as_they_were(tmp_path: Path) -> None:
     path = tmp_path / "data" / "relay.db"
     await made_by_the_store(path)
@@ -133,6 +136,7 @@ async def test_the_command_leaves_the_file_and_its_folder_exactly_as_they_were(t
     assert snapshot(path.parent) == before  # bytes and mtimes; no -wal or -shm created beside it
 
 
+@pytest.mark.e2e
 async def test_a_read_only_folder_is_read_and_an_unindexable_wal_is_refused(tmp_path: Path) -> None:
     """chattr +i: nothing can be created in the folder, not even by root."""
     clean, copied = tmp_path / "clean" / "relay.db", tmp_path / "copied" / "relay.db"
@@ -170,6 +174,7 @@ async def chattr(flag: str, *paths: Path) -> None:
     await trio.run_process(["chattr", flag, *map(str, paths)])
 
 
+@pytest.mark.e2e
 async def test_while_a_relay_is_writing_to_the_same_file(
     relay: RunningRelay, fake_upstream: FakeSupabase, tmp_path: Path
 ) -> None:
@@ -198,20 +203,22 @@ def faction_row(output: str) -> list[str]:
     return row
 
 
+@pytest.mark.e2e
 async def test_a_config_without_upstream_settings_is_enough_to_find_the_database(tmp_path: Path) -> None:
     await made_by_the_store(tmp_path / "copy" / "relay.db")
     config = tmp_path / "relay.toml"
     config.write_text('[storage]\npath = "copy/relay.db"\n')  # no url, no anon key anywhere
-    ran = await run_relay_command("db", "stats", "--config", config, environ=clean_environ())
+    ran = await run_relay_command("db", "stats", "--config", config)
     assert (ran.status, ran.err) == (0, "")
     assert f"database  {tmp_path / 'copy' / 'relay.db'}" in ran.out
 
 
+@pytest.mark.e2e
 async def test_an_old_key_name_in_the_config_is_one_warning_and_the_stats_still_print(tmp_path: Path) -> None:
     await made_by_the_store(tmp_path / "copy" / "relay.db")
     config = tmp_path / "relay.toml"
     config.write_text('[storage]\npath = "copy/relay.db"\n[retention]\nsubscription_ttl = 600.0\n')
-    ran = await run_relay_command("db", "stats", "--config", config, environ=clean_environ())
+    ran = await run_relay_command("db", "stats", "--config", config)
     assert ran.status == 0
     assert len(ran.error_lines) == 1
     assert "retention.subscription_ttl in" in ran.err
@@ -219,6 +226,7 @@ async def test_an_old_key_name_in_the_config_is_one_warning_and_the_stats_still_
     assert f"database  {tmp_path / 'copy' / 'relay.db'}" in ran.out
 
 
+@pytest.mark.e2e
 async def test_a_missing_file_is_one_line_and_exit_status_2(tmp_path: Path) -> None:
     ran = await run_relay_command("db", "stats", "--db", tmp_path / "nowhere.db")
     assert (ran.status, ran.out) == (2, "")
@@ -226,6 +234,7 @@ async def test_a_missing_file_is_one_line_and_exit_status_2(tmp_path: Path) -> N
     assert not (tmp_path / "nowhere.db").exists()
 
 
+@pytest.mark.e2e
 async def test_a_file_that_is_not_a_relay_database_is_one_line(tmp_path: Path) -> None:
     other = tmp_path / "other.db"
     other.write_bytes(b"not a database at all" * 100)

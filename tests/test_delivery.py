@@ -15,8 +15,9 @@ from relay.config import Config
 from relay.delivery import DeliveryStatistics, HeldRequests
 from relay.phoenix import ChangeReceived
 from relay.service import RunningRelay, run_relay
-from tests.conftest import ANON_KEY, FACTION, OTHER_FACTION, eventually
-from tests.sse_client import open_sse
+from tests.helpers.factions import ANON_KEY, FACTION, OTHER_FACTION
+from tests.helpers.sse_client import open_sse
+from tests.helpers.waits import eventually
 
 
 @pytest.fixture
@@ -45,6 +46,7 @@ async def long_poll(http: httpx.AsyncClient, since: int, wait: float, into: list
     into.append(response.json())
 
 
+@pytest.mark.e2e
 async def test_a_long_poll_with_events_waiting_answers_at_once(
     relay: RunningRelay, http: httpx.AsyncClient
 ) -> None:
@@ -57,6 +59,7 @@ async def test_a_long_poll_with_events_waiting_answers_at_once(
     assert body["timestamp"] == stamp
 
 
+@pytest.mark.e2e
 async def test_a_wait_above_the_limit_is_clamped_however_long_its_spelling(
     relay: RunningRelay, http: httpx.AsyncClient
 ) -> None:
@@ -73,6 +76,7 @@ async def test_a_wait_above_the_limit_is_clamped_however_long_its_spelling(
     assert ids(response.json()) == [1]
 
 
+@pytest.mark.e2e
 async def test_a_held_long_poll_answers_with_the_next_burst(
     relay: RunningRelay, http: httpx.AsyncClient
 ) -> None:
@@ -89,6 +93,7 @@ async def test_a_held_long_poll_answers_with_the_next_burst(
     assert relay.services.held.statistics().held_long_polls == 0
 
 
+@pytest.mark.e2e
 async def test_members_held_on_one_cursor_are_answered_with_one_answer_built_once(
     relay: RunningRelay, http: httpx.AsyncClient
 ) -> None:
@@ -109,6 +114,7 @@ async def test_members_held_on_one_cursor_are_answered_with_one_answer_built_onc
     assert poll_answers.built == built_before + 1
 
 
+@pytest.mark.e2e
 async def test_a_long_poll_ignores_other_factions_and_times_out_with_a_valid_cursor(
     relay: RunningRelay, http: httpx.AsyncClient
 ) -> None:
@@ -125,6 +131,7 @@ async def test_a_long_poll_ignores_other_factions_and_times_out_with_a_valid_cur
     assert later > body["timestamp"]
 
 
+@pytest.mark.e2e
 async def test_a_long_poll_whose_client_hangs_up_is_released_at_once(
     relay: RunningRelay, http: httpx.AsyncClient
 ) -> None:
@@ -141,6 +148,7 @@ async def test_a_long_poll_whose_client_hangs_up_is_released_at_once(
         await eventually(lambda: relay.services.held.statistics().held_long_polls == 0)
 
 
+@pytest.mark.e2e
 async def test_shutdown_answers_held_long_polls_at_once(relay: RunningRelay, http: httpx.AsyncClient) -> None:
     answers: list[dict[str, Any]] = []
     with trio.fail_after(10):
@@ -151,6 +159,7 @@ async def test_shutdown_answers_held_long_polls_at_once(relay: RunningRelay, htt
     assert answers[0]["events"] == []
 
 
+@pytest.mark.e2e
 async def test_over_the_cap_a_long_poll_is_answered_as_a_plain_poll(
     nursery: trio.Nursery, make_config: Callable[..., Config]
 ) -> None:
@@ -169,6 +178,7 @@ async def test_over_the_cap_a_long_poll_is_answered_as_a_plain_poll(
     capped.stop()
 
 
+@pytest.mark.unit
 def test_a_held_place_is_given_back_however_its_request_ends() -> None:
     held = HeldRequests(limit=2)
     with held.long_poll() as polling, held.stream() as streaming:
@@ -183,6 +193,7 @@ def test_a_held_place_is_given_back_however_its_request_ends() -> None:
     assert held.held == 0
 
 
+@pytest.mark.e2e
 async def test_next_poll_ms_follows_the_factions_activity(
     relay: RunningRelay, http: httpx.AsyncClient
 ) -> None:
@@ -193,6 +204,7 @@ async def test_next_poll_ms_follows_the_factions_activity(
     assert active["next_poll_ms"] == 1_000
 
 
+@pytest.mark.e2e
 async def test_sse_streams_new_events_with_ids_types_and_the_event_json(
     relay: RunningRelay, http: httpx.AsyncClient
 ) -> None:
@@ -214,6 +226,7 @@ async def test_sse_streams_new_events_with_ids_types_and_the_event_json(
     await eventually(lambda: relay.services.held.statistics().open_streams == 0)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("resume", ["since", "Last-Event-ID", "since, with an empty Last-Event-ID"])
 async def test_sse_resumes_after_since_or_last_event_id(
     relay: RunningRelay, http: httpx.AsyncClient, resume: str
@@ -234,6 +247,7 @@ async def test_sse_resumes_after_since_or_last_event_id(
     assert json.loads(record["data"])["data"]["new"]["id"] == 2
 
 
+@pytest.mark.e2e
 async def test_sse_keep_alive_comment_and_shutdown_ends_the_stream(
     relay: RunningRelay, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -241,14 +255,17 @@ async def test_sse_keep_alive_comment_and_shutdown_ends_the_stream(
     with trio.fail_after(10):
         async with open_sse(relay.url, f"/events/stream?faction_id={FACTION}") as stream:
             await eventually(lambda: relay.hub.statistics().factions_waited_on == 1)
-            await trio.sleep(0.05)
-            relay.hub.wake_quiet_factions(0.05)  # what the hub's timer does every SSE_KEEPALIVE_S
-            assert await stream.next_record() == {"comment": "keep-alive"}
+            async with trio.open_nursery() as timer:
+                # The hub's timer at the patched interval (the relay's own started with the real one).
+                timer.start_soon(relay.hub.wake_quiet_factions_every, 0.05)
+                assert await stream.next_record() == {"comment": "keep-alive"}
+                timer.cancel_scope.cancel()
             relay.stop()
             rest = await stream.read_body()
     assert b"id:" not in rest
 
 
+@pytest.mark.e2e
 async def test_published_events_are_stored_and_delivered_like_upstream_ones(
     relay: RunningRelay, http: httpx.AsyncClient
 ) -> None:

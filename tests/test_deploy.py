@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -13,13 +12,12 @@ import pytest
 
 from relay.cli import EXIT_USER_ERROR
 from relay.config import load_config
-from tests.test_pyz import SYSTEM_PYTHON
-from tests.test_shutdown import SHUTDOWN_BOUND_S
+from tests.helpers.programs import SYSTEM_PYTHON
+from tests.helpers.relay_process import SHUTDOWN_BOUND_S
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "deploy" / "cat-relay.service"
 README = (REPO / "README.md").read_text()
-SYSTEMD_ANALYZE = "systemd-analyze"
 # `systemd-analyze security` scores exposure from 0 to 100 (printed divided by ten): the unit scores
 # 12 with Debian 12's systemd 252, and dropping any one protection raises it. A newer systemd that
 # scores more checks may need this number looked at again, not raised to whatever it prints.
@@ -62,18 +60,8 @@ def deploy_commands() -> str:
     return "\n".join(re.findall(r"```sh\n(.*?)```", deploy_section(), re.DOTALL))
 
 
-@pytest.fixture
-def systemd_analyze() -> str:
-    found = shutil.which(SYSTEMD_ANALYZE)
-    if found is None:
-        reason = "systemd-analyze is missing (Debian: apt-get install systemd)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason + "; CI must check the unit")
-        pytest.skip(reason)
-    return found
-
-
-def test_systemd_verify_accepts_the_unit_without_a_word(systemd_analyze: str) -> None:
+@pytest.mark.external
+def test_systemd_verify_accepts_the_unit_without_a_word(systemd_analyze: Path) -> None:
     # verify exits 0 even for an unknown key or a value it cannot parse (it ignores the line, as
     # systemd would at boot), so anything on stderr is a failure too.
     result = subprocess.run(
@@ -82,7 +70,8 @@ def test_systemd_verify_accepts_the_unit_without_a_word(systemd_analyze: str) ->
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
-def test_the_unit_stays_hardened(systemd_analyze: str) -> None:
+@pytest.mark.external
+def test_the_unit_stays_hardened(systemd_analyze: Path) -> None:
     result = subprocess.run(
         [
             systemd_analyze,
@@ -100,6 +89,7 @@ def test_the_unit_stays_hardened(systemd_analyze: str) -> None:
     assert result.stderr == ""
 
 
+@pytest.mark.unit
 def test_the_unit_holds_together() -> None:
     env = environment()
     state = PurePosixPath("/var/lib") / one("StateDirectory")
@@ -121,6 +111,7 @@ def test_the_unit_holds_together() -> None:
     assert Path(interpreter) == SYSTEM_PYTHON  # what tests/test_pyz.py runs the build with
 
 
+@pytest.mark.unit
 def test_the_readme_deploys_where_the_unit_looks() -> None:
     commands = deploy_commands()
     _, pyz, config = exec_start()
@@ -145,6 +136,7 @@ def test_the_readme_deploys_where_the_unit_looks() -> None:
     assert "deploy/nginx.conf" in section
 
 
+@pytest.mark.unit
 def test_the_readme_sed_sets_upstream_url_in_the_shipped_config(tmp_path: Path) -> None:
     found = re.search(r"^sed -i '([^']+)' (\S+)", deploy_commands(), re.MULTILINE)
     assert found, "the deploy commands set upstream.url with sed"

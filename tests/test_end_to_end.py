@@ -2,98 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import time
-from typing import Any
-
 import httpx
+import pytest
 import trio
 
 from relay.service import RunningRelay
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, FACTION, OTHER_FACTION, eventually
+from tests.helpers.factions import FACTION, OTHER_FACTION, call
+from tests.helpers.userscript import Userscript, wait_connected
+from tests.helpers.waits import eventually
 
-POLL_S = 0.05  # the script polls every 3 s; the test only needs the same behaviour faster
-
-
-class Userscript:
-    """What the CAT userscript does with the relay, as the contract's "Today's userscript" describes."""
-
-    def __init__(self, http: httpx.AsyncClient, faction_id: int) -> None:
-        self.http = http
-        self.faction_id = faction_id
-        self.cursor = int(time.time() * 1000)  # the browser's own Date.now() when the client is made
-        self.messages: list[dict[str, Any]] = []
-        self.events: list[dict[str, Any]] = []  # as received, for checks that they are served unchanged
-
-    async def start(self) -> None:
-        ping = await self.http.get("/ping", timeout=5)
-        assert ping.status_code == 200
-        assert ping.json().get("deployed") or ping.json().get("status")
-        subscribed = await self.http.post(
-            "/subscribe", json={"faction_id": self.faction_id, "api_key": ANON_KEY}
-        )
-        assert subscribed.status_code == 200
-        assert subscribed.json()["status"] == "subscribed"
-
-    async def poll(self) -> None:
-        response = await self.http.get(
-            "/events", params={"faction_id": self.faction_id, "since": self.cursor}
-        )
-        body = response.json()
-        self.events.extend(body["events"])
-        for event in body["events"]:
-            # Anything but the two client types is dispatched as a WebSocket-style message.
-            self.messages.append(
-                json.loads(json.dumps({"event": "postgres_changes", "payload": event["data"]}))
-            )
-        if body["events"]:
-            self.cursor = body["timestamp"]
-
-    async def poll_until(self, count: int) -> None:
-        while len(self.messages) < count:
-            await self.poll()
-            await trio.sleep(POLL_S)
-
-
-async def read_status(http: httpx.AsyncClient) -> dict[str, Any]:
-    """GET /status, waiting out its rate limit (it counts as ten requests) as a polite poller does."""
-    while True:
-        answer = await http.get("/status")
-        if answer.status_code != 429:
-            document: dict[str, Any] = answer.json()
-            return document
-        await trio.sleep(float(answer.headers["Retry-After"]))
-
-
-async def wait_connected(http: httpx.AsyncClient, faction_id: int) -> None:
-    while True:
-        factions = {f["faction_id"]: f for f in (await read_status(http))["factions"]}
-        if faction_id in factions and factions[faction_id]["upstream"]["state"] == "connected":
-            return
-        await trio.sleep(POLL_S)
-
-
-async def wait_reconciled(http: httpx.AsyncClient, faction_id: int) -> None:
-    """Connected and its first reconcile done: a change made upstream before that reconcile reads
-    the table may reach the relay as the reconcile's resync event rather than live."""
-    while True:
-        factions = {f["faction_id"]: f for f in (await read_status(http))["factions"]}
-        if faction_id in factions and factions[faction_id]["reconcile"]["reconciles"] >= 1:
-            return
-        await trio.sleep(POLL_S)
-
-
-def call(faction_id: int, call_id: int) -> dict[str, Any]:
-    return {
-        "id": call_id,
-        "faction_id": faction_id,
-        "war_id": 77,
-        "target_id": 2_000_000 + call_id,
-        "caller_id": 1_000 + call_id,
-        "caller_name": "alice",
-        "created_at": "2026-11-24T15:00:00.118+00:00",
-    }
+pytestmark = pytest.mark.e2e
 
 
 async def test_todays_userscript_sees_insert_update_delete_in_order(

@@ -10,9 +10,9 @@ import pytest
 import trio
 
 from relay.service import RunningRelay
-from tests.conftest import ANON_KEY, FACTION
-from tests.contract import RelayApp
-from tests.sse_client import open_sse
+from tests.helpers.contract import RelayApp
+from tests.helpers.factions import ANON_KEY, FACTION
+from tests.helpers.sse_client import open_sse
 
 BAD_FACTION_IDS: list[Any] = [
     None,
@@ -52,6 +52,7 @@ async def get(relay: RelayApp | RunningRelay, path: str) -> tuple[int, Any]:
     return response.status_code, await response.get_json()
 
 
+@pytest.mark.contract
 @pytest.mark.parametrize("faction_id", BAD_FACTION_IDS)
 async def test_subscribe_invalid_faction_id(relay_app: RelayApp, faction_id: Any) -> None:
     response = await relay_app.app.test_client().post(
@@ -60,17 +61,20 @@ async def test_subscribe_invalid_faction_id(relay_app: RelayApp, faction_id: Any
     assert_error(response.status_code, await response.get_json(), 400, "invalid_faction_id")
 
 
+@pytest.mark.contract
 @pytest.mark.parametrize("number", ["1e999999", "NaN", "-Infinity"])
 async def test_a_number_json_cannot_carry_is_invalid_json(relay_app: RelayApp, number: str) -> None:
     body = f'{{"faction_id": {number}, "api_key": "{ANON_KEY}"}}'.encode()
     assert_error(*await post(relay_app, "/subscribe", body), 400, "invalid_json")
 
 
+@pytest.mark.contract
 async def test_subscribe_missing_faction_id(relay_app: RelayApp) -> None:
     response = await relay_app.app.test_client().post("/subscribe", json={"api_key": ANON_KEY})
     assert_error(response.status_code, await response.get_json(), 400, "invalid_faction_id")
 
 
+@pytest.mark.contract
 @pytest.mark.parametrize("body", [b"", b"not json", b"[1, 2]", b'"text"', b"\xff\xfe\x00", b"[" * 5000])
 async def test_subscribe_invalid_json(relay_app: RelayApp, body: bytes) -> None:
     assert_error(
@@ -80,6 +84,7 @@ async def test_subscribe_invalid_json(relay_app: RelayApp, body: bytes) -> None:
     )
 
 
+@pytest.mark.contract
 @pytest.mark.parametrize("key", [None, "", "wrong", 12345, ["test-anon-key"], "tëst"])
 async def test_subscribe_invalid_api_key(relay_app: RelayApp, key: Any) -> None:
     response = await relay_app.app.test_client().post(
@@ -89,31 +94,37 @@ async def test_subscribe_invalid_api_key(relay_app: RelayApp, key: Any) -> None:
     assert relay_app.store.subscription(FACTION) is None
 
 
+@pytest.mark.contract
 async def test_subscribe_body_too_large(relay_app: RelayApp) -> None:
     padding = "x" * 20_000
     body = f'{{"faction_id": {FACTION}, "api_key": "{ANON_KEY}", "pad": "{padding}"}}'.encode()
     assert_error(*await post(relay_app, "/subscribe", body), 413, "body_too_large")
 
 
+@pytest.mark.contract
 @pytest.mark.parametrize("faction_id", ["", "abc", "0", "-1", "2147483648", "1.5", "%D9%A3", "99999999999"])
 async def test_events_invalid_faction_id(relay_app: RelayApp, faction_id: str) -> None:
     assert_error(*await get(relay_app, f"/events?faction_id={faction_id}"), 400, "invalid_faction_id")
 
 
+@pytest.mark.contract
 async def test_events_missing_faction_id(relay_app: RelayApp) -> None:
     assert_error(*await get(relay_app, "/events"), 400, "invalid_faction_id")
 
 
+@pytest.mark.contract
 async def test_events_not_subscribed(relay_app: RelayApp) -> None:
     assert_error(*await get(relay_app, f"/events?faction_id={FACTION}"), 404, "not_subscribed")
 
 
+@pytest.mark.contract
 @pytest.mark.parametrize("since", ["abc", "-1", "1.5", "1e9", "%D9%A3", "1" * 17, "99999999999999"])
 async def test_events_invalid_since(relay_app: RelayApp, since: str) -> None:
     await relay_app.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
     assert_error(*await get(relay_app, f"/events?faction_id={FACTION}&since={since}"), 400, "invalid_since")
 
 
+@pytest.mark.contract
 async def test_unknown_path_and_wrong_method(relay_app: RelayApp) -> None:
     assert_error(*await get(relay_app, "/nowhere"), 404, "not_found")
     assert_error(*await get(relay_app, "/subscribe"), 405, "method_not_allowed")
@@ -121,6 +132,7 @@ async def test_unknown_path_and_wrong_method(relay_app: RelayApp) -> None:
     assert_error(response.status_code, await response.get_json(), 405, "method_not_allowed")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [
@@ -144,6 +156,7 @@ async def test_a_wrong_method_is_told_the_methods_the_path_answers(
         assert_error(405, response.json(), 405, "method_not_allowed")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("since", ["abc", "-1"])
 async def test_a_streams_invalid_since_is_refused_even_with_a_resume_point(
     relay: RunningRelay, since: str
@@ -159,6 +172,7 @@ async def test_a_streams_invalid_since_is_refused_even_with_a_resume_point(
 
 
 # " 1" (also what "+1" decodes to), "1_0" and "-0" are numbers to Python's float(), not to a client.
+@pytest.mark.contract
 @pytest.mark.parametrize(
     "wait", ["abc", "-1", "nan", "inf", "1e400", "%D9%A3", "1" * 33, "%201", "1_0", "-0", "1e", "."]
 )
@@ -172,6 +186,7 @@ async def publish(relay_app: RelayApp, body: dict[str, Any], path: str = "/event
     return response.status_code, await response.get_json()
 
 
+@pytest.mark.contract
 @pytest.mark.parametrize("event_type", [None, 5, "", "postgres_changes", "war_calls", "hospital_update "])
 async def test_publish_invalid_type(relay_app: RelayApp, event_type: Any) -> None:
     await relay_app.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
@@ -179,6 +194,7 @@ async def test_publish_invalid_type(relay_app: RelayApp, event_type: Any) -> Non
     assert_error(*await publish(relay_app, body), 400, "invalid_type")
 
 
+@pytest.mark.contract
 @pytest.mark.parametrize("data", [None, "text", 5, True])
 async def test_publish_invalid_data(relay_app: RelayApp, data: Any) -> None:
     await relay_app.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
@@ -191,6 +207,7 @@ async def test_publish_invalid_data(relay_app: RelayApp, data: Any) -> None:
     )
 
 
+@pytest.mark.contract
 @pytest.mark.parametrize("path", ["/events", "/hospital", "/faction-members"])
 async def test_publish_needs_the_key_and_a_subscribed_faction(relay_app: RelayApp, path: str) -> None:
     body = {"faction_id": FACTION, "type": "hospital_update", "data": {}, "members": {}}
@@ -204,12 +221,14 @@ async def test_publish_needs_the_key_and_a_subscribed_faction(relay_app: RelayAp
     )
 
 
+@pytest.mark.contract
 async def test_publish_body_limit_is_its_own(relay_app: RelayApp) -> None:
     members = {str(n): {"name": "x" * 200} for n in range(1500)}  # ~330 KB: over publish.max_body_bytes
     body = json.dumps({"faction_id": FACTION, "api_key": ANON_KEY, "members": members}).encode()
     assert_error(*await post(relay_app, "/faction-members", body), 413, "body_too_large")
 
 
+@pytest.mark.contract
 async def test_stream_of_an_unknown_faction_is_refused_before_streaming(relay_app: RelayApp) -> None:
     assert_error(*await get(relay_app, f"/events/stream?faction_id={FACTION}"), 404, "not_subscribed")
     assert_error(*await get(relay_app, "/events/stream?faction_id=0"), 400, "invalid_faction_id")

@@ -11,6 +11,8 @@ import trio
 from relay import snapshot
 from relay.testing.fake_supabase import FakeSupabase
 
+pytestmark = pytest.mark.e2e
+
 KEY = "anon-key"
 HEADERS = {"apikey": KEY, "Authorization": f"Bearer {KEY}"}
 

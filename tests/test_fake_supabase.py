@@ -133,6 +133,7 @@ def dial(nursery: trio.Nursery, fake: FakeSupabase) -> Dialer:
     return Dialer(nursery, fake)
 
 
+@pytest.mark.e2e
 async def test_join_echoes_entries_with_content_ids_then_subscribed(fake: FakeSupabase, dial: Dialer) -> None:
     entries = [binding(A), binding(A, "faction_messages"), {"table": "war_calls"}]
     with trio.fail_after(5):
@@ -167,6 +168,7 @@ async def test_join_echoes_entries_with_content_ids_then_subscribed(fake: FakeSu
     assert fake.joins == 2
 
 
+@pytest.mark.e2e
 async def test_insert_update_delete_shapes_and_routing_by_filter(fake: FakeSupabase, dial: Dialer) -> None:
     with trio.fail_after(5):
         async with dial.connect() as client:
@@ -204,6 +206,7 @@ async def test_insert_update_delete_shapes_and_routing_by_filter(fake: FakeSupab
     assert delete_data["old_record"] == call(B, 1, caller_name="bob")
 
 
+@pytest.mark.e2e
 async def test_key_only_delete_skips_filtered_channels_unless_the_old_server_behaviour(
     fake: FakeSupabase,
     dial: Dialer,
@@ -227,6 +230,7 @@ async def test_key_only_delete_skips_filtered_channels_unless_the_old_server_beh
     assert all(f["payload"]["data"]["old_record"] == {"id": 2} for f in second)
 
 
+@pytest.mark.e2e
 async def test_ignore_filters_and_silent_changes(fake: FakeSupabase, dial: Dialer) -> None:
     with trio.fail_after(5):
         async with dial.connect() as client:
@@ -244,6 +248,7 @@ async def test_ignore_filters_and_silent_changes(fake: FakeSupabase, dial: Diale
     assert next(row for row in fake.rows("war_calls") if row["id"] == 1)["faction_id"] == A
 
 
+@pytest.mark.e2e
 async def test_heartbeats_are_answered_until_replies_stop(fake: FakeSupabase, dial: Dialer) -> None:
     with trio.fail_after(5):
         async with dial.connect() as client:
@@ -269,6 +274,7 @@ async def test_heartbeats_are_answered_until_replies_stop(fake: FakeSupabase, di
     assert resumed["ref"] == resumed_ref
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("query", "status", "body"),
     [
@@ -293,6 +299,7 @@ async def test_upgrade_refusals(
     assert not fake.connections
 
 
+@pytest.mark.e2e
 async def test_header_key_and_runtime_key_changes(fake: FakeSupabase, dial: Dialer) -> None:
     with trio.fail_after(5):
         fake.valid_keys.add("rotated-key")
@@ -304,6 +311,7 @@ async def test_header_key_and_runtime_key_changes(fake: FakeSupabase, dial: Dial
         assert (await dial.refusal(f"apikey={KEY}")).status_code == 401
 
 
+@pytest.mark.e2e
 async def test_scripted_refusals_run_out_after_their_count(fake: FakeSupabase, dial: Dialer) -> None:
     fake.refuse_upgrades(429, "Too many connected users", count=1)
     with trio.fail_after(5):
@@ -319,6 +327,7 @@ async def test_scripted_refusals_run_out_after_their_count(fake: FakeSupabase, d
     assert fake.upgrade_attempts == 4
 
 
+@pytest.mark.e2e
 async def test_join_failures_and_unmatched_topics(fake: FakeSupabase, dial: Dialer) -> None:
     reason = "RealtimeRestarting: Realtime is restarting, please standby"
     fake.fail_joins(reason, count=1)
@@ -336,6 +345,7 @@ async def test_join_failures_and_unmatched_topics(fake: FakeSupabase, dial: Dial
     assert unmatched["payload"]["response"] == {"reason": "unmatched topic"}
 
 
+@pytest.mark.e2e
 async def test_failed_subscriptions_send_a_system_error_after_the_ok_reply(
     fake: FakeSupabase, dial: Dialer
 ) -> None:
@@ -362,6 +372,7 @@ async def test_failed_subscriptions_send_a_system_error_after_the_ok_reply(
     assert only["topic"] == "realtime:all-calls"
 
 
+@pytest.mark.e2e
 async def test_duplicate_join_closes_the_old_channel_after_the_new_reply(
     fake: FakeSupabase, dial: Dialer
 ) -> None:
@@ -381,6 +392,7 @@ async def test_duplicate_join_closes_the_old_channel_after_the_new_reply(
     assert change["payload"]["data"]["type"] == "INSERT"
 
 
+@pytest.mark.e2e
 async def test_leave_replies_then_closes(fake: FakeSupabase, dial: Dialer) -> None:
     with trio.fail_after(5):
         async with dial.connect() as client:
@@ -399,6 +411,7 @@ async def test_leave_replies_then_closes(fake: FakeSupabase, dial: Dialer) -> No
     assert (stray["ref"], stray["payload"]["status"]) == (stray_ref, "ok")
 
 
+@pytest.mark.e2e
 async def test_shutdown_channel_and_system_disconnect(fake: FakeSupabase, dial: Dialer) -> None:
     with trio.fail_after(5):
         async with dial.connect() as client:
@@ -425,6 +438,7 @@ async def test_shutdown_channel_and_system_disconnect(fake: FakeSupabase, dial: 
     assert closed.value.reason.code == 1012
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("code", "seen"), [(None, 1006), (1012, 1012), (1000, 1000)])
 async def test_drop_connections(fake: FakeSupabase, dial: Dialer, code: int | None, seen: int) -> None:
     with trio.fail_after(5):
@@ -438,6 +452,7 @@ async def test_drop_connections(fake: FakeSupabase, dial: Dialer, code: int | No
     assert closed.value.reason.code == seen
 
 
+@pytest.mark.e2e
 async def test_raw_frames_out_and_malformed_frames_in(fake: FakeSupabase, dial: Dialer) -> None:
     with trio.fail_after(5):
         async with dial.connect() as client:
@@ -457,6 +472,7 @@ async def test_raw_frames_out_and_malformed_frames_in(fake: FakeSupabase, dial: 
             assert fake.connections[0].heartbeats == 1
 
 
+@pytest.mark.virtual_time
 async def test_idle_socket_is_closed_with_1000(
     fake: FakeSupabase, dial: Dialer, autojump_clock: trio.abc.Clock
 ) -> None:
@@ -473,6 +489,7 @@ async def test_idle_socket_is_closed_with_1000(
     assert closed.value.reason.code == 1000
 
 
+@pytest.mark.virtual_time
 async def test_frozen_server_neither_reads_nor_writes(
     fake: FakeSupabase, dial: Dialer, autojump_clock: trio.abc.Clock
 ) -> None:
@@ -491,6 +508,7 @@ async def test_frozen_server_neither_reads_nor_writes(
             await fake.wait_until(lambda: not fake.connections)
 
 
+@pytest.mark.virtual_time
 async def test_a_frozen_server_answers_a_close_unless_told_not_to(
     fake: FakeSupabase, dial: Dialer, autojump_clock: trio.abc.Clock
 ) -> None:
@@ -506,6 +524,7 @@ async def test_a_frozen_server_answers_a_close_unless_told_not_to(
             await fake.wait_until(lambda: not fake.connections)
 
 
+@pytest.mark.virtual_time
 async def test_delays_in_virtual_time(
     fake: FakeSupabase, dial: Dialer, autojump_clock: trio.abc.Clock
 ) -> None:
@@ -537,6 +556,7 @@ async def test_delays_in_virtual_time(
             assert trio.current_time() - start == pytest.approx(0.5, abs=0.01)
 
 
+@pytest.mark.virtual_time
 async def test_war_traffic_makes_every_kind_of_change(
     fake: FakeSupabase, dial: Dialer, nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:

@@ -16,8 +16,10 @@ import trio
 
 from relay.supervisor import Supervisors, UpstreamState
 from relay.testing.fake_supabase import FakeConnection, FakeSupabase
-from tests.conftest import eventually
-from tests.test_supervisor import HEARTBEAT_S, KEY, MAX_S, Collected, call, war_calls_settings
+from tests.helpers.supervisors import HEARTBEAT_S, KEY, MAX_S, Collected, call, war_calls_settings
+from tests.helpers.waits import eventually
+
+pytestmark = pytest.mark.virtual_time
 
 A, B = 46666, 11581
 TOPIC_A = f"realtime:public:war_calls:faction_id=eq.{A}"
@@ -141,7 +143,7 @@ async def test_a_stale_phx_close_for_an_old_join_is_ignored(
         fake.send_raw(stale, only=fake.connections_with(f"eq.{A}"))
         fake.insert("war_calls", call(A, 1))
         await eventually(lambda: collected.types(A) == ["INSERT"])
-        await trio.sleep(HEARTBEAT_S * 3)
+        await trio.sleep(HEARTBEAT_S * 3)  # virtual time: three heartbeat deadlines pass, exactly
     assert supervisors.statistics()[A].state == UpstreamState.CONNECTED
     assert supervisors.statistics()[A].reconnects == 0
 
@@ -155,6 +157,6 @@ async def test_frames_delayed_within_the_deadline_keep_the_connection(
             connection.frame_delay_s = 2.0
         fake.insert("war_calls", call(A, 1))
         await eventually(lambda: collected.types(A) == ["INSERT"])
-        await trio.sleep(HEARTBEAT_S * 3)
+        await trio.sleep(HEARTBEAT_S * 3)  # virtual time: three heartbeat deadlines pass, exactly
     assert supervisors.statistics()[A].state == UpstreamState.CONNECTED
     assert supervisors.statistics()[A].reconnects == 0

@@ -33,11 +33,13 @@ import pytest
 import trio
 
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, FACTION, OTHER_FACTION
-from tests.hostile_cases import body_timeout_cases, hostile_cases
-from tests.hostile_clients import Case, Outcome, Tally, Target, issue_13_reproducer, run_cases
-from tests.relay_process import RelayProcess, relay_process
-from tests.test_end_to_end import call, wait_connected
+from tests.helpers.factions import ANON_KEY, FACTION, OTHER_FACTION, call
+from tests.helpers.hostile_cases import body_timeout_cases, hostile_cases
+from tests.helpers.hostile_clients import Case, Outcome, Tally, Target, issue_13_reproducer, run_cases
+from tests.helpers.relay_process import RelayProcess, relay_process
+from tests.helpers.userscript import wait_connected
+
+pytestmark = pytest.mark.e2e
 
 CASES = 2400
 BATCH = 100  # at once: enough to race each other and the relay's own sends, few enough for 2 cores
@@ -170,11 +172,7 @@ class Tier:
     async def _settle_log(self) -> None:
         """A relay that is exiting is still writing its traceback: wait for that to end (bounded)."""
         with trio.move_on_after(5):
-            await self.relay.process.wait()
-            seen = -1
-            while seen != len(self.relay.log):  # stderr ending is no event we can see
-                seen = len(self.relay.log)
-                await trio.sleep(0.2)
+            await self.relay.log_ended.wait()
 
     def _report(self, label: str, problems: Sequence[str], outcomes: Sequence[Outcome]) -> str:
         cases = "\n".join(f"  {o.case} -> {o.status_line}" for o in outcomes)

@@ -35,7 +35,8 @@ from relay.config import Config
 from relay.http_server import hypercorn_config
 from relay.http_stats import ConnectionCounters
 from relay.service import RunningRelay, run_relay
-from tests.conftest import ANON_KEY, FACTION, eventually
+from tests.helpers.factions import ANON_KEY, FACTION
+from tests.helpers.waits import eventually
 
 BIG = b"x" * (64 * 1024 * 1024)  # past any loopback socket's buffers
 GRACEFUL_S = 2.0
@@ -137,6 +138,7 @@ PINNED_SOURCES = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("cls", list(PINNED_SOURCES), ids=lambda cls: cls.__name__)
 def test_the_hypercorn_internals_used_are_the_ones_it_was_written_against(cls: type) -> None:
     assert importlib.metadata.version("hypercorn") == http_server.HYPERCORN_VERSION
@@ -156,6 +158,7 @@ async def exchange(port: int, raw: bytes) -> bytes:
         return without_date(await read_to_end(stream))
 
 
+@pytest.mark.e2e
 async def test_answers_are_byte_identical_to_hypercorns_own_trio_worker(
     nursery: trio.Nursery, make_config: Callable[..., Config]
 ) -> None:
@@ -197,6 +200,7 @@ async def test_answers_are_byte_identical_to_hypercorns_own_trio_worker(
             assert await exchange(ours, raw) == await exchange(theirs, raw), raw
 
 
+@pytest.mark.e2e
 async def test_a_client_vanishing_while_an_early_answer_is_written_is_counted_not_raised(
     relay: RunningRelay, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -215,6 +219,7 @@ async def test_a_client_vanishing_while_an_early_answer_is_written_is_counted_no
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
 
 
+@pytest.mark.virtual_time
 async def test_a_reader_that_stops_reading_delays_nobody_and_is_cut_after_the_stall_bound(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -234,6 +239,7 @@ async def test_a_reader_that_stops_reading_delays_nobody_and_is_cut_after_the_st
         await stuck.aclose()
 
 
+@pytest.mark.e2e
 async def test_a_failure_serving_one_connection_is_logged_once_and_contained(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -248,6 +254,7 @@ async def test_a_failure_serving_one_connection_is_logged_once_and_contained(
     assert "a fault in the app" in caplog.text  # with its traceback
 
 
+@pytest.mark.e2e
 async def test_http2_is_off_an_h2c_upgrade_is_served_as_http11_and_a_preface_is_refused() -> None:
     with trio.fail_after(10):
         async with bare_server() as server:
@@ -262,6 +269,7 @@ async def test_http2_is_off_an_h2c_upgrade_is_served_as_http11_and_a_preface_is_
             assert server.counters.http2_refused == 1
 
 
+@pytest.mark.virtual_time
 async def test_shutdown_cuts_a_reader_that_stopped_reading_at_the_graceful_deadline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -277,6 +285,7 @@ async def test_shutdown_cuts_a_reader_that_stopped_reading_at_the_graceful_deadl
         await stuck.aclose()
 
 
+@pytest.mark.virtual_time
 async def test_idle_connections_close_at_once_on_shutdown(autojump_clock: trio.testing.MockClock) -> None:
     async with bare_server() as server:
         idle = await connect(server.port)
@@ -292,6 +301,7 @@ async def test_idle_connections_close_at_once_on_shutdown(autojump_clock: trio.t
         await idle.aclose()
 
 
+@pytest.mark.virtual_time
 async def test_connections_over_the_cap_wait_until_one_closes(autojump_clock: trio.testing.MockClock) -> None:
     async with bare_server(max_connections=2) as server:
         holders = [await connect(server.port) for _ in range(2)]
@@ -317,6 +327,7 @@ def fill_descriptors_but_one() -> list[int]:
     return taken
 
 
+@pytest.mark.e2e
 async def test_running_out_of_descriptors_is_logged_once_and_new_members_served_when_holders_go(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
 from relay.hub import Hub
 
 
+@pytest.mark.unit
 async def test_notify_wakes_every_waiter_of_that_faction_only() -> None:
     hub = Hub()
     woken: list[str] = []
@@ -30,6 +32,7 @@ async def test_notify_wakes_every_waiter_of_that_faction_only() -> None:
     assert sorted(woken) == ["a", "b", "other"]
 
 
+@pytest.mark.virtual_time
 async def test_a_waiter_arriving_after_a_notify_waits_for_the_next_one(
     autojump_clock: trio.abc.Clock,
 ) -> None:
@@ -41,6 +44,7 @@ async def test_a_waiter_arriving_after_a_notify_waits_for_the_next_one(
     assert hub.statistics().factions_waited_on == 0  # a waiter given up on is not left behind
 
 
+@pytest.mark.unit
 async def test_stopping_releases_waiters_and_later_ones_return_at_once() -> None:
     hub = Hub()
     with trio.fail_after(5):
@@ -53,6 +57,7 @@ async def test_stopping_releases_waiters_and_later_ones_return_at_once() -> None
     assert hub.statistics().stopping
 
 
+@pytest.mark.virtual_time
 async def test_the_timer_wakes_only_factions_quiet_for_a_whole_interval(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -18,9 +18,10 @@ import trio
 from relay.config import LoggingConfig
 from relay.logs import JsonFormatter, configure_logging
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, FACTION, eventually
-from tests.relay_process import relay_process
-from tests.test_end_to_end import Userscript, wait_connected
+from tests.helpers.factions import ANON_KEY, FACTION
+from tests.helpers.relay_process import relay_process
+from tests.helpers.userscript import Userscript, wait_connected
+from tests.helpers.waits import eventually
 
 TRANSITION = re.compile(rf"^FactionSupervisor\({FACTION}\): (\w+) -> (\w+)")
 
@@ -38,6 +39,7 @@ def restore_logging() -> Iterator[None]:
         logging.getLogger(name).setLevel(old)
 
 
+@pytest.mark.e2e
 async def test_json_logs_are_one_object_per_line_with_one_line_per_state_change(
     serve_config: tuple[Path, dict[str, str]], fake_upstream: FakeSupabase
 ) -> None:
@@ -69,6 +71,7 @@ async def test_json_logs_are_one_object_per_line_with_one_line_per_state_change(
     assert ANON_KEY not in relay.text()
 
 
+@pytest.mark.unit
 def test_the_json_formatter_keeps_a_traceback_inside_its_one_line() -> None:
     try:
         raise ValueError("bad frame")
@@ -82,6 +85,7 @@ def test_the_json_formatter_keeps_a_traceback_inside_its_one_line() -> None:
     assert "ValueError: bad frame" in entry["exception"]
 
 
+@pytest.mark.unit
 @pytest.mark.usefixtures("restore_logging")
 def test_levels_per_logger_apply_and_trio_websocket_never_goes_below_info() -> None:
     stream = io.StringIO()
@@ -99,6 +103,7 @@ def test_levels_per_logger_apply_and_trio_websocket_never_goes_below_info() -> N
     assert "HTTP Request" not in text  # a reconcile's every read is not a state change
 
 
+@pytest.mark.unit
 @pytest.mark.usefixtures("restore_logging")
 def test_the_command_line_level_wins_over_the_config() -> None:
     stream = io.StringIO()

@@ -12,11 +12,14 @@ import trio
 from relay.config import Config
 from relay.maintenance import MaintenanceReport, maintenance_pass, run_schedule
 from relay.service import RunningRelay, run_relay
+from relay.store import wall_clock_ms
 from relay.supervisor import UpstreamState
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import FACTION, OTHER_FACTION
+from tests.helpers.factions import FACTION, OTHER_FACTION
+from tests.helpers.waits import eventually
 
 
+@pytest.mark.virtual_time
 async def test_passes_run_on_a_fixed_grid(autojump_clock: trio.abc.Clock) -> None:
     started = trio.current_time()
     ran_at: list[float] = []
@@ -30,6 +33,7 @@ async def test_passes_run_on_a_fixed_grid(autojump_clock: trio.abc.Clock) -> Non
     assert ran_at == [10.0, 20.0, 30.0]
 
 
+@pytest.mark.virtual_time
 async def test_an_overrunning_pass_skips_the_missed_grid_points(autojump_clock: trio.abc.Clock) -> None:
     started = trio.current_time()
     ran_at: list[float] = []
@@ -44,6 +48,7 @@ async def test_an_overrunning_pass_skips_the_missed_grid_points(autojump_clock: 
     assert ran_at == [10.0, 40.0]
 
 
+@pytest.mark.e2e
 async def test_a_pass_trims_expires_closes_sockets_and_says_so(
     nursery: trio.Nursery,
     make_config: Callable[..., Config],
@@ -60,7 +65,9 @@ async def test_a_pass_trims_expires_closes_sockets_and_says_so(
         await fake_upstream.wait_until(lambda: len(fake_upstream.connections) == 2)
         for n in range(5):
             await relay.store.append_events(FACTION, [("postgres_changes", {"n": n})])
-        await trio.sleep(0.01)  # the subscriptions' activity is now in the past
+        # A TTL of 0 expires activity older than now: the store's clock must first pass the last one.
+        last_activity = max(relay.store.last_activity_at(f) or 0 for f in (FACTION, OTHER_FACTION))
+        await eventually(lambda: wall_clock_ms() > last_activity)
         caplog.set_level(logging.INFO, logger="relay.maintenance")
 
         report = await maintenance_pass(relay.store, relay.factions, subscription_ttl_s=0.0)

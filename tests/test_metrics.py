@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -10,8 +11,11 @@ from prometheus_client.samples import Sample
 import relay
 from relay.service import RunningRelay
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import FACTION, OTHER_FACTION, eventually, eventually_async
-from tests.test_end_to_end import Userscript, call, wait_connected, wait_reconciled
+from tests.helpers.factions import FACTION, OTHER_FACTION, call
+from tests.helpers.userscript import Userscript, wait_connected, wait_reconciled
+from tests.helpers.waits import eventually, eventually_async
+
+pytestmark = pytest.mark.e2e
 
 
 async def scrape(http: httpx.AsyncClient) -> dict[str, list[Sample]]:

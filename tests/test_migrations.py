@@ -18,6 +18,8 @@ from relay.migrations import (
     split_statements,
 )
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:

@@ -25,13 +25,15 @@ import pytest
 import trio
 
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, eventually_async, require_program
-from tests.relay_process import RelayProcess, relay_process
-from tests.sse_client import open_sse
-from tests.test_end_to_end import Userscript, call
+from tests.helpers.factions import ANON_KEY, call
+from tests.helpers.programs import NGINX, OPENSSL
+from tests.helpers.relay_process import RelayProcess, relay_process
+from tests.helpers.sse_client import open_sse
+from tests.helpers.userscript import Userscript
+from tests.helpers.waits import eventually_async
 
-NGINX = Path("/usr/sbin/nginx")
-OPENSSL = Path("/usr/bin/openssl")
+pytestmark = pytest.mark.external
+
 SHIPPED = Path(__file__).resolve().parents[1] / "deploy" / "nginx.conf"
 INSTANCE_PORTS = ("8444", "8445")  # the two `server` lines of the shipped upstream, in order
 ACTIVE = {"connecting", "connected", "backoff"}  # an instance holding the faction's socket (or retrying it)
@@ -45,13 +47,6 @@ RELAY_TOML = (
     "[upstream]\nheartbeat_interval_s = 2.0\nconnect_timeout_s = 2.0\nbackoff_initial_s = 0.05\nbackoff_max_s = 0.5\n"
 )
 NO_RATE_LIMIT = "[limits]\nclient_rate = 0\n"
-
-
-@pytest.fixture
-def nginx_binary() -> Path:
-    """nginx, and openssl for the test's certificate; .ci/run installs both."""
-    require_program(OPENSSL, "openssl", "the nginx tests")
-    return require_program(NGINX, "nginx", "the nginx tests")
 
 
 @dataclass

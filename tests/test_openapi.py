@@ -32,7 +32,8 @@ from relay.config import load_config
 from relay.events_http import EVENTS_PATH, STREAM_PATH
 from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, eventually
+from tests.helpers.factions import ANON_KEY
+from tests.helpers.waits import eventually
 
 DOCUMENT: dict[str, Any] = json.loads(
     resources.files("relay").joinpath("static/openapi.json").read_text(encoding="utf-8")
@@ -195,11 +196,13 @@ SCHEMATHESIS_CONFIG = schemathesis.Config.from_dict(
 api: schemathesis.BaseSchema = schemathesis.openapi.from_dict(DOCUMENT, config=SCHEMATHESIS_CONFIG)
 
 
+@pytest.mark.e2e
 @api.parametrize()
 def test_every_answer_conforms_to_the_document(case: schemathesis.Case[Any], relay_url: str) -> None:
     case.call_and_validate(base_url=relay_url)
 
 
+@pytest.mark.contract
 async def test_every_route_served_is_documented_and_every_documented_route_served(
     relay: RunningRelay,
 ) -> None:
@@ -215,11 +218,13 @@ async def test_every_route_served_is_documented_and_every_documented_route_serve
     assert served == documented
 
 
+@pytest.mark.unit
 def test_the_document_is_valid_openapi_3_1() -> None:
     # Schemathesis reads a document leniently; its copy of the specification's own schema does not.
     assert [str(error) for error in OPENAPI_31_VALIDATOR.iter_errors(DOCUMENT)] == []
 
 
+@pytest.mark.contract
 async def test_the_document_is_served_with_the_relays_version(relay: RunningRelay) -> None:
     response = await relay.app.test_client().get("/openapi.json")
     assert response.status_code == 200

@@ -26,6 +26,8 @@ from relay.phoenix import (
     to_realtime_js,
 )
 
+pytestmark = pytest.mark.unit
+
 WAR_CALLS = ChannelSpec("war_calls", "faction_id=eq.46666")
 MESSAGES = ChannelSpec("faction_messages", "faction_id=eq.46666")
 

@@ -13,6 +13,8 @@ import pytest
 from relay.planning import CHANGE_TYPE, Append, Plan, Tombstones, encode, plan_batch, plan_chunk
 from relay.state import FactionRows, Row, diff, row_key
 
+pytestmark = pytest.mark.unit
+
 F, G = 46666, 11581
 KEYS = {"war_calls": "id"}
 T1, T2, T3, T4 = (f"2026-11-24T21:00:0{second}.000Z" for second in range(1, 5))

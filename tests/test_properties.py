@@ -44,7 +44,9 @@ from werkzeug.datastructures import Headers
 from relay.config import Config
 from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, FACTION, OTHER_FACTION
+from tests.helpers.factions import ANON_KEY, FACTION, OTHER_FACTION
+
+pytestmark = pytest.mark.contract
 
 # "roomy": the defaults, except that long-polls give up after 50 ms, trimming is pushed out of reach
 # (so that "stored events are unchanged" is exact), a few factions only (so that the limit is reached),

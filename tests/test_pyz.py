@@ -4,9 +4,9 @@ nothing of this checkout or its venv within reach."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -15,14 +15,15 @@ import pytest
 import trio
 
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import FACTION, eventually_async
-from tests.relay_process import relay_process
-from tests.test_end_to_end import Userscript, call, wait_connected
+from tests.helpers.factions import FACTION, call
+from tests.helpers.relay_process import relay_process
+from tests.helpers.userscript import Userscript, wait_connected
+from tests.helpers.waits import eventually_async
+
+pytestmark = pytest.mark.external
 
 REPO = Path(__file__).resolve().parent.parent
 PYZ = REPO / "dist" / "cat-relay.pyz"
-# What deploy/cat-relay.service runs it with (tests/test_deploy.py holds the unit to it).
-SYSTEM_PYTHON = Path("/usr/bin/python3")
 CLIENT_JS = REPO / "relay" / "static" / "client.js"
 MIGRATIONS = sorted((REPO / "migrations").glob("*.sql"))
 # Compiled code that may ride along: markupsafe's optional speedups, which it replaces with pure
@@ -31,25 +32,20 @@ MIGRATIONS = sorted((REPO / "migrations").glob("*.sql"))
 OPTIONAL_EXTENSIONS = {"markupsafe"}
 
 
-def missing(reason: str) -> None:
-    """Skip on a developer's machine; under CI a skip would hide a broken build, so fail."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason + "; CI must run the one-file build")
-    pytest.skip(reason)
-
-
-@pytest.fixture
+@pytest.fixture(scope="module")
 def pyz() -> Path:
-    if not PYZ.exists():
-        missing(f"{PYZ} is missing (make pyz)")
+    """`make pyz`, which rebuilds only when a source changed: built here, not before every run of
+    pytest, so that no other test waits for shiv. `-o` keeps make from reinstalling the venv these
+    tests are running in."""
+    built = subprocess.run(
+        ["make", "--no-print-directory", "-o", ".venv/.installed", "pyz"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert built.returncode == 0, f"make pyz failed:\n{built.stdout}{built.stderr}"
     return PYZ
-
-
-@pytest.fixture
-def system_python() -> Path:
-    if not SYSTEM_PYTHON.exists():
-        missing(f"{SYSTEM_PYTHON} is missing (Debian: apt-get install python3)")
-    return SYSTEM_PYTHON
 
 
 def test_the_pyz_carries_this_checkout_the_migrations_and_client_js(pyz: Path) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from relay.admission import REQUEST_COSTS
 from relay.config import LimitsConfig
 from relay.ratelimit import RateLimiter, retry_after_header
+
+pytestmark = pytest.mark.unit
 
 
 def test_a_burst_is_allowed_then_the_rate_applies() -> None:

@@ -5,9 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import tomllib
 from pathlib import Path
 
+import pytest
+
 from relay.config import SECTIONS as CONFIG_SECTIONS
+
+pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
@@ -45,3 +50,11 @@ def test_the_configuration_table_lists_every_key_with_its_default() -> None:
             default = list(field.default) if isinstance(field.default, tuple) else field.default
             assert documented[key] == f"`{json.dumps(default)}`", key
     assert documented["storage.path"] == '`"data/relay.db"`'
+
+
+def test_the_tests_section_shows_how_to_run_one_tier_and_names_every_tier() -> None:
+    pytest_options = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    tiers = [marker.split(":", 1)[0] for marker in pytest_options["markers"]]
+    section = README.split("\n## Tests\n", 1)[1].split("\n## ", 1)[0]
+    assert ".venv/bin/pytest -m unit" in section
+    assert re.findall(r"^\| `(\w+)` \|", section, re.MULTILINE) == tiers

@@ -20,6 +20,8 @@ from relay.responses import (
 )
 from relay.store import StoreError
 
+pytestmark = pytest.mark.unit
+
 log = logging.getLogger("tests.answering_layer")
 
 

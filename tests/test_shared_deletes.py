@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 import trio
 
 from relay.phoenix import ChangeReceived
 from relay.shared_deletes import PARK_S, DeleteRouter, RouterStatistics
+
+pytestmark = pytest.mark.virtual_time
 
 A, B = 46666, 11581
 

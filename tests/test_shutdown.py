@@ -12,15 +12,18 @@ from contextlib import closing
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from relay.store import RECONCILE_CHUNK_EVENTS
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, FACTION, eventually, eventually_async
-from tests.relay_process import RelayProcess, relay_process
-from tests.test_end_to_end import read_status
+from tests.helpers.factions import ANON_KEY, FACTION
+from tests.helpers.relay_process import SHUTDOWN_BOUND_S, RelayProcess, relay_process
+from tests.helpers.userscript import read_status
+from tests.helpers.waits import eventually, eventually_async
 
-SHUTDOWN_BOUND_S = 5.0
+pytestmark = pytest.mark.e2e
+
 FACTIONS = (FACTION, 11581, 9001, 777, 12345)
 # Ten chunks: the reconcile takes seconds to store, so SIGTERM meets it in the middle.
 RECONCILE_ROWS = 10 * RECONCILE_CHUNK_EVENTS

@@ -10,12 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import FACTION, eventually_async
-from tests.relay_process import relay_process
-from tests.test_end_to_end import Userscript, call, wait_connected
+from tests.helpers.factions import FACTION, call
+from tests.helpers.relay_process import relay_process
+from tests.helpers.userscript import Userscript, wait_connected
+from tests.helpers.waits import eventually_async
+
+pytestmark = pytest.mark.e2e
 
 MEMBERS = 1000
 SHUTDOWN_BOUND_S = 5.0

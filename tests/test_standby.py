@@ -7,12 +7,15 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import trio
 
 from relay.api import STANDBY_HEADER
 from relay.config import Config
 from relay.service import RunningRelay, run_relay
-from tests.conftest import ANON_KEY, FACTION, OTHER_FACTION
+from tests.helpers.factions import ANON_KEY, FACTION, OTHER_FACTION
+
+pytestmark = pytest.mark.contract
 
 
 async def subscribe(

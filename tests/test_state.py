@@ -7,13 +7,17 @@ import json
 from collections.abc import Callable
 
 import httpx
+import pytest
 import trio
 
 from relay.config import Config
 from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, FACTION, eventually
-from tests.sse_client import open_sse
+from tests.helpers.factions import ANON_KEY, FACTION
+from tests.helpers.sse_client import open_sse
+from tests.helpers.waits import eventually
+
+pytestmark = pytest.mark.e2e
 
 
 async def start(nursery: trio.Nursery, make_config: Callable[..., Config], toml: str = "") -> RunningRelay:

@@ -34,9 +34,9 @@ import relay
 from relay.config import Config, load_config
 from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import ANON_KEY, FACTION, OTHER_FACTION, eventually_async
-from tests.test_browser import CHROMIUM, CHROMIUM_FLAGS, chromium_binary  # noqa: F401 - a fixture
-from tests.test_end_to_end import call
+from tests.helpers.factions import ANON_KEY, FACTION, OTHER_FACTION, call
+from tests.helpers.programs import CHROMIUM, CHROMIUM_FLAGS
+from tests.helpers.waits import eventually_async
 
 # The faulted faction has the larger id, so that it coming first shows the page's order by state.
 LIVE, FAULTED = OTHER_FACTION, FACTION
@@ -324,6 +324,7 @@ def sparkline_heights(line: str) -> list[float]:
     return [float(y) for y in re.findall(r"[ML][\d.]+ ([\d.]+)", line)]
 
 
+@pytest.mark.e2e
 async def test_the_page_is_one_file_that_may_load_nothing_but_itself(relay: RunningRelay) -> None:
     with trio.fail_after(10):
         async with httpx.AsyncClient(base_url=relay.url) as http:
@@ -364,7 +365,7 @@ class Scene:
 
 @pytest.fixture
 async def scene(
-    chromium_binary: Path,  # noqa: F811 - the fixture imported above
+    chromium_binary: Path,
     nursery: trio.Nursery,
     tmp_path: Path,
     fake_upstream: FakeSupabase,
@@ -389,6 +390,7 @@ async def scene(
             await relay_ended.wait()
 
 
+@pytest.mark.external
 async def test_a_person_sees_every_faction_its_state_and_a_refreshing_page(
     scene: Scene, tmp_path: Path
 ) -> None:
@@ -468,6 +470,7 @@ async def test_a_person_sees_every_faction_its_state_and_a_refreshing_page(
     assert (await trio.Path(shot).read_bytes()).startswith(b"\x89PNG\r\n\x1a\n")
 
 
+@pytest.mark.external
 async def test_an_unreachable_relay_is_said_and_its_last_figures_kept_greyed(scene: Scene) -> None:
     page = scene.page
     with trio.fail_after(60):

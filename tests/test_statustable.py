@@ -15,9 +15,9 @@ from relay.config import load_config
 from relay.service import RunningRelay
 from relay.statustable import Unreachable, exit_status, render, url_from_config
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import FACTION, OTHER_FACTION
-from tests.operator_commands import run_relay_command
-from tests.test_end_to_end import Userscript, wait_connected
+from tests.helpers.factions import FACTION, OTHER_FACTION
+from tests.helpers.operator_commands import run_relay_command
+from tests.helpers.userscript import Userscript, wait_connected
 
 NOW_MS = 1_732_460_000_000
 
@@ -55,6 +55,7 @@ def rows(shown: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.split("  ") if cell.strip()] for line in table.splitlines()]
 
 
+@pytest.mark.unit
 def test_ages_are_measured_against_the_relays_own_clock_when_it_sends_one() -> None:
     status = document(
         faction(
@@ -109,6 +110,7 @@ def test_ages_are_measured_against_the_relays_own_clock_when_it_sends_one() -> N
     ]
 
 
+@pytest.mark.unit
 def test_without_members_or_now_the_columns_are_left_out_and_the_local_clock_is_used() -> None:
     status = document(faction(FACTION, "backoff", last_event_at=NOW_MS - 90_000, last_poll_at=NOW_MS + 500))
     shown = render(status, "http://relay", now_ms=NOW_MS)
@@ -119,12 +121,14 @@ def test_without_members_or_now_the_columns_are_left_out_and_the_local_clock_is_
     assert "\x1b" not in shown  # no colour, ever
 
 
+@pytest.mark.unit
 def test_no_factions_is_a_summary_line_only() -> None:
     assert render(document(), "http://relay", now_ms=NOW_MS) == (
         "relay 1.2.3 at http://relay: up 3h, 0 factions (0 active), 0 connected"
     )
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("states", "status"),
     [
@@ -142,6 +146,7 @@ def test_the_exit_status_says_whether_every_active_faction_is_connected(
     assert exit_status(document(*(faction(n, state) for n, state in enumerate(states, 1)))) == status
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("host", "port", "url"),
     [
@@ -161,6 +166,7 @@ def test_the_url_from_a_config_reaches_the_relay_from_its_own_machine(
     assert url_from_config(config) == url
 
 
+@pytest.mark.unit
 def test_a_config_with_port_0_cannot_say_where_the_relay_is(tmp_path: Path) -> None:
     (tmp_path / "relay.toml").write_text('[server]\nport = 0\n[upstream]\nurl = "ws://x.invalid"\n')
     config = load_config(tmp_path / "relay.toml", environ={"RELAY_UPSTREAM_ANON_KEY": "key"})
@@ -168,6 +174,7 @@ def test_a_config_with_port_0_cannot_say_where_the_relay_is(tmp_path: Path) -> N
         url_from_config(config)
 
 
+@pytest.mark.e2e
 async def test_a_real_relay_with_one_faction_connected_and_one_refused(
     relay: RunningRelay, fake_upstream: FakeSupabase
 ) -> None:
@@ -203,6 +210,7 @@ async def wait_refused(http: httpx.AsyncClient) -> None:
         await trio.sleep(0.05)
 
 
+@pytest.mark.e2e
 async def test_a_relay_that_does_not_answer_is_one_line_and_exit_status_2() -> None:
     with socket.socket() as closed:  # a port nothing listens on once this socket is closed
         closed.bind(("127.0.0.1", 0))
@@ -213,12 +221,14 @@ async def test_a_relay_that_does_not_answer_is_one_line_and_exit_status_2() -> N
     assert ran.error_lines[0].startswith(f"relay: cannot reach the relay at http://127.0.0.1:{port}/status: ")
 
 
+@pytest.mark.e2e
 async def test_something_else_answering_is_not_taken_for_a_relay(relay: RunningRelay) -> None:
     ran = await run_relay_command("status", "--url", relay.url + "/ping")  # JSON, but not /status
     assert ran.status == 2
     assert ran.error_lines == [f"relay: {relay.url}/ping/status answered 404, not a relay's status"]
 
 
+@pytest.mark.e2e
 async def test_the_help_says_what_each_exit_status_means() -> None:
     ran = await run_relay_command("status", "--help")
     assert ran.status == 0

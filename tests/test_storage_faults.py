@@ -13,12 +13,16 @@ import sqlite3
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from relay.testing.fake_supabase import FakeSupabase
-from tests.conftest import FACTION, eventually
-from tests.relay_process import relay_process
-from tests.test_end_to_end import Userscript, call, wait_connected
+from tests.helpers.factions import FACTION, call
+from tests.helpers.relay_process import relay_process
+from tests.helpers.userscript import Userscript, wait_connected
+from tests.helpers.waits import eventually
+
+pytestmark = pytest.mark.e2e
 
 # Only the soft limit moves: raising a hard limit again would need CAP_SYS_RESOURCE.
 FILE_SIZE_HARD_LIMIT = resource.RLIM_INFINITY

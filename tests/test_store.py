@@ -31,6 +31,8 @@ from relay.store import (
     open_store,
 )
 
+pytestmark = pytest.mark.unit
+
 FACTION = 46666
 OTHER = 11581
 THIRD = 9001

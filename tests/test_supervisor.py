@@ -6,38 +6,32 @@ names `autojump_clock` itself: pytest-trio only runs a test under a clock the te
 
 from __future__ import annotations
 
-import dataclasses
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import trio
 import trio.testing
 
 from relay.config import ChannelConfig
-from relay.phoenix import ChangeReceived
 from relay.supervisor import Supervisors, SupervisorSettings, UpstreamState
 from relay.testing.fake_supabase import FakeSupabase
 from relay.upstream import CLOSE_NOTICE_S, CLOSE_TIMEOUT_S, ConnectionSettings
-from tests.conftest import eventually
+from tests.helpers.supervisors import (
+    HEARTBEAT_S,
+    INITIAL_S,
+    KEY,
+    MAX_S,
+    Collected,
+    call,
+    war_calls_settings,
+)
+from tests.helpers.waits import eventually
 
-KEY = "anon"
+pytestmark = pytest.mark.virtual_time
+
 A, B = 46666, 11581
-HEARTBEAT_S = 25.0
-INITIAL_S, MAX_S = 1.0, 60.0
 SEED = 4
-
-
-@dataclass
-class Collected:
-    changes: dict[int, list[ChangeReceived]] = field(default_factory=dict)
-
-    async def ingest(self, faction_id: int, changes: Sequence[ChangeReceived]) -> None:
-        self.changes.setdefault(faction_id, []).extend(changes)
-
-    def types(self, faction_id: int) -> list[str]:
-        return [change.data["eventType"] for change in self.changes.get(faction_id, [])]
 
 
 @dataclass
@@ -53,17 +47,6 @@ class Harness:
         await eventually(lambda: self.state(faction_id) == state)
 
 
-def war_calls_settings(url: str, **overrides: object) -> SupervisorSettings:
-    """Supervisors of one war_calls channel per faction, with the timings these tests assert."""
-    settings = SupervisorSettings(
-        connection=ConnectionSettings(url, KEY, heartbeat_interval_s=HEARTBEAT_S, connect_timeout_s=10.0),
-        channels=[ChannelConfig("war_calls", "faction_id=eq.{faction_id}")],
-        backoff_initial_s=INITIAL_S,
-        backoff_max_s=MAX_S,
-    )
-    return dataclasses.replace(settings, **overrides)  # type: ignore[arg-type]
-
-
 @pytest.fixture
 async def harness(nursery: trio.Nursery, autojump_clock: trio.abc.Clock) -> Harness:
     fake = FakeSupabase(valid_keys=(KEY,))
@@ -75,10 +58,6 @@ async def harness(nursery: trio.Nursery, autojump_clock: trio.abc.Clock) -> Harn
     )
     await nursery.start(supervisors.run, [A])
     return Harness(fake, supervisors, collected)
-
-
-def call(faction_id: int, call_id: int) -> dict[str, object]:
-    return {"id": call_id, "faction_id": faction_id, "target_id": 900 + call_id, "caller_name": "alice"}
 
 
 async def test_connected_only_after_subscribed_and_changes_flow_in_order(

@@ -6,6 +6,8 @@ import pytest
 
 from relay.terminal import age, iso_time, shorten, size, table
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     ("seconds", "shown"),

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from relay.traffic import MEMBER_WINDOW_S, MIN_PRUNE_AT, RATE_MINUTES, Source, Traffic
+
+pytestmark = pytest.mark.unit
 
 FACTION = 46666
 

@@ -12,7 +12,9 @@ import trio
 
 from relay.config import Config
 from relay.service import RunningRelay, run_relay
-from tests.conftest import ANON_KEY
+from tests.helpers.factions import ANON_KEY
+
+pytestmark = pytest.mark.contract
 
 PROXY = "10.0.0.7"
 STRANGER = "10.0.0.8"

@@ -1,13 +1,17 @@
-"""The events endpoint's query parser against the standard library's, on any query a client can send."""
+"""relay.events_http's pure parts: the query parser, against the standard library's on any query a
+client can send. Its routes are tested over HTTP (test_delivery.py, test_error_shape.py)."""
 
 from __future__ import annotations
 
 from urllib.parse import parse_qsl
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.events_http import _query
+
+pytestmark = pytest.mark.unit
 
 # The characters that steer parsing (separators, escapes, '+'), a few plain ones, and a non-ASCII byte.
 STEERING = b"a1=&%+_2F\xe9"

@@ -7,8 +7,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from tests import h2_frames as h2
-from tests.hostile_clients import (
+from tests.helpers import h2_frames as h2
+from tests.helpers.hostile_clients import (
     TINY_RCVBUF,
     Case,
     Stage,

@@ -17,7 +17,7 @@ from relay.factions import Factions
 from relay.service import Services, build_services, open_configured_store
 from relay.store import Store
 from relay.supervisor import Supervisors
-from tests.conftest import ANON_KEY
+from tests.helpers.factions import ANON_KEY
 
 # Never dialled: the supervisors are not run in this tier.
 UNUSED_UPSTREAM = "ws://127.0.0.1:9/realtime/v1/websocket"

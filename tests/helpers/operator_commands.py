@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from tests.relay_process import RELAY
+from tests.helpers.relay_process import RELAY
 
 
 @dataclass(frozen=True)
@@ -24,18 +24,15 @@ class Ran:
         return self.err.strip().splitlines()
 
 
-def clean_environ(**variables: str) -> dict[str, str]:
-    """The test process's environment without any RELAY_* of its own, plus `variables`."""
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}, **variables}
-
-
 async def run_relay_command(
-    *args: str | Path, environ: Mapping[str, str] | None = None, cwd: Path | None = None
+    *args: str | Path, variables: Mapping[str, str] | None = None, cwd: Path | None = None
 ) -> Ran:
+    """`relay *args` in this process's environment, which has no RELAY_* of the developer's
+    (conftest's `no_relay_variables`), plus `variables`."""
     with trio.fail_after(30):
         result = await trio.run_process(
             [RELAY, *map(str, args)],
-            env=dict(environ if environ is not None else clean_environ()),
+            env={**os.environ, **(variables or {})},
             cwd=cwd,
             capture_stdout=True,
             capture_stderr=True,

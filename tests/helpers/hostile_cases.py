@@ -10,8 +10,8 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tests import h2_frames as h2
-from tests.hostile_clients import (
+from tests.helpers import h2_frames as h2
+from tests.helpers.hostile_clients import (
     TINY_RCVBUF,
     Case,
     Stage,
@@ -23,7 +23,7 @@ from tests.hostile_clients import (
     json_bytes,
     random_step,
 )
-from tests.hostile_h2 import H2_SCRIPTS, h2_case
+from tests.helpers.hostile_h2 import H2_SCRIPTS, h2_case
 
 UNKNOWN_FACTION = 999_999  # no one subscribes it
 # Bodies the relay's body timeout (BODY_TIMEOUT_S in relay/api.py, 10 s) cuts off, and when to vanish

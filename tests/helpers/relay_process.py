@@ -12,6 +12,9 @@ from pathlib import Path
 import trio
 
 RELAY = str(Path(sys.executable).parent / "relay")
+# Issue 13's bound on `relay serve`'s exit after SIGTERM (tests/test_shutdown.py), which
+# deploy/cat-relay.service's TimeoutStopSec is set from (tests/test_deploy.py).
+SHUTDOWN_BOUND_S = 5.0
 LISTENING = re.compile(r"listening on (http://\S+)")
 
 
@@ -21,6 +24,7 @@ class RelayProcess:
         self.log: list[str] = []
         self.url = ""
         self._listening = trio.Event()
+        self.log_ended = trio.Event()  # stderr closed: the process has written its last line
 
     async def collect_log(self) -> None:
         assert self.process.stderr is not None
@@ -34,6 +38,7 @@ class RelayProcess:
                 if found and not self._listening.is_set():
                     self.url = found.group(1)
                     self._listening.set()
+        self.log_ended.set()
 
     def text(self) -> str:
         return "\n".join(self.log)
