@@ -25,7 +25,7 @@ from pathlib import Path
 import trio
 
 from bench.report import machine_lines
-from relay.store import open_store
+from relay.storage.store import open_store
 
 FACTIONS = 100
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.config import Config
-from relay.store import open_store
+from relay.storage.store import open_store
 
 SEED = 6  # issue 6
 FIRST_ROW_ID = 1_000
@@ -63,7 +63,7 @@ def _name(rng: random.Random) -> str:
 
 
 def war_call_insert(row_id: int, faction_id: int, war_id: int, at: datetime, rng: random.Random) -> Any:
-    """A war_calls INSERT in the realtime-js shape the relay stores (`relay.phoenix.to_realtime_js`)."""
+    """A war_calls INSERT in the realtime-js shape the relay stores (`relay.upstream.phoenix.to_realtime_js`)."""
     row = {
         "id": row_id,
         "faction_id": faction_id,

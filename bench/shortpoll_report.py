@@ -181,7 +181,7 @@ def setup_lines(plan: Plan, outcome: Outcome) -> list[str]:
         "sockets and reconcile, none of which is what a member's poll costs.",
         pinning,
         "floor: a bare ASGI app answering every request with the relay's empty /events body and headers, under "
-        "hypercorn's trio worker with the relay's own settings (`relay.http_server.hypercorn_config`). node: Express 5, "
+        "hypercorn's trio worker with the relay's own settings (`relay.http.server.hypercorn_config`). node: Express 5, "
         "events in an in-memory list per faction filtered by since, `res.json` (Express defaults: ETag, X-Powered-By).",
     ]
 

@@ -35,7 +35,7 @@ from bench.ingest import change
 from bench.memory import report_warnings, wait_factions
 from bench.processes import Upstream, open_relay, rss_bytes
 from relay.config import RetentionConfig, UpstreamConfig
-from relay.store import open_store
+from relay.storage.store import open_store
 
 PROBE_EVERY_S = 0.01
 PROBE_CONNECT_TIMEOUT_S = 1.0

@@ -15,19 +15,19 @@ from pathlib import Path
 import trio
 
 import relay
-from relay.checkconfig import check_config
-from relay.checkconfig import render as render_config
 from relay.config import LOG_LEVELS, Config, ConfigError, LoggingConfig, load_config
-from relay.dbstats import read_stats
-from relay.dbstats import render as render_stats
-from relay.descriptors import check_file_limit, open_file_limit
+from relay.http.descriptors import check_file_limit, open_file_limit
 from relay.logs import configure_logging
-from relay.migrations import MigrationError
-from relay.offline import DatabaseUnreadable, load_offline
+from relay.ops.checkconfig import check_config
+from relay.ops.checkconfig import render as render_config
+from relay.ops.dbstats import read_stats
+from relay.ops.dbstats import render as render_stats
+from relay.ops.offline import DatabaseUnreadable, load_offline
+from relay.ops.statustable import DEFAULT_URL, Unreachable, exit_status, fetch_status, url_from_config
+from relay.ops.statustable import render as render_status
 from relay.service import run_relay
-from relay.statustable import DEFAULT_URL, Unreachable, exit_status, fetch_status, url_from_config
-from relay.statustable import render as render_status
-from relay.store import StoreError
+from relay.storage.migrations import MigrationError
+from relay.storage.store import StoreError
 
 log = logging.getLogger("relay")
 

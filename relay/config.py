@@ -548,7 +548,7 @@ def _logging(table: _Table) -> LoggingConfig:
             raise table.refuse(
                 "levels",
                 f"gives {name} {_show(logger_level)}; levels are {', '.join(LOG_LEVELS)}"
-                ' (quote a dotted logger name: "relay.store" = "DEBUG")',
+                ' (quote a dotted logger name: "relay.storage.store" = "DEBUG")',
             )
         if name.startswith("trio-websocket") and logger_level == "DEBUG":
             # It logs the upstream URL it opens, whose query carries the anon key.

@@ -5,7 +5,7 @@
     no poll for subscription_ttl_s: active ──▶ expired, no socket ────────────┤
     a poll (or stream) of a known faction ◀── revived, if there is capacity ◀─┘
 
-The store keeps the subscription (`relay.store`), the registry the socket (`relay.supervisor`); this
+The store keeps the subscription (`relay.storage.store`), the registry the socket (`relay.upstream.supervisor`); this
 object is the only one that changes either, so that the two always agree and every way into
 "active" passes the same capacity check. Its refusals are the API's (`ApiError`), since every caller
 is a request or the relay's own upkeep.
@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 
 from relay.config import LimitsConfig
-from relay.responses import ApiError
-from relay.store import Store
-from relay.supervisor import Supervisors
+from relay.http.responses import ApiError
+from relay.storage.store import Store
+from relay.upstream.supervisor import Supervisors
 
 log = logging.getLogger(__name__)
 

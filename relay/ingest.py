@@ -6,8 +6,8 @@ the commit returned" (style habit 6) holds by construction: nothing else calls `
 
 An upstream change is also live news for a snapshot read in flight: the faction's reconciler is told
 before the change is stored, so that a change still waiting for its commit keeps its key out of the
-comparison (`relay.reconcile`). And a stored upstream change may be the row a parked shared DELETE was
-waiting for (`relay.shared_deletes`): that DELETE follows it here, through the same path.
+comparison (`relay.upstream.reconcile`). And a stored upstream change may be the row a parked shared DELETE was
+waiting for (`relay.upstream.shared_deletes`): that DELETE follows it here, through the same path.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import trio
 
 from relay.config import ChannelConfig
 from relay.hub import Hub
-from relay.phoenix import ChangeReceived
-from relay.planning import CHANGE_TYPE
-from relay.shared_deletes import DeleteRouter, RouterStatistics, filter_columns
-from relay.store import Store, StoredEvent, StoreError
-from relay.supervisor import DeliveryFailed
+from relay.storage.planning import CHANGE_TYPE
+from relay.storage.store import Store, StoredEvent, StoreError
 from relay.traffic import Source, Traffic
+from relay.upstream.phoenix import ChangeReceived
+from relay.upstream.shared_deletes import DeleteRouter, RouterStatistics, filter_columns
+from relay.upstream.supervisor import DeliveryFailed
 
 
 class LiveChangeWatcher(Protocol):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import trio
 
 from relay.factions import Factions
-from relay.store import Store, StoreError
+from relay.storage.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 

@@ -35,23 +35,23 @@ import trio
 from quart_trio import QuartTrio
 
 import relay
-from relay.api import RelayApp, create_app
 from relay.config import Config
-from relay.delivery import SSE_KEEPALIVE_S, HeldRequests
-from relay.descriptors import max_connections, open_file_limit
 from relay.factions import Factions
-from relay.http_server import hypercorn_config, serve
-from relay.http_stats import ConnectionCounters, HttpCounters
+from relay.http.api import RelayApp, create_app
+from relay.http.delivery import SSE_KEEPALIVE_S, HeldRequests
+from relay.http.descriptors import max_connections, open_file_limit
+from relay.http.ratelimit import RateLimiter
+from relay.http.server import hypercorn_config, serve
+from relay.http.stats import ConnectionCounters, HttpCounters
 from relay.hub import Hub
 from relay.ingest import Ingest
 from relay.maintenance import maintenance_pass, run_schedule
-from relay.ratelimit import RateLimiter
-from relay.reconcile import Reconciling
-from relay.snapshot import RestSettings, read_rows
-from relay.store import Store, open_store, wall_clock_ms
-from relay.supervisor import Supervisors, SupervisorSettings
+from relay.storage.store import Store, open_store, wall_clock_ms
 from relay.traffic import Traffic
-from relay.upstream import ConnectionSettings
+from relay.upstream.connection import ConnectionSettings
+from relay.upstream.reconcile import Reconciling
+from relay.upstream.snapshot import RestSettings, read_rows
+from relay.upstream.supervisor import Supervisors, SupervisorSettings
 
 log = logging.getLogger(__name__)
 

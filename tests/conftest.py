@@ -16,7 +16,7 @@ import trio
 from relay.config import Config, load_config
 from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
-from tests.helpers.contract import RelayApp, contract_config, open_relay_app
+from tests.helpers.contract import BuiltRelay, contract_config, open_relay_app
 from tests.helpers.factions import ANON_KEY
 from tests.helpers.programs import CHROMIUM, NGINX, OPENSSL, SYSTEM_PYTHON, SYSTEMD_ANALYZE
 
@@ -132,7 +132,7 @@ async def relay(make_config: Callable[..., Config]) -> AsyncIterator[RunningRela
 
 
 @pytest.fixture
-async def relay_app(tmp_path: Path) -> AsyncIterator[RelayApp]:
+async def relay_app(tmp_path: Path) -> AsyncIterator[BuiltRelay]:
     """The HTTP-contract tier's relay (tests/helpers/contract.py): built, never started."""
     async with open_relay_app(contract_config(tmp_path)) as built:
         yield built

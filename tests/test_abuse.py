@@ -121,7 +121,7 @@ async def test_a_keep_alive_exchange_still_reuses_the_socket(relay: RunningRelay
 async def test_a_connection_that_never_sends_a_request_is_closed(
     nursery: trio.Nursery, make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("relay.http_server.KEEP_ALIVE_S", 0.5)
+    monkeypatch.setattr("relay.http.server.KEEP_ALIVE_S", 0.5)
     relay = await start_relay(nursery, make_config())
     with trio.fail_after(10):
         answer, closed = await raw_exchange(relay.url, b"")
@@ -144,7 +144,7 @@ async def test_a_request_head_trickled_byte_by_byte_is_cut_off(
 ) -> None:
     """Slowloris: hypercorn counts a connection idle until a whole head has arrived, so the
     keep-alive timer (KEEP_ALIVE_S) also bounds how long a head may take."""
-    monkeypatch.setattr("relay.http_server.KEEP_ALIVE_S", 0.5)
+    monkeypatch.setattr("relay.http.server.KEEP_ALIVE_S", 0.5)
     relay = await start_relay(nursery, make_config())
     parts = urllib.parse.urlsplit(relay.url)
     with trio.fail_after(10):

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from relay.answers import MAX_CACHED_BYTES, MAX_LARGE_CACHED_BYTES, AnswerCache, events_body
-from relay.store import StoredEvent
+from relay.http.answers import MAX_CACHED_BYTES, MAX_LARGE_CACHED_BYTES, AnswerCache, events_body
+from relay.storage.store import StoredEvent
 
 pytestmark = pytest.mark.unit
 

@@ -11,25 +11,25 @@ import pytest
 import trio
 from quart.typing import TestClientProtocol as QuartClient
 
-from relay.answers import MAX_CACHED_BYTES, MAX_LARGE_CACHED_BYTES
 from relay.config import Config
+from relay.http.answers import MAX_CACHED_BYTES, MAX_LARGE_CACHED_BYTES
 from relay.service import RunningRelay, run_relay
-from tests.helpers.contract import RelayApp
+from tests.helpers.contract import BuiltRelay
 from tests.helpers.factions import ANON_KEY, FACTION, OTHER_FACTION
 
 pytestmark = pytest.mark.contract
 
 
-def client(relay: RelayApp | RunningRelay) -> QuartClient:
+def client(relay: BuiltRelay | RunningRelay) -> QuartClient:
     return relay.app.test_client()
 
 
-async def subscribe(relay: RelayApp | RunningRelay, faction_id: Any = FACTION, key: str = ANON_KEY) -> Any:
+async def subscribe(relay: BuiltRelay | RunningRelay, faction_id: Any = FACTION, key: str = ANON_KEY) -> Any:
     response = await client(relay).post("/subscribe", json={"faction_id": faction_id, "api_key": key})
     return response.status_code, await response.get_json()
 
 
-async def events(relay: RelayApp | RunningRelay, query: str) -> tuple[int, Any]:
+async def events(relay: BuiltRelay | RunningRelay, query: str) -> tuple[int, Any]:
     response = await client(relay).get(f"/events?{query}")
     return response.status_code, await response.get_json()
 
@@ -39,7 +39,7 @@ def change(n: int) -> dict[str, Any]:
     return {"table": "test_rows", "eventType": "INSERT", "new": {"id": n, "faction_id": FACTION}, "old": {}}
 
 
-async def test_ping_tells_todays_script_the_relay_is_there(relay_app: RelayApp) -> None:
+async def test_ping_tells_todays_script_the_relay_is_there(relay_app: BuiltRelay) -> None:
     response = await client(relay_app).get("/ping")
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "application/json; charset=utf-8"
@@ -50,12 +50,12 @@ async def test_ping_tells_todays_script_the_relay_is_there(relay_app: RelayApp) 
     assert body["version"].count(".") == 2
 
 
-async def test_health_answers_while_the_store_does(relay_app: RelayApp) -> None:
+async def test_health_answers_while_the_store_does(relay_app: BuiltRelay) -> None:
     response = await client(relay_app).get("/health")
     assert (response.status_code, await response.get_json()) == (200, {"status": "ok"})
 
 
-async def test_subscribe_accepts_numbers_and_digit_strings_and_is_idempotent(relay_app: RelayApp) -> None:
+async def test_subscribe_accepts_numbers_and_digit_strings_and_is_idempotent(relay_app: BuiltRelay) -> None:
     status, body = await subscribe(relay_app, FACTION)
     assert status == 200
     assert body == {"status": "subscribed", "faction_id": FACTION, "timestamp": relay_app.store.cursor()}
@@ -64,7 +64,7 @@ async def test_subscribe_accepts_numbers_and_digit_strings_and_is_idempotent(rel
     assert relay_app.store.active_factions() == [FACTION]
 
 
-async def test_events_since_returns_newer_events_oldest_first_with_the_cursor(relay_app: RelayApp) -> None:
+async def test_events_since_returns_newer_events_oldest_first_with_the_cursor(relay_app: BuiltRelay) -> None:
     await subscribe(relay_app)
     stored = await relay_app.store.append_events(FACTION, [("postgres_changes", change(n)) for n in range(3)])
     status, body = await events(relay_app, f"faction_id={FACTION}")
@@ -87,14 +87,14 @@ async def test_events_since_returns_newer_events_oldest_first_with_the_cursor(re
     assert later.timestamp > body["timestamp"]
 
 
-async def test_empty_since_means_everything_retained(relay_app: RelayApp) -> None:
+async def test_empty_since_means_everything_retained(relay_app: BuiltRelay) -> None:
     await subscribe(relay_app)
     await relay_app.store.append_events(FACTION, [("postgres_changes", change(1))])
     status, body = await events(relay_app, f"faction_id={FACTION}&since=")
     assert (status, len(body["events"])) == (200, 1)
 
 
-async def test_a_since_ahead_of_the_relay_clock_does_not_hide_later_events(relay_app: RelayApp) -> None:
+async def test_a_since_ahead_of_the_relay_clock_does_not_hide_later_events(relay_app: BuiltRelay) -> None:
     await subscribe(relay_app)
     ahead = relay_app.store.cursor() + 120_000  # a member whose clock runs two minutes fast
     status, body = await events(relay_app, f"faction_id={FACTION}&since={ahead}")
@@ -105,7 +105,7 @@ async def test_a_since_ahead_of_the_relay_clock_does_not_hide_later_events(relay
     assert [event["data"]["new"]["id"] for event in body["events"]] == [1]
 
 
-async def test_events_are_per_faction(relay_app: RelayApp) -> None:
+async def test_events_are_per_faction(relay_app: BuiltRelay) -> None:
     await subscribe(relay_app, FACTION)
     await subscribe(relay_app, OTHER_FACTION)
     await relay_app.store.append_events(OTHER_FACTION, [("postgres_changes", change(1))])
@@ -113,7 +113,7 @@ async def test_events_are_per_faction(relay_app: RelayApp) -> None:
     assert (status, body["events"]) == (200, [])
 
 
-async def test_a_poll_of_an_expired_faction_revives_it(relay_app: RelayApp) -> None:
+async def test_a_poll_of_an_expired_faction_revives_it(relay_app: BuiltRelay) -> None:
     await subscribe(relay_app)
     assert await relay_app.store.expire_idle(-1) == [FACTION]
     await relay_app.supervisors.stop(FACTION)
@@ -161,7 +161,7 @@ async def test_status_lists_each_faction_with_its_upstream(relay: RunningRelay) 
     assert faction["last_event_at"] == relay.store.cursor()
 
 
-async def test_cors_on_every_answer_and_preflight_answered(relay_app: RelayApp) -> None:
+async def test_cors_on_every_answer_and_preflight_answered(relay_app: BuiltRelay) -> None:
     for path in ["/ping", "/events?faction_id=x", "/nowhere"]:
         response = await client(relay_app).get(path)
         assert response.headers["Access-Control-Allow-Origin"] == "*", path
@@ -187,7 +187,7 @@ async def test_max_factions_refuses_the_next_faction_but_not_a_known_one(
     small.stop()
 
 
-async def test_the_browser_client_is_served_as_javascript(relay_app: RelayApp) -> None:
+async def test_the_browser_client_is_served_as_javascript(relay_app: BuiltRelay) -> None:
     response = await client(relay_app).get("/client.js", headers={"Host": "relay.example:8444"})
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "application/javascript; charset=utf-8"
@@ -199,7 +199,7 @@ async def test_the_browser_client_is_served_as_javascript(relay_app: RelayApp) -
     assert source.endswith('\nCATRelay.defaults.relayUrl = "http://relay.example:8444";\n')
 
 
-async def test_status_counts_members_by_address_and_events_per_minute(relay_app: RelayApp) -> None:
+async def test_status_counts_members_by_address_and_events_per_minute(relay_app: BuiltRelay) -> None:
     await subscribe(relay_app)
     for address in ("198.51.100.7", "198.51.100.7", "203.0.113.9"):
         response = await client(relay_app).get(
@@ -221,13 +221,13 @@ async def test_status_counts_members_by_address_and_events_per_minute(relay_app:
     assert body["now"] >= faction["last_event_at"]
 
 
-async def test_static_files_are_served_only_by_their_own_routes(relay_app: RelayApp) -> None:
+async def test_static_files_are_served_only_by_their_own_routes(relay_app: BuiltRelay) -> None:
     for path in ("/static/status.html", "/static/client.js"):
         response = await client(relay_app).get(path)
         assert response.status_code == 404, path
 
 
-async def test_the_package_folder_is_not_served_as_static_files(relay_app: RelayApp) -> None:
+async def test_the_package_folder_is_not_served_as_static_files(relay_app: BuiltRelay) -> None:
     # Quart's default static route would serve relay_app/static/ at /static/..., paths nobody documented
     # (found by the route check in tests/test_openapi.py).
     response = await client(relay_app).get("/static/client.js")
@@ -235,7 +235,7 @@ async def test_the_package_folder_is_not_served_as_static_files(relay_app: Relay
     assert (await response.get_json())["code"] == "not_found"
 
 
-async def test_readers_far_behind_share_one_large_answer(relay_app: RelayApp) -> None:
+async def test_readers_far_behind_share_one_large_answer(relay_app: BuiltRelay) -> None:
     """Twenty published events of 250 KB (above the small answers' 4 MiB in all): a second member far
     behind is sent the answer built for the first, although other polls were answered in between."""
     await subscribe(relay_app)

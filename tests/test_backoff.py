@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from relay.backoff import Backoff
+from relay.upstream.backoff import Backoff
 
 pytestmark = pytest.mark.unit
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from relay.checkconfig import check_config, mask, mask_url, render
 from relay.config import SECTIONS, load_config
-from relay.migrations import apply_migrations
+from relay.ops.checkconfig import check_config, mask, mask_url, render
+from relay.storage.migrations import apply_migrations
 from tests.helpers.operator_commands import run_relay_command
 
 URL = "wss://abcdefgh.supabase.co/realtime/v1/websocket"
@@ -36,7 +36,7 @@ events_per_faction = 250
 [auth]
 api_keys = ["{API_KEYS[0]}", "{API_KEYS[1]}"]
 [logging]
-levels = {{ "relay.store" = "DEBUG", hypercorn = "WARNING" }}
+levels = {{ "relay.storage.store" = "DEBUG", hypercorn = "WARNING" }}
 """
 
 
@@ -110,7 +110,7 @@ def test_every_key_is_there_with_env_overrides_and_changed_defaults_said(tmp_pat
     assert 'host = "0.0.0.0"  # from RELAY_SERVER_HOST; default "127.0.0.1"' in lines
     assert "port = 9001  # default 8444" in lines
     assert "max_body_bytes = 16384" in lines
-    assert 'levels = { "hypercorn" = "WARNING", "relay.store" = "DEBUG" }  # default {}' in lines
+    assert 'levels = { "hypercorn" = "WARNING", "relay.storage.store" = "DEBUG" }  # default {}' in lines
     assert f"# The effective configuration of {tmp_path / 'relay.toml'}." in lines
 
 

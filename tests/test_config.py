@@ -482,9 +482,12 @@ def test_config_is_frozen_and_its_repr_keeps_secrets(tmp_path: Path) -> None:
 
 def test_logging_levels_are_a_table_of_logger_names(tmp_path: Path) -> None:
     config = load(
-        tmp_path, '[logging]\nformat = "json"\nlevels = { "relay.store" = "DEBUG", hypercorn = "ERROR" }\n'
+        tmp_path,
+        '[logging]\nformat = "json"\nlevels = { "relay.storage.store" = "DEBUG", hypercorn = "ERROR" }\n',
     )
-    assert config.logging == LoggingConfig("json", "INFO", (("hypercorn", "ERROR"), ("relay.store", "DEBUG")))
+    assert config.logging == LoggingConfig(
+        "json", "INFO", (("hypercorn", "ERROR"), ("relay.storage.store", "DEBUG"))
+    )
 
 
 def test_the_shipped_relay_toml_loads_as_the_defaults() -> None:

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from relay.database import Database, StoreError, open_database, side_file, table_names
+from relay.storage.database import Database, StoreError, open_database, side_file, table_names
 
 pytestmark = pytest.mark.unit
 

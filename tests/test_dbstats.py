@@ -11,11 +11,11 @@ import httpx
 import pytest
 import trio
 
-from relay.dbstats import read_stats, render
-from relay.migrations import find_migrations, migrations_dir
+from relay.ops.dbstats import read_stats, render
+from relay.ops.terminal import iso_time
 from relay.service import RunningRelay
-from relay.store import Store, open_store
-from relay.terminal import iso_time
+from relay.storage.migrations import find_migrations, migrations_dir
+from relay.storage.store import Store, open_store
 from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.factions import FACTION, OTHER_FACTION, call
 from tests.helpers.operator_commands import run_relay_command

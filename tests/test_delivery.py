@@ -12,9 +12,9 @@ import pytest
 import trio
 
 from relay.config import Config
-from relay.delivery import DeliveryStatistics, HeldRequests
-from relay.phoenix import ChangeReceived
+from relay.http.delivery import DeliveryStatistics, HeldRequests
 from relay.service import RunningRelay, run_relay
+from relay.upstream.phoenix import ChangeReceived
 from tests.helpers.factions import ANON_KEY, FACTION, OTHER_FACTION
 from tests.helpers.sse_client import open_sse
 from tests.helpers.waits import eventually
@@ -251,7 +251,7 @@ async def test_sse_resumes_after_since_or_last_event_id(
 async def test_sse_keep_alive_comment_and_shutdown_ends_the_stream(
     relay: RunningRelay, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("relay.delivery.SSE_KEEPALIVE_S", 0.05)
+    monkeypatch.setattr("relay.http.delivery.SSE_KEEPALIVE_S", 0.05)
     with trio.fail_after(10):
         async with open_sse(relay.url, f"/events/stream?faction_id={FACTION}") as stream:
             await eventually(lambda: relay.hub.statistics().factions_waited_on == 1)

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from relay.service import RunningRelay
-from tests.helpers.contract import RelayApp
+from tests.helpers.contract import BuiltRelay
 from tests.helpers.factions import ANON_KEY, FACTION
 from tests.helpers.sse_client import open_sse
 
@@ -42,19 +42,19 @@ def assert_error(status: int, body: Any, expected_status: int, code: str) -> Non
     assert body["error"]
 
 
-async def post(relay: RelayApp | RunningRelay, path: str, data: bytes, **headers: str) -> tuple[int, Any]:
+async def post(relay: BuiltRelay | RunningRelay, path: str, data: bytes, **headers: str) -> tuple[int, Any]:
     response = await relay.app.test_client().post(path, data=data, headers=headers)
     return response.status_code, await response.get_json()
 
 
-async def get(relay: RelayApp | RunningRelay, path: str) -> tuple[int, Any]:
+async def get(relay: BuiltRelay | RunningRelay, path: str) -> tuple[int, Any]:
     response = await relay.app.test_client().get(path)
     return response.status_code, await response.get_json()
 
 
 @pytest.mark.contract
 @pytest.mark.parametrize("faction_id", BAD_FACTION_IDS)
-async def test_subscribe_invalid_faction_id(relay_app: RelayApp, faction_id: Any) -> None:
+async def test_subscribe_invalid_faction_id(relay_app: BuiltRelay, faction_id: Any) -> None:
     response = await relay_app.app.test_client().post(
         "/subscribe", json={"faction_id": faction_id, "api_key": ANON_KEY}
     )
@@ -63,20 +63,20 @@ async def test_subscribe_invalid_faction_id(relay_app: RelayApp, faction_id: Any
 
 @pytest.mark.contract
 @pytest.mark.parametrize("number", ["1e999999", "NaN", "-Infinity"])
-async def test_a_number_json_cannot_carry_is_invalid_json(relay_app: RelayApp, number: str) -> None:
+async def test_a_number_json_cannot_carry_is_invalid_json(relay_app: BuiltRelay, number: str) -> None:
     body = f'{{"faction_id": {number}, "api_key": "{ANON_KEY}"}}'.encode()
     assert_error(*await post(relay_app, "/subscribe", body), 400, "invalid_json")
 
 
 @pytest.mark.contract
-async def test_subscribe_missing_faction_id(relay_app: RelayApp) -> None:
+async def test_subscribe_missing_faction_id(relay_app: BuiltRelay) -> None:
     response = await relay_app.app.test_client().post("/subscribe", json={"api_key": ANON_KEY})
     assert_error(response.status_code, await response.get_json(), 400, "invalid_faction_id")
 
 
 @pytest.mark.contract
 @pytest.mark.parametrize("body", [b"", b"not json", b"[1, 2]", b'"text"', b"\xff\xfe\x00", b"[" * 5000])
-async def test_subscribe_invalid_json(relay_app: RelayApp, body: bytes) -> None:
+async def test_subscribe_invalid_json(relay_app: BuiltRelay, body: bytes) -> None:
     assert_error(
         *await post(relay_app, "/subscribe", body, **{"Content-Type": "application/json"}),
         400,
@@ -86,7 +86,7 @@ async def test_subscribe_invalid_json(relay_app: RelayApp, body: bytes) -> None:
 
 @pytest.mark.contract
 @pytest.mark.parametrize("key", [None, "", "wrong", 12345, ["test-anon-key"], "tëst"])
-async def test_subscribe_invalid_api_key(relay_app: RelayApp, key: Any) -> None:
+async def test_subscribe_invalid_api_key(relay_app: BuiltRelay, key: Any) -> None:
     response = await relay_app.app.test_client().post(
         "/subscribe", json={"faction_id": FACTION, "api_key": key}
     )
@@ -95,7 +95,7 @@ async def test_subscribe_invalid_api_key(relay_app: RelayApp, key: Any) -> None:
 
 
 @pytest.mark.contract
-async def test_subscribe_body_too_large(relay_app: RelayApp) -> None:
+async def test_subscribe_body_too_large(relay_app: BuiltRelay) -> None:
     padding = "x" * 20_000
     body = f'{{"faction_id": {FACTION}, "api_key": "{ANON_KEY}", "pad": "{padding}"}}'.encode()
     assert_error(*await post(relay_app, "/subscribe", body), 413, "body_too_large")
@@ -103,29 +103,29 @@ async def test_subscribe_body_too_large(relay_app: RelayApp) -> None:
 
 @pytest.mark.contract
 @pytest.mark.parametrize("faction_id", ["", "abc", "0", "-1", "2147483648", "1.5", "%D9%A3", "99999999999"])
-async def test_events_invalid_faction_id(relay_app: RelayApp, faction_id: str) -> None:
+async def test_events_invalid_faction_id(relay_app: BuiltRelay, faction_id: str) -> None:
     assert_error(*await get(relay_app, f"/events?faction_id={faction_id}"), 400, "invalid_faction_id")
 
 
 @pytest.mark.contract
-async def test_events_missing_faction_id(relay_app: RelayApp) -> None:
+async def test_events_missing_faction_id(relay_app: BuiltRelay) -> None:
     assert_error(*await get(relay_app, "/events"), 400, "invalid_faction_id")
 
 
 @pytest.mark.contract
-async def test_events_not_subscribed(relay_app: RelayApp) -> None:
+async def test_events_not_subscribed(relay_app: BuiltRelay) -> None:
     assert_error(*await get(relay_app, f"/events?faction_id={FACTION}"), 404, "not_subscribed")
 
 
 @pytest.mark.contract
 @pytest.mark.parametrize("since", ["abc", "-1", "1.5", "1e9", "%D9%A3", "1" * 17, "99999999999999"])
-async def test_events_invalid_since(relay_app: RelayApp, since: str) -> None:
+async def test_events_invalid_since(relay_app: BuiltRelay, since: str) -> None:
     await relay_app.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
     assert_error(*await get(relay_app, f"/events?faction_id={FACTION}&since={since}"), 400, "invalid_since")
 
 
 @pytest.mark.contract
-async def test_unknown_path_and_wrong_method(relay_app: RelayApp) -> None:
+async def test_unknown_path_and_wrong_method(relay_app: BuiltRelay) -> None:
     assert_error(*await get(relay_app, "/nowhere"), 404, "not_found")
     assert_error(*await get(relay_app, "/subscribe"), 405, "method_not_allowed")
     response = await relay_app.app.test_client().put("/events", data=b"{}")
@@ -176,19 +176,19 @@ async def test_a_streams_invalid_since_is_refused_even_with_a_resume_point(
 @pytest.mark.parametrize(
     "wait", ["abc", "-1", "nan", "inf", "1e400", "%D9%A3", "1" * 33, "%201", "1_0", "-0", "1e", "."]
 )
-async def test_events_invalid_wait(relay_app: RelayApp, wait: str) -> None:
+async def test_events_invalid_wait(relay_app: BuiltRelay, wait: str) -> None:
     await relay_app.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
     assert_error(*await get(relay_app, f"/events?faction_id={FACTION}&wait={wait}"), 400, "invalid_wait")
 
 
-async def publish(relay_app: RelayApp, body: dict[str, Any], path: str = "/events") -> tuple[int, Any]:
+async def publish(relay_app: BuiltRelay, body: dict[str, Any], path: str = "/events") -> tuple[int, Any]:
     response = await relay_app.app.test_client().post(path, json=body)
     return response.status_code, await response.get_json()
 
 
 @pytest.mark.contract
 @pytest.mark.parametrize("event_type", [None, 5, "", "postgres_changes", "war_calls", "hospital_update "])
-async def test_publish_invalid_type(relay_app: RelayApp, event_type: Any) -> None:
+async def test_publish_invalid_type(relay_app: BuiltRelay, event_type: Any) -> None:
     await relay_app.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
     body = {"faction_id": FACTION, "api_key": ANON_KEY, "type": event_type, "data": {}}
     assert_error(*await publish(relay_app, body), 400, "invalid_type")
@@ -196,7 +196,7 @@ async def test_publish_invalid_type(relay_app: RelayApp, event_type: Any) -> Non
 
 @pytest.mark.contract
 @pytest.mark.parametrize("data", [None, "text", 5, True])
-async def test_publish_invalid_data(relay_app: RelayApp, data: Any) -> None:
+async def test_publish_invalid_data(relay_app: BuiltRelay, data: Any) -> None:
     await relay_app.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
     body = {"faction_id": FACTION, "api_key": ANON_KEY, "type": "hospital_update", "data": data}
     assert_error(*await publish(relay_app, body), 400, "invalid_data")
@@ -209,7 +209,7 @@ async def test_publish_invalid_data(relay_app: RelayApp, data: Any) -> None:
 
 @pytest.mark.contract
 @pytest.mark.parametrize("path", ["/events", "/hospital", "/faction-members"])
-async def test_publish_needs_the_key_and_a_subscribed_faction(relay_app: RelayApp, path: str) -> None:
+async def test_publish_needs_the_key_and_a_subscribed_faction(relay_app: BuiltRelay, path: str) -> None:
     body = {"faction_id": FACTION, "type": "hospital_update", "data": {}, "members": {}}
     assert_error(*await publish(relay_app, body, path), 401, "invalid_api_key")
     assert_error(*await publish(relay_app, {**body, "api_key": "wrong"}, path), 401, "invalid_api_key")
@@ -222,13 +222,13 @@ async def test_publish_needs_the_key_and_a_subscribed_faction(relay_app: RelayAp
 
 
 @pytest.mark.contract
-async def test_publish_body_limit_is_its_own(relay_app: RelayApp) -> None:
+async def test_publish_body_limit_is_its_own(relay_app: BuiltRelay) -> None:
     members = {str(n): {"name": "x" * 200} for n in range(1500)}  # ~330 KB: over publish.max_body_bytes
     body = json.dumps({"faction_id": FACTION, "api_key": ANON_KEY, "members": members}).encode()
     assert_error(*await post(relay_app, "/faction-members", body), 413, "body_too_large")
 
 
 @pytest.mark.contract
-async def test_stream_of_an_unknown_faction_is_refused_before_streaming(relay_app: RelayApp) -> None:
+async def test_stream_of_an_unknown_faction_is_refused_before_streaming(relay_app: BuiltRelay) -> None:
     assert_error(*await get(relay_app, f"/events/stream?faction_id={FACTION}"), 404, "not_subscribed")
     assert_error(*await get(relay_app, "/events/stream?faction_id=0"), 400, "invalid_faction_id")

@@ -1,4 +1,4 @@
-"""relay.events_http's pure parts: the query parser, against the standard library's on any query a
+"""relay.http.events's pure parts: the query parser, against the standard library's on any query a
 client can send. Its routes are tested over HTTP (test_delivery.py, test_error_shape.py)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.events_http import _query
+from relay.http.events import _query
 
 pytestmark = pytest.mark.unit
 

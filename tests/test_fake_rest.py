@@ -8,8 +8,8 @@ import httpx
 import pytest
 import trio
 
-from relay import snapshot
 from relay.testing.fake_supabase import FakeSupabase
+from relay.upstream import snapshot
 
 pytestmark = pytest.mark.e2e
 

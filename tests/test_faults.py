@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from relay.supervisor import Supervisors, UpstreamState
 from relay.testing.fake_supabase import FakeConnection, FakeSupabase
+from relay.upstream.supervisor import Supervisors, UpstreamState
 from tests.helpers.supervisors import HEARTBEAT_S, KEY, MAX_S, Collected, call, war_calls_settings
 from tests.helpers.waits import eventually
 

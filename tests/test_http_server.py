@@ -1,4 +1,4 @@
-"""The relay's own connection layer (`relay.http_server`) around hypercorn's HTTP/1.1 protocol: the
+"""The relay's own connection layer (`relay.http.server`) around hypercorn's HTTP/1.1 protocol: the
 internals it was written against, answers byte-identical to hypercorn's own trio worker, and each
 failure path (a client vanishing, one that stops reading, one that fails the app, HTTP/2, shutdown,
 the connection cap, running out of descriptors) over real loopback sockets."""
@@ -30,10 +30,10 @@ from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.worker_context import WorkerContext
 
-from relay import http_server
 from relay.config import Config
-from relay.http_server import hypercorn_config
-from relay.http_stats import ConnectionCounters
+from relay.http import server as http_server
+from relay.http.server import hypercorn_config
+from relay.http.stats import ConnectionCounters
 from relay.service import RunningRelay, run_relay
 from tests.helpers.factions import ANON_KEY, FACTION
 from tests.helpers.waits import eventually
@@ -127,7 +127,7 @@ def request(path: str, *, close: bool = True, extra: bytes = b"") -> bytes:
 # What this layer relies on, as it was when it was written: hypercorn's protocol and stream classes
 # (their constructor, `_check_protocol`, `_send_h11_event`, `_send_error_response`, `handle`, the
 # `Closed`/`Updated` events they send), the lifespan and worker context it runs, and the task group
-# shape it stands in for. A new hypercorn must be read against relay/http_server.py before these
+# shape it stands in for. A new hypercorn must be read against relay/http/server.py before these
 # are updated.
 PINNED_SOURCES = {
     H11Protocol: "b32a61e0a8ca2127",
@@ -143,7 +143,7 @@ PINNED_SOURCES = {
 def test_the_hypercorn_internals_used_are_the_ones_it_was_written_against(cls: type) -> None:
     assert importlib.metadata.version("hypercorn") == http_server.HYPERCORN_VERSION
     digest = hashlib.sha256(inspect.getsource(cls).encode()).hexdigest()[:16]
-    assert digest == PINNED_SOURCES[cls], f"hypercorn's {cls.__name__} changed: re-read relay/http_server.py"
+    assert digest == PINNED_SOURCES[cls], f"hypercorn's {cls.__name__} changed: re-read relay/http/server.py"
     assert hasattr(h11.Connection, "send_with_data_passthrough")
 
 

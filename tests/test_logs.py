@@ -30,7 +30,7 @@ TRANSITION = re.compile(rf"^FactionSupervisor\({FACTION}\): (\w+) -> (\w+)")
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    touched = ["trio-websocket", "relay.store", "hypercorn.error", "httpx", "httpcore"]
+    touched = ["trio-websocket", "relay.storage.store", "hypercorn.error", "httpx", "httpcore"]
     levels = {name: logging.getLogger(name).level for name in touched}
     yield
     root.handlers[:] = handlers
@@ -89,15 +89,15 @@ def test_the_json_formatter_keeps_a_traceback_inside_its_one_line() -> None:
 @pytest.mark.usefixtures("restore_logging")
 def test_levels_per_logger_apply_and_trio_websocket_never_goes_below_info() -> None:
     stream = io.StringIO()
-    configure_logging(LoggingConfig("human", "DEBUG", (("relay.store", "WARNING"),)), stream=stream)
-    logging.getLogger("relay.store").info("not shown")
-    logging.getLogger("relay.store").warning("shown")
-    logging.getLogger("relay.supervisor").debug("debug shown")
+    configure_logging(LoggingConfig("human", "DEBUG", (("relay.storage.store", "WARNING"),)), stream=stream)
+    logging.getLogger("relay.storage.store").info("not shown")
+    logging.getLogger("relay.storage.store").warning("shown")
+    logging.getLogger("relay.upstream.supervisor").debug("debug shown")
     logging.getLogger("trio-websocket").debug("ws://upstream/?apikey=secret")
     logging.getLogger("httpx").info("HTTP Request: GET https://x.supabase.co/rest/v1/war_calls")
     text = stream.getvalue()
     assert "not shown" not in text
-    assert "WARNING relay.store: shown" in text
+    assert "WARNING relay.storage.store: shown" in text
     assert "debug shown" in text
     assert "apikey" not in text
     assert "HTTP Request" not in text  # a reconcile's every read is not a state change

@@ -12,9 +12,9 @@ import trio
 from relay.config import Config
 from relay.maintenance import MaintenanceReport, maintenance_pass, run_schedule
 from relay.service import RunningRelay, run_relay
-from relay.store import wall_clock_ms
-from relay.supervisor import UpstreamState
+from relay.storage.store import wall_clock_ms
 from relay.testing.fake_supabase import FakeSupabase
+from relay.upstream.supervisor import UpstreamState
 from tests.helpers.factions import FACTION, OTHER_FACTION
 from tests.helpers.waits import eventually
 

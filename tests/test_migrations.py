@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.migrations import (
+from relay.storage.migrations import (
     CHECKOUT_DIR,
     DatabaseTooNew,
     MigrationError,

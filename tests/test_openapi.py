@@ -29,7 +29,7 @@ from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
 
 from relay import __version__
 from relay.config import load_config
-from relay.events_http import EVENTS_PATH, STREAM_PATH
+from relay.http.events import EVENTS_PATH, STREAM_PATH
 from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.factions import ANON_KEY
@@ -212,7 +212,7 @@ async def test_every_route_served_is_documented_and_every_documented_route_serve
         for method in rule.methods or ()
         if method != "HEAD"  # answered for every GET route by Quart itself
     }
-    # The two paths answered in front of Quart (relay.events_http), GET and the preflight.
+    # The two paths answered in front of Quart (relay.http.events), GET and the preflight.
     served |= {(path, method) for path in (EVENTS_PATH, STREAM_PATH) for method in ("GET", "OPTIONS")}
     documented = documented_operations(DOCUMENT)
     assert served == documented

@@ -45,7 +45,7 @@ def test_an_installed_wheel_migrates_a_new_database(tmp_path: Path) -> None:
         check=True,
     )
     script = (
-        "import sqlite3, relay, relay.migrations as m;"
+        "import sqlite3, relay, relay.storage.migrations as m;"
         "conn = sqlite3.connect('fresh.db', isolation_level=None);"
         "print(m.migrations_dir()); print(m.apply_migrations(conn)); print(relay.__file__)"
     )

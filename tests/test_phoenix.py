@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from relay.phoenix import (
+from relay.upstream.phoenix import (
     AllChannelsLive,
     BindingMismatch,
     ChangeIgnored,

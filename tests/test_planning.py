@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from relay.planning import CHANGE_TYPE, Append, Plan, Tombstones, encode, plan_batch, plan_chunk
-from relay.state import FactionRows, Row, diff, row_key
+from relay.storage.planning import CHANGE_TYPE, Append, Plan, Tombstones, encode, plan_batch, plan_chunk
+from relay.storage.state import FactionRows, Row, diff, row_key
 
 pytestmark = pytest.mark.unit
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from relay.admission import REQUEST_COSTS
 from relay.config import LimitsConfig
-from relay.ratelimit import RateLimiter, retry_after_header
+from relay.http.admission import REQUEST_COSTS
+from relay.http.ratelimit import RateLimiter, retry_after_header
 
 pytestmark = pytest.mark.unit
 

@@ -15,9 +15,9 @@ import trio
 
 from relay.config import Config
 from relay.service import RunningRelay, run_relay
-from relay.store import StoredEvent
-from relay.supervisor import UpstreamStatistics
+from relay.storage.store import StoredEvent
 from relay.testing.fake_supabase import FakeSupabase
+from relay.upstream.supervisor import UpstreamStatistics
 from tests.helpers.factions import ANON_KEY, FACTION, OTHER_FACTION
 from tests.helpers.waits import eventually
 

@@ -1,4 +1,4 @@
-"""The one renderer (`relay.responses.refusal`): every exception a request can end in, as the status,
+"""The one renderer (`relay.http.responses.refusal`): every exception a request can end in, as the status,
 code, message and headers both layers send, and the log line each fault leaves."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import logging
 import pytest
 from werkzeug.exceptions import MethodNotAllowed, NotFound, RequestEntityTooLarge, RequestURITooLarge
 
-from relay.inputs import check_body_size
-from relay.responses import (
+from relay.http.inputs import check_body_size
+from relay.http.responses import (
     BODY_TOO_LARGE,
     INTERNAL_ERROR,
     STORAGE_UNAVAILABLE,
@@ -18,7 +18,7 @@ from relay.responses import (
     Refusal,
     refusal,
 )
-from relay.store import StoreError
+from relay.storage.store import StoreError
 
 pytestmark = pytest.mark.unit
 

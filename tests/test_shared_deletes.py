@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import trio
 
-from relay.phoenix import ChangeReceived
-from relay.shared_deletes import PARK_S, DeleteRouter, RouterStatistics
+from relay.upstream.phoenix import ChangeReceived
+from relay.upstream.shared_deletes import PARK_S, DeleteRouter, RouterStatistics
 
 pytestmark = pytest.mark.virtual_time
 

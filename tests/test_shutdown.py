@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 
-from relay.store import RECONCILE_CHUNK_EVENTS
+from relay.storage.store import RECONCILE_CHUNK_EVENTS
 from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.factions import ANON_KEY, FACTION
 from tests.helpers.relay_process import SHUTDOWN_BOUND_S, RelayProcess, relay_process

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import trio
 
-from relay.api import STANDBY_HEADER
 from relay.config import Config
+from relay.http.api import STANDBY_HEADER
 from relay.service import RunningRelay, run_relay
 from tests.helpers.factions import ANON_KEY, FACTION, OTHER_FACTION
 

@@ -12,8 +12,8 @@ import pytest
 import trio
 
 from relay.config import load_config
+from relay.ops.statustable import Unreachable, exit_status, render, url_from_config
 from relay.service import RunningRelay
-from relay.statustable import Unreachable, exit_status, render, url_from_config
 from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.factions import FACTION, OTHER_FACTION
 from tests.helpers.operator_commands import run_relay_command

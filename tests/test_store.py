@@ -19,9 +19,9 @@ import pytest
 import trio
 import trio.testing
 
-from relay.database import CLOSE_BUSY_TIMEOUT_MS, CLOSE_CHECKPOINT_S
-from relay.state import row_key
-from relay.store import (
+from relay.storage.database import CLOSE_BUSY_TIMEOUT_MS, CLOSE_CHECKPOINT_S
+from relay.storage.state import row_key
+from relay.storage.store import (
     RECONCILE_CHUNK_EVENTS,
     FactionCounts,
     Store,

@@ -14,9 +14,9 @@ import trio
 import trio.testing
 
 from relay.config import ChannelConfig
-from relay.supervisor import Supervisors, SupervisorSettings, UpstreamState
 from relay.testing.fake_supabase import FakeSupabase
-from relay.upstream import CLOSE_NOTICE_S, CLOSE_TIMEOUT_S, ConnectionSettings
+from relay.upstream.connection import CLOSE_NOTICE_S, CLOSE_TIMEOUT_S, ConnectionSettings
+from relay.upstream.supervisor import Supervisors, SupervisorSettings, UpstreamState
 from tests.helpers.supervisors import (
     HEARTBEAT_S,
     INITIAL_S,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.terminal import age, iso_time, shorten, size, table
+from relay.ops.terminal import age, iso_time, shorten, size, table
 
 pytestmark = pytest.mark.unit
 

@@ -1,6 +1,6 @@
 """The floor of our server: a bare ASGI app under hypercorn's trio worker answering every request with
 one fixed body, the relay's own empty `/events` answer with the relay's headers, served with exactly
-the relay's hypercorn settings (`relay.http_server.hypercorn_config`), so it differs from the relay only
+the relay's hypercorn settings (`relay.http.server.hypercorn_config`), so it differs from the relay only
 in the app. Prints "listening on <url>" once it accepts connections; SIGTERM or SIGINT stops it.
 
     python -m bench.peers.floor --port 0
@@ -19,9 +19,9 @@ from hypercorn.trio import serve
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPResponseStartEvent, Scope
 
 from relay.config import Config, load_config
-from relay.http_server import hypercorn_config
-from relay.responses import CORS_HEADERS, JSON_TYPE, asgi_headers
-from relay.store import wall_clock_ms
+from relay.http.responses import CORS_HEADERS, JSON_TYPE, asgi_headers
+from relay.http.server import hypercorn_config
+from relay.storage.store import wall_clock_ms
 
 # Only to build a relay Config (both are required); the floor never connects anywhere.
 UNUSED_UPSTREAM = {
@@ -31,7 +31,7 @@ UNUSED_UPSTREAM = {
 
 
 def empty_answer(timestamp: int) -> bytes:
-    """What the relay answers a poll with nothing new (`relay.delivery.events_body` with no events)."""
+    """What the relay answers a poll with nothing new (`relay.http.delivery.events_body` with no events)."""
     return f'{{"events":[],"timestamp":{timestamp},"next_poll_ms":1000}}'.encode()
 
 
@@ -40,7 +40,7 @@ class FixedAnswer:
 
     def __init__(self, body: bytes) -> None:
         self.body = body
-        # The relay's /events headers in the relay's order (relay.events_http: _JSON, then the length).
+        # The relay's /events headers in the relay's order (relay.http.events: _JSON, then the length).
         self.start: HTTPResponseStartEvent = {
             "type": "http.response.start",
             "status": 200,

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import httpx
 
-from relay import api
 from relay.config import Config, load_config
 from relay.factions import Factions
+from relay.http import api
 from relay.service import Services, build_services, open_configured_store
-from relay.store import Store
-from relay.supervisor import Supervisors
+from relay.storage.store import Store
+from relay.upstream.supervisor import Supervisors
 from tests.helpers.factions import ANON_KEY
 
 # Never dialled: the supervisors are not run in this tier.
@@ -24,7 +24,7 @@ UNUSED_UPSTREAM = "ws://127.0.0.1:9/realtime/v1/websocket"
 
 
 @dataclass(frozen=True, slots=True)
-class RelayApp:
+class BuiltRelay:
     app: api.RelayApp
     services: Services
 
@@ -53,7 +53,7 @@ def contract_config(data_dir: Path, toml: str = "") -> Config:
 
 
 @asynccontextmanager
-async def open_relay_app(config: Config) -> AsyncIterator[RelayApp]:
+async def open_relay_app(config: Config) -> AsyncIterator[BuiltRelay]:
     async with open_configured_store(config) as store, httpx.AsyncClient() as rest_client:
         services = build_services(config, store=store, rest_client=rest_client)
-        yield RelayApp(api.create_app(services), services)
+        yield BuiltRelay(api.create_app(services), services)

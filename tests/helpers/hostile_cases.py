@@ -26,7 +26,7 @@ from tests.helpers.hostile_clients import (
 from tests.helpers.hostile_h2 import H2_SCRIPTS, h2_case
 
 UNKNOWN_FACTION = 999_999  # no one subscribes it
-# Bodies the relay's body timeout (BODY_TIMEOUT_S in relay/api.py, 10 s) cuts off, and when to vanish
+# Bodies the relay's body timeout (BODY_TIMEOUT_S in relay/http/api.py, 10 s) cuts off, and when to vanish
 # around it.
 BODY_TIMEOUT_S = 10.0
 BODY_ROUTES = ("/subscribe", "/events", "/hospital", "/faction-members")  # the routes that read a body
@@ -47,7 +47,7 @@ class Scenario:
 
 
 def http1_scenarios(t: Target) -> list[Scenario]:
-    """Every route and method the relay serves (relay/api.py, relay/events_http.py, openapi.json), with
+    """Every route and method the relay serves (relay/http/api.py, relay/http/events.py, openapi.json), with
     each early answer the tier is about; 429 needs its own relay (tests/test_hostile.py)."""
     f, quiet, key = t.faction_id, t.quiet_faction_id, t.api_key
     publish = {"api_key": key, "faction_id": f, "type": "hospital_update", "data": {"hostile": True}}
@@ -98,7 +98,7 @@ def http1_scenarios(t: Target) -> list[Scenario]:
 
 
 def rate_limited_scenarios(t: Target) -> list[Scenario]:
-    """The routes behind the per-address rate limit (relay/admission.py RATE_LIMITED_PATHS)."""
+    """The routes behind the per-address rate limit (relay/http/admission.py RATE_LIMITED_PATHS)."""
     limited = ("/subscribe", "/events", "/events/stream", "/state", "/hospital", "/faction-members")
     return [
         s

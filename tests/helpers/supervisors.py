@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from relay.config import ChannelConfig
-from relay.phoenix import ChangeReceived
-from relay.supervisor import SupervisorSettings
-from relay.upstream import ConnectionSettings
+from relay.upstream.connection import ConnectionSettings
+from relay.upstream.phoenix import ChangeReceived
+from relay.upstream.supervisor import SupervisorSettings
 
 KEY = "anon"
 HEARTBEAT_S = 25.0

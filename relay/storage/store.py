@@ -1,0 +1,536 @@
+"""Events and the relay's clock behind one async API: `Store`, opened by `open_store`.
+
+Every event's stamp is assigned inside the transaction that stores it, through the database's one
+write connection (`relay.storage.database`). Appends are group-committed: one committer task writes everything
+appended while the previous commit was running in a single transaction, planned by
+`relay.storage.planning`, so the number of fsyncs per second no longer bounds how many changes per second the
+relay can take. Polls are answered from memory: the newest events of each faction, published only
+after their commit returns. Subscriptions are kept by `relay.storage.subscriptions`, behind the same API.
+Errors: `StoreError` for any storage fault; `MigrationError` from opening.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from relay.storage.database import Database, FileSizes, open_database
+from relay.storage.database import StoreError as StoreError  # the storage API's error, named here for callers
+from relay.storage.planning import Append, Item, Plan, Tombstones, encode, plan_batch, plan_chunk
+from relay.storage.retained import RetainedEvents, load_retained
+from relay.storage.retained import StoredEvent as StoredEvent  # a result type of the API, named here
+from relay.storage.state import FactionRows, Row, RowChange, RowKey, diff, row_key
+from relay.storage.subscriptions import Subscription as Subscription  # a result type of the API, named here
+from relay.storage.subscriptions import Subscriptions, load_subscriptions
+
+log = logging.getLogger(__name__)
+
+# /health proves the database writable by committing a no-op write, but not more often than this.
+HEALTH_PROBE_INTERVAL_S = 1.0
+# A reconcile stores its differences in chunks, each its own transaction, of at most this many events
+# and (unless one event is larger) this much JSON: a stop (shutdown, the connection lost) waits for
+# the chunk being written, never for the whole snapshot (100,000 rows in one transaction took 10 s on
+# a 2-core VM, and blocked the event loop 3.4 s while planned), and what is committed stays: the next
+# reconcile stores the rest. A full chunk is planned and committed in 0.1-0.2 s on that VM, 0.6 s at
+# worst while other work loads it (of which planning, on the event loop, up to 0.45 s).
+RECONCILE_CHUNK_EVENTS = 1_000
+RECONCILE_CHUNK_BYTES = 1024 * 1024
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    """One call waiting for the committer: events to append, or a snapshot to reconcile with."""
+
+    faction_id: int
+    items: list[Item]
+    snapshot: _Snapshot | None = None
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+    stop_asked: bool = False  # its caller was cancelled: a reconcile stops after the chunk being written
+    stored: list[StoredEvent] = dataclasses.field(default_factory=list)
+    fault: StoreError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    table: str
+    rows: dict[RowKey, Row]
+    skip: frozenset[RowKey]
+    commit_timestamp: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    """What the store keeps in memory, as the database holds it at start."""
+
+    subscriptions: list[Subscription]
+    retained: RetainedEvents
+    high_water: int
+    rows: FactionRows
+
+
+@dataclass(frozen=True, slots=True)
+class FactionState:
+    """A faction's current rows per table, and the cursor they correspond to."""
+
+    timestamp: int
+    tables: dict[str, list[Row]]
+
+
+@dataclass(frozen=True, slots=True)
+class FactionCounts:
+    events_stored: int
+    last_event_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatistics:
+    factions: int
+    active_factions: int
+    events_in_memory: int
+    clock_high_water: int
+    group_commits: int  # transactions that stored appended events, each holding one or more appends
+
+
+@asynccontextmanager
+async def open_store(
+    path: Path,
+    *,
+    events_per_faction: int,
+    now_ms: Callable[[], int] = wall_clock_ms,
+    key_columns: Mapping[str, str] | None = None,
+) -> AsyncIterator[Store]:
+    """Open (creating and migrating as needed) the database at `path`; on exit flush and close it.
+
+    `key_columns` maps each upstream table whose rows the store tracks to its key column.
+    """
+    database, loaded = await open_database(path, functools.partial(_load, per_faction=events_per_faction))
+    store = Store(
+        database,
+        loaded,
+        events_per_faction=events_per_faction,
+        now_ms=now_ms,
+        key_columns=key_columns or {},
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store._run_committer, name="store committer")
+        try:
+            yield store
+        finally:
+            # Writes are never abandoned, so shutdown waits for the final flush rather than losing it.
+            with trio.CancelScope(shield=True):
+                await store._close()  # which also ends the committer
+
+
+class Store:
+    """Create with `open_store`. Methods that cannot block are sync and answer from memory.
+
+    The group committer lives here, not in a module of its own, because what a commit changes must
+    change in one Trio step when it returns: the visible cursor, the faction rows, the tombstones and
+    the events in memory. Subscriptions and the database seam share none of that, so they are apart.
+    """
+
+    def __init__(
+        self,
+        database: Database,
+        loaded: _Loaded,
+        *,
+        events_per_faction: int,
+        now_ms: Callable[[], int],
+        key_columns: Mapping[str, str],
+    ) -> None:
+        self._database = database
+        self._events_per_faction = events_per_faction
+        self._now_ms = now_ms
+        self._subscriptions = Subscriptions(database, loaded.subscriptions, now_ms)
+        self._retained = loaded.retained
+        self._key_columns = dict(key_columns)
+        self._rows = loaded.rows
+        self._tombstones = Tombstones()
+        self._pending_appends: list[_Pending] = []
+        self._appends_waiting = trio.Event()  # set while _pending_appends is not empty
+        self._group_commits = 0
+        self._closing = False
+        self._committer_done = trio.Event()
+        # Every stamp ever assigned or promised; the next stamp is above it. Only changed by the
+        # write thread, under the write limiter.
+        self._high_water = loaded.high_water
+        # The cursor safe to hand out: no stamp at or below it can still be on its way to memory.
+        # Only changed in Trio, when a commit has returned.
+        self._visible = loaded.high_water
+
+    def __repr__(self) -> str:
+        return f"<Store factions={len(self._subscriptions)} cursor={self._visible}>"
+
+    # --- events and the clock ---
+
+    def cursor(self) -> int:
+        """A cursor for an answer with no event: every event stored later is stamped above it."""
+        return self._visible
+
+    def read_since(self, faction_id: int, since: int | None) -> tuple[list[StoredEvent], int]:
+        """Retained events stamped after `since` (all when None), oldest first, and the next cursor."""
+        found = self._retained.since(faction_id, since)
+        return found, (found[-1].timestamp if found else self._visible)
+
+    def newest_timestamp(self, faction_id: int) -> int | None:
+        return self._retained.newest_timestamp(faction_id)
+
+    def missed_since(self, faction_id: int, since: int | None) -> bool:
+        """Whether events after `since` are no longer retained: the answer is not the whole story."""
+        return self._retained.missed_since(faction_id, since)
+
+    def faction_state(self, faction_id: int) -> FactionState:
+        """The faction's rows per tracked table, consistent with the cursor that comes with them: every
+        event not reflected in them is stamped above it."""
+        tables = {
+            table: [rows[key] for key in sorted(rows)]
+            for table in self._key_columns
+            for rows in [self._rows.rows(faction_id, table)]
+        }
+        return FactionState(self._visible, tables)
+
+    def row_owner(self, table: str, key_value: Any) -> int | None:
+        """The faction whose stored rows hold this row: where a key-only DELETE belongs."""
+        return self._rows.owner(table, row_key(key_value))
+
+    async def advance_clock(self, since: int) -> None:
+        """Lamport's rule: after this returns, every later event is stamped above `since`."""
+        if since <= self._visible:
+            return
+
+        def advance(conn: sqlite3.Connection) -> None:
+            # Also when no write is needed, passing through the write limiter waits for the writes
+            # already stamped at or below `since` to be published.
+            if since > self._high_water:
+                conn.execute("UPDATE relay_clock SET high_water = ? WHERE id = 1", (since,))
+                self._high_water = since
+
+        await self._database.write(advance)
+        self._visible = max(self._visible, since)
+
+    async def append_events(self, faction_id: int, items: Sequence[tuple[str, Any]]) -> list[StoredEvent]:
+        """Stamp, commit, then publish `items` (type, data); returns them as stored.
+
+        A `postgres_changes` item of a tracked table also updates the faction's rows, and a key-only
+        `old` in it is served completed from the stored row. Once called, the append is carried out
+        even if the caller is cancelled: the caller waits (shielded) for its commit, so that when this
+        returns or raises, the events are published or refused. A storage fault fails every append
+        of the same group commit with `StoreError`.
+        """
+        # Encoded up front, so that data JSON cannot carry (NaN: see `encode`) is refused unstamped.
+        encoded = [(kind, data, encode(data)) for kind, data in items]
+        if not encoded:
+            return []
+        return await self._submit(_Pending(faction_id, encoded))
+
+    async def reconcile(
+        self,
+        faction_id: int,
+        table: str,
+        snapshot: Iterable[Row],
+        *,
+        skip: Iterable[Any],
+        commit_timestamp: str,
+    ) -> list[StoredEvent]:
+        """Make the faction's stored rows of `table` equal `snapshot`, storing each difference as a
+        `postgres_changes` event marked `resync`; rows whose key is in `skip` (changed live while the
+        snapshot was read) are left as they are. Returns the events, in key order.
+
+        Stored in chunks of RECONCILE_CHUNK_EVENTS, each committed and published on its own, while
+        appends wait their turn. A cancelled caller waits (shielded) for the chunk being written and
+        no more: the chunks committed stay, consistent, and the next reconcile stores the rest.
+        """
+        key_column = self._key_columns[table]
+        rows = {row_key(row[key_column]): row for row in snapshot}
+        skipped = frozenset(row_key(value) for value in skip)
+        wanted = _Snapshot(table, rows, skipped, commit_timestamp)
+        return await self._submit(_Pending(faction_id, [], wanted), stoppable=True)
+
+    async def _submit(self, pending: _Pending, *, stoppable: bool = False) -> list[StoredEvent]:
+        # A caller cancelled before it asks appends nothing; Trio's rule that every async call is a
+        # checkpoint keeps a loop of appends (each wait shielded) from never seeing its cancellation.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._closing:
+            raise StoreError("the store is closing")
+        self._pending_appends.append(pending)
+        self._appends_waiting.set()
+        try:
+            if stoppable:
+                await pending.done.wait()
+        finally:
+            # Cancelled or not, the write in progress is seen out; only a reconcile stops early.
+            pending.stop_asked = stoppable and not pending.done.is_set()
+            with trio.CancelScope(shield=True):
+                await pending.done.wait()
+        if pending.fault is not None:
+            raise StoreError(str(pending.fault)) from pending.fault
+        return pending.stored
+
+    async def _run_committer(self) -> None:
+        """Commit whatever was appended while the previous commit ran, one batch at a time, until the
+        store closes with nothing left.
+
+        Shielded: a caller waits (shielded) for its append's answer, so the committer must outlive a
+        cancelled relay (a test's nursery, a second Ctrl-C) until `_close` has seen every append out.
+        """
+        with trio.CancelScope(shield=True):
+            while not (self._closing and not self._pending_appends):
+                await self._appends_waiting.wait()
+                await self._commit_pending()
+        self._committer_done.set()
+
+    async def _commit_pending(self) -> None:
+        batch, self._pending_appends = self._pending_appends, []
+        self._appends_waiting = trio.Event()
+        # In order: each run of appends in one transaction, each reconcile in chunks of its own.
+        while batch:
+            if batch[0].snapshot is not None:
+                await self._commit_reconcile(batch.pop(0))
+                continue
+            appends = list(itertools.takewhile(lambda pending: pending.snapshot is None, batch))
+            del batch[: len(appends)]
+            plan = plan_batch(
+                [Append(pending.faction_id, pending.items) for pending in appends],
+                self._rows.get,
+                self._tombstones,
+                self._key_columns,
+            )
+            fault = await self._commit(plan, appends)
+            for pending in appends:
+                pending.fault = fault
+                pending.done.set()
+
+    async def _commit_reconcile(self, pending: _Pending) -> None:
+        """Store a snapshot's differences a chunk at a time, until done, a fault, or a stop.
+
+        Planned against the rows as they are now, chunk by chunk (the keys are disjoint, and no
+        append is committed in between), so the chunks committed are exactly a prefix of one diff.
+        """
+        snapshot = pending.snapshot
+        assert snapshot is not None
+        current = dict(self._rows.rows(pending.faction_id, snapshot.table))
+        changes = diff(
+            snapshot.table,
+            current,
+            snapshot.rows,
+            skip=snapshot.skip,
+            commit_timestamp=snapshot.commit_timestamp,
+        )
+        key_column = self._key_columns[snapshot.table]
+        finished = False
+        while not (finished or pending.stop_asked or self._closing):
+            plan, finished = plan_chunk(
+                pending.faction_id,
+                key_column,
+                changes,
+                self._rows.get,
+                max_events=RECONCILE_CHUNK_EVENTS,
+                max_bytes=RECONCILE_CHUNK_BYTES,
+            )
+            pending.fault = await self._commit(plan, [pending])
+            if pending.fault is not None:
+                break
+        if not finished and pending.fault is None:
+            log.info(
+                "%r: reconcile of faction %d stopped after %d events; the next one stores the rest",
+                self,
+                pending.faction_id,
+                len(pending.stored),
+            )
+            if not pending.stop_asked:
+                pending.fault = StoreError("the store closed during a reconcile")
+        pending.done.set()
+
+    async def _commit(self, plan: Plan, sources: Sequence[_Pending]) -> StoreError | None:
+        """Stamp and insert the plan's events and apply its row changes in one transaction, then
+        publish each event to memory and to its source; the fault, if the write failed (nothing is
+        published then)."""
+        if not plan.events and not plan.row_changes:
+            return None
+        stored: list[StoredEvent] = []
+
+        def insert(conn: sqlite3.Connection) -> None:
+            for planned in plan.events:
+                # Burnt on failure (never reused), which only leaves a gap.
+                self._high_water = stamp = max(self._now_ms(), self._high_water + 1)
+                row = conn.execute(
+                    "INSERT INTO events (faction_id, timestamp, type, data) VALUES (?, ?, ?, ?)",
+                    (planned.faction_id, stamp, planned.type, planned.data_json),
+                )
+                assert row.lastrowid is not None
+                stored.append(
+                    StoredEvent.build(
+                        row.lastrowid, planned.faction_id, stamp, planned.type, planned.data_json
+                    )
+                )
+            _write_rows(conn, plan.row_changes)
+            conn.execute("UPDATE relay_clock SET high_water = ? WHERE id = 1", (self._high_water,))
+
+        # Shielded: once committed, an event must reach memory, or pollers would never see it.
+        with trio.CancelScope(shield=True):
+            try:
+                await self._database.write(insert)
+            except StoreError as exc:
+                return exc
+            self._group_commits += 1
+            # No checkpoint between the commit returning and these lines: publishing, the rows and the
+            # cursor change in the same Trio step, before the next writer's result can be handled.
+            for change in plan.row_changes:
+                self._rows.apply(change)
+            self._tombstones.remember(plan.tombstones)
+            for planned, event in zip(plan.events, stored, strict=True):
+                sources[planned.source].stored.append(event)
+                self._retained.publish(event)
+            if stored:
+                self._visible = max(self._visible, stored[-1].timestamp)
+        return None
+
+    # --- subscriptions, kept by `Subscriptions` ---
+
+    async def subscribe(self, faction_id: int) -> Subscription:
+        """Active from now on; idempotent (the first `subscribed_at` is kept), and counts as activity."""
+        return await self._subscriptions.subscribe(faction_id)
+
+    async def revive(self, faction_id: int) -> Subscription:
+        """A known faction polled after it expired: active again, as if it had re-subscribed."""
+        return await self._subscriptions.revive(faction_id)
+
+    async def stand_by(self, faction_id: int) -> Subscription:
+        """Known from now on but inactive, so that a later poll revives it; a known faction, active
+        or not, is left as it is. What another relay instance's faction looks like here (see
+        deploy/nginx.conf): this instance takes over its polls only if that instance goes away."""
+        return await self._subscriptions.stand_by(faction_id)
+
+    def subscription(self, faction_id: int) -> Subscription | None:
+        return self._subscriptions.get(faction_id)
+
+    def active_factions(self) -> list[int]:
+        return self._subscriptions.active()
+
+    def known_factions(self) -> list[int]:
+        """Every faction ever subscribed, expired ones included."""
+        return self._subscriptions.known()
+
+    def touch(self, faction_id: int) -> None:
+        """A request about the faction: activity, kept in memory (a write per poll would be wasteful)."""
+        self._subscriptions.touch(faction_id)
+
+    def last_activity_at(self, faction_id: int) -> int | None:
+        subscription = self._subscriptions.get(faction_id)
+        return subscription.last_activity_at if subscription else None
+
+    async def flush_activity(self) -> None:
+        """Write the activity that `touch` kept in memory."""
+        await self._subscriptions.flush_activity()
+
+    async def expire_idle(self, idle_for_ms: int) -> list[int]:
+        """Deactivate the active factions nobody asked about for `idle_for_ms`; returns their ids."""
+        return await self._subscriptions.expire_idle(idle_for_ms)
+
+    # --- upkeep and introspection ---
+
+    async def trim(self) -> int:
+        """Delete all but the newest `events_per_faction` events of each faction; returns how many."""
+
+        def delete(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "DELETE FROM events WHERE id IN (SELECT id FROM (SELECT id, row_number() OVER"
+                " (PARTITION BY faction_id ORDER BY timestamp DESC) AS newest FROM events) WHERE newest > ?)",
+                (self._events_per_faction,),
+            ).rowcount
+
+        return await self._database.write(delete)
+
+    async def checkpoint(self) -> None:
+        """Fold the WAL back into the database file and truncate it, so it cannot grow without bound."""
+        await self._database.checkpoint()
+
+    async def counts(self) -> dict[int, FactionCounts]:
+        rows = await self._database.read(
+            lambda conn: conn.execute(
+                "SELECT faction_id, count(*), max(timestamp) FROM events GROUP BY faction_id"
+            ).fetchall()
+        )
+        return {faction_id: FactionCounts(count, newest) for faction_id, count, newest in rows}
+
+    async def check_health(self) -> None:
+        """Raise `StoreError` (saying why) unless the database can be read and written right now.
+
+        Reading alone would call a full disk or a locked file healthy, so this also commits a small
+        real change (relay_health.probed_at), at most once per HEALTH_PROBE_INTERVAL_S; between
+        probes the outcome of the last real write stands.
+        """
+        database = self._database
+        await database.read(lambda conn: conn.execute("SELECT high_water FROM relay_clock").fetchall())
+        if trio.current_time() - database.last_write_at >= HEALTH_PROBE_INTERVAL_S:
+            now = self._now_ms()
+            await database.write(lambda conn: conn.execute("UPDATE relay_health SET probed_at = ?", (now,)))
+        elif database.write_fault is not None:
+            raise StoreError(database.write_fault)
+
+    def file_sizes(self) -> FileSizes:
+        """The database file and its write-ahead log, in bytes: a `stat` each, cheap enough to call
+        from Trio. The maintenance checkpoint truncates the log; between passes it grows."""
+        return self._database.file_sizes()
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(
+            factions=len(self._subscriptions),
+            active_factions=len(self._subscriptions.active()),
+            events_in_memory=len(self._retained),
+            clock_high_water=self._high_water,
+            group_commits=self._group_commits,
+        )
+
+    async def _close(self) -> None:
+        """Bounded: the committer ends after the append or reconcile chunk in progress, then the final
+        flush and checkpoint wait a short while at most (`Database.close`)."""
+        self._closing = True  # no new appends; the committer finishes the ones already made
+        self._appends_waiting.set()
+        await self._committer_done.wait()
+        await self._database.close(last_writes=self.flush_activity)
+
+
+def _write_rows(conn: sqlite3.Connection, changes: Sequence[RowChange]) -> None:
+    for change in changes:
+        if change.row is None:
+            conn.execute(
+                "DELETE FROM faction_rows WHERE faction_id = ? AND table_name = ? AND row_key = ?",
+                (change.faction_id, change.table, change.key),
+            )
+        else:
+            conn.execute(
+                "INSERT OR REPLACE INTO faction_rows (faction_id, table_name, row_key, row) VALUES (?, ?, ?, ?)",
+                (change.faction_id, change.table, change.key, encode(change.row)),
+            )
+
+
+def _load(conn: sqlite3.Connection, per_faction: int) -> _Loaded:
+    # Both count: a clock advance survives only in relay_clock, an event's stamp is in its row.
+    (high_water,) = conn.execute(
+        "SELECT max((SELECT high_water FROM relay_clock WHERE id = 1),"
+        " (SELECT coalesce(max(timestamp), 0) FROM events))"
+    ).fetchone()
+    rows = FactionRows(
+        (faction_id, table, key, json.loads(row))
+        for faction_id, table, key, row in conn.execute(
+            "SELECT faction_id, table_name, row_key, row FROM faction_rows"
+        )
+    )
+    return _Loaded(load_subscriptions(conn), load_retained(conn, per_faction), high_water, rows)

@@ -1,0 +1,168 @@
+"""Which factions the relay serves: each faction's subscription and last activity, answered from memory
+and written through the database's one write connection.
+
+A seam of its own: the `subscriptions` table shares nothing with the events but the write limiter
+and the clock. Activity is kept in memory (`touch`) and written by `flush_activity` and `expire_idle`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sqlite3
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from relay.storage.database import Database
+
+log = logging.getLogger(__name__)
+
+# A faction's activity is only compared with a TTL of hours, so `touch` records it to the second: every
+# poll and every woken stream touches, and most of them then cost a clock read and a comparison.
+ACTIVITY_RESOLUTION_MS = 1_000
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """A faction the relay knows: active while it is served, inactive once expired or on standby."""
+
+    faction_id: int
+    active: bool
+    subscribed_at: int
+    last_activity_at: int
+
+
+def load_subscriptions(conn: sqlite3.Connection) -> list[Subscription]:
+    return [
+        Subscription(faction_id, bool(active), subscribed_at, last_activity_at)
+        for faction_id, active, subscribed_at, last_activity_at in conn.execute(
+            "SELECT faction_id, active, subscribed_at, last_activity_at FROM subscriptions"
+        )
+    ]
+
+
+class Subscriptions:
+    """Every faction ever subscribed, expired ones included. Its methods are the store's subscription
+    methods, and documented there."""
+
+    def __init__(self, database: Database, loaded: Iterable[Subscription], now_ms: Callable[[], int]) -> None:
+        self._database = database
+        self._now_ms = now_ms
+        self._subscriptions = {sub.faction_id: sub for sub in loaded}
+        self._dirty_activity: set[int] = set()  # touched since the last flush
+
+    def __repr__(self) -> str:
+        return f"<Subscriptions factions={len(self._subscriptions)}>"
+
+    def __len__(self) -> int:
+        return len(self._subscriptions)
+
+    async def subscribe(self, faction_id: int) -> Subscription:
+        known = self._subscriptions.get(faction_id)
+        subscription = await self._activate(faction_id)
+        if known is None or not known.active:  # one log line per change, not per page load
+            log.info("%r: faction %d subscribed", self, faction_id)
+        return subscription
+
+    async def revive(self, faction_id: int) -> Subscription:
+        subscription = await self._activate(faction_id)
+        log.info("%r: faction %d revived by a poll", self, faction_id)
+        return subscription
+
+    async def stand_by(self, faction_id: int) -> Subscription:
+        known = self._subscriptions.get(faction_id)
+        if known is not None:
+            return known
+        now = self._now_ms()
+        await self._database.write(
+            lambda conn: conn.execute(
+                "INSERT INTO subscriptions (faction_id, active, subscribed_at, last_activity_at)"
+                " VALUES (?, 0, ?, ?) ON CONFLICT (faction_id) DO NOTHING",
+                (faction_id, now, now),
+            )
+        )
+        # A subscribe may have activated the faction while this write waited its turn: it stays active.
+        subscription = self._subscriptions.get(faction_id)
+        if subscription is None:
+            subscription = self._subscriptions[faction_id] = Subscription(faction_id, False, now, now)
+            log.info("%r: faction %d known, on standby", self, faction_id)
+        return subscription
+
+    async def _activate(self, faction_id: int) -> Subscription:
+        now = self._now_ms()
+        known = self._subscriptions.get(faction_id)
+        subscription = Subscription(faction_id, True, known.subscribed_at if known else now, now)
+        await self._database.write(
+            lambda conn: conn.execute(
+                "INSERT INTO subscriptions (faction_id, active, subscribed_at, last_activity_at)"
+                " VALUES (?, 1, ?, ?) ON CONFLICT (faction_id) DO UPDATE"
+                " SET active = 1, last_activity_at = excluded.last_activity_at",
+                (faction_id, subscription.subscribed_at, now),
+            )
+        )
+        self._subscriptions[faction_id] = subscription
+        return subscription
+
+    def get(self, faction_id: int) -> Subscription | None:
+        return self._subscriptions.get(faction_id)
+
+    def active(self) -> list[int]:
+        return sorted(f for f, sub in self._subscriptions.items() if sub.active)
+
+    def known(self) -> list[int]:
+        return sorted(self._subscriptions)
+
+    def touch(self, faction_id: int) -> None:
+        subscription = self._subscriptions.get(faction_id)
+        if subscription is None:
+            return
+        now = self._now_ms()
+        if now - subscription.last_activity_at >= ACTIVITY_RESOLUTION_MS:
+            self._subscriptions[faction_id] = dataclasses.replace(subscription, last_activity_at=now)
+            self._dirty_activity.add(faction_id)
+
+    async def flush_activity(self) -> None:
+        activity = self._activity_snapshot()
+        if activity:
+            await self._database.write(lambda conn: _write_activity(conn, activity))
+            self._forget_flushed(activity)
+
+    async def expire_idle(self, idle_for_ms: int) -> list[int]:
+        cutoff = self._now_ms() - idle_for_ms
+        idle = [
+            f
+            for f, sub in sorted(self._subscriptions.items())
+            if sub.active and sub.last_activity_at < cutoff
+        ]
+        activity = self._activity_snapshot()
+        if not idle and not activity:
+            return []
+
+        def expire(conn: sqlite3.Connection) -> None:
+            _write_activity(conn, activity)
+            conn.executemany("UPDATE subscriptions SET active = 0 WHERE faction_id = ?", [(f,) for f in idle])
+
+        await self._database.write(expire)
+        self._forget_flushed(activity)
+        for faction_id in idle:
+            self._subscriptions[faction_id] = dataclasses.replace(
+                self._subscriptions[faction_id], active=False
+            )
+            log.info("%r: faction %d expired after %d ms without a request", self, faction_id, idle_for_ms)
+        return idle
+
+    def _activity_snapshot(self) -> dict[int, int]:
+        return {f: self._subscriptions[f].last_activity_at for f in self._dirty_activity}
+
+    def _forget_flushed(self, activity: dict[int, int]) -> None:
+        # A faction touched again while the write ran stays dirty for the next flush.
+        for faction_id, at in activity.items():
+            if self._subscriptions[faction_id].last_activity_at == at:
+                self._dirty_activity.discard(faction_id)
+
+
+def _write_activity(conn: sqlite3.Connection, activity: dict[int, int]) -> None:
+    conn.executemany(
+        "UPDATE subscriptions SET last_activity_at = ? WHERE faction_id = ?",
+        [(at, faction_id) for faction_id, at in activity.items()],
+    )

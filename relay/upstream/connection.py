@@ -1,0 +1,268 @@
+"""One upstream connection's life: open, join, heartbeat, read, hand changes on, end with a typed error.
+
+Retrying is the supervisor's job: `run_connection` returns only by raising an `UpstreamError` (or
+being cancelled). trio-websocket, which is on life-support maintenance, is used only here, so
+replacing it touches this file alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import ssl
+import urllib.parse
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import NoReturn
+
+import trio
+import trio_websocket
+
+from relay.upstream.phoenix import (
+    AllChannelsLive,
+    ChangeIgnored,
+    ChangeReceived,
+    ChannelSpec,
+    ConnectFailed,
+    ConnectionLost,
+    ConnectTimeout,
+    HandshakeRefused,
+    HeartbeatAcknowledged,
+    HeartbeatTimeout,
+    Session,
+    SubscriptionFailed,
+    UpstreamError,
+    socket_url,
+)
+
+# trio-websocket logs the request URL, which carries `?apikey=`, at DEBUG: keep its logger above that.
+logging.getLogger("trio-websocket").setLevel(logging.INFO)
+
+# Supabase sends "Subscribed to PostgreSQL" within ~8 s normally and retries failing subscriptions
+# every 5-10 s; a connection that is still not live after this long is cut and retried afresh.
+LIVE_DEADLINE_S = 60.0
+# Closing politely is worth a moment, not more: a server that never answers the close frame must not
+# hold a reconnect hostage, nor a shutdown that arrives meanwhile (the wait is shielded, and the
+# relay's whole shutdown has 5 s).
+CLOSE_TIMEOUT_S = 1.0
+# When the connection is being cancelled (a stop, the shutdown), trio-websocket's reader is cancelled
+# with it and the answer can never be read: this is only enough to hand the close frame to the
+# kernel on a healthy socket. All factions are cancelled at once, so they wait it out together.
+CLOSE_NOTICE_S = 0.05
+# Postgres change payloads are capped at 1 MiB by Supabase; allow headroom for the envelope.
+MAX_FRAME_BYTES = 4 * 1024 * 1024
+
+Deliver = Callable[[Sequence[ChangeReceived]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionSettings:
+    url: str
+    api_key: str
+    heartbeat_interval_s: float
+    connect_timeout_s: float
+
+
+@dataclass(slots=True)
+class ConnectionHooks:
+    """What a connection tells its owner; `deliver` is awaited before the next frame is read."""
+
+    deliver: Deliver
+    on_live: Callable[[], None]
+    on_ignored: Callable[[ChangeIgnored], None]
+
+
+async def run_connection(
+    settings: ConnectionSettings, channels: Sequence[ChannelSpec], hooks: ConnectionHooks
+) -> NoReturn:
+    session = Session(channels, settings.api_key)
+    ending: list[UpstreamError] = []
+    with _translated_errors():
+        target = urllib.parse.urlsplit(socket_url(settings.url, settings.api_key))
+        stream = await _open_stream(target, settings.connect_timeout_s)
+        # The stream is ours to close: trio-websocket 0.12 leaves the socket of a refused upgrade open.
+        async with stream:
+            try:
+                async with trio.open_nursery() as ws_nursery:
+                    ws = await _handshake(ws_nursery, stream, target, settings.connect_timeout_s)
+                    try:
+                        await _converse(ws, session, hooks, settings.heartbeat_interval_s, ending)
+                    finally:
+                        await _close_politely(ws)
+                    ws_nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # trio-websocket raises a refused upgrade from its reader task, inside our nursery.
+                raise _first_error(group) from None
+    raise ending[0]
+
+
+async def _close_politely(ws: trio_websocket.WebSocketConnection) -> None:
+    """Send a close frame and wait, boundedly, for the server's answer.
+
+    When we are being cancelled (stop, shutdown), trio-websocket's reader task is cancelled with us
+    and the answer can never be read, so only the frame is sent: waiting would be time thrown away.
+    """
+    being_cancelled = trio.current_effective_deadline() == -math.inf
+    with trio.move_on_after(CLOSE_NOTICE_S if being_cancelled else CLOSE_TIMEOUT_S, shield=True):
+        await ws.aclose()
+
+
+async def _open_stream(
+    target: urllib.parse.SplitResult, timeout_s: float
+) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
+    secure = target.scheme == "wss"
+    host, port = target.hostname or "", target.port or (443 if secure else 80)
+    try:
+        with trio.fail_after(timeout_s):
+            if secure:
+                return await trio.open_ssl_over_tcp_stream(
+                    host, port, ssl_context=ssl.create_default_context(), https_compatible=True
+                )
+            return await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        raise ConnectTimeout(f"no connection to {host}:{port} within {timeout_s:g} s") from None
+    except OSError as exc:
+        raise ConnectFailed(f"cannot connect to {host}:{port}: {exc}") from None
+
+
+async def _handshake(
+    nursery: trio.Nursery,
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
+    target: urllib.parse.SplitResult,
+    timeout_s: float,
+) -> trio_websocket.WebSocketConnection:
+    resource = target.path + (f"?{target.query}" if target.query else "")
+    host = target.netloc.rpartition("@")[2]
+    try:
+        # The upgrade gets the connect timeout again, as realtime-js gives the join its own.
+        with trio.fail_after(timeout_s):
+            return await trio_websocket.wrap_client_stream(
+                nursery, stream, host, resource, max_message_size=MAX_FRAME_BYTES
+            )
+    except trio.TooSlowError:
+        raise ConnectTimeout(f"no WebSocket upgrade within {timeout_s:g} s") from None
+
+
+async def _converse(
+    ws: trio_websocket.WebSocketConnection,
+    session: Session,
+    hooks: ConnectionHooks,
+    heartbeat_interval_s: float,
+    ending: list[UpstreamError],
+) -> None:
+    for frame in session.join_frames():
+        await ws.send_message(frame)
+    acks = _HeartbeatAcks()
+    async with trio.open_nursery() as nursery:
+        # Each task records how the connection ended and cancels the others, so the error leaves as
+        # itself rather than wrapped in an ExceptionGroup.
+        for work in (
+            _read(ws, session, hooks, acks),
+            _heartbeat(ws, session, acks, heartbeat_interval_s),
+            _live_deadline(session),
+        ):
+            nursery.start_soon(_until_ended, ending, nursery.cancel_scope, work)
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one real error in a group; a group of nothing but cancellations must keep propagating."""
+    real, _ = group.split(lambda exc: not isinstance(exc, trio.Cancelled))
+    if real is None:
+        raise group
+    leaf: BaseException = real
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
+
+
+async def _until_ended(ending: list[UpstreamError], scope: trio.CancelScope, work: Awaitable[None]) -> None:
+    try:
+        with _translated_errors():
+            await work
+    except UpstreamError as exc:
+        ending.append(exc)
+        scope.cancel()
+
+
+class _HeartbeatAcks:
+    """The reader's word to the heartbeat task that the pending heartbeat was answered."""
+
+    def __init__(self) -> None:
+        self.answered = trio.Event()
+
+    def expect_next(self) -> trio.Event:
+        self.answered = trio.Event()
+        return self.answered
+
+
+async def _read(
+    ws: trio_websocket.WebSocketConnection, session: Session, hooks: ConnectionHooks, acks: _HeartbeatAcks
+) -> None:
+    while True:
+        changes = []
+        for outcome in session.receive(await ws.get_message()):
+            if isinstance(outcome, ChangeReceived):
+                changes.append(outcome)
+            elif isinstance(outcome, ChangeIgnored):
+                hooks.on_ignored(outcome)
+            elif isinstance(outcome, AllChannelsLive):
+                hooks.on_live()
+            elif isinstance(outcome, HeartbeatAcknowledged):
+                acks.answered.set()
+        if changes:
+            await hooks.deliver(changes)
+
+
+async def _heartbeat(
+    ws: trio_websocket.WebSocketConnection, session: Session, acks: _HeartbeatAcks, interval_s: float
+) -> None:
+    """A heartbeat every interval; a reply missing for a whole interval means the socket is dead.
+
+    Only the reply proves the return path works: other frames arriving do not (reference 8). The
+    send is inside the deadline too, since a stalled peer can block it on a full TCP window.
+    """
+    while True:
+        sent_at = trio.current_time()
+        answered = acks.expect_next()
+        with trio.move_on_after(interval_s):
+            await ws.send_message(session.heartbeat_frame())
+            await answered.wait()
+        if not answered.is_set():
+            raise HeartbeatTimeout(f"no heartbeat reply within {interval_s:g} s")
+        await trio.sleep_until(sent_at + interval_s)
+
+
+async def _live_deadline(session: Session) -> None:
+    await trio.sleep(LIVE_DEADLINE_S)
+    if not session.live:
+        raise SubscriptionFailed("*", f"channels not live after {LIVE_DEADLINE_S:g} s")
+
+
+@contextmanager
+def _translated_errors() -> Iterator[None]:
+    """trio-websocket's exceptions, as the relay's error tree names them."""
+    try:
+        yield
+    except trio_websocket.ConnectionRejected as exc:
+        raise HandshakeRefused(exc.status_code, _error_text(exc.body)) from None
+    except trio_websocket.HandshakeError as exc:
+        raise ConnectFailed(f"WebSocket handshake failed: {exc.__cause__ or exc}") from None
+    except trio_websocket.ConnectionClosed as exc:
+        reason = exc.reason
+        raise ConnectionLost(reason.code if reason else None, reason.reason if reason else None) from None
+
+
+def _error_text(body: bytes | None) -> str | None:
+    """The `error` of Supabase's JSON refusal body, or a short excerpt of whatever else came."""
+    if not body:
+        return None
+    try:
+        decoded = json.loads(body)
+    except ValueError:
+        return body[:200].decode("utf-8", "replace")
+    error = decoded.get("error") if isinstance(decoded, dict) else None
+    if isinstance(error, str):
+        return error
+    return body[:200].decode("utf-8", "replace")

@@ -1,0 +1,188 @@
+"""Reconciling a faction's stored rows with upstream's, so members never act on a stale call list.
+
+Supabase Realtime never replays: a change made while the faction's socket was down, reconnecting or
+dropped under load is gone. So once all of a faction's channels are live, and every
+`reconcile_interval_s` while they stay live, each table is read through REST (`relay.upstream.snapshot`) and
+the store turns the differences into ordinary `postgres_changes` events marked `resync`.
+
+The race: a change can reach the socket while a snapshot is being read. Such a change is at least as
+new as the snapshot (it either committed after the read, and the snapshot lacks it, or before, and
+both agree), so the keys it touched are left out of the comparison. Their keys are noted when the
+change is delivered, before it is stored, so a change still waiting for its commit is covered too.
+
+A REST failure is retried with its own backoff and shown in `/status`; it never holds up live events,
+which flow on the same socket meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import trio
+
+from relay.config import ChannelConfig
+from relay.storage.store import StoreError
+from relay.upstream.backoff import Backoff
+from relay.upstream.snapshot import Snapshot, SnapshotError
+
+log = logging.getLogger(__name__)
+
+# (table, filter, key column) -> the rows upstream holds now.
+ReadSnapshot = Callable[[str, str, str], Awaitable[Snapshot]]
+# (faction, table, rows, keys to leave alone, commit_timestamp) -> how many differences were stored.
+ApplySnapshot = Callable[[int, str, list[dict[str, Any]], frozenset[Any], str], Awaitable[int]]
+
+
+class ReconcileSink(Protocol):
+    """Where differences are stored (`relay.ingest.Ingest`), and who tells a reconciler of live changes."""
+
+    async def reconciled(
+        self, faction_id: int, table: str, rows: list[dict[str, Any]], skip: frozenset[Any], read_at: str
+    ) -> int: ...
+
+    def watch_live_changes(self, faction_id: int, watcher: Reconciler) -> None: ...
+
+
+def commit_timestamp(wall_clock_ms: int) -> str:
+    """Realtime's own format (protocol reference 6.1): UTC, milliseconds, `Z`."""
+    moment = datetime.fromtimestamp(wall_clock_ms / 1000, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{wall_clock_ms % 1000:03d}Z"
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileStatistics:
+    reconciles: int  # completed
+    last_at: int | None  # wall-clock ms when the last one completed
+    last_differences: int | None  # events it stored
+    last_error: str | None  # of the latest attempt; None once one succeeds
+    rest_requests: int  # upstream REST requests, all attempts
+
+
+class Reconciler:
+    def __init__(
+        self,
+        faction_id: int,
+        channels: Sequence[ChannelConfig],
+        read: ReadSnapshot,
+        apply: ApplySnapshot,
+        *,
+        interval_s: float,
+        backoff: Backoff,
+        wall_clock_ms: Callable[[], int],
+    ) -> None:
+        self.faction_id = faction_id
+        self._channels = list(channels)
+        self._keys = {channel.table: channel.key for channel in channels}
+        self._read = read
+        self._apply = apply
+        self._interval_s = interval_s
+        self._backoff = backoff
+        self._wall_clock_ms = wall_clock_ms
+        self._reading: list[tuple[str, set[Any]]] = []  # (table, keys changed live) per read in flight
+        self._reconciles = 0
+        self._last_at: int | None = None
+        self._last_differences: int | None = None
+        self._last_error: str | None = None
+        self._rest_requests = 0
+
+    def __repr__(self) -> str:
+        return f"Reconciler({self.faction_id})"
+
+    def note_live_change(self, table: str, change: dict[str, Any]) -> None:
+        """A change on the socket: any read of its table in flight must leave its keys alone."""
+        key = self._keys.get(table)
+        if key is None or not self._reading:
+            return
+        touched = [
+            row[key] for row in (change.get("new"), change.get("old")) if isinstance(row, dict) and key in row
+        ]
+        for reading_table, keys in self._reading:
+            if reading_table == table:
+                keys.update(touched)
+
+    async def run_while_live(self) -> None:
+        """Reconcile now, then every interval; until cancelled (the connection ended)."""
+        self._backoff.reset()
+        while True:
+            while True:
+                try:
+                    await self.reconcile_once()
+                    break
+                except (SnapshotError, StoreError) as exc:
+                    delay = self._backoff.next_delay()
+                    self._last_error = str(exc)
+                    log.warning("%r: reconcile failed (%s); retry in %.1f s", self, exc, delay)
+                    await trio.sleep(delay)
+            self._backoff.reset()
+            await trio.sleep(self._interval_s)
+
+    async def reconcile_once(self) -> int:
+        """Read every table, store the differences; returns how many there were."""
+        differences = 0
+        for channel in self._channels:
+            live_keys: set[Any] = set()
+            entry = (channel.table, live_keys)
+            self._reading.append(entry)
+            read_at = self._wall_clock_ms()
+            try:
+                snapshot = await self._read(channel.table, channel.filter_for(self.faction_id), channel.key)
+            except SnapshotError as exc:
+                self._rest_requests += exc.requests  # what the operator's quota pays for, failed or not
+                raise
+            finally:
+                self._reading.remove(entry)
+            self._rest_requests += snapshot.requests
+            differences += await self._apply(
+                self.faction_id, channel.table, snapshot.rows, frozenset(live_keys), commit_timestamp(read_at)
+            )
+        self._reconciles += 1
+        self._last_at = self._wall_clock_ms()
+        self._last_differences = differences
+        self._last_error = None
+        if differences:
+            log.info("%r: %d difference(s) to upstream stored as resync events", self, differences)
+        return differences
+
+    def statistics(self) -> ReconcileStatistics:
+        return ReconcileStatistics(
+            self._reconciles, self._last_at, self._last_differences, self._last_error, self._rest_requests
+        )
+
+
+class Reconciling:
+    """Makes each faction's `Reconciler`, and has the ingest tell it about its live changes."""
+
+    def __init__(
+        self,
+        channels: Sequence[ChannelConfig],
+        read: ReadSnapshot,
+        ingest: ReconcileSink,
+        *,
+        interval_s: float,
+        backoff_initial_s: float,
+        backoff_max_s: float,
+        wall_clock_ms: Callable[[], int],
+    ) -> None:
+        self._channels = list(channels)
+        self._read = read
+        self._ingest = ingest
+        self._interval_s = interval_s
+        self._backoff_s = (backoff_initial_s, backoff_max_s)
+        self._wall_clock_ms = wall_clock_ms
+
+    def for_faction(self, faction_id: int) -> Reconciler:
+        reconciler = Reconciler(
+            faction_id,
+            self._channels,
+            self._read,
+            self._ingest.reconciled,
+            interval_s=self._interval_s,
+            backoff=Backoff(*self._backoff_s),
+            wall_clock_ms=self._wall_clock_ms,
+        )
+        self._ingest.watch_live_changes(faction_id, reconciler)
+        return reconciler

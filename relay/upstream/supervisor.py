@@ -1,0 +1,446 @@
+"""Upstream supervisors, and the registry that holds their nursery.
+
+A supervisor keeps one upstream connection alive: it runs a connection, records how it ended, waits
+a jittered backoff and tries again, forever, until it is stopped. There are two kinds, both built on
+`UpstreamSupervisor`: a `FactionSupervisor` holds one faction's channels, with its reconciler
+(`relay.upstream.reconcile`) beside the connection while it is live; the one `SharedDeleteSupervisor`,
+started with the first faction, holds the relay-wide DELETE subscription of the tables whose
+`deletes` is "shared" and hands every DELETE to the router (`relay.upstream.shared_deletes`, through
+`relay.ingest`). The connection loop holds the relay's upstream `except Exception` (there is one more
+in the reconciler's task, for the same reason): an explicit restart policy, so that whatever goes
+wrong with one faction is logged, shown in `/status`, and retried, and never reaches another faction
+or the HTTP server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import math
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from relay.config import ChannelConfig
+from relay.upstream.backoff import Backoff
+from relay.upstream.connection import ConnectionHooks, ConnectionSettings, run_connection
+from relay.upstream.phoenix import ChangeIgnored, ChangeReceived, ChannelSpec, UpstreamError
+from relay.upstream.reconcile import Reconciler, ReconcileStatistics
+
+log = logging.getLogger(__name__)
+
+# Where a faction's changes go (`relay.ingest.Ingest.upstream`); it raises DeliveryFailed when it
+# cannot take them.
+FactionSink = Callable[[int, Sequence[ChangeReceived]], Awaitable[object]]
+# Where the relay-wide DELETEs go, to be routed by key (`relay.ingest.Ingest.route_shared_deletes`).
+SharedSink = Callable[[Sequence[ChangeReceived]], Awaitable[None]]
+WallClockMs = Callable[[], int]
+
+
+class DeliveryFailed(Exception):
+    """The ingest sink could not take the changes (the store could not write them): a designed
+    failure, logged in one line and retried like an upstream fault, with no traceback."""
+
+
+class JoinPacer:
+    """Spaces channel joins out across every faction: at most `joins_per_second`, in arrival order.
+
+    Supabase disconnects the whole socket of a project that exceeds its joins per second (protocol
+    reference 10), so a restart with 150 factions, or a region-wide blip that drops them all, must
+    reach them one after another rather than in one burst. Each connection reserves its slots in a
+    shared schedule and sleeps until its turn; a cancelled waiter simply leaves its slot unused.
+    """
+
+    def __init__(self, joins_per_second: float) -> None:
+        self._interval_s = 1.0 / joins_per_second
+        self._next_free = -math.inf
+
+    async def wait_turn(self, joins: int) -> None:
+        start = max(trio.current_time(), self._next_free)
+        self._next_free = start + joins * self._interval_s
+        await trio.sleep_until(start)
+
+
+class UpstreamState(enum.StrEnum):
+    CONNECTING = "connecting"  # opening, joining, or joined but not yet "Subscribed to PostgreSQL"
+    CONNECTED = "connected"  # every channel live
+    BACKOFF = "backoff"
+    AUTH_FAILED = "auth_failed"  # the key was refused; retried at the capped delay
+    STOPPED = "stopped"  # expired for lack of polls; stays listed
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorSettings:
+    connection: ConnectionSettings
+    channels: Sequence[ChannelConfig]
+    backoff_initial_s: float
+    backoff_max_s: float
+    joins_per_second: float = 20.0
+    # How long a connection must stay live before its failures are forgiven and the delay starts
+    # over: long enough that a socket dying right after "Subscribed" keeps backing off.
+    healthy_after_s: float = 30.0
+
+    def channel_specs(self, faction_id: int) -> list[ChannelSpec]:
+        return [ChannelSpec(channel.table, channel.filter_for(faction_id)) for channel in self.channels]
+
+    def shared_delete_specs(self) -> list[ChannelSpec]:
+        """One unfiltered DELETE channel per table whose deletes are routed by key, on one socket."""
+        return [ChannelSpec(c.table, "", event="DELETE") for c in self.channels if c.deletes == "shared"]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamStatistics:
+    state: UpstreamState
+    attempts: int  # connection attempts since the upstream was last live
+    last_error: str | None
+    connected_since: int | None  # wall-clock ms
+    next_attempt_in_s: float | None
+    reconnects: int
+    changes_received: int
+    changes_ignored: int
+    reconcile: ReconcileStatistics | None = None
+
+
+class UpstreamSupervisor:
+    """Keeps one upstream connection, of `specs`, alive until stopped; the base of both kinds.
+
+    It keeps a nursery of its own for the tasks that live beside its connection (a faction's
+    reconciler), so that stopping the supervisor stops them too. With the registry's, these are the
+    only nurseries the relay keeps.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        settings: SupervisorSettings,
+        specs: Sequence[ChannelSpec],
+        *,
+        pacer: JoinPacer,
+        rng: random.Random,
+        wall_clock_ms: WallClockMs,
+    ) -> None:
+        self._name = name
+        self._specs = list(specs)
+        self._nursery: trio.Nursery | None = None
+        self._settings = settings
+        self._pacer = pacer
+        self._wall_clock_ms = wall_clock_ms
+        self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s, rng)
+        self._scope = trio.CancelScope()
+        self.stopped = trio.Event()
+        self._started = False
+        self._state = UpstreamState.CONNECTING
+        self._attempts = 0
+        self._reconnects = 0
+        self._last_error: str | None = None
+        self._live_since: float | None = None  # trio clock, for the healthy rule
+        self._connected_since: int | None = None  # wall clock, for people
+        self._next_attempt_at: float | None = None
+        self._received = 0
+        self._ignored = 0
+
+    def __repr__(self) -> str:
+        return self._name
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._started = True
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    task_status.started()
+                    while True:
+                        error = await self._run_one_connection()
+                        self._connection_ended()
+                        await self._wait_after(error)
+        finally:
+            self._set_state(UpstreamState.STOPPED)
+            self._next_attempt_at = None
+            self.stopped.set()
+
+    def stop(self) -> None:
+        self._scope.cancel()
+        if not self._started:  # asked for before the registry ran, and never run: nothing to close
+            self._set_state(UpstreamState.STOPPED)
+            self.stopped.set()
+
+    @property
+    def stopping(self) -> bool:
+        """Asked to stop (it may still be closing its socket) or already stopped."""
+        return self._scope.cancel_called or self.stopped.is_set()
+
+    async def _deliver(self, changes: Sequence[ChangeReceived]) -> None:
+        """Hand the changes on; raises DeliveryFailed when they could not be taken."""
+        raise NotImplementedError  # each kind says where its changes go
+
+    def _connection_live(self) -> None:
+        """Every channel is live: what a kind starts beside the connection starts here."""
+
+    def _connection_ended(self) -> None:
+        """The connection ended: what `_connection_live` started stops here."""
+
+    async def _run_one_connection(self) -> BaseException:
+        self._attempts += 1
+        self._set_state(UpstreamState.CONNECTING)
+        hooks = ConnectionHooks(
+            deliver=self._count_and_deliver, on_live=self._on_live, on_ignored=self._on_ignored
+        )
+        specs = self._specs
+        await self._pacer.wait_turn(len(specs))
+        try:
+            await run_connection(self._settings.connection, specs, hooks)
+        except (UpstreamError, DeliveryFailed) as exc:
+            return exc
+        except Exception as exc:  # the restart policy: a bug or a store fault must not kill the faction
+            log.exception("%r: connection failed unexpectedly", self)
+            return exc
+
+    async def _wait_after(self, error: BaseException) -> None:
+        live_for = None if self._live_since is None else trio.current_time() - self._live_since
+        if live_for is not None and live_for >= self._settings.healthy_after_s:
+            self._backoff.reset()
+        self._live_since = None
+        self._connected_since = None
+        self._reconnects += 1
+        self._last_error = f"{type(error).__name__}: {error}"
+        auth = isinstance(error, UpstreamError) and error.auth
+        delay = self._backoff.capped_delay() if auth else self._backoff.next_delay()
+        retry_after = error.retry_after_s if isinstance(error, UpstreamError) else None
+        delay = max(delay, retry_after or 0.0)
+        self._set_state(
+            UpstreamState.AUTH_FAILED if auth else UpstreamState.BACKOFF,
+            f"{self._last_error}; retry in {delay:.1f} s",
+        )
+        self._next_attempt_at = trio.current_time() + delay
+        await trio.sleep_until(self._next_attempt_at)
+        self._next_attempt_at = None
+
+    async def _count_and_deliver(self, changes: Sequence[ChangeReceived]) -> None:
+        await self._deliver(changes)
+        self._received += len(changes)
+
+    def _on_live(self) -> None:
+        self._attempts = 0
+        self._live_since = trio.current_time()
+        self._connected_since = self._wall_clock_ms()
+        self._set_state(UpstreamState.CONNECTED)
+        self._connection_live()
+
+    def _on_ignored(self, ignored: ChangeIgnored) -> None:
+        self._ignored += 1
+        log.debug("%r: ignored a %s change: %s", self, ignored.table, ignored.reason)
+
+    def _set_state(self, state: UpstreamState, detail: str | None = None) -> None:
+        if state != self._state or detail:
+            log.info("%r: %s -> %s%s", self, self._state, state, f" ({detail})" if detail else "")
+        self._state = state
+
+    def statistics(self) -> UpstreamStatistics:
+        next_in = (
+            None if self._next_attempt_at is None else max(0.0, self._next_attempt_at - trio.current_time())
+        )
+        return UpstreamStatistics(
+            state=self._state,
+            attempts=self._attempts,
+            last_error=self._last_error,
+            connected_since=self._connected_since,
+            next_attempt_in_s=next_in,
+            reconnects=self._reconnects,
+            changes_received=self._received,
+            changes_ignored=self._ignored,
+        )
+
+
+class FactionSupervisor(UpstreamSupervisor):
+    """One faction's channels, and its reconciler beside the connection while it is live."""
+
+    def __init__(
+        self,
+        faction_id: int,
+        settings: SupervisorSettings,
+        sink: FactionSink,
+        *,
+        pacer: JoinPacer,
+        rng: random.Random,
+        wall_clock_ms: WallClockMs,
+        reconciler: Reconciler | None = None,
+    ) -> None:
+        super().__init__(
+            f"FactionSupervisor({faction_id})",
+            settings,
+            settings.channel_specs(faction_id),
+            pacer=pacer,
+            rng=rng,
+            wall_clock_ms=wall_clock_ms,
+        )
+        self.faction_id = faction_id
+        self._sink = sink
+        self._reconciler = reconciler
+        self._reconciling: trio.CancelScope | None = None
+
+    async def _deliver(self, changes: Sequence[ChangeReceived]) -> None:
+        await self._sink(self.faction_id, changes)
+
+    def _connection_live(self) -> None:
+        if self._reconciler is not None and self._nursery is not None:
+            self._reconciling = trio.CancelScope()
+            self._nursery.start_soon(self._reconcile_while_live, self._reconciling, self._reconciler)
+
+    def _connection_ended(self) -> None:
+        if self._reconciling is not None:
+            self._reconciling.cancel()
+            self._reconciling = None
+
+    async def _reconcile_while_live(self, scope: trio.CancelScope, reconciler: Reconciler) -> None:
+        with scope:
+            try:
+                await reconciler.run_while_live()
+            except Exception:  # the restart policy: a bug here must not take the connection down
+                log.exception(
+                    "%r: reconciling failed unexpectedly; next try when the connection is back", self
+                )
+
+    def statistics(self) -> UpstreamStatistics:
+        reconcile = self._reconciler.statistics() if self._reconciler is not None else None
+        return dataclasses.replace(super().statistics(), reconcile=reconcile)
+
+
+class SharedDeleteSupervisor(UpstreamSupervisor):
+    """The relay-wide DELETE channels, on one socket; every DELETE goes to `route`."""
+
+    def __init__(
+        self,
+        settings: SupervisorSettings,
+        route: SharedSink,
+        *,
+        pacer: JoinPacer,
+        rng: random.Random,
+        wall_clock_ms: WallClockMs,
+    ) -> None:
+        super().__init__(
+            "SharedDeletes",
+            settings,
+            settings.shared_delete_specs(),
+            pacer=pacer,
+            rng=rng,
+            wall_clock_ms=wall_clock_ms,
+        )
+        self._route = route
+
+    async def _deliver(self, changes: Sequence[ChangeReceived]) -> None:
+        await self._route(changes)
+
+
+class Supervisors:
+    """The registry: one supervisor per subscribed faction, all in one nursery this object owns.
+
+    The only place in the relay that starts upstream tasks: request handlers ask for a faction to be
+    running, and its supervisor task is started here, in the relay's task tree. A faction asked for
+    before `run` is started when it runs (the HTTP-contract tests never run it: no socket is opened).
+    """
+
+    def __init__(
+        self,
+        settings: SupervisorSettings,
+        sink: FactionSink,
+        *,
+        rng: random.Random | None = None,
+        wall_clock_ms: WallClockMs,
+        reconciler_for: Callable[[int], Reconciler] | None = None,
+        route_shared_deletes: SharedSink | None = None,
+    ) -> None:
+        self._settings = settings
+        self._sink = sink
+        self._reconciler_for = reconciler_for
+        self._route_shared_deletes = route_shared_deletes
+        self._shared: SharedDeleteSupervisor | None = None
+        self._rng = rng or random.Random()
+        self._wall_clock_ms = wall_clock_ms
+        self._nursery: trio.Nursery | None = None
+        self._supervisors: dict[int, FactionSupervisor] = {}
+        self._waiting: list[FactionSupervisor] = []  # asked for before `run`
+        self._pacer = JoinPacer(settings.joins_per_second)
+
+    async def run(
+        self,
+        initial_factions: Sequence[int] = (),
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for faction_id in initial_factions:
+                self.ensure_running(faction_id)
+            waiting, self._waiting = self._waiting, []
+            for supervisor in waiting:
+                self._start(supervisor)
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def ensure_running(self, faction_id: int) -> None:
+        """Start the faction's supervisor unless one is running; a running one keeps its socket."""
+        current = self._supervisors.get(faction_id)
+        # One being stopped does not count: a poll can revive a faction while maintenance is still
+        # closing its old socket, and the old supervisor will not come back by itself.
+        if current is not None and not current.stopping:
+            return
+        supervisor = FactionSupervisor(
+            faction_id,
+            self._settings,
+            self._sink,
+            pacer=self._pacer,
+            rng=self._rng,
+            wall_clock_ms=self._wall_clock_ms,
+            reconciler=self._reconciler_for(faction_id) if self._reconciler_for is not None else None,
+        )
+        self._supervisors[faction_id] = supervisor
+        self._start(supervisor)
+
+    def _start(self, supervisor: FactionSupervisor) -> None:
+        if self._nursery is None:
+            self._waiting.append(supervisor)
+            return
+        self._nursery.start_soon(supervisor.run, name=repr(supervisor))
+        self._ensure_shared_deletes()
+
+    def _ensure_shared_deletes(self) -> None:
+        if (
+            self._shared is not None
+            or self._route_shared_deletes is None
+            or not self._settings.shared_delete_specs()
+            or self._nursery is None
+        ):
+            return
+        self._shared = SharedDeleteSupervisor(
+            self._settings,
+            self._route_shared_deletes,
+            pacer=self._pacer,
+            rng=self._rng,
+            wall_clock_ms=self._wall_clock_ms,
+        )
+        self._nursery.start_soon(self._shared.run, name=repr(self._shared))
+
+    async def stop(self, faction_id: int) -> None:
+        supervisor = self._supervisors.get(faction_id)
+        if supervisor is not None:
+            supervisor.stop()
+            await supervisor.stopped.wait()
+        shared = self._shared
+        if shared is not None and all(sup.stopping for sup in self._supervisors.values()):
+            # The last faction went idle: an idle relay holds no upstream socket at all.
+            self._shared = None
+            shared.stop()
+            await shared.stopped.wait()
+
+    def statistics(self) -> dict[int, UpstreamStatistics]:
+        return {faction_id: sup.statistics() for faction_id, sup in self._supervisors.items()}
+
+    def shared_deletes_statistics(self) -> UpstreamStatistics | None:
+        """The relay-wide DELETE subscription, once the first faction started it."""
+        return self._shared.statistics() if self._shared is not None else None
