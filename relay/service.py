@@ -1,23 +1,25 @@
-"""The composition root: the relay's one top-level nursery, its start order and its shutdown order.
+"""The composition root: `build_services` wires the relay's parts, `run_relay` starts them in one
+nursery and stops them in order. Nothing here has behaviour of its own; the tree, the path of one
+change and the invariants are drawn in docs/architecture.md.
 
     trio.run(run_relay)
     ├── watch_signals → hub.begin_stopping              # SIGINT/SIGTERM; a second one cuts short,
     │                                                   # also while sockets and the store close
-    └── async with open_store(...), httpx client       # closed last: committer drained, checkpoint
+    └── async with open_configured_store(config), httpx client   # closed last: committer drained, checkpoint
         └── nursery "relay"
             ├── Supervisors.run (its own nursery)
-            │   ├── faction 46666 (own CancelScope) ── upstream connection (reader + heartbeat)
-            │   │                                   └── reconciler (REST reads), while live
+            │   ├── FactionSupervisor(46666) ── upstream connection (reader + heartbeat)
+            │   │                            └── reconciler (REST reads), while live
             │   └── SharedDeletes ── the relay-wide DELETE channels, routed by key
             ├── run_schedule(maintenance_pass)
             ├── hub.wake_quiet_factions_every         # SSE keep-alives: one timer for all streams
-            └── http_server.serve(app)                # hypercorn's HTTP/1.1 protocol on the relay's sockets
+            └── relay.http.server.serve(app)          # hypercorn's HTTP/1.1 protocol on the relay's sockets
 
 Shutdown: `stopping` is set, so held requests return at once; the HTTP server stops accepting,
 closes idle connections, answers what is in flight and cuts whatever is still open after
 GRACEFUL_TIMEOUT_S (writes are never shielded, so a client that stopped reading cannot hold it);
-then the supervisors and the schedule are cancelled (each upstream socket closes politely within a bounded, shielded
-wait); last, the store checkpoints and closes.
+then the supervisors and the schedule are cancelled (each upstream socket closes politely within a
+bounded, shielded wait); last, the store checkpoints and closes.
 """
 
 from __future__ import annotations
@@ -76,16 +78,12 @@ class Services:
 
 
 @dataclass(frozen=True, slots=True)
-class RunningRelay:
-    """What a started relay hands its starter: where it listens and how to stop it."""
+class BuiltRelay:
+    """A relay's app and the services behind it, built and not started: what the HTTP-contract tests
+    drive through Quart's test client."""
 
-    urls: Sequence[str]
     app: RelayApp
     services: Services
-
-    @property
-    def url(self) -> str:
-        return self.urls[0]
 
     @property
     def store(self) -> Store:
@@ -102,6 +100,17 @@ class RunningRelay:
     @property
     def hub(self) -> Hub:
         return self.services.hub
+
+
+@dataclass(frozen=True, slots=True)
+class RunningRelay(BuiltRelay):
+    """What a started relay hands its starter: also where it listens and how to stop it."""
+
+    urls: Sequence[str]
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
 
     def stop(self) -> None:
         self.hub.begin_stopping()
@@ -243,7 +252,7 @@ async def _run_relay(
                 urls[0],
                 len(store.active_factions()),
             )
-            task_status.started(RunningRelay(urls, app, services))
+            task_status.started(RunningRelay(app, services, urls))
             await http_done.wait()
             log.info("HTTP server drained; closing upstream sockets")
             nursery.cancel_scope.cancel()

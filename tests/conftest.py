@@ -14,9 +14,9 @@ import pytest
 import trio
 
 from relay.config import Config, load_config
-from relay.service import RunningRelay, run_relay
+from relay.service import BuiltRelay, RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
-from tests.helpers.contract import BuiltRelay, contract_config, open_relay_app
+from tests.helpers.contract import contract_config, open_relay_app
 from tests.helpers.factions import ANON_KEY
 from tests.helpers.programs import CHROMIUM, NGINX, OPENSSL, SYSTEM_PYTHON, SYSTEMD_ANALYZE
 

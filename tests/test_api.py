@@ -13,23 +13,22 @@ from quart.typing import TestClientProtocol as QuartClient
 
 from relay.config import Config
 from relay.http.answers import MAX_CACHED_BYTES, MAX_LARGE_CACHED_BYTES
-from relay.service import RunningRelay, run_relay
-from tests.helpers.contract import BuiltRelay
+from relay.service import BuiltRelay, RunningRelay, run_relay
 from tests.helpers.factions import ANON_KEY, FACTION, OTHER_FACTION
 
 pytestmark = pytest.mark.contract
 
 
-def client(relay: BuiltRelay | RunningRelay) -> QuartClient:
+def client(relay: BuiltRelay) -> QuartClient:
     return relay.app.test_client()
 
 
-async def subscribe(relay: BuiltRelay | RunningRelay, faction_id: Any = FACTION, key: str = ANON_KEY) -> Any:
+async def subscribe(relay: BuiltRelay, faction_id: Any = FACTION, key: str = ANON_KEY) -> Any:
     response = await client(relay).post("/subscribe", json={"faction_id": faction_id, "api_key": key})
     return response.status_code, await response.get_json()
 
 
-async def events(relay: BuiltRelay | RunningRelay, query: str) -> tuple[int, Any]:
+async def events(relay: BuiltRelay, query: str) -> tuple[int, Any]:
     response = await client(relay).get(f"/events?{query}")
     return response.status_code, await response.get_json()
 

@@ -9,8 +9,7 @@ import httpx
 import pytest
 import trio
 
-from relay.service import RunningRelay
-from tests.helpers.contract import BuiltRelay
+from relay.service import BuiltRelay, RunningRelay
 from tests.helpers.factions import ANON_KEY, FACTION
 from tests.helpers.sse_client import open_sse
 
@@ -42,12 +41,12 @@ def assert_error(status: int, body: Any, expected_status: int, code: str) -> Non
     assert body["error"]
 
 
-async def post(relay: BuiltRelay | RunningRelay, path: str, data: bytes, **headers: str) -> tuple[int, Any]:
+async def post(relay: BuiltRelay, path: str, data: bytes, **headers: str) -> tuple[int, Any]:
     response = await relay.app.test_client().post(path, data=data, headers=headers)
     return response.status_code, await response.get_json()
 
 
-async def get(relay: BuiltRelay | RunningRelay, path: str) -> tuple[int, Any]:
+async def get(relay: BuiltRelay, path: str) -> tuple[int, Any]:
     response = await relay.app.test_client().get(path)
     return response.status_code, await response.get_json()
 

@@ -6,39 +6,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from relay.config import Config, load_config
-from relay.factions import Factions
-from relay.http import api
-from relay.service import Services, build_services, open_configured_store
-from relay.storage.store import Store
-from relay.upstream.supervisor import Supervisors
+from relay.http.api import create_app
+from relay.service import BuiltRelay, build_services, open_configured_store
 from tests.helpers.factions import ANON_KEY
 
 # Never dialled: the supervisors are not run in this tier.
 UNUSED_UPSTREAM = "ws://127.0.0.1:9/realtime/v1/websocket"
-
-
-@dataclass(frozen=True, slots=True)
-class BuiltRelay:
-    app: api.RelayApp
-    services: Services
-
-    @property
-    def store(self) -> Store:
-        return self.services.store
-
-    @property
-    def supervisors(self) -> Supervisors:
-        return self.services.supervisors
-
-    @property
-    def factions(self) -> Factions:
-        return self.services.factions
 
 
 def contract_config(data_dir: Path, toml: str = "") -> Config:
@@ -56,4 +34,4 @@ def contract_config(data_dir: Path, toml: str = "") -> Config:
 async def open_relay_app(config: Config) -> AsyncIterator[BuiltRelay]:
     async with open_configured_store(config) as store, httpx.AsyncClient() as rest_client:
         services = build_services(config, store=store, rest_client=rest_client)
-        yield BuiltRelay(api.create_app(services), services)
+        yield BuiltRelay(create_app(services), services)
