@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# When the hard limit is unlimited, a fixed generous target (setrlimit refuses RLIM_INFINITY for files).
+UNLIMITED_FILES_TARGET = 1_048_576
+
+
 def raise_file_limit() -> None:
     """Every held long-poll, SSE stream and upstream socket is a descriptor; the usual soft limit of
     1024 would cap a relay near a thousand members, so take the hard limit the system allows."""
@@ -94,10 +98,6 @@ def tune_garbage_collector() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-
-
-# When the hard limit is unlimited, a fixed generous target (setrlimit refuses RLIM_INFINITY for files).
-UNLIMITED_FILES_TARGET = 1_048_576
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 
 # The hosted gateway's path, and a self-hosted server's own Phoenix socket path (1.1).
 WEBSOCKET_PATHS = ("/realtime/v1/websocket", "/socket/websocket")
-# `:erlang.phash2/1` yields 0..2^27-1; ids stay in the range a client may have learnt to expect (4.2).
 DEFAULT_IDLE_TIMEOUT_S = 60.0  # Phoenix's websocket `timeout: 60_000`, which Realtime keeps (8)
 # Bounds for our own waits, so a client that never finishes a handshake cannot pin a task forever.
 HANDSHAKE_TIMEOUT_S = 10.0
