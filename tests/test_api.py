@@ -1,5 +1,6 @@
-"""The HTTP contract through Quart's test client, on the app and services `run_relay` builds (`build_services`), over a
-real store and never started (tests/contract.py); only what needs a live upstream runs a whole relay."""
+"""The HTTP contract through Quart's test client, on the app and services `run_relay` builds
+(`build_services`), over a real store and never started (tests/helpers/contract.py); only what needs a
+live upstream runs a whole relay."""
 
 from __future__ import annotations
 

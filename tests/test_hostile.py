@@ -1,7 +1,7 @@
 """The hostile-client tier (issue 13): no client, however it behaves, takes the relay down or stalls it.
 
-Thousands of clients (tests/hostile_clients.py) vanish by FIN, RST or half-close at every stage of every
-route and method, before and after each early answer; others pipeline, speak HTTP/1.0, send
+Thousands of clients (tests/helpers/hostile_clients.py) vanish by FIN, RST or half-close at every
+stage of every route and method, before and after each early answer; others pipeline, speak HTTP/1.0, send
 `Expect: 100-continue`, ask for h2c, open HTTP/2 with prior knowledge and send it hostile frames, send
 garbage, huge request lines and header floods. They run in concurrent batches against a real
 `relay serve`; after each batch the process must still run, answer /ping, bring a well-behaved member a

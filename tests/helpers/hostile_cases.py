@@ -1,7 +1,7 @@
 """The hostile tier's cases, built from one seeded random source (pure: the same seed gives the same
 cases): every route and method the relay serves, each early answer, each stage to vanish at and each
 way of vanishing; pipelining, HTTP/1.0, `Expect: 100-continue`, h2c, garbage and floods; HTTP/2 comes
-from tests/hostile_h2.py."""
+from tests/helpers/hostile_h2.py."""
 
 from __future__ import annotations
 

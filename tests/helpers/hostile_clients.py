@@ -2,7 +2,7 @@
 attackers.
 
 What a client does is data: a `Case` is the bytes it sends in steps, what it waits for after each step,
-and how it vanishes (tests/hostile_cases.py and tests/hostile_h2.py build them). `run_case` is the only
+and how it vanishes (tests/helpers/hostile_cases.py and hostile_h2.py build them). `run_case` is the only
 code with a socket; every error it meets is the client's own business, since a hostile client expects
 to be cut off.
 """

@@ -1,6 +1,6 @@
 """The HTTP/2 clients of the hostile tier: prior knowledge (the preface, then frames from
-tests/h2_frames.py) with requests answered early, floods, broken priority trees, held streams. Pure:
-each script gives the steps of a `Case`."""
+tests/helpers/h2_frames.py) with requests answered early, floods, broken priority trees, held
+streams. Pure: each script gives the steps of a `Case`."""
 
 from __future__ import annotations
 
