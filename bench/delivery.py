@@ -110,7 +110,10 @@ async def subscribe_all(target: Target, factions: Sequence[int]) -> None:
 
     states: list[str] = []
     for _ in range(int(READY_TIMEOUT_S / POLL_S)):
-        _, status_page = await call(target, "GET", "/status")
+        answered, status_page = await call(target, "GET", "/status")
+        if answered == 429:  # /status costs a tenth of the address's rate (issue 13): ask again later
+            await trio.sleep(POLL_S)
+            continue
         states = [faction["upstream"]["state"] for faction in status_page["factions"]]
         if states.count("connected") == len(factions):
             return
