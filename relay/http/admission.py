@@ -57,7 +57,9 @@ async def apply_client_clock(services: Services, since: int | None) -> None:
 
     The skew is counted from the relay's clock: the wall clock, or the relay's own cursor when that is
     ahead (after the wall clock stepped back, stamps run ahead of it until it catches up), so that a
-    cursor this relay, or another instance on the same stepped clock, handed out is never refused.
+    cursor this relay, or another instance on the same stepped clock, handed out is not refused: each
+    instance writes the wall clock down as its clock every maintenance pass, so an idle one's cursor
+    trails what the clock said by one `maintenance_interval_s` at most, well within the skew allowed.
     """
     store = services.store
     cursor = store.cursor()

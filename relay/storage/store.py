@@ -249,6 +249,16 @@ class Store:
         await self._database.write(advance)
         self._visible = max(self._visible, since)
 
+    async def keep_up_with_the_wall_clock(self) -> None:
+        """Advance the relay's clock to the wall clock, written down, even with no event to stamp.
+
+        After the wall clock steps back, stamps stay ahead of it (strictly increasing) until it catches
+        up, and so do the cursors of every instance on that machine that stamped while it was ahead.
+        An idle instance stamped nothing then; without this its cursor would be hours behind its
+        neighbour's, and it would refuse (`max_clock_skew_s`) the cursors members bring over from it.
+        """
+        await self.advance_clock(self._now_ms())
+
     async def append_events(self, faction_id: int, items: Sequence[tuple[str, Any]]) -> list[StoredEvent]:
         """Stamp, commit, then publish `items` (type, data); returns them as stored.
 
