@@ -22,7 +22,9 @@ TTL_S = 1800.0
 
 
 async def subscribe(relay: BuiltRelay) -> None:
-    response = await relay.app.test_client().post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
+    response = await relay.app.test_client().post(
+        "/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY}
+    )
     assert response.status_code == 200
 
 
@@ -40,9 +42,9 @@ async def test_next_poll_ms_is_right_after_the_wall_clock_steps_back(tmp_path: P
     with trio.fail_after(TEST_TIMEOUT_S):
         async with open_clocked_relay(tmp_path, clocks) as relay:
             await subscribe(relay)
-            clocks.wall_ms += DAY_MS  # a day ahead while the event is stamped...
+            clocks.now_ms += DAY_MS  # a day ahead while the event is stamped...
             (event,) = await relay.store.append_events(FACTION, published(1))
-            clocks.wall_ms -= DAY_MS  # ...then corrected: stamps stay a day ahead until it catches up
+            clocks.now_ms -= DAY_MS  # ...then corrected: stamps stay a day ahead until it catches up
             _, body = await poll(relay, event.timestamp)
             assert body["next_poll_ms"] == 1_000
             clocks.elapse(61_000)
@@ -62,7 +64,7 @@ async def test_a_wall_clock_stepping_forward_leaves_a_polled_faction_subscribed(
     with trio.fail_after(TEST_TIMEOUT_S):
         async with open_clocked_relay(tmp_path, clocks) as relay:
             await subscribe(relay)
-            clocks.wall_ms += 3 * DAY_MS
+            clocks.now_ms += 3 * DAY_MS
             report = await maintenance_pass(relay.store, relay.factions, subscription_ttl_s=TTL_S)
             assert report.factions_expired == ()
             clocks.elapse(int(TTL_S * 1000) + 1)
@@ -79,13 +81,13 @@ async def test_a_cursor_from_another_instance_on_the_same_stepped_clock_is_accep
         ):
             await subscribe(busy)
             await subscribe(idle)
-            clocks.wall_ms += DAY_MS
+            clocks.now_ms += DAY_MS
             for n in range(3):
                 await maintenance_pass(idle.store, idle.factions, subscription_ttl_s=TTL_S)
                 clocks.elapse(100_000)  # the idle one's clock was written down before this event
                 (stamped,) = await busy.store.append_events(FACTION, published(n))
             cursor = stamped.timestamp  # what the member's script holds when its instance goes away
-            clocks.wall_ms -= DAY_MS
+            clocks.now_ms -= DAY_MS
             status, body = await poll(idle, cursor)
             assert (status, body["events"]) == (200, [])
             assert body["timestamp"] >= cursor

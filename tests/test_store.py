@@ -30,6 +30,7 @@ from relay.storage.store import (
     Subscription,
     open_store,
 )
+from tests.helpers.clocks import DAY_MS, Clocks
 
 pytestmark = pytest.mark.unit
 
@@ -43,14 +44,12 @@ WATCH_INTERVAL_S = 0.0002
 HOLD_LIMIT_S = 5
 
 
-class WallClock:
-    """A wall clock in ms that moves only when told to; `hold` parks one future call until released.
-    Also the monotonic clock the store measures durations on: `elapse` moves both, setting `now_ms`
-    alone is a step of the wall clock."""
+class WallClock(Clocks):
+    """The test's clocks (`elapse` moves both, setting `now_ms` alone steps the wall clock), and
+    `hold`, which parks one future call of the wall clock until released."""
 
     def __init__(self, now_ms: int = START_MS) -> None:
-        self.now_ms = now_ms
-        self.monotonic = 1_000.0
+        super().__init__(now_ms)
         self.calls = 0
         self.holding = threading.Event()
         self._release = threading.Event()
@@ -62,13 +61,6 @@ class WallClock:
             self.holding.set()
             self._release.wait(HOLD_LIMIT_S)
         return self.now_ms
-
-    def monotonic_s(self) -> float:
-        return self.monotonic
-
-    def elapse(self, ms: int) -> None:
-        self.now_ms += ms
-        self.monotonic += ms / 1000
 
     @contextmanager
     def hold(self, nth_call: int) -> Iterator[None]:
@@ -487,7 +479,6 @@ async def test_idle_factions_expire_and_revive(tmp_path: Path) -> None:
             assert store.statistics().factions == 2
 
 
-DAY_MS = 86_400_000
 TTL_MS = 1_800_000  # retention.subscription_ttl_s's default
 
 
