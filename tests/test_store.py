@@ -486,8 +486,8 @@ async def test_a_wall_clock_stepping_forward_expires_nobody_before_the_ttl_has_p
     clock = WallClock()
     with trio.fail_after(TEST_TIMEOUT_S):
         async with open_test_store(tmp_path, clock) as store:
-            await store.subscribe(FACTION)
-            await store.subscribe(OTHER)
+            for faction_id in (FACTION, OTHER):
+                await store.subscribe(faction_id)
             clock.now_ms += 3 * DAY_MS  # an NTP step, or an operator's `date -s`
             assert await store.expire_idle(TTL_MS) == []
             clock.elapse(TTL_MS - 1_000)
