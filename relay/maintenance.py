@@ -1,4 +1,5 @@
-"""The scheduled upkeep: trim each faction's events, expire idle subscriptions, checkpoint the WAL.
+"""The scheduled upkeep: trim each faction's events, expire idle subscriptions, write the wall clock
+down as the relay's clock (`Store.keep_up_with_the_wall_clock`), checkpoint the WAL.
 
 The schedule (`run_schedule`) is kept apart from the pass (`maintenance_pass`) so that virtual-time
 tests can check the timing without a database, and the pass can be tested without waiting.
@@ -49,6 +50,7 @@ async def maintenance_pass(
     try:
         expired = await factions.expire_idle(subscription_ttl_s)
         trimmed = await store.trim()
+        await store.keep_up_with_the_wall_clock()
         await store.checkpoint()
     except StoreError as exc:
         log.error("maintenance: storage fault, will retry next interval: %s", exc)

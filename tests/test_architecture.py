@@ -107,3 +107,20 @@ def test_only_the_ingest_wakes_waiters_so_none_is_woken_before_a_commit() -> Non
 def test_only_the_faction_lifecycle_starts_and_stops_a_factions_socket() -> None:
     assert callers_of("ensure_running") - {"relay.upstream.supervisor"} == {"relay.factions"}
     assert callers_of("stop", on="supervisors") == {"relay.factions"}
+
+
+def test_the_wall_clock_is_read_only_to_stamp_and_to_show_never_to_time() -> None:
+    # Every duration (expiry, timers, next_poll_ms) is on the monotonic clock, which no NTP step or
+    # `date -s` moves; the wall clock is read here only: the store's stamps, a migration's record, the
+    # operator's commands showing ages, and the fake upstream's commit times. Elsewhere it is injected.
+    readers = (
+        callers_of("time", on="time") | callers_of("time_ns", on="time") | callers_of("now", on="datetime")
+    )
+    assert readers == {
+        "relay.storage.store",
+        "relay.storage.migrations",
+        "relay.ops.dbstats",
+        "relay.ops.statustable",
+        "relay.testing.fake_tables",
+        "relay.testing.war_traffic",
+    }

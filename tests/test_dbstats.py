@@ -17,6 +17,7 @@ from relay.service import RunningRelay
 from relay.storage.migrations import find_migrations, migrations_dir
 from relay.storage.store import Store, open_store
 from relay.testing.fake_supabase import FakeSupabase
+from tests.helpers.clocks import Clocks
 from tests.helpers.factions import FACTION, OTHER_FACTION, call
 from tests.helpers.operator_commands import run_relay_command
 from tests.helpers.userscript import Userscript, wait_connected
@@ -24,14 +25,6 @@ from tests.helpers.userscript import Userscript, wait_connected
 START_MS = 1_732_460_000_000
 MINUTE_MS = 60_000
 NEWEST_VERSION = find_migrations(migrations_dir())[-1].version
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now_ms = START_MS
-
-    def __call__(self) -> int:
-        return self.now_ms
 
 
 def change(table: str, row_id: int, faction_id: int) -> tuple[str, dict[str, Any]]:
@@ -49,7 +42,7 @@ def change(table: str, row_id: int, faction_id: int) -> tuple[str, dict[str, Any
     )
 
 
-async def fill(store: Store, clock: Clock) -> None:
+async def fill(store: Store, clock: Clocks) -> None:
     """Faction A: three events over two minutes, rows in two tables. Faction B: one event, expired."""
     await store.subscribe(FACTION)
     await store.subscribe(OTHER_FACTION)
@@ -57,17 +50,23 @@ async def fill(store: Store, clock: Clock) -> None:
         FACTION, [change("war_calls", 1, FACTION), change("faction_messages", 7, FACTION)]
     )
     await store.append_events(OTHER_FACTION, [change("war_calls", 2, OTHER_FACTION)])
-    clock.now_ms += 2 * MINUTE_MS
+    clock.elapse(2 * MINUTE_MS)
     await store.append_events(FACTION, [("hospital_update", {"members": []})])
     await store.subscribe(FACTION)  # activity now; B's is two minutes old
     await store.expire_idle(MINUTE_MS)
 
 
 async def made_by_the_store(path: Path) -> None:
-    clock = Clock()
+    clock = Clocks(START_MS)
     key_columns = {"war_calls": "id", "faction_messages": "id"}
     with trio.fail_after(10):
-        async with open_store(path, events_per_faction=100, now_ms=clock, key_columns=key_columns) as store:
+        async with open_store(
+            path,
+            events_per_faction=100,
+            now_ms=clock,
+            monotonic_s=clock.monotonic_s,
+            key_columns=key_columns,
+        ) as store:
             await fill(store, clock)
 
 
@@ -141,9 +140,14 @@ async def test_a_read_only_folder_is_read_and_an_unindexable_wal_is_refused(tmp_
     """chattr +i: nothing can be created in the folder, not even by root."""
     clean, copied = tmp_path / "clean" / "relay.db", tmp_path / "copied" / "relay.db"
     await made_by_the_store(clean)
-    clock = Clock()
+    clock = Clocks(START_MS)
     with trio.fail_after(10):
-        async with open_store(tmp_path / "live" / "relay.db", events_per_faction=100, now_ms=clock) as store:
+        async with open_store(
+            tmp_path / "live" / "relay.db",
+            events_per_faction=100,
+            now_ms=clock,
+            monotonic_s=clock.monotonic_s,
+        ) as store:
             await fill(store, clock)
             copied.parent.mkdir()
             for name in ("relay.db", "relay.db-wal"):  # a copy taken while a relay ran, without the -shm

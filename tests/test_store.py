@@ -30,6 +30,7 @@ from relay.storage.store import (
     Subscription,
     open_store,
 )
+from tests.helpers.clocks import DAY_MS, Clocks
 
 pytestmark = pytest.mark.unit
 
@@ -43,11 +44,12 @@ WATCH_INTERVAL_S = 0.0002
 HOLD_LIMIT_S = 5
 
 
-class WallClock:
-    """A wall clock in ms that moves only when told to; `hold` parks one future call until released."""
+class WallClock(Clocks):
+    """The test's clocks (`elapse` moves both, setting `now_ms` alone steps the wall clock), and
+    `hold`, which parks one future call of the wall clock until released."""
 
     def __init__(self, now_ms: int = START_MS) -> None:
-        self.now_ms = now_ms
+        super().__init__(now_ms)
         self.calls = 0
         self.holding = threading.Event()
         self._release = threading.Event()
@@ -80,7 +82,9 @@ def db_path(tmp_path: Path) -> Path:
 def open_test_store(
     tmp_path: Path, clock: WallClock, *, events_per_faction: int = 100
 ) -> AbstractAsyncContextManager[Store]:
-    return open_store(db_path(tmp_path), events_per_faction=events_per_faction, now_ms=clock)
+    return open_store(
+        db_path(tmp_path), events_per_faction=events_per_faction, now_ms=clock, monotonic_s=clock.monotonic_s
+    )
 
 
 def query(tmp_path: Path, sql: str) -> list[tuple[object, ...]]:
@@ -427,18 +431,18 @@ async def test_subscriptions_and_their_activity(tmp_path: Path) -> None:
         async with open_test_store(tmp_path, clock) as store:
             assert store.subscription(FACTION) is None
             assert await store.subscribe(FACTION) == Subscription(FACTION, True, START_MS, START_MS)
-            clock.now_ms += 1_000
+            clock.elapse(1_000)
             again = await store.subscribe(FACTION)
             assert (again.subscribed_at, again.last_activity_at) == (START_MS, START_MS + 1_000)
             assert store.subscription(FACTION) == again
             assert store.active_factions() == [FACTION]
 
-            clock.now_ms += 1_000
+            clock.elapse(1_000)
             store.touch(FACTION)
             store.touch(OTHER)  # never subscribed: nothing to record
             assert store.last_activity_at(FACTION) == START_MS + 2_000
             assert store.last_activity_at(OTHER) is None
-            clock.now_ms += 999
+            clock.elapse(999)
             store.touch(FACTION)  # activity is kept to the second: every poll need not record it
             assert store.last_activity_at(FACTION) == START_MS + 2_000
             activity = "SELECT last_activity_at FROM subscriptions"
@@ -453,7 +457,7 @@ async def test_idle_factions_expire_and_revive(tmp_path: Path) -> None:
         async with open_test_store(tmp_path, clock) as store:
             await store.subscribe(FACTION)
             await store.subscribe(OTHER)
-            clock.now_ms += 60_000
+            clock.elapse(60_000)
             store.touch(OTHER)
             assert await store.expire_idle(30_000) == [FACTION]
             assert await store.expire_idle(30_000) == []
@@ -462,17 +466,79 @@ async def test_idle_factions_expire_and_revive(tmp_path: Path) -> None:
             rows = "SELECT faction_id, active, last_activity_at FROM subscriptions ORDER BY faction_id"
             assert query(tmp_path, rows) == [(OTHER, 1, START_MS + 60_000), (FACTION, 0, START_MS)]
 
-            clock.now_ms += 1_000
+            clock.elapse(1_000)
             revived = await store.revive(FACTION)
             assert revived == Subscription(FACTION, True, START_MS, START_MS + 61_000)
             assert store.active_factions() == [OTHER, FACTION]
             await store.expire_idle(-1)  # a cutoff in the future: both expire
-            clock.now_ms += 1_000
+            clock.elapse(1_000)
             store.touch(OTHER)  # left for the close to flush
         async with open_test_store(tmp_path, clock) as store:
             assert store.active_factions() == []
             assert store.subscription(OTHER) == Subscription(OTHER, False, START_MS, START_MS + 62_000)
             assert store.statistics().factions == 2
+
+
+TTL_MS = 1_800_000  # retention.subscription_ttl_s's default
+
+
+async def test_a_wall_clock_stepping_forward_expires_nobody_before_the_ttl_has_passed(tmp_path: Path) -> None:
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, clock) as store:
+            for faction_id in (FACTION, OTHER):
+                await store.subscribe(faction_id)
+            clock.now_ms += 3 * DAY_MS  # an NTP step, or an operator's `date -s`
+            assert await store.expire_idle(TTL_MS) == []
+            clock.elapse(TTL_MS - 1_000)
+            store.touch(OTHER)
+            assert store.last_activity_at(OTHER) == clock.now_ms  # what /status shows: the wall clock
+            assert await store.expire_idle(TTL_MS) == []
+            clock.now_ms -= 5 * DAY_MS  # and back, to before the faction subscribed: still measured
+            clock.elapse(2_000)
+            assert await store.expire_idle(TTL_MS) == [FACTION]
+            store.touch(OTHER)  # a second after the last touch, wall clock behind it: still activity
+            assert store.last_activity_at(OTHER) == clock.now_ms
+            clock.elapse(TTL_MS - 1_000)
+            assert await store.expire_idle(TTL_MS) == []
+            clock.elapse(1_001)
+            assert await store.expire_idle(TTL_MS) == [OTHER]
+
+
+async def test_a_restart_counts_as_activity_whatever_the_wall_clock_says(tmp_path: Path) -> None:
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, clock) as store:
+            await store.subscribe(FACTION)
+        clock.elapse(2 * DAY_MS)  # stopped for two days, or restarted on a clock two days ahead
+        async with open_test_store(tmp_path, clock) as store:
+            assert await store.expire_idle(TTL_MS) == []
+            clock.elapse(TTL_MS + 1)
+            assert await store.expire_idle(TTL_MS) == [FACTION]
+
+
+async def test_how_long_a_faction_was_quiet_is_measured_on_the_monotonic_clock(tmp_path: Path) -> None:
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_test_store(tmp_path, clock) as store:
+            assert store.quiet_for_ms(FACTION) is None
+            clock.now_ms += DAY_MS  # the wall clock a day ahead while events are stamped
+            (event,) = await store.append_events(FACTION, [("t", 1)])
+            clock.now_ms -= DAY_MS  # corrected: the stamps are now a day ahead of it
+            clock.elapse(61_000)
+            assert store.quiet_for_ms(FACTION) == 61_000
+            (later,) = await store.append_events(FACTION, [("t", 2)])
+            assert later.timestamp == event.timestamp + 1  # strictly increasing, by 1 ms an event
+            assert store.quiet_for_ms(FACTION) == 0
+            clock.elapse(5_000)
+        async with open_test_store(tmp_path, clock) as store:
+            # Loaded events have no monotonic time, and their stamps are ahead of the wall clock:
+            # quiet since the start, at least.
+            assert store.quiet_for_ms(FACTION) == 0
+            clock.elapse(700_000)
+            assert store.quiet_for_ms(FACTION) == 700_000
+            clock.now_ms += 3 * DAY_MS  # stepped far ahead at a restart: by the wall clock, then
+            assert store.quiet_for_ms(FACTION) == clock.now_ms - later.timestamp
 
 
 async def test_a_standby_faction_is_known_inactive_and_survives_a_restart(tmp_path: Path) -> None:
@@ -481,7 +547,7 @@ async def test_a_standby_faction_is_known_inactive_and_survives_a_restart(tmp_pa
         async with open_test_store(tmp_path, clock) as store:
             await store.subscribe(FACTION)
             assert await store.stand_by(OTHER) == Subscription(OTHER, False, START_MS, START_MS)
-            clock.now_ms += 1_000
+            clock.elapse(1_000)
             assert await store.stand_by(FACTION) == Subscription(FACTION, True, START_MS, START_MS)
             assert await store.stand_by(OTHER) == Subscription(OTHER, False, START_MS, START_MS)
             assert store.active_factions() == [FACTION]
@@ -554,7 +620,14 @@ def war_call(
 
 
 def open_state_store(tmp_path: Path, clock: WallClock, **kwargs: int) -> AbstractAsyncContextManager[Store]:
-    return open_store(db_path(tmp_path), events_per_faction=100, now_ms=clock, key_columns=KEYS, **kwargs)
+    return open_store(
+        db_path(tmp_path),
+        events_per_faction=100,
+        now_ms=clock,
+        monotonic_s=clock.monotonic_s,
+        key_columns=KEYS,
+        **kwargs,
+    )
 
 
 async def test_key_only_old_records_are_completed_from_the_stored_row(tmp_path: Path) -> None:

@@ -53,11 +53,20 @@ def check_rate(services: Services, client_address: str | None, cost: float = 1.0
 
 
 async def apply_client_clock(services: Services, since: int | None) -> None:
-    """Lamport's rule for a `since` ahead of the relay, within the allowed skew."""
+    """Lamport's rule for a `since` ahead of the relay, within the allowed skew.
+
+    The skew is counted from the relay's clock: the wall clock, or the relay's own cursor when that is
+    ahead (after the wall clock stepped back, stamps run ahead of it until it catches up), so that a
+    cursor this relay, or another instance on the same stepped clock, handed out is not refused: each
+    instance writes the wall clock down as its clock every maintenance pass, so an idle one's cursor
+    trails what the clock said by one `maintenance_interval_s` at most, well within the skew allowed.
+    """
     store = services.store
-    if since is None or since <= store.cursor():
+    cursor = store.cursor()
+    if since is None or since <= cursor:
         return
-    if since > services.wall_clock_ms() + int(services.config.limits.max_clock_skew_s * 1000):
+    relay_clock = max(services.wall_clock_ms(), cursor)
+    if since > relay_clock + int(services.config.limits.max_clock_skew_s * 1000):
         raise ApiError(400, "invalid_since", "since is further ahead of the relay's clock than allowed")
     try:
         await store.advance_clock(since)

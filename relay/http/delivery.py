@@ -156,10 +156,10 @@ async def stream_events(
     return True
 
 
-def next_poll_ms(store: Store, held: HeldRequests, faction_id: int, now_ms: int) -> int:
-    """Advice for a plain poller: sooner while its faction is active, later when idle or the relay busy."""
-    newest = store.newest_timestamp(faction_id)
-    idle_ms = None if newest is None else now_ms - newest
+def next_poll_ms(store: Store, held: HeldRequests, faction_id: int) -> int:
+    """Advice for a plain poller: sooner while its faction is active, later when idle or the relay busy.
+    Measured on the monotonic clock (`Store.quiet_for_ms`), so a wall-clock step does not skew it."""
+    idle_ms = store.quiet_for_ms(faction_id)
     if idle_ms is not None and idle_ms < ACTIVE_WITHIN_MS:
         advice = ACTIVE_POLL_MS
     elif idle_ms is not None and idle_ms < RECENT_WITHIN_MS:

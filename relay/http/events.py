@@ -169,7 +169,7 @@ class EventsEndpoint:
                         services.http.polled(kind, PollOutcome.HUNG_UP)
                         return  # nobody is left to answer
                     found, cursor = store.read_since(faction_id, since)
-        advice = next_poll_ms(store, held, faction_id, services.wall_clock_ms())
+        advice = next_poll_ms(store, held, faction_id)
         headers, body = self._answers.poll(faction_id, found, cursor, advice, truncated=truncated)
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -113,10 +113,13 @@ async def open_store(
     *,
     events_per_faction: int,
     now_ms: Callable[[], int] = wall_clock_ms,
+    monotonic_s: Callable[[], float] = trio.current_time,
     key_columns: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Store]:
     """Open (creating and migrating as needed) the database at `path`; on exit flush and close it.
 
+    `now_ms` is the wall clock the stamps and the stored activity come from; `monotonic_s` the clock
+    every duration is measured on (idleness, expiry), which no wall-clock step moves.
     `key_columns` maps each upstream table whose rows the store tracks to its key column.
     """
     database, loaded = await open_database(path, functools.partial(_load, per_faction=events_per_faction))
@@ -125,6 +128,7 @@ async def open_store(
         loaded,
         events_per_faction=events_per_faction,
         now_ms=now_ms,
+        monotonic_s=monotonic_s,
         key_columns=key_columns or {},
     )
     async with trio.open_nursery() as nursery:
@@ -152,12 +156,16 @@ class Store:
         *,
         events_per_faction: int,
         now_ms: Callable[[], int],
+        monotonic_s: Callable[[], float],
         key_columns: Mapping[str, str],
     ) -> None:
         self._database = database
         self._events_per_faction = events_per_faction
         self._now_ms = now_ms
-        self._subscriptions = Subscriptions(database, loaded.subscriptions, now_ms)
+        self._monotonic_s = monotonic_s
+        self._opened_at = monotonic_s()
+        self._published_at: dict[int, float] = {}  # faction -> monotonic time of its newest event
+        self._subscriptions = Subscriptions(database, loaded.subscriptions, now_ms, monotonic_s)
         self._retained = loaded.retained
         self._key_columns = dict(key_columns)
         self._rows = loaded.rows
@@ -191,6 +199,23 @@ class Store:
     def newest_timestamp(self, faction_id: int) -> int | None:
         return self._retained.newest_timestamp(faction_id)
 
+    def quiet_for_ms(self, faction_id: int) -> int | None:
+        """How long ago the faction's newest event was stored, on the monotonic clock (None: no event).
+
+        Stamps are wall-clock ms kept strictly increasing, so after the wall clock steps back they run
+        ahead of it until it catches up: `now - stamp` would say "just now" for as long as the step.
+        An event loaded at start has no monotonic time: its wall-clock age, but never less than the
+        time since start, which a clock set back cannot shrink.
+        """
+        newest = self._retained.newest_timestamp(faction_id)
+        if newest is None:
+            return None
+        now = self._monotonic_s()
+        published_at = self._published_at.get(faction_id)
+        if published_at is not None:
+            return int((now - published_at) * 1000)
+        return max(self._now_ms() - newest, int((now - self._opened_at) * 1000))
+
     def missed_since(self, faction_id: int, since: int | None) -> bool:
         """Whether events after `since` are no longer retained: the answer is not the whole story."""
         return self._retained.missed_since(faction_id, since)
@@ -223,6 +248,16 @@ class Store:
 
         await self._database.write(advance)
         self._visible = max(self._visible, since)
+
+    async def keep_up_with_the_wall_clock(self) -> None:
+        """Advance the relay's clock to the wall clock, written down, even with no event to stamp.
+
+        After the wall clock steps back, stamps stay ahead of it (strictly increasing) until it catches
+        up, and so do the cursors of every instance on that machine that stamped while it was ahead.
+        An idle instance stamped nothing then; without this its cursor would be hours behind its
+        neighbour's, and it would refuse (`max_clock_skew_s`) the cursors members bring over from it.
+        """
+        await self.advance_clock(self._now_ms())
 
     async def append_events(self, faction_id: int, items: Sequence[tuple[str, Any]]) -> list[StoredEvent]:
         """Stamp, commit, then publish `items` (type, data); returns them as stored.
@@ -399,6 +434,9 @@ class Store:
                 self._retained.publish(event)
             if stored:
                 self._visible = max(self._visible, stored[-1].timestamp)
+                published_at = self._monotonic_s()
+                for event in stored:
+                    self._published_at[event.faction_id] = published_at
         return None
 
     # --- subscriptions, kept by `Subscriptions` ---
@@ -440,7 +478,8 @@ class Store:
         await self._subscriptions.flush_activity()
 
     async def expire_idle(self, idle_for_ms: int) -> list[int]:
-        """Deactivate the active factions nobody asked about for `idle_for_ms`; returns their ids."""
+        """Deactivate the active factions nobody asked about for `idle_for_ms` on the monotonic clock
+        (since the store opened, at most: a restart counts as activity); returns their ids."""
         return await self._subscriptions.expire_idle(idle_for_ms)
 
     # --- upkeep and introspection ---

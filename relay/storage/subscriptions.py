@@ -3,6 +3,11 @@ and written through the database's one write connection.
 
 A seam of its own: the `subscriptions` table shares nothing with the events but the write limiter
 and the clock. Activity is kept in memory (`touch`) and written by `flush_activity` and `expire_idle`.
+
+Idleness is measured on the monotonic clock, never the wall clock: a wall clock stepped forward past
+the TTL (NTP, an operator's `date -s`) would otherwise expire every faction at once, and one stepped
+back would keep them all alive. The stored `last_activity_at` (wall-clock ms, for people and /status)
+cannot be compared across a restart either, so a restart counts as activity for every faction.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # A faction's activity is only compared with a TTL of hours, so `touch` records it to the second: every
 # poll and every woken stream touches, and most of them then cost a clock read and a comparison.
-ACTIVITY_RESOLUTION_MS = 1_000
+ACTIVITY_RESOLUTION_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +50,21 @@ class Subscriptions:
     """Every faction ever subscribed, expired ones included. Its methods are the store's subscription
     methods, and documented there."""
 
-    def __init__(self, database: Database, loaded: Iterable[Subscription], now_ms: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        database: Database,
+        loaded: Iterable[Subscription],
+        now_ms: Callable[[], int],
+        monotonic_s: Callable[[], float],
+    ) -> None:
         self._database = database
         self._now_ms = now_ms
+        self._monotonic_s = monotonic_s
         self._subscriptions = {sub.faction_id: sub for sub in loaded}
         self._dirty_activity: set[int] = set()  # touched since the last flush
+        # The monotonic time of each faction's latest activity in this process; what expiry compares.
+        opened_at = monotonic_s()
+        self._active_at = dict.fromkeys(self._subscriptions, opened_at)
 
     def __repr__(self) -> str:
         return f"<Subscriptions factions={len(self._subscriptions)}>"
@@ -85,6 +100,7 @@ class Subscriptions:
         subscription = self._subscriptions.get(faction_id)
         if subscription is None:
             subscription = self._subscriptions[faction_id] = Subscription(faction_id, False, now, now)
+            self._active_at[faction_id] = self._monotonic_s()
             log.info("%r: faction %d known, on standby", self, faction_id)
         return subscription
 
@@ -101,6 +117,7 @@ class Subscriptions:
             )
         )
         self._subscriptions[faction_id] = subscription
+        self._active_at[faction_id] = self._monotonic_s()
         return subscription
 
     def get(self, faction_id: int) -> Subscription | None:
@@ -116,9 +133,12 @@ class Subscriptions:
         subscription = self._subscriptions.get(faction_id)
         if subscription is None:
             return
-        now = self._now_ms()
-        if now - subscription.last_activity_at >= ACTIVITY_RESOLUTION_MS:
-            self._subscriptions[faction_id] = dataclasses.replace(subscription, last_activity_at=now)
+        now = self._monotonic_s()
+        if now - self._active_at[faction_id] >= ACTIVITY_RESOLUTION_S:
+            self._active_at[faction_id] = now
+            self._subscriptions[faction_id] = dataclasses.replace(
+                subscription, last_activity_at=self._now_ms()
+            )
             self._dirty_activity.add(faction_id)
 
     async def flush_activity(self) -> None:
@@ -128,11 +148,9 @@ class Subscriptions:
             self._forget_flushed(activity)
 
     async def expire_idle(self, idle_for_ms: int) -> list[int]:
-        cutoff = self._now_ms() - idle_for_ms
+        cutoff = self._monotonic_s() - idle_for_ms / 1000
         idle = [
-            f
-            for f, sub in sorted(self._subscriptions.items())
-            if sub.active and sub.last_activity_at < cutoff
+            f for f, sub in sorted(self._subscriptions.items()) if sub.active and self._active_at[f] < cutoff
         ]
         activity = self._activity_snapshot()
         if not idle and not activity:
