@@ -1,0 +1,113 @@
+"""The database file under an operator's hands, on a real `relay serve`: a file that cannot be opened,
+and a copy restored beside the `-wal` of the file it replaced. Each refusal is one line and the exit
+status the systemd unit does not restart (`RestartPreventExitStatus`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import sqlite3
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from relay.cli import EXIT_STORAGE_ERROR
+from relay.testing.fake_supabase import FakeSupabase
+from tests.helpers.factions import FACTION, call
+from tests.helpers.relay_process import RELAY, relay_process
+from tests.helpers.userscript import Userscript, wait_connected
+from tests.helpers.waits import eventually
+
+pytestmark = pytest.mark.e2e
+
+
+async def serve_until_exit(config: Path, env: dict[str, str]) -> tuple[int, list[str]]:
+    result = await trio.run_process(
+        [RELAY, "serve", "--config", str(config)], capture_stderr=True, check=False, env=env
+    )
+    return result.returncode, result.stderr.decode().strip().splitlines()
+
+
+def database(config: Path) -> Path:
+    return config.parent / "data" / "relay.db"
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda db: db.write_bytes(b"not a database, " * 512), "file is not a database"),
+        # Tests run as root, whom permissions do not stop: a folder in the file's place cannot be opened.
+        (lambda db: (db.unlink(), db.mkdir()), "unable to open database file"),
+    ],
+    ids=["garbage", "a folder"],
+)
+async def test_a_database_that_cannot_be_opened_is_one_line_and_not_restarted(
+    serve_config: tuple[Path, dict[str, str]], damage: object, reason: str
+) -> None:
+    config, env = serve_config
+    db = database(config)
+    db.parent.mkdir()
+    db.write_bytes(b"")
+    damage(db)  # type: ignore[operator]
+    with trio.fail_after(30):
+        status, lines = await serve_until_exit(config, env)
+    assert status == EXIT_STORAGE_ERROR
+    (line,) = [line for line in lines if line.startswith("relay: ")]
+    assert reason in line
+    assert "will not start until this is fixed" in line
+    assert "-wal" in line
+
+
+async def store_calls_then_kill_9(config: Path, env: dict[str, str], upstream: FakeSupabase, ids: range) -> None:
+    with trio.fail_after(30):
+        async with relay_process(config, env) as relay, httpx.AsyncClient(base_url=relay.url) as http:
+            script = Userscript(http, FACTION)
+            await script.start()
+            await wait_connected(http, FACTION)
+            for n in ids:
+                upstream.insert("war_calls", call(FACTION, n))
+            await script.poll_until(len(ids))
+            relay.process.kill()
+            await relay.process.wait()
+
+
+async def test_a_copy_restored_beside_a_stale_wal_is_refused_in_one_line_and_left_intact(
+    serve_config: tuple[Path, dict[str, str]], fake_upstream: FakeSupabase
+) -> None:
+    config, env = serve_config
+    db = database(config)
+    with trio.fail_after(30):
+        async with relay_process(config, env) as relay, httpx.AsyncClient(base_url=relay.url) as http:
+            await Userscript(http, FACTION).start()
+            await wait_connected(http, FACTION)
+            relay.process.send_signal(signal.SIGTERM)
+            assert await relay.process.wait() == 0
+    copy = db.with_name("relay.db.copy")
+    shutil.copyfile(db, copy)  # the operator's backup, taken while the relay is stopped
+    await store_calls_then_kill_9(config, env, fake_upstream, range(1, 200))
+    assert db.with_name("relay.db-wal").stat().st_size > 0
+    shutil.copyfile(copy, db)  # the README's rollback, with the crashed relay's -wal still beside it
+
+    with trio.fail_after(30):
+        status, lines = await serve_until_exit(config, env)
+    assert status == EXIT_STORAGE_ERROR
+    (line,) = [line for line in lines if line.startswith("relay: ")]
+    assert "relay.db-wal" in line
+    assert "delete" in line
+    assert db.read_bytes() == copy.read_bytes()  # the restored copy is untouched
+
+    # Following the line's advice starts the relay from the copy.
+    for side in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            db.with_name("relay.db" + side).unlink()
+    with trio.fail_after(30):
+        async with relay_process(config, env) as relay, httpx.AsyncClient(base_url=relay.url) as http:
+            await wait_connected(http, FACTION)
+            relay.process.send_signal(signal.SIGTERM)
+            assert await relay.process.wait() == 0
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
