@@ -26,6 +26,7 @@ from relay.ops.offline import DatabaseUnreadable, load_offline
 from relay.ops.statustable import DEFAULT_URL, Unreachable, exit_status, fetch_status, url_from_config
 from relay.ops.statustable import render as render_status
 from relay.service import run_relay
+from relay.storage.lineage import StaleWriteAheadLog
 from relay.storage.migrations import MigrationError
 from relay.storage.store import StoreError
 
@@ -139,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, MigrationError, Unreachable, DatabaseUnreadable) as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except StaleWriteAheadLog as exc:  # its message is the advice
+        print(f"relay: {exc}", file=sys.stderr)
+        return EXIT_STORAGE_ERROR
     except StoreError as exc:  # only opening raises out of the relay: every later fault is served around
         print(f"relay: {exc}; {STORAGE_ADVICE}", file=sys.stderr)
         return EXIT_STORAGE_ERROR
