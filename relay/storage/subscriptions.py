@@ -48,8 +48,15 @@ def known_factions_file(database: Path) -> Path:
 def load_subscriptions(conn: sqlite3.Connection) -> list[Subscription]:
     """The subscriptions table; when it is empty, first filled with the factions `known_factions_file`
     lists, on standby. Runs on the writer, at start."""
-    if conn.execute("SELECT count(*) FROM subscriptions").fetchone()[0] == 0:
-        _recover_known_factions(conn)
+    # The database's own path, from SQLite: the store's loader hands this module only the connection.
+    (_, _, filename) = conn.execute("PRAGMA database_list").fetchone()
+    database = Path(filename)
+    if not filename:  # a database in memory has nothing beside it
+        pass
+    elif conn.execute("SELECT count(*) FROM subscriptions").fetchone()[0] == 0:
+        _recover_known_factions(conn, database)
+    else:
+        _write_known_factions(conn, database)  # a database from before the file, or the file lost
     return [
         Subscription(faction_id, bool(active), subscribed_at, last_activity_at)
         for faction_id, active, subscribed_at, last_activity_at in conn.execute(
@@ -209,10 +216,8 @@ def _write_known_factions(conn: sqlite3.Connection, database: Path) -> None:
         log.warning("cannot write %s (kept for a restart on an empty database): %s", target, exc)
 
 
-def _recover_known_factions(conn: sqlite3.Connection) -> None:
-    # The database's own path, from SQLite: the store's loader hands this module only the connection.
-    (_, _, filename) = conn.execute("PRAGMA database_list").fetchone()
-    source = known_factions_file(Path(filename))
+def _recover_known_factions(conn: sqlite3.Connection, database: Path) -> None:
+    source = known_factions_file(database)
     try:
         ids = sorted({int(line) for line in source.read_text(encoding="ascii").split()})
     except FileNotFoundError:
