@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from relay.storage.lineage import StaleWriteAheadLog, check_wal_belongs, last_committed_mark
+from relay.storage.lineage import StaleWriteAheadLog, check_wal_belongs, database_mark, last_committed_mark
+from relay.storage.store import open_store
 
 pytestmark = pytest.mark.unit
 
@@ -86,4 +88,24 @@ def test_no_log_an_empty_log_or_a_log_without_page_one_cannot_be_told_apart(tmp_
     assert last_committed_mark(image.with_name("relay.db-wal")) is None
     check_wal_belongs(image)
     image.with_name("relay.db-wal").unlink()
+    check_wal_belongs(image)
+
+
+async def test_a_reader_holding_the_log_at_start_keeps_the_old_mark_and_no_crash_image_is_refused(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "relay.db"
+    async with open_store(path, events_per_faction=10) as store:
+        await store.append_events(1, [("chat", {"n": 1})])
+    first_mark = database_mark(path)
+    # An operator's sqlite3 shell in the middle of a read: the start's checkpoint cannot fold the
+    # log, so a new mark would be left in the log only, and the next start would refuse that log.
+    with closing(sqlite3.connect(path, isolation_level=None)) as shell:
+        shell.execute("BEGIN")
+        shell.execute("SELECT count(*) FROM events").fetchall()
+        async with open_store(path, events_per_faction=10) as store:
+            await store.append_events(1, [("chat", {"n": 2})])
+            image = crash_image(path, tmp_path / "crashed")
+        shell.execute("COMMIT")
+    assert database_mark(image) == first_mark
     check_wal_belongs(image)
