@@ -61,19 +61,26 @@ async def test_a_database_that_cannot_be_opened_is_one_line_and_not_restarted(
     assert "-wal" in line
 
 
-async def store_calls_then_kill_9(
-    config: Path, env: dict[str, str], upstream: FakeSupabase, ids: range
-) -> None:
+async def serve_a_page(
+    config: Path, env: dict[str, str], upstream: FakeSupabase, calls: range, *, kill: bool
+) -> Userscript:
+    """Today's script subscribes and sees `calls` arrive; then the relay is stopped, by SIGTERM or
+    by `kill -9` (which leaves a -wal behind)."""
     with trio.fail_after(30):
         async with relay_process(config, env) as relay, httpx.AsyncClient(base_url=relay.url) as http:
             script = Userscript(http, FACTION)
-            await script.start()
+            await script.start()  # the only subscribe this page ever makes
             await wait_connected(http, FACTION)
-            for n in ids:
+            for n in calls:
                 upstream.insert("war_calls", call(FACTION, n))
-            await script.poll_until(len(ids))
-            relay.process.kill()
-            await relay.process.wait()
+            await script.poll_until(len(calls))
+            if kill:
+                relay.process.kill()
+                await relay.process.wait()
+            else:
+                relay.process.send_signal(signal.SIGTERM)
+                assert await relay.process.wait() == 0
+    return script
 
 
 async def test_a_copy_restored_beside_a_stale_wal_is_refused_in_one_line_and_left_intact(
@@ -81,15 +88,10 @@ async def test_a_copy_restored_beside_a_stale_wal_is_refused_in_one_line_and_lef
 ) -> None:
     config, env = serve_config
     db = database(config)
-    with trio.fail_after(30):
-        async with relay_process(config, env) as relay, httpx.AsyncClient(base_url=relay.url) as http:
-            await Userscript(http, FACTION).start()
-            await wait_connected(http, FACTION)
-            relay.process.send_signal(signal.SIGTERM)
-            assert await relay.process.wait() == 0
+    await serve_a_page(config, env, fake_upstream, range(0), kill=False)
     copy = db.with_name("relay.db.copy")
     shutil.copyfile(db, copy)  # the operator's backup, taken while the relay is stopped
-    await store_calls_then_kill_9(config, env, fake_upstream, range(1, 200))
+    await serve_a_page(config, env, fake_upstream, range(1, 200), kill=True)
     assert db.with_name("relay.db-wal").stat().st_size > 0
     shutil.copyfile(copy, db)  # the README's rollback, with the crashed relay's -wal still beside it
 
@@ -160,15 +162,8 @@ async def test_todays_script_gets_its_events_again_after_a_restart_on_an_empty_d
 ) -> None:
     config, env = serve_config
     db = database(config)
+    script = await serve_a_page(config, env, fake_upstream, range(1, 2), kill=False)
     with trio.fail_after(60):
-        async with relay_process(config, env) as relay, httpx.AsyncClient(base_url=relay.url) as http:
-            script = Userscript(http, FACTION)
-            await script.start()  # the only subscribe this page ever makes
-            await wait_connected(http, FACTION)
-            fake_upstream.insert("war_calls", call(FACTION, 1))
-            await script.poll_until(1)
-            relay.process.send_signal(signal.SIGTERM)
-            assert await relay.process.wait() == 0
         for path in database_files(db):  # the operator starts afresh: `rm relay.db*`
             path.unlink(missing_ok=True)
         async with relay_process(config, env) as relay, httpx.AsyncClient(base_url=relay.url) as http:

@@ -17,10 +17,12 @@ from relay.storage.store import open_store
 pytestmark = pytest.mark.unit
 
 
-def open_wal_database(path: Path) -> sqlite3.Connection:
+def open_wal_database(path: Path, *statements: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA wal_autocheckpoint = 0")  # the log keeps everything until the test copies it
+    for statement in statements:
+        conn.execute(statement)
     return conn
 
 
@@ -34,10 +36,9 @@ def crash_image(source: Path, into: Path) -> Path:
 
 def test_a_crash_image_is_let_through_and_a_restored_copy_beside_its_log_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "relay.db"
-    conn = open_wal_database(path)
-    conn.execute("CREATE TABLE events (data TEXT)")
-    conn.execute("PRAGMA user_version = 11")
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn = open_wal_database(
+        path, "CREATE TABLE events (data TEXT)", "PRAGMA user_version = 11", "PRAGMA wal_checkpoint(TRUNCATE)"
+    )
     backup = tmp_path / "backup.db"
     shutil.copyfile(path, backup)  # the operator's copy, marked 11
     conn.execute("PRAGMA user_version = 12")  # the next start's mark
@@ -57,11 +58,9 @@ def test_a_crash_image_is_let_through_and_a_restored_copy_beside_its_log_is_refu
 
 def test_frames_after_the_last_commit_and_a_torn_frame_are_ignored(tmp_path: Path) -> None:
     path = tmp_path / "relay.db"
-    conn = open_wal_database(path)
-    conn.execute("PRAGMA user_version = 5")
-    conn.execute("CREATE TABLE events (data TEXT)")
-    conn.execute("BEGIN")
-    conn.execute("PRAGMA user_version = 6")
+    conn = open_wal_database(
+        path, "PRAGMA user_version = 5", "CREATE TABLE events (data TEXT)", "BEGIN", "PRAGMA user_version = 6"
+    )
     conn.executemany("INSERT INTO events VALUES (?)", [("y" * 500,)] * 50)
     conn.execute("PRAGMA cache_size = 1")  # spill uncommitted pages into the log
     conn.executemany("INSERT INTO events VALUES (?)", [("z" * 3000,)] * 200)
@@ -76,11 +75,13 @@ def test_frames_after_the_last_commit_and_a_torn_frame_are_ignored(tmp_path: Pat
 
 def test_no_log_an_empty_log_or_a_log_without_page_one_cannot_be_told_apart(tmp_path: Path) -> None:
     path = tmp_path / "relay.db"
-    conn = open_wal_database(path)
-    conn.execute("CREATE TABLE events (data TEXT)")
-    conn.execute("PRAGMA user_version = 7")
-    conn.execute("INSERT INTO events VALUES ('a')")
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn = open_wal_database(
+        path,
+        "CREATE TABLE events (data TEXT)",
+        "PRAGMA user_version = 7",
+        "INSERT INTO events VALUES ('a')",
+        "PRAGMA wal_checkpoint(TRUNCATE)",
+    )
     check_wal_belongs(path)  # an empty log
     conn.execute("INSERT INTO events VALUES ('b')")  # one page of the table, not page 1
     image = crash_image(path, tmp_path / "crashed")
