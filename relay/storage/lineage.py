@@ -77,36 +77,36 @@ def database_mark(path: Path) -> int | None:
 
 
 def last_committed_mark(wal: Path) -> int | None:
-    """The mark in the newest committed copy of page 1 in the log, or None when it holds none."""
+    """The mark in the newest committed copy of page 1 in the log, or None when it holds none. Read a
+    frame at a time: a log can be far larger than the relay's memory budget allows at once."""
     try:
-        data = wal.read_bytes()
+        file = wal.open("rb")
     except FileNotFoundError:
         return None
-    if len(data) < WAL_HEADER.size:
-        return None
-    magic, _, page_size, _, salt1, salt2, check1, check2 = WAL_HEADER.unpack_from(data)
-    if magic not in (WAL_MAGIC_LITTLE_ENDIAN_CHECKSUMS, WAL_MAGIC_BIG_ENDIAN_CHECKSUMS):
-        return None
-    order = ">" if magic == WAL_MAGIC_BIG_ENDIAN_CHECKSUMS else "<"
-    sums = _checksum(order, data[:24], 0, 0)
-    if sums != (check1, check2):
-        return None
-    committed: int | None = None
-    pending: int | None = None  # page 1's mark in the frames since the last commit
-    offset = WAL_HEADER.size
-    while offset + FRAME_HEADER.size + page_size <= len(data):
-        page, size_after, frame_salt1, frame_salt2, frame_check1, frame_check2 = FRAME_HEADER.unpack_from(
-            data, offset
-        )
-        body = data[offset + FRAME_HEADER.size : offset + FRAME_HEADER.size + page_size]
-        sums = _checksum(order, data[offset : offset + 8] + body, *sums)
-        if (frame_salt1, frame_salt2) != (salt1, salt2) or sums != (frame_check1, frame_check2):
-            break
-        if page == 1:
-            (pending,) = struct.unpack_from(">I", body, USER_VERSION_OFFSET)
-        if size_after != 0 and pending is not None:
-            committed = pending
-        offset += FRAME_HEADER.size + page_size
+    with file:
+        header = file.read(WAL_HEADER.size)
+        if len(header) < WAL_HEADER.size:
+            return None
+        magic, _, page_size, _, salt1, salt2, check1, check2 = WAL_HEADER.unpack(header)
+        if magic not in (WAL_MAGIC_LITTLE_ENDIAN_CHECKSUMS, WAL_MAGIC_BIG_ENDIAN_CHECKSUMS):
+            return None
+        order = ">" if magic == WAL_MAGIC_BIG_ENDIAN_CHECKSUMS else "<"
+        sums = _checksum(order, header[:24], 0, 0)
+        if sums != (check1, check2):
+            return None
+        committed: int | None = None
+        pending: int | None = None  # page 1's mark as of the frames read so far, committed or not
+        while len(frame := file.read(FRAME_HEADER.size + page_size)) == FRAME_HEADER.size + page_size:
+            page, size_after, frame_salt1, frame_salt2, frame_check1, frame_check2 = FRAME_HEADER.unpack_from(
+                frame
+            )
+            sums = _checksum(order, frame[:8] + frame[FRAME_HEADER.size :], *sums)
+            if (frame_salt1, frame_salt2) != (salt1, salt2) or sums != (frame_check1, frame_check2):
+                break
+            if page == 1:
+                (pending,) = struct.unpack_from(">I", frame, FRAME_HEADER.size + USER_VERSION_OFFSET)
+            if size_after != 0 and pending is not None:
+                committed = pending
     return committed
 
 
