@@ -26,6 +26,7 @@ from relay.ops.offline import DatabaseUnreadable, load_offline
 from relay.ops.statustable import DEFAULT_URL, Unreachable, exit_status, fetch_status, url_from_config
 from relay.ops.statustable import render as render_status
 from relay.service import run_relay
+from relay.storage.lineage import StaleWriteAheadLog
 from relay.storage.migrations import MigrationError
 from relay.storage.store import StoreError
 
@@ -33,6 +34,14 @@ log = logging.getLogger("relay")
 
 EXIT_USER_ERROR = 2
 EXIT_RUNTIME_ERROR = 1
+# The database cannot be opened at start-up: starting again would fail the same way until someone acts,
+# so deploy/cat-relay.service lists it in RestartPreventExitStatus beside EXIT_USER_ERROR.
+EXIT_STORAGE_ERROR = 3
+STORAGE_ADVICE = (
+    "the relay will not start until this is fixed: check the file's owner and permissions, move the "
+    "database aside together with its -wal and -shm files to start empty, or restore a good copy "
+    "(README, Storage)"
+)
 OPERATOR_COMMANDS = ("check-config", "status", "db")
 
 
@@ -131,7 +140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, MigrationError, Unreachable, DatabaseUnreadable) as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except (StoreError, OSError) as exc:
+    except StaleWriteAheadLog as exc:  # its message is the advice
+        print(f"relay: {exc}", file=sys.stderr)
+        return EXIT_STORAGE_ERROR
+    except StoreError as exc:  # only opening raises out of the relay: every later fault is served around
+        print(f"relay: {exc}; {STORAGE_ADVICE}", file=sys.stderr)
+        return EXIT_STORAGE_ERROR
+    except OSError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return EXIT_RUNTIME_ERROR
     return 0

@@ -47,6 +47,7 @@ async def maintenance_pass(
     store: Store, factions: Factions, *, subscription_ttl_s: float
 ) -> MaintenanceReport:
     """One pass; a storage fault is logged and the pass tried again at the next interval."""
+    store.file_fault()  # logs a deleted or replaced database file even if nobody asks /health
     try:
         expired = await factions.expire_idle(subscription_ttl_s)
         trimmed = await store.trim()

@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from relay.cli import EXIT_USER_ERROR
+from relay.cli import EXIT_STORAGE_ERROR, EXIT_USER_ERROR
 from relay.config import load_config
 from tests.helpers.programs import SYSTEM_PYTHON
 from tests.helpers.relay_process import SHUTDOWN_BOUND_S
@@ -101,7 +101,7 @@ def test_the_unit_holds_together() -> None:
     assert PurePosixPath(env["SHIV_ROOT"]) == cache
     assert one("DynamicUser") == "yes"
     assert one("Restart") == "on-failure"
-    assert one("RestartPreventExitStatus") == str(EXIT_USER_ERROR)
+    assert one("RestartPreventExitStatus").split() == [str(EXIT_USER_ERROR), str(EXIT_STORAGE_ERROR)]
     assert one("KillSignal") == "SIGTERM"
     # systemd kills what has not stopped by then: the relay's own bound, with a margin, and no more.
     assert int(one("TimeoutStopSec")) == 2 * SHUTDOWN_BOUND_S

@@ -217,6 +217,12 @@ class RelayCollector(Collector):
             "The SQLite write-ahead log; the maintenance pass's checkpoint truncates it.",
             sizes.wal_bytes,
         )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_storage_file_replaced",
+            "1 while the database's path no longer leads to the file the relay has open (deleted,"
+            " replaced or moved); /health says which.",
+            int(store.file_fault() is not None),
+        )
         stats = store.statistics()
         factions = GaugeMetricFamily(
             f"{PREFIX}_factions",

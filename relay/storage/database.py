@@ -4,7 +4,7 @@ One write connection behind one `CapacityLimiter(1)`, so that writes run one at 
 and one read connection beside it; opening (creating and migrating) and a bounded close. Also what the
 operator's commands share with the relay: the busy timeout, the files beside the database, its tables.
 Errors: `StoreError` for any storage fault (its callers know it as `relay.storage.store.StoreError`);
-`MigrationError` from opening.
+`MigrationError` and `StaleWriteAheadLog` (`relay.storage.lineage`) from opening.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import trio
 
+from relay.storage.lineage import check_wal_belongs, database_mark, new_mark
 from relay.storage.migrations import apply_migrations
 
 log = logging.getLogger(__name__)
@@ -59,16 +60,21 @@ def table_names(conn: sqlite3.Connection) -> set[str]:
 async def open_database(path: Path, load: Callable[[sqlite3.Connection], T]) -> tuple[Database, T]:
     """Open (creating and migrating as needed) the database at `path`, and `load` from it what its
     owner keeps in memory, in one worker thread; nothing is left open on failure."""
-    writer, reader, loaded = await trio.to_thread.run_sync(_open, path, load)
-    return Database(path, writer, reader), loaded
+    writer, reader, mark, loaded = await trio.to_thread.run_sync(_open, path, load)
+    return Database(path, writer, reader, mark), loaded
 
 
 class Database:
     """Create with `open_database`. Runs sync closures on its connections in worker threads, and
     remembers whether the last write worked (for health checks between real writes)."""
 
-    def __init__(self, path: Path, writer: sqlite3.Connection, reader: sqlite3.Connection) -> None:
+    def __init__(self, path: Path, writer: sqlite3.Connection, reader: sqlite3.Connection, mark: int) -> None:
         self.path = path
+        self._mark = mark  # this file's lineage mark (relay.storage.lineage)
+        # The file the connections have open. SQLite keeps writing to it after an operator deletes,
+        # replaces or moves the path, and every commit from then on is lost at the next start.
+        self._identity = _identity(path)
+        self.file_fault: str | None = None  # why the path no longer leads to the open file
         self._writer, self._reader = writer, reader
         self._write_limiter = trio.CapacityLimiter(1)  # the single write limiter: writes in order
         self._read_limiter = trio.CapacityLimiter(1)
@@ -106,7 +112,35 @@ class Database:
             raise StoreError(f"database read failed: {exc}") from exc
 
     async def checkpoint(self) -> None:
-        await self.write(lambda conn: conn.execute(CHECKPOINT).fetchall(), transaction=False)
+        def checkpoint(conn: sqlite3.Connection) -> None:
+            conn.execute(CHECKPOINT).fetchall()
+            # The log's next generation starts with page 1 and its mark: see relay.storage.lineage.
+            conn.execute(f"PRAGMA user_version = {self._mark}")
+
+        await self.write(checkpoint, transaction=False)
+
+    def check_file(self) -> str | None:
+        """Whether the path still leads to the file the relay has open: the reason when it does not,
+        logged once per change. A `stat`, cheap enough for every /health."""
+        try:
+            now = _identity(self.path)
+            # `cp backup relay.db` overwrites the same file in place: only its header tells.
+            overwritten = now == self._identity and database_mark(self.path) != self._mark
+        except FileNotFoundError:
+            now, overwritten = None, False
+        if now is None:
+            fault = f"the database file {self.path} was deleted or moved away while the relay had it open"
+        elif now != self._identity or overwritten:
+            fault = f"the database file {self.path} was replaced by another file while the relay had it open"
+        else:
+            fault = None
+        if fault != self.file_fault:
+            if fault is not None:
+                log.error("%r: %s; what is stored from now on is lost at the next start", self, fault)
+            else:
+                log.info("%r: the database file is back where it was", self)
+            self.file_fault = fault
+        return fault
 
     def file_sizes(self) -> FileSizes:
         """The database file and its write-ahead log, in bytes: a `stat` each, cheap enough to call
@@ -196,15 +230,17 @@ def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
 
 def _open(
     path: Path, load: Callable[[sqlite3.Connection], T]
-) -> tuple[sqlite3.Connection, sqlite3.Connection, T]:
-    """Both connections, migrated, and what `load` read through the writer."""
+) -> tuple[sqlite3.Connection, sqlite3.Connection, int, T]:
+    """Both connections, migrated, the file's new lineage mark, and what `load` read through the writer."""
     opened: list[sqlite3.Connection] = []
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        check_wal_belongs(path)  # before SQLite replays (and then checkpoints) a log onto the wrong file
         opened.append(_connect(path, read_only=False))
         apply_migrations(opened[0])
+        mark = _mark_new_lineage(opened[0])
         opened.append(_connect(path, read_only=True))
-        return opened[0], opened[1], load(opened[0])
+        return opened[0], opened[1], mark, load(opened[0])
     except (OSError, sqlite3.Error) as exc:
         _close_all(opened)
         raise StoreError(f"cannot open the database {path}: {exc}") from exc
@@ -213,9 +249,31 @@ def _open(
         raise
 
 
+def _mark_new_lineage(conn: sqlite3.Connection) -> int:
+    """Fold the log into the file under a new mark, so that every later log carries it; keep the old
+    mark when another connection's reader stops the fold: a log holding the new mark beside a file
+    holding the old one would be refused at the next start as written for another copy."""
+    (old,) = conn.execute("PRAGMA user_version").fetchone()
+    (busy, _, _) = conn.execute(CHECKPOINT).fetchone()
+    if busy:
+        return int(old)
+    mark = new_mark(old)
+    conn.execute(f"PRAGMA user_version = {mark}")
+    (busy, _, _) = conn.execute(CHECKPOINT).fetchone()
+    if busy:
+        conn.execute(f"PRAGMA user_version = {old}")
+        return int(old)
+    return mark
+
+
 def _close_all(connections: list[sqlite3.Connection]) -> None:
     for conn in connections:
         conn.close()
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
 
 
 def _size_or_zero(path: Path) -> int:

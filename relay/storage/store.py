@@ -516,12 +516,19 @@ class Store:
         probes the outcome of the last real write stands.
         """
         database = self._database
+        if (fault := database.check_file()) is not None:
+            raise StoreError(fault)
         await database.read(lambda conn: conn.execute("SELECT high_water FROM relay_clock").fetchall())
         if trio.current_time() - database.last_write_at >= HEALTH_PROBE_INTERVAL_S:
             now = self._now_ms()
             await database.write(lambda conn: conn.execute("UPDATE relay_health SET probed_at = ?", (now,)))
         elif database.write_fault is not None:
             raise StoreError(database.write_fault)
+
+    def file_fault(self) -> str | None:
+        """Why the database's path no longer leads to the file the relay has open (deleted, replaced or
+        moved), or None; checked again by this call (a `stat`)."""
+        return self._database.check_file()
 
     def file_sizes(self) -> FileSizes:
         """The database file and its write-ahead log, in bytes: a `stat` each, cheap enough to call

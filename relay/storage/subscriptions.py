@@ -8,15 +8,23 @@ Idleness is measured on the monotonic clock, never the wall clock: a wall clock 
 the TTL (NTP, an operator's `date -s`) would otherwise expire every faction at once, and one stepped
 back would keep them all alive. The stored `last_activity_at` (wall-clock ms, for people and /status)
 cannot be compared across a restart either, so a restart counts as activity for every faction.
+
+The ids of the known factions are also kept in a file beside the database (`relay.factions` beside
+`relay.db`), rewritten whenever a faction becomes known. A relay that starts on an empty database
+(deleted, lost, or replaced by an operator) takes them from there as factions on standby, so that the
+first poll of today's script, which subscribes once per page and never again, revives its faction.
+Only factions subscribed with a key ever get there: a poll alone still creates nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from relay.storage.database import Database
 
@@ -37,7 +45,23 @@ class Subscription:
     last_activity_at: int
 
 
+def known_factions_file(database: Path) -> Path:
+    # Not relay.db-something: `rm relay.db*` is how an operator clears the database and its log.
+    return database.with_suffix(".factions")
+
+
 def load_subscriptions(conn: sqlite3.Connection) -> list[Subscription]:
+    """The subscriptions table; when it is empty, first filled with the factions `known_factions_file`
+    lists, on standby. Runs on the writer, at start."""
+    # The database's own path, from SQLite: the store's loader hands this module only the connection.
+    (_, _, filename) = conn.execute("PRAGMA database_list").fetchone()
+    database = Path(filename)
+    if not filename:  # a database in memory has nothing beside it
+        pass
+    elif conn.execute("SELECT count(*) FROM subscriptions").fetchone()[0] == 0:
+        _recover_known_factions(conn, database)
+    else:
+        _write_known_factions(conn, database)  # a database from before the file, or the file lost
     return [
         Subscription(faction_id, bool(active), subscribed_at, last_activity_at)
         for faction_id, active, subscribed_at, last_activity_at in conn.execute(
@@ -89,13 +113,16 @@ class Subscriptions:
         if known is not None:
             return known
         now = self._now_ms()
-        await self._database.write(
-            lambda conn: conn.execute(
+
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "INSERT INTO subscriptions (faction_id, active, subscribed_at, last_activity_at)"
                 " VALUES (?, 0, ?, ?) ON CONFLICT (faction_id) DO NOTHING",
                 (faction_id, now, now),
             )
-        )
+            _write_known_factions(conn, self._database.path)
+
+        await self._database.write(insert)
         # A subscribe may have activated the faction while this write waited its turn: it stays active.
         subscription = self._subscriptions.get(faction_id)
         if subscription is None:
@@ -108,14 +135,18 @@ class Subscriptions:
         now = self._now_ms()
         known = self._subscriptions.get(faction_id)
         subscription = Subscription(faction_id, True, known.subscribed_at if known else now, now)
-        await self._database.write(
-            lambda conn: conn.execute(
+
+        def upsert(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "INSERT INTO subscriptions (faction_id, active, subscribed_at, last_activity_at)"
                 " VALUES (?, 1, ?, ?) ON CONFLICT (faction_id) DO UPDATE"
                 " SET active = 1, last_activity_at = excluded.last_activity_at",
                 (faction_id, subscription.subscribed_at, now),
             )
-        )
+            if known is None:
+                _write_known_factions(conn, self._database.path)
+
+        await self._database.write(upsert)
         self._subscriptions[faction_id] = subscription
         self._active_at[faction_id] = self._monotonic_s()
         return subscription
@@ -183,4 +214,45 @@ def _write_activity(conn: sqlite3.Connection, activity: dict[int, int]) -> None:
     conn.executemany(
         "UPDATE subscriptions SET last_activity_at = ? WHERE faction_id = ?",
         [(at, faction_id) for faction_id, at in activity.items()],
+    )
+
+
+def _write_known_factions(conn: sqlite3.Connection, database: Path) -> None:
+    """Rewrite `known_factions_file` from the table, inside the transaction that made a faction known:
+    the write thread runs one at a time, so the last file written lists every faction. A failure is
+    logged, never fatal: the database itself holds the subscriptions."""
+    ids = [faction_id for (faction_id,) in conn.execute("SELECT faction_id FROM subscriptions ORDER BY 1")]
+    target = known_factions_file(database)
+    partial = target.with_name(target.name + ".partial")
+    try:
+        with partial.open("w", encoding="ascii") as file:
+            file.write("".join(f"{faction_id}\n" for faction_id in ids))
+            file.flush()
+            os.fsync(file.fileno())
+        partial.replace(target)
+    except OSError as exc:
+        log.warning("cannot write %s (kept for a restart on an empty database): %s", target, exc)
+
+
+def _recover_known_factions(conn: sqlite3.Connection, database: Path) -> None:
+    source = known_factions_file(database)
+    try:
+        ids = sorted({int(line) for line in source.read_text(encoding="ascii").split()})
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read %s, so no faction is known after this start: %s", source, exc)
+        return
+    ids = [faction_id for faction_id in ids if 0 < faction_id < 2**31]
+    conn.execute("BEGIN IMMEDIATE")
+    conn.executemany(
+        "INSERT INTO subscriptions (faction_id, active, subscribed_at, last_activity_at) VALUES (?, 0, strftime('%s') * 1000, strftime('%s') * 1000)",
+        [(faction_id,) for faction_id in ids],
+    )
+    conn.execute("COMMIT")
+    log.warning(
+        "the database holds no subscription: %d factions known from %s are on standby, and each"
+        " member's next poll revives its faction",
+        len(ids),
+        source,
     )
