@@ -19,13 +19,15 @@ import pytest
 import trio
 
 from relay.testing.fake_supabase import FakeSupabase
-from tests.helpers.factions import FACTION, call
+from tests.helpers.factions import ANON_KEY, FACTION, call
 from tests.helpers.relay_process import relay_process
 from tests.helpers.userscript import Userscript, wait_connected, wait_reconciled
 from tests.helpers.waits import eventually
 
 pytestmark = pytest.mark.e2e
 
+REFUSED_PUBLISHES = 20
+PUBLISH = {"api_key": ANON_KEY, "faction_id": FACTION, "type": "hospital_update", "data": {"n": 1}}
 # Only the soft limit moves: raising a hard limit again would need CAP_SYS_RESOURCE.
 FILE_SIZE_HARD_LIMIT = resource.RLIM_INFINITY
 
@@ -67,12 +69,19 @@ async def test_a_full_disk_is_reported_served_around_and_recovered_from(
                 assert [e["data"]["new"]["id"] for e in served.json()["events"]] == [1, 2]
                 fake_upstream.insert("war_calls", call(FACTION, 3))  # cannot be stored now: not half-served
                 await eventually(lambda: "DeliveryFailed" in relay.text())
+                for _ in range(REFUSED_PUBLISHES):
+                    refused = await http.post("/events", json=PUBLISH)
+                    assert (refused.status_code, refused.json()["code"]) == (503, "storage_unavailable")
+                # One line for the outage however many requests it refuses (it was one ERROR each).
+                outage = [line for line in relay.log if " ERROR " in line and "write failed" in line]
+                assert len(outage) == 1
             finally:
                 resource.prlimit(
                     relay.process.pid, resource.RLIMIT_FSIZE, (FILE_SIZE_HARD_LIMIT, FILE_SIZE_HARD_LIMIT)
                 )
 
             assert (await wait_health(http, 200)) == {"status": "ok"}
+            await eventually(lambda: "writes work again after" in relay.text())
             await wait_connected(http, FACTION)
             fake_upstream.insert("war_calls", call(FACTION, 4))
             await script.poll_until(4)
