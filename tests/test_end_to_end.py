@@ -12,7 +12,7 @@ from relay.service import RunningRelay
 from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.factions import FACTION, OTHER_FACTION, call
 from tests.helpers.relay_process import relay_process
-from tests.helpers.userscript import Userscript, wait_connected
+from tests.helpers.userscript import Userscript, connected_script, wait_connected
 from tests.helpers.waits import eventually
 
 pytestmark = pytest.mark.e2e
@@ -104,9 +104,7 @@ async def test_an_upstream_record_json_cannot_carry_is_one_warning_not_a_bug(
     config, env = serve_config
     with trio.fail_after(30):
         async with relay_process(config, env) as relay, httpx.AsyncClient(base_url=relay.url) as http:
-            script = Userscript(http, FACTION)
-            await script.start()
-            await wait_connected(http, FACTION)
+            script = await connected_script(http, FACTION)
             fake_upstream.insert("war_calls", {**call(FACTION, 1), "range": float("nan")})
             fake_upstream.insert("war_calls", call(FACTION, 2))
             await script.poll_until(1)

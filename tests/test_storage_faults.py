@@ -21,7 +21,7 @@ import trio
 from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.factions import ANON_KEY, FACTION, call
 from tests.helpers.relay_process import relay_process
-from tests.helpers.userscript import Userscript, wait_connected, wait_reconciled
+from tests.helpers.userscript import Userscript, connected_script, wait_connected, wait_reconciled
 from tests.helpers.waits import eventually
 
 pytestmark = pytest.mark.e2e
@@ -159,9 +159,7 @@ async def test_poisoned_stored_events_and_rows_are_quarantined_and_the_rest_serv
     database = config.parent / "data" / "relay.db"
     with trio.fail_after(60):
         async with relay_process(config, env) as relay, httpx.AsyncClient(base_url=relay.url) as http:
-            script = Userscript(http, FACTION)
-            await script.start()
-            await wait_connected(http, FACTION)
+            script = await connected_script(http, FACTION)
             for n in (1, 2, 3):
                 fake_upstream.insert("war_calls", call(FACTION, n))
             await script.poll_until(3)
