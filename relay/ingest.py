@@ -12,6 +12,7 @@ waiting for (`relay.upstream.shared_deletes`): that DELETE follows it here, thro
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -20,12 +21,14 @@ import trio
 
 from relay.config import ChannelConfig
 from relay.hub import Hub
-from relay.storage.planning import CHANGE_TYPE
+from relay.storage.planning import CHANGE_TYPE, UnstorableData, encode
 from relay.storage.store import Store, StoredEvent, StoreError
 from relay.traffic import Source, Traffic
 from relay.upstream.phoenix import ChangeReceived
 from relay.upstream.shared_deletes import DeleteRouter, RouterStatistics, filter_columns
 from relay.upstream.supervisor import DeliveryFailed
+
+log = logging.getLogger(__name__)
 
 
 class LiveChangeWatcher(Protocol):
@@ -67,15 +70,34 @@ class Ingest:
             for change in changes:  # before the await: a change waiting for its commit counts too
                 watcher.note_live_change(change.table, change.data)
         try:
-            stored = await self._store.append_events(
-                faction_id, [(CHANGE_TYPE, change.data) for change in changes]
-            )
+            try:
+                stored = await self._store.append_events(
+                    faction_id, [(CHANGE_TYPE, change.data) for change in changes]
+                )
+            except UnstorableData:  # refused before anything was stamped: store the rest
+                stored = await self._store.append_events(faction_id, self._storable(faction_id, changes))
         except StoreError as exc:
             # The connection ends and is retried with backoff; these changes were never served.
             raise DeliveryFailed(f"{len(changes)} change(s) not stored: {exc}") from exc
         self._stored(faction_id, Source.UPSTREAM, len(stored))
         await self._router.stored(faction_id, changes)
         return stored
+
+    def _storable(self, faction_id: int, changes: Sequence[ChangeReceived]) -> list[tuple[str, Any]]:
+        """The changes as items to store, less any JSON cannot carry (NaN, nesting too deep): such a
+        change is upstream's data, not our bug, so it is dropped with one WARNING and the connection
+        and the rest of the batch go on; the reconcile cannot store that row either until it changes."""
+        items = []
+        for change in changes:
+            try:
+                encode(change.data)
+            except UnstorableData as exc:
+                log.warning(
+                    "faction %s: a change to %s cannot be stored (%s); dropped", faction_id, change.table, exc
+                )
+                continue
+            items.append((CHANGE_TYPE, change.data))
+        return items
 
     async def route_shared_deletes(self, changes: Sequence[ChangeReceived]) -> None:
         """DELETEs from the relay-wide socket: each to the faction holding its row, or parked."""

@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from relay.config import Config
+from relay.http.server import MAX_HEAD_BYTES
 from relay.service import RunningRelay, run_relay
 from tests.helpers.factions import ANON_KEY, FACTION
 
@@ -137,6 +138,33 @@ async def test_an_oversized_request_head_is_refused_without_a_5xx(relay: Running
     assert closed
     assert not answer.startswith(b"HTTP/1.1 5")
     assert answer == b"" or answer.startswith(b"HTTP/1.1 4")
+
+
+def padded_head(total_bytes: int) -> bytes:
+    start = b"GET /ping HTTP/1.1\r\nHost: r\r\nX-Padding: "
+    end = b"\r\n\r\n"
+    return start + b"a" * (total_bytes - len(start) - len(end)) + end
+
+
+def without_date(answer: bytes) -> bytes:
+    return b"\r\n".join(line for line in answer.split(b"\r\n") if not line.lower().startswith(b"date:"))
+
+
+async def test_a_head_over_16_kib_is_431_however_it_arrives(relay: RunningRelay) -> None:
+    """h11 limits only the head it holds incomplete: up to about 64 KiB passed when read at once."""
+    with trio.fail_after(20):
+        at_limit, _ = await raw_exchange(
+            relay.url,
+            padded_head(MAX_HEAD_BYTES) + b"GET /ping HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n",
+        )
+        assert at_limit.startswith(b"HTTP/1.1 200")
+        for size in (MAX_HEAD_BYTES + 1, 60_000):
+            answer, closed = await raw_exchange(relay.url, padded_head(size))
+            assert closed
+            assert answer.startswith(b"HTTP/1.1 431 "), size
+        # The same bytes h11's own limit answers a head that arrives in several reads.
+        incomplete, _ = await raw_exchange(relay.url, padded_head(300_000))
+    assert without_date(answer) == without_date(incomplete)
 
 
 async def test_a_request_head_trickled_byte_by_byte_is_cut_off(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 import trio
@@ -9,7 +11,8 @@ import trio
 from relay.service import RunningRelay
 from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.factions import FACTION, OTHER_FACTION, call
-from tests.helpers.userscript import Userscript, wait_connected
+from tests.helpers.relay_process import relay_process
+from tests.helpers.userscript import Userscript, connected_script, wait_connected
 from tests.helpers.waits import eventually
 
 pytestmark = pytest.mark.e2e
@@ -91,3 +94,28 @@ async def test_shutdown_answers_a_long_poll_in_flight_and_closes_upstream(
             await fake_upstream.wait_until(lambda: not fake_upstream.connections)
     (answer,) = answers
     assert (answer.status_code, answer.json()["events"]) == (200, [])
+
+
+async def test_an_upstream_record_json_cannot_carry_is_one_warning_not_a_bug(
+    serve_config: tuple[Path, dict[str, str]], fake_upstream: FakeSupabase
+) -> None:
+    """A NaN in a row is upstream's data, not our bug: it was logged as an ERROR with a traceback,
+    "connection failed unexpectedly", and the connection restarted."""
+    config, env = serve_config
+    with trio.fail_after(30):
+        async with relay_process(config, env) as relay, httpx.AsyncClient(base_url=relay.url) as http:
+            script = await connected_script(http, FACTION)
+            fake_upstream.insert("war_calls", {**call(FACTION, 1), "range": float("nan")})
+            fake_upstream.insert("war_calls", call(FACTION, 2))
+            await script.poll_until(1)
+            await eventually(lambda: "cannot be stored" in relay.text())
+            assert "-> backoff" not in relay.text()  # the connection and the rest of the batch went on
+            fake_upstream.insert("war_calls", call(FACTION, 3))
+            await script.poll_until(2)
+    assert [m["payload"]["new"]["id"] for m in script.messages] == [2, 3]
+    dropped = [line for line in relay.log if "cannot be stored" in line]
+    assert len(dropped) == 1
+    assert " WARNING " in dropped[0]
+    assert f"faction {FACTION}: a change to war_calls cannot be stored" in dropped[0]
+    assert " ERROR " not in relay.text()
+    assert "Traceback" not in relay.text()

@@ -254,6 +254,8 @@ def test_presence_and_other_topics_are_ignored() -> None:
         '{"topic": 1, "event": "x", "payload": {}}',
         '{"topic": "t", "event": "x", "payload": []}',
         b"\xff\xfe",
+        # Nested past what the parser takes: it raised RecursionError, logged as a bug with a traceback.
+        '{"topic": "t", "event": "x", "payload": {"a": ' + "[" * 100_000 + "]" * 100_000 + "}}",
     ],
 )
 def test_malformed_frames_are_refused(text: str | bytes) -> None:

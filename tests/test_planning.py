@@ -10,7 +10,16 @@ from typing import Any
 
 import pytest
 
-from relay.storage.planning import CHANGE_TYPE, Append, Plan, Tombstones, encode, plan_batch, plan_chunk
+from relay.storage.planning import (
+    CHANGE_TYPE,
+    Append,
+    Plan,
+    Tombstones,
+    UnstorableData,
+    encode,
+    plan_batch,
+    plan_chunk,
+)
 from relay.storage.state import FactionRows, Row, diff, row_key
 
 pytestmark = pytest.mark.unit
@@ -219,5 +228,10 @@ def test_tombstones_keep_the_newest_deletes() -> None:
 
 def test_encode_is_compact_and_refuses_what_a_browser_cannot_parse() -> None:
     assert encode({"a": [1, 2.5]}) == '{"a":[1,2.5]}'
-    with pytest.raises(ValueError, match="JSON"):
+    with pytest.raises(UnstorableData, match="JSON"):
         encode({"a": float("nan")})
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(UnstorableData, match="nested too deeply"):
+        encode(deep)

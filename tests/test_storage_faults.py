@@ -8,8 +8,10 @@ operator's `sqlite3` shell in the middle of a transaction does.
 
 from __future__ import annotations
 
+import json
 import resource
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import httpx
@@ -17,13 +19,15 @@ import pytest
 import trio
 
 from relay.testing.fake_supabase import FakeSupabase
-from tests.helpers.factions import FACTION, call
+from tests.helpers.factions import ANON_KEY, FACTION, call
 from tests.helpers.relay_process import relay_process
-from tests.helpers.userscript import Userscript, wait_connected
+from tests.helpers.userscript import Userscript, connected_script, wait_connected, wait_reconciled
 from tests.helpers.waits import eventually
 
 pytestmark = pytest.mark.e2e
 
+REFUSED_PUBLISHES = 20
+PUBLISH = {"api_key": ANON_KEY, "faction_id": FACTION, "type": "hospital_update", "data": {"n": 1}}
 # Only the soft limit moves: raising a hard limit again would need CAP_SYS_RESOURCE.
 FILE_SIZE_HARD_LIMIT = resource.RLIM_INFINITY
 
@@ -65,12 +69,19 @@ async def test_a_full_disk_is_reported_served_around_and_recovered_from(
                 assert [e["data"]["new"]["id"] for e in served.json()["events"]] == [1, 2]
                 fake_upstream.insert("war_calls", call(FACTION, 3))  # cannot be stored now: not half-served
                 await eventually(lambda: "DeliveryFailed" in relay.text())
+                for _ in range(REFUSED_PUBLISHES):
+                    refused = await http.post("/events", json=PUBLISH)
+                    assert (refused.status_code, refused.json()["code"]) == (503, "storage_unavailable")
+                # One line for the outage however many requests it refuses (it was one ERROR each).
+                outage = [line for line in relay.log if " ERROR " in line and "write failed" in line]
+                assert len(outage) == 1
             finally:
                 resource.prlimit(
                     relay.process.pid, resource.RLIMIT_FSIZE, (FILE_SIZE_HARD_LIMIT, FILE_SIZE_HARD_LIMIT)
                 )
 
             assert (await wait_health(http, 200)) == {"status": "ok"}
+            await eventually(lambda: "writes work again after" in relay.text())
             await wait_connected(http, FACTION)
             fake_upstream.insert("war_calls", call(FACTION, 4))
             await script.poll_until(4)
@@ -136,4 +147,44 @@ async def test_a_read_only_database_file_is_reported_and_recovered_from(
             assert (await wait_health(http, 200)) == {"status": "ok"}
             fake_upstream.insert("war_calls", call(FACTION, 2))
             await script.poll_until(2)
+    assert "Traceback" not in relay.text()
+
+
+async def test_poisoned_stored_events_and_rows_are_quarantined_and_the_rest_served(
+    serve_config: tuple[Path, dict[str, str]], fake_upstream: FakeSupabase
+) -> None:
+    """One stored event not UTF-8 stopped the relay from starting (a restart loop under systemd); one
+    not JSON made every `/events` answer for its faction invalid JSON while `/health` said ok."""
+    config, env = serve_config
+    database = config.parent / "data" / "relay.db"
+    with trio.fail_after(60):
+        async with relay_process(config, env) as relay, httpx.AsyncClient(base_url=relay.url) as http:
+            script = await connected_script(http, FACTION)
+            for n in (1, 2, 3):
+                fake_upstream.insert("war_calls", call(FACTION, n))
+            await script.poll_until(3)
+        with closing(sqlite3.connect(database, isolation_level=None)) as shell:
+            _first, not_utf8, not_json = (i for (i,) in shell.execute("SELECT id FROM events ORDER BY id"))
+            shell.execute(f"UPDATE events SET data = CAST(x'fffe' AS TEXT) WHERE id = {not_utf8}")
+            shell.execute(f"""UPDATE events SET data = '{{"broken' WHERE id = {not_json}""")
+            shell.execute("""UPDATE faction_rows SET row = '{"broken' WHERE row_key = '3'""")
+
+        async with relay_process(config, env) as relay, httpx.AsyncClient(base_url=relay.url) as http:
+            served = await http.get("/events", params={"faction_id": FACTION, "since": 0})
+            assert served.status_code == 200
+            events = json.loads(served.content)["events"]
+            assert [e["data"]["new"]["id"] for e in events][:1] == [1]
+            assert {not_utf8, not_json}.isdisjoint(e["id"] for e in events)
+            metrics = (await http.get("/metrics")).text
+            assert "cat_relay_events_quarantined_total 2.0" in metrics
+            assert "cat_relay_faction_rows_quarantined_total 1.0" in metrics
+            assert (await health(http)).status_code == 200
+            # The poisoned row is not kept: the reconcile after the reconnect stores it again.
+            await wait_reconciled(http, FACTION)
+            state = (await http.get("/state", params={"faction_id": FACTION})).json()
+            assert sorted(row["id"] for row in state["tables"]["war_calls"]) == [1, 2, 3]
+    quarantined = [line for line in relay.log if "quarantined" in line]
+    assert len(quarantined) == 3
+    assert f"event id={not_utf8} of faction {FACTION}: not UTF-8" in relay.text()
+    assert "broken" not in relay.text()
     assert "Traceback" not in relay.text()

@@ -235,6 +235,16 @@ class RelayCollector(Collector):
         yield CounterMetricFamily(
             f"{PREFIX}_group_commits", "Transactions that stored appended events.", stats.group_commits
         )
+        yield CounterMetricFamily(
+            f"{PREFIX}_events_quarantined",
+            "Stored events that could not be read back (not UTF-8 or not JSON), skipped; see the log.",
+            stats.events_quarantined,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_faction_rows_quarantined",
+            "Stored faction rows that could not be read back, left for the next reconcile; see the log.",
+            stats.faction_rows_quarantined,
+        )
 
 
 def _per_faction(

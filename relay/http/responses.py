@@ -6,7 +6,8 @@ The error tree a request can end in:
 
 - `ApiError`: a request the relay refuses (bad input, rate limit, unknown faction...), not logged;
 - `werkzeug.exceptions.HTTPException`: what Quart refuses before a route runs (404, 405, 413...);
-- `relay.storage.store.StoreError`: storage is failing: 503 `storage_unavailable`, logged in one line;
+- `relay.storage.store.StoreError`: storage is failing: 503 `storage_unavailable`, logged at DEBUG
+  (the database logs the outage: `relay/storage/outage.py`);
 - anything else: a bug: 500 `internal_error`, logged with its traceback.
 """
 
@@ -96,7 +97,8 @@ def refusal(exc: Exception, method: str, path: str, log: logging.Logger) -> Refu
     if isinstance(exc, HTTPException):
         return _http_refusal(exc)
     if isinstance(exc, StoreError):
-        log.error("storage fault while answering %s %s: %s", method, path, exc)
+        # The outage itself is logged by the database, once and a summary a minute, not per request.
+        log.debug("storage fault while answering %s %s: %s", method, path, exc)
         return STORAGE_UNAVAILABLE
     log.error("unexpected error answering %s %s", method, path, exc_info=exc)
     return INTERNAL_ERROR

@@ -92,8 +92,20 @@ class _HTTP2Refused(Exception):
     """Raised out of the protocol once a prior-knowledge HTTP/2 preface has been answered 505."""
 
 
+class _HeadTooLarge(Exception):
+    """Raised out of the protocol once a head over MAX_HEAD_BYTES has been answered 431."""
+
+
+def head_bytes(event: h11.Request) -> int:
+    """The size of the request head as sent, less any optional whitespace h11 stripped."""
+    request_line = len(event.method) + len(event.target) + len(b"  HTTP/1.1\r\n")
+    fields = sum(len(name) + len(value) + len(b": \r\n") for name, value in event.headers.raw_items())
+    return request_line + fields + len(b"\r\n")
+
+
 class RelayH11(H11Protocol):
-    """hypercorn's HTTP/1.1 protocol with HTTP/2 off, and answers written without h11's copy."""
+    """hypercorn's HTTP/1.1 protocol with HTTP/2 off, heads capped at MAX_HEAD_BYTES however they
+    arrive, and answers written without h11's copy."""
 
     async def _check_protocol(self, event: h11.Request) -> None:
         # hypercorn's version answers `Upgrade: h2c` with 101 and raises to switch protocols; an
@@ -101,6 +113,11 @@ class RelayH11(H11Protocol):
         if event.http_version not in (b"1.0", b"1.1"):
             await self._send_error_response(505)
             raise _HTTP2Refused
+        # h11 limits only the head it holds incomplete: one that arrives whole in a read (up to
+        # MAX_RECV) passed. The same answer h11's own limit gives: 431, then the connection closed.
+        if head_bytes(event) > MAX_HEAD_BYTES:
+            await self._send_error_response(431)
+            raise _HeadTooLarge
 
     async def _send_h11_event(self, event: Any) -> None:
         # h11's `send` joins an answer's body into one new bytes object; with the data passed
@@ -249,6 +266,9 @@ class Connection:
                 await self._protocol.handle(RawData(data=bytes(data)))
             except _HTTP2Refused:
                 self._counters.http2_refused += 1
+                await self._close()
+                continue
+            except _HeadTooLarge:
                 await self._close()
                 continue
             if not data:

@@ -22,6 +22,7 @@ import trio
 
 from relay.storage.lineage import check_wal_belongs, database_mark, new_mark
 from relay.storage.migrations import apply_migrations
+from relay.storage.outage import OutageLog
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,6 +80,7 @@ class Database:
         self._write_limiter = trio.CapacityLimiter(1)  # the single write limiter: writes in order
         self._read_limiter = trio.CapacityLimiter(1)
         self.write_fault: str | None = None  # why the last write failed; None when it worked
+        self._outage = OutageLog(log, repr(self))
         self.last_write_at = -math.inf  # trio clock, when the last write ended
 
     def __repr__(self) -> str:
@@ -92,12 +94,10 @@ class Database:
             result = await trio.to_thread.run_sync(call, self._writer, limiter=self._write_limiter)
         except sqlite3.Error as exc:
             fault = f"database write failed: {exc}"
-            if fault != self.write_fault:
-                log.error("%r: %s", self, fault)
+            self._outage.failed(fault, trio.current_time())
             self.write_fault, self.last_write_at = fault, trio.current_time()
             raise StoreError(fault) from exc
-        if self.write_fault is not None:
-            log.info("%r: writes work again (after: %s)", self, self.write_fault)
+        self._outage.worked()
         self.write_fault, self.last_write_at = None, trio.current_time()
         return result
 

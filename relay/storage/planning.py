@@ -29,9 +29,18 @@ Place = tuple[int, str, RowKey]  # where a change lands: faction, table, key
 Item = tuple[str, Any, str]  # an event to append: type, data, and the data as JSON
 
 
+class UnstorableData(ValueError):
+    """Data JSON cannot carry (NaN, Infinity) or nested too deeply to encode: refused unstamped."""
+
+
 def encode(data: Any) -> str:
     # allow_nan=False: browsers' JSON.parse refuses NaN, so such data is refused before it is stored.
-    return json.dumps(data, separators=(",", ":"), allow_nan=False)
+    try:
+        return json.dumps(data, separators=(",", ":"), allow_nan=False)
+    except ValueError as exc:
+        raise UnstorableData(str(exc)) from None
+    except RecursionError:
+        raise UnstorableData("nested too deeply") from None
 
 
 # Append and PlannedEvent are not frozen: one of each is made per appended event, and a frozen

@@ -12,6 +12,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from relay.storage.quarantine import QuarantineCounts, Unreadable, decode_text, log_quarantined, parse_json
+
 
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
@@ -70,8 +72,11 @@ class RetainedEvents:
         return since is not None and since < self._dropped_up_to.get(faction_id, 0)
 
 
-def load_retained(conn: sqlite3.Connection, per_faction: int) -> RetainedEvents:
-    """The newest `per_faction` events of each faction in the database, as the store left them."""
+def load_retained(
+    conn: sqlite3.Connection, per_faction: int, quarantined: QuarantineCounts
+) -> RetainedEvents:
+    """The newest `per_faction` events of each faction in the database, as the store left them; an
+    event that cannot be read back is quarantined (`relay/storage/quarantine.py`)."""
     dropped_up_to = dict(
         conn.execute(
             "SELECT faction_id, max(timestamp) FROM (SELECT faction_id, timestamp, row_number() OVER"
@@ -81,11 +86,23 @@ def load_retained(conn: sqlite3.Connection, per_faction: int) -> RetainedEvents:
         ).fetchall()
     )
     retained = RetainedEvents(per_faction, dropped_up_to)
-    for row in conn.execute(
-        "SELECT id, faction_id, timestamp, type, data FROM (SELECT *, row_number() OVER"
-        " (PARTITION BY faction_id ORDER BY timestamp DESC) AS newest FROM events)"
+    # As BLOBs: sqlite3 would fail the whole read on one value that is not UTF-8.
+    for id, faction_id, timestamp, type, data in conn.execute(
+        "SELECT id, faction_id, timestamp, CAST(type AS BLOB), CAST(data AS BLOB) FROM (SELECT *,"
+        " row_number() OVER (PARTITION BY faction_id ORDER BY timestamp DESC) AS newest FROM events)"
         " WHERE newest <= ? ORDER BY timestamp",
         (per_faction,),
     ):
-        retained.publish(StoredEvent.build(*row))
+        try:
+            event = StoredEvent.build(id, faction_id, timestamp, decode_text(type), _checked_json(data))
+        except Unreadable as reason:
+            quarantined.events += 1
+            log_quarantined("event", f"id={id}", faction_id, reason)
+            continue
+        retained.publish(event)
     return retained
+
+
+def _checked_json(raw: object) -> str:
+    parse_json(raw)  # the served answer splices this text in: it must parse on its own
+    return decode_text(raw)

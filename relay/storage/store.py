@@ -14,11 +14,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import trio
 from relay.storage.database import Database, FileSizes, open_database
 from relay.storage.database import StoreError as StoreError  # the storage API's error, named here for callers
 from relay.storage.planning import Append, Item, Plan, Tombstones, encode, plan_batch, plan_chunk
+from relay.storage.quarantine import QuarantineCounts, Unreadable, log_quarantined, parse_json
 from relay.storage.retained import RetainedEvents, load_retained
 from relay.storage.retained import StoredEvent as StoredEvent  # a result type of the API, named here
 from relay.storage.state import FactionRows, Row, RowChange, RowKey, diff, row_key
@@ -82,6 +82,7 @@ class _Loaded:
     retained: RetainedEvents
     high_water: int
     rows: FactionRows
+    quarantined: QuarantineCounts
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +106,8 @@ class StoreStatistics:
     events_in_memory: int
     clock_high_water: int
     group_commits: int  # transactions that stored appended events, each holding one or more appends
+    events_quarantined: int  # stored events that could not be read back, skipped (`quarantine.py`)
+    faction_rows_quarantined: int
 
 
 @asynccontextmanager
@@ -169,6 +172,7 @@ class Store:
         self._retained = loaded.retained
         self._key_columns = dict(key_columns)
         self._rows = loaded.rows
+        self._quarantined = loaded.quarantined
         self._tombstones = Tombstones()
         self._pending_appends: list[_Pending] = []
         self._appends_waiting = trio.Event()  # set while _pending_appends is not empty
@@ -542,6 +546,8 @@ class Store:
             events_in_memory=len(self._retained),
             clock_high_water=self._high_water,
             group_commits=self._group_commits,
+            events_quarantined=self._quarantined.events,
+            faction_rows_quarantined=self._quarantined.faction_rows,
         )
 
     async def _close(self) -> None:
@@ -573,10 +579,26 @@ def _load(conn: sqlite3.Connection, per_faction: int) -> _Loaded:
         "SELECT max((SELECT high_water FROM relay_clock WHERE id = 1),"
         " (SELECT coalesce(max(timestamp), 0) FROM events))"
     ).fetchone()
-    rows = FactionRows(
-        (faction_id, table, key, json.loads(row))
-        for faction_id, table, key, row in conn.execute(
-            "SELECT faction_id, table_name, row_key, row FROM faction_rows"
-        )
-    )
-    return _Loaded(load_subscriptions(conn), load_retained(conn, per_faction), high_water, rows)
+    quarantined = QuarantineCounts()
+    rows = FactionRows(_readable_rows(conn, quarantined))
+    retained = load_retained(conn, per_faction, quarantined)
+    return _Loaded(load_subscriptions(conn), retained, high_water, rows, quarantined)
+
+
+def _readable_rows(
+    conn: sqlite3.Connection, quarantined: QuarantineCounts
+) -> Iterator[tuple[int, str, RowKey, Row]]:
+    """Faction rows as stored; one that cannot be read back is left out of memory, so the next
+    reconcile finds the upstream row missing and stores it again."""
+    for faction_id, table, key, raw in conn.execute(
+        "SELECT faction_id, table_name, row_key, CAST(row AS BLOB) FROM faction_rows"
+    ):
+        try:
+            row = parse_json(raw)
+            if not isinstance(row, dict):
+                raise Unreadable(f"not an object: {type(row).__name__}")
+        except Unreadable as reason:
+            quarantined.faction_rows += 1
+            log_quarantined("faction row", f"{table}/{key}", faction_id, reason)
+            continue
+        yield faction_id, table, key, row

@@ -313,6 +313,8 @@ def parse_frame(text: str | bytes) -> dict[str, Any]:
         frame = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedFrame(f"frame is not JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedFrame("frame is nested too deeply to parse") from None
     if not isinstance(frame, dict):
         raise MalformedFrame("frame is not a JSON object")
     if not isinstance(frame.get("topic"), str) or not isinstance(frame.get("event"), str):

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import trio
 
 from relay.config import ChannelConfig
+from relay.storage.planning import UnstorableData
 from relay.storage.store import StoreError
 from relay.upstream.backoff import Backoff
 from relay.upstream.snapshot import Snapshot, SnapshotError
@@ -112,7 +113,7 @@ class Reconciler:
                 try:
                     await self.reconcile_once()
                     break
-                except (SnapshotError, StoreError) as exc:
+                except (SnapshotError, StoreError, UnstorableData) as exc:
                     delay = self._backoff.next_delay()
                     self._last_error = str(exc)
                     log.warning("%r: reconcile failed (%s); retry in %.1f s", self, exc, delay)

@@ -80,3 +80,11 @@ async def wait_reconciled(http: httpx.AsyncClient, faction_id: int) -> None:
         if faction_id in factions and factions[faction_id]["reconcile"]["reconciles"] >= 1:
             return
         await trio.sleep(POLL_S)
+
+
+async def connected_script(http: httpx.AsyncClient, faction_id: int) -> Userscript:
+    """Today's script subscribed, once the faction's upstream socket is connected."""
+    script = Userscript(http, faction_id)
+    await script.start()
+    await wait_connected(http, faction_id)
+    return script
