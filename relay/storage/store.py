@@ -200,9 +200,6 @@ class Store:
         found = self._retained.since(faction_id, since)
         return found, (found[-1].timestamp if found else self._visible)
 
-    def newest_timestamp(self, faction_id: int) -> int | None:
-        return self._retained.newest_timestamp(faction_id)
-
     def quiet_for_ms(self, faction_id: int) -> int | None:
         """How long ago the faction's newest event was stored, on the monotonic clock (None: no event).
 
@@ -433,14 +430,13 @@ class Store:
             for change in plan.row_changes:
                 self._rows.apply(change)
             self._tombstones.remember(plan.tombstones)
+            published_at = self._monotonic_s()
             for planned, event in zip(plan.events, stored, strict=True):
                 sources[planned.source].stored.append(event)
                 self._retained.publish(event)
+                self._published_at[event.faction_id] = published_at
             if stored:
                 self._visible = max(self._visible, stored[-1].timestamp)
-                published_at = self._monotonic_s()
-                for event in stored:
-                    self._published_at[event.faction_id] = published_at
         return None
 
     # --- subscriptions, kept by `Subscriptions` ---
