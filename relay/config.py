@@ -23,6 +23,8 @@ from typing import Any, Final
 DEFAULT_STORAGE_PATH: Final = "data/relay.db"
 # A /subscribe body carries the anon key, a JWT of a few hundred bytes; a smaller cap would refuse real clients.
 MIN_BODY_BYTES: Final = 1024
+# A retention size below a typical burst of calls (a few hundred bytes each) would make every poll read disk.
+MIN_RETAINED_BYTES: Final = 16 * 1024
 MAX_PORT: Final = 65535
 # Tables go into Phoenix topics (`realtime:public:<table>:<filter>`), where a ':' or '.' would change the meaning.
 TABLE_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -128,6 +130,12 @@ class RetentionConfig:
     events_per_faction: int = 100
     maintenance_interval_s: float = 300.0
     subscription_ttl_s: float = 1800.0
+    # The newest events of each faction are kept by count and by size, whichever binds first (the
+    # newest one always). Sizes are of an event's JSON as served. Beyond memory_bytes_per_faction (per
+    # faction) and memory_bytes (all factions), the older kept events are read from the database.
+    bytes_per_faction: int = 4 * 1024 * 1024
+    memory_bytes_per_faction: int = 512 * 1024
+    memory_bytes: int = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +237,9 @@ def load_config(
         upstream=_upstream(upstream, where),
         retention=RetentionConfig(
             events_per_faction=retention.integer("events_per_faction", low=1),
+            bytes_per_faction=retention.integer("bytes_per_faction", low=MIN_RETAINED_BYTES),
+            memory_bytes_per_faction=retention.integer("memory_bytes_per_faction", low=MIN_RETAINED_BYTES),
+            memory_bytes=retention.integer("memory_bytes", low=MIN_RETAINED_BYTES),
             maintenance_interval_s=retention.seconds("maintenance_interval_s"),
             subscription_ttl_s=retention.seconds("subscription_ttl_s"),
         ),

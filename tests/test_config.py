@@ -63,7 +63,14 @@ def test_defaults_with_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         "faction_messages",
         "wars",
     ]
-    assert config.retention == RetentionConfig(100, 300.0, 1800.0)
+    assert config.retention == RetentionConfig(
+        events_per_faction=100,
+        maintenance_interval_s=300.0,
+        subscription_ttl_s=1800.0,
+        bytes_per_faction=4 * 1024 * 1024,
+        memory_bytes_per_faction=512 * 1024,
+        memory_bytes=32 * 1024 * 1024,
+    )
     assert config.limits == LimitsConfig(max_factions=150, long_poll_max_wait_s=30.0, max_clock_skew_s=600.0)
     assert config.auth == AuthConfig(())
     assert config.accepted_api_keys == (KEY,)
