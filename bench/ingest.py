@@ -25,6 +25,7 @@ from pathlib import Path
 import trio
 
 from bench.report import machine_lines
+from relay.config import RetentionConfig
 from relay.storage.store import open_store
 
 FACTIONS = 100
@@ -74,7 +75,9 @@ async def measure(mode: str, duration_s: float, directory: Path) -> Run:
     latencies: list[float] = []
     counts = [0]
     async with open_store(
-        directory / f"{mode}.db", events_per_faction=100, key_columns={"war_calls": "id"}
+        directory / f"{mode}.db",
+        retention=RetentionConfig(events_per_faction=100),
+        key_columns={"war_calls": "id"},
     ) as store:
         before = store.statistics().group_commits
 

@@ -103,7 +103,7 @@ async def seed_relay_database(
     seeded: dict[int, list[SeededEvent]] = {faction_id: [] for faction_id in factions}
     async with open_store(
         config.storage.path,
-        events_per_faction=config.retention.events_per_faction,
+        retention=config.retention,
         now_ms=_seeding_clock(len(factions) * per_faction),
         key_columns=config.upstream.key_columns,
     ) as store:

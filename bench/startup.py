@@ -73,7 +73,9 @@ def default_upstream() -> UpstreamConfig:
 async def seed(path: Path, factions: Sequence[int], events_per_faction: int) -> None:
     """Every faction active, with `events_per_faction` war-call INSERTs (~400 bytes each) and their rows."""
     async with open_store(
-        path, events_per_faction=events_per_faction, key_columns=default_upstream().key_columns
+        path,
+        retention=RetentionConfig(events_per_faction=events_per_faction),
+        key_columns=default_upstream().key_columns,
     ) as store:
         for faction_id in factions:
             await store.subscribe(faction_id)

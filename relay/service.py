@@ -164,7 +164,7 @@ async def run_relay(
 def open_configured_store(config: Config) -> AbstractAsyncContextManager[Store]:
     return open_store(
         config.storage.path,
-        events_per_faction=config.retention.events_per_faction,
+        retention=config.retention,
         now_ms=wall_clock_ms,
         key_columns=config.upstream.key_columns,
     )

@@ -12,7 +12,7 @@ import pytest
 import trio
 from quart.typing import TestClientProtocol as QuartClient
 
-from relay.config import Config
+from relay.config import Config, RetentionConfig
 from relay.http.answers import MAX_CACHED_BYTES, MAX_LARGE_CACHED_BYTES
 from relay.service import BuiltRelay, RunningRelay, run_relay
 from tests.helpers.factions import ANON_KEY, FACTION, OTHER_FACTION
@@ -236,8 +236,9 @@ async def test_the_package_folder_is_not_served_as_static_files(relay_app: Built
 
 
 async def test_readers_far_behind_share_one_large_answer(relay_app: BuiltRelay) -> None:
-    """Twenty published events of 250 KB (above the small answers' 4 MiB in all): a second member far
-    behind is sent the answer built for the first, although other polls were answered in between."""
+    """Twenty published events of 250 KB: a member far behind is answered a page of them (at most
+    `retention.memory_bytes_per_faction`, a large answer); a second member as far behind is sent the
+    answer built for the first, although other polls were answered in between."""
     await subscribe(relay_app)
     for n in range(20):
         response = await client(relay_app).post(
@@ -252,9 +253,11 @@ async def test_readers_far_behind_share_one_large_answer(relay_app: BuiltRelay) 
         assert response.status_code == 200
     answers = relay_app.app.answers
     status, first = await events(relay_app, f"faction_id={FACTION}&since=0")
-    assert (status, len(first["events"])) == (200, 20)
+    assert (status, first["truncated"]) == (200, True)  # 20 x 250 KB is more than a faction keeps
+    assert len(first["events"]) == RetentionConfig().memory_bytes_per_faction // 250_000
     built = answers.built
-    status, caught_up = await events(relay_app, f"faction_id={FACTION}&since={first['timestamp']}")
+    newest = relay_app.services.store.cursor()
+    status, caught_up = await events(relay_app, f"faction_id={FACTION}&since={newest}")
     assert (status, caught_up["events"]) == (200, [])
     status, again = await events(relay_app, f"faction_id={FACTION}&since=0")
     assert (status, again) == (200, first)

@@ -11,6 +11,7 @@ import httpx
 import pytest
 import trio
 
+from relay.config import RetentionConfig
 from relay.ops.dbstats import read_stats, render
 from relay.ops.terminal import iso_time
 from relay.service import RunningRelay
@@ -62,7 +63,7 @@ async def made_by_the_store(path: Path) -> None:
     with trio.fail_after(10):
         async with open_store(
             path,
-            events_per_faction=100,
+            retention=RetentionConfig(events_per_faction=100),
             now_ms=clock,
             monotonic_s=clock.monotonic_s,
             key_columns=key_columns,
@@ -144,7 +145,7 @@ async def test_a_read_only_folder_is_read_and_an_unindexable_wal_is_refused(tmp_
     with trio.fail_after(10):
         async with open_store(
             tmp_path / "live" / "relay.db",
-            events_per_faction=100,
+            retention=RetentionConfig(events_per_faction=100),
             now_ms=clock,
             monotonic_s=clock.monotonic_s,
         ) as store:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.config import RetentionConfig
 from relay.storage.lineage import StaleWriteAheadLog, check_wal_belongs, database_mark, last_committed_mark
 from relay.storage.store import open_store
 
@@ -96,7 +97,7 @@ async def test_a_reader_holding_the_log_at_start_keeps_the_old_mark_and_no_crash
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "relay.db"
-    async with open_store(path, events_per_faction=10) as store:
+    async with open_store(path, retention=RetentionConfig(events_per_faction=10)) as store:
         await store.append_events(1, [("chat", {"n": 1})])
     first_mark = database_mark(path)
     # An operator's sqlite3 shell in the middle of a read: the start's checkpoint cannot fold the
@@ -104,7 +105,7 @@ async def test_a_reader_holding_the_log_at_start_keeps_the_old_mark_and_no_crash
     with closing(sqlite3.connect(path, isolation_level=None)) as shell:
         shell.execute("BEGIN")
         shell.execute("SELECT count(*) FROM events").fetchall()
-        async with open_store(path, events_per_faction=10) as store:
+        async with open_store(path, retention=RetentionConfig(events_per_faction=10)) as store:
             await store.append_events(1, [("chat", {"n": 2})])
             image = crash_image(path, tmp_path / "crashed")
         shell.execute("COMMIT")

@@ -100,7 +100,7 @@ async def store_every_kind_of_event(running: RunningRelay, fake: FakeSupabase) -
         )
         assert published.status_code == 200, published.text
     stored = 2 + 3 + 1
-    await eventually(lambda: len(running.store.read_since(EXAMPLE_FACTION, None)[0]) >= stored)
+    await eventually(lambda: running.store.kept_count(EXAMPLE_FACTION) >= stored)
 
 
 async def serve_seeded_relay(tmp_path: Path, handoff: queue.Queue[Any]) -> None:

@@ -527,17 +527,14 @@ class Snapshot:
     events: dict[int, list[tuple[int, int, str, str]]]  # faction -> (id, timestamp, type, data JSON)
 
 
-def snapshot(relay: RunningRelay) -> Snapshot:
+async def snapshot(relay: RunningRelay) -> Snapshot:
     store = relay.store
-    return Snapshot(
-        {
-            faction_id: [
-                (e.id, e.timestamp, e.type, e.data_json) for e in store.read_since(faction_id, None)[0]
-            ]
-            for faction_id in store.known_factions()
-            if store.read_since(faction_id, None)[0]
-        }
-    )
+    events = {}
+    for faction_id in store.known_factions():
+        found, _ = await store.read_since(faction_id, None)
+        if found:
+            events[faction_id] = [(e.id, e.timestamp, e.type, e.data_json) for e in found]
+    return Snapshot(events)
 
 
 async def seed(relay: RunningRelay, fake: FakeSupabase) -> None:
@@ -583,7 +580,7 @@ async def test_no_request_breaks_the_relay_or_its_stored_events(
                 functools.partial(run_relay, make_config(CONFIGS[config_name]))
             )
             await seed(relay, fake_upstream)
-            before = snapshot(relay)
+            before = await snapshot(relay)
             ping = Probe("GET", "/ping", (), b"")
 
             @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None)
@@ -597,7 +594,7 @@ async def test_no_request_breaks_the_relay_or_its_stored_events(
                 assert (still.status, strict_json(still.body)["status"]) == (200, "ok")
 
             await trio.to_thread.run_sync(any_request)
-            after = snapshot(relay)
+            after = await snapshot(relay)
             relay.stop()
     for faction_id, events in before.events.items():
         assert after.events[faction_id][: len(events)] == events, (

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from relay.config import RetentionConfig
 from relay.storage.store import open_store
 
 pytestmark = pytest.mark.unit
@@ -39,7 +40,9 @@ async def test_poisoned_events_and_rows_are_skipped_logged_once_each_and_counted
 ) -> None:
     database = tmp_path / "relay.db"
     with trio.fail_after(10):
-        async with open_store(database, events_per_faction=100, key_columns=KEYS) as store:
+        async with open_store(
+            database, retention=RetentionConfig(events_per_faction=100), key_columns=KEYS
+        ) as store:
             kept, not_utf8, not_json, not_json_either = await store.append_events(
                 FACTION, [("note", {"n": n}) for n in range(4)]
             )
@@ -53,12 +56,14 @@ async def test_poisoned_events_and_rows_are_skipped_logged_once_each_and_counted
             f"""UPDATE faction_rows SET row = '{{"{SECRET}' WHERE row_key = '1'""",
         )
         caplog.set_level(logging.WARNING)
-        async with open_store(database, events_per_faction=100, key_columns=KEYS) as store:
-            events, _ = store.read_since(FACTION, None)
+        async with open_store(
+            database, retention=RetentionConfig(events_per_faction=100), key_columns=KEYS
+        ) as store:
+            events, _ = await store.read_since(FACTION, None)
             assert [e.id for e in events][:1] == [kept.id]
             assert {not_utf8.id, not_json.id, not_json_either.id}.isdisjoint(e.id for e in events)
             assert all(json.loads(e.json) for e in events)  # every answer spliced from these parses
-            assert [e.id for e in store.read_since(OTHER, None)[0]] == [other.id]
+            assert [e.id for e in (await store.read_since(OTHER, None))[0]] == [other.id]
             # The poisoned row is left out; the next reconcile stores the upstream row again.
             assert store.faction_state(FACTION).tables == {"war_calls": [{"id": 2}]}
             stats = store.statistics()

@@ -109,7 +109,7 @@ async def test_changes_made_while_the_socket_was_down_arrive_as_resync_events(
         requests_before = fake_upstream.rest_request_count
         fake_upstream.drop_connections()
         await eventually(lambda: reconciles(relay) == 2)
-    events = relay.store.read_since(FACTION, None)[0]
+    events = (await relay.store.read_since(FACTION, None))[0]
     assert changes(events)[3:] == [("DELETE", 1, True), ("UPDATE", 2, True), ("INSERT", 4, True)]
     assert events[3].data()["old"] == call(1)  # today's script reads old.target_id
     assert events[4].data()["old"] == call(2)
@@ -141,10 +141,10 @@ async def test_a_live_change_during_the_snapshot_read_is_neither_lost_nor_revert
         # ...while live changes race it: a new row, and the deletion of a row the snapshot holds.
         fake_upstream.insert("war_calls", call(3))
         fake_upstream.delete("war_calls", 2)
-        await eventually(lambda: len(relay.store.read_since(FACTION, None)[0]) == 2)
+        await eventually(lambda: relay.store.kept_count(FACTION) == 2)
         fake_upstream.rest_hold.set()
         await eventually(lambda: reconciles(relay) == 1)
-    events = relay.store.read_since(FACTION, None)[0]
+    events = (await relay.store.read_since(FACTION, None))[0]
     # Row 1 was missing and comes as resync; 3 and 2 changed live, so the snapshot leaves them alone.
     assert changes(events) == [("INSERT", 3, False), ("DELETE", 2, False), ("INSERT", 1, True)]
     assert rows(relay) == fake_rows(fake_upstream) == applied(events) == [call(1), call(3)]
@@ -163,10 +163,10 @@ async def test_a_delete_under_the_default_replica_identity_reaches_its_faction_b
         await eventually(lambda: len(rows(relay)) == 1 and len(rows(relay, OTHER_FACTION)) == 1)
         fake_upstream.delete("war_calls", 1)  # old_record is {"id": 1}: no faction filter matches it
         await eventually(lambda: rows(relay) == [])
-    (_, delete) = relay.store.read_since(FACTION, None)[0]
+    (_, delete) = (await relay.store.read_since(FACTION, None))[0]
     assert delete.data()["eventType"] == "DELETE"
     assert delete.data()["old"] == call(1)  # completed from the stored row
-    assert changes(relay.store.read_since(OTHER_FACTION, None)[0]) == [("INSERT", 2, False)]
+    assert changes((await relay.store.read_since(OTHER_FACTION, None))[0]) == [("INSERT", 2, False)]
     # One shared socket carries the DELETE subscription: three connections for two factions.
     assert len(fake_upstream.connections) == 3
 
@@ -186,7 +186,7 @@ async def test_a_delete_on_two_channels_is_stored_once(
         await eventually(lambda: [row["id"] for row in rows(relay)] == [2])
         # The shared socket's copy, counted once it was handled: had it been routed, it would be stored.
         await eventually(lambda: shared_deletes(relay).changes_received == 1)
-    assert changes(relay.store.read_since(FACTION, None)[0]) == [
+    assert changes((await relay.store.read_since(FACTION, None))[0]) == [
         ("INSERT", 1, False),
         ("DELETE", 1, False),
         ("INSERT", 2, False),

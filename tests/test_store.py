@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 
+from relay.config import RetentionConfig
 from relay.storage.database import CLOSE_BUSY_TIMEOUT_MS, CLOSE_CHECKPOINT_S
 from relay.storage.state import row_key
 from relay.storage.store import (
@@ -83,7 +84,10 @@ def open_test_store(
     tmp_path: Path, clock: WallClock, *, events_per_faction: int = 100
 ) -> AbstractAsyncContextManager[Store]:
     return open_store(
-        db_path(tmp_path), events_per_faction=events_per_faction, now_ms=clock, monotonic_s=clock.monotonic_s
+        db_path(tmp_path),
+        retention=RetentionConfig(events_per_faction=events_per_faction),
+        now_ms=clock,
+        monotonic_s=clock.monotonic_s,
     )
 
 
@@ -106,8 +110,10 @@ def timestamps(events: list[StoredEvent]) -> list[int]:
     return [event.timestamp for event in events]
 
 
-def all_retained(store: Store) -> list[StoredEvent]:
-    return [event for faction in (FACTION, OTHER, THIRD) for event in store.read_since(faction, None)[0]]
+async def all_retained(store: Store) -> list[StoredEvent]:
+    return [
+        event for faction in (FACTION, OTHER, THIRD) for event in (await store.read_since(faction, None))[0]
+    ]
 
 
 async def test_the_database_is_created_in_wal_mode(tmp_path: Path) -> None:
@@ -126,7 +132,7 @@ async def test_appended_events_are_read_oldest_first(tmp_path: Path) -> None:
         async with open_test_store(tmp_path, clock) as store:
             data = [{"table": "war_calls", "n": n} for n in range(3)]
             stored = await store.append_events(FACTION, [("postgres_changes", d) for d in data])
-            found, cursor = store.read_since(FACTION, None)
+            found, cursor = await store.read_since(FACTION, None)
             assert found == stored
             assert [event.data() for event in found] == data
             assert timestamps(found) == [START_MS, START_MS + 1, START_MS + 2]
@@ -138,7 +144,7 @@ async def test_appended_events_are_read_oldest_first(tmp_path: Path) -> None:
                 "data": data[0],
             }
             assert " " not in found[0].json  # compact: it goes out on every poll
-            assert store.read_since(OTHER, None) == ([], store.cursor())
+            assert (await store.read_since(OTHER, None)) == ([], store.cursor())
 
 
 async def test_since_returns_only_later_events(tmp_path: Path) -> None:
@@ -146,10 +152,10 @@ async def test_since_returns_only_later_events(tmp_path: Path) -> None:
     with trio.fail_after(TEST_TIMEOUT_S):
         async with open_test_store(tmp_path, clock) as store:
             first, second, third = await store.append_events(FACTION, [("t", 1), ("t", 2), ("t", 3)])
-            assert store.read_since(FACTION, first.timestamp) == ([second, third], third.timestamp)
-            assert store.read_since(FACTION, first.timestamp - 1)[0] == [first, second, third]
-            assert store.read_since(FACTION, third.timestamp) == ([], store.cursor())
-            assert store.read_since(FACTION, None)[0] == [first, second, third]
+            assert (await store.read_since(FACTION, first.timestamp)) == ([second, third], third.timestamp)
+            assert (await store.read_since(FACTION, first.timestamp - 1))[0] == [first, second, third]
+            assert (await store.read_since(FACTION, third.timestamp)) == ([], store.cursor())
+            assert (await store.read_since(FACTION, None))[0] == [first, second, third]
 
 
 async def test_memory_keeps_the_newest_events_per_faction(tmp_path: Path) -> None:
@@ -157,7 +163,7 @@ async def test_memory_keeps_the_newest_events_per_faction(tmp_path: Path) -> Non
         async with open_test_store(tmp_path, WallClock(), events_per_faction=3) as store:
             stored = await store.append_events(FACTION, [("t", n) for n in range(5)])
             await store.append_events(OTHER, [("t", "other")])
-            assert store.read_since(FACTION, None)[0] == stored[-3:]
+            assert (await store.read_since(FACTION, None))[0] == stored[-3:]
             assert store.statistics().events_in_memory == 4
             # The database keeps them all until `trim` runs.
             assert (await store.counts())[FACTION].events_stored == 5
@@ -171,8 +177,8 @@ async def test_events_survive_reopening_unchanged(tmp_path: Path) -> None:
             other = await store.append_events(OTHER, [("hospital_update", [1, 2])])
             cursor = store.cursor()
         async with open_test_store(tmp_path, clock, events_per_faction=2) as store:
-            assert store.read_since(FACTION, None)[0] == stored[-2:]  # same id, timestamp and json
-            assert store.read_since(OTHER, None)[0] == other
+            assert (await store.read_since(FACTION, None))[0] == stored[-2:]  # same id, timestamp and json
+            assert (await store.read_since(OTHER, None))[0] == other
             assert store.cursor() == cursor
 
 
@@ -200,7 +206,7 @@ async def test_a_future_since_pushes_the_clock_also_across_restarts(tmp_path: Pa
         async with open_test_store(tmp_path, clock) as store:
             await store.advance_clock(ahead)
             assert store.cursor() == ahead
-            assert store.read_since(FACTION, ahead) == ([], ahead)
+            assert (await store.read_since(FACTION, ahead)) == ([], ahead)
             (event,) = await store.append_events(FACTION, [("t", 1)])
             assert event.timestamp == ahead + 1
             await store.advance_clock(ahead + 1_000)
@@ -247,12 +253,12 @@ async def test_a_cursor_handed_out_during_a_write_is_below_its_stamps(tmp_path: 
                     await trio.testing.wait_all_tasks_blocked()
                     # The first event is stamped, but neither it nor its stamp is visible yet.
                     assert store.statistics().clock_high_water == clock.now_ms
-                    assert store.read_since(FACTION, earlier.timestamp) == ([], earlier.timestamp)
-                    handed_out = [store.cursor(), store.read_since(OTHER, None)[1]]
+                    assert (await store.read_since(FACTION, earlier.timestamp)) == ([], earlier.timestamp)
+                    handed_out = [store.cursor(), (await store.read_since(OTHER, None))[1]]
                     assert not advanced.is_set()  # the advance waits for the write to be published
             assert handed_out == [earlier.timestamp, earlier.timestamp]
             assert all(cursor < event.timestamp for cursor in handed_out for event in written)
-            assert store.read_since(FACTION, earlier.timestamp)[0] == written
+            assert (await store.read_since(FACTION, earlier.timestamp))[0] == written
             assert store.cursor() >= clock.now_ms
 
 
@@ -275,11 +281,13 @@ async def test_no_cursor_reaches_an_event_published_after_it(tmp_path: Path) -> 
             async def watch() -> None:
                 last_seen = None
                 while True:
-                    cursors = {store.cursor()} | {store.read_since(f, None)[1] for f in (FACTION, OTHER)}
+                    cursors = {store.cursor()} | {
+                        (await store.read_since(f, None))[1] for f in (FACTION, OTHER)
+                    }
                     # Recorded only when something changed, so that spinning here stays cheap.
                     seen = (frozenset(cursors), store.statistics().events_in_memory)
                     if seen != last_seen:
-                        visible = {event.id for event in all_retained(store)}
+                        visible = {event.id for event in (await all_retained(store))}
                         observed.extend((cursor, visible) for cursor in cursors)
                         last_seen = seen
                     # A short sleep rather than a bare checkpoint: a watcher spinning on checkpoints
@@ -308,7 +316,7 @@ async def test_a_failed_write_publishes_nothing_and_burns_its_stamps(tmp_path: P
             refuse_poison(tmp_path)
             with pytest.raises(StoreError, match="poison refused"):
                 await store.append_events(FACTION, [("fine", 1), ("poison", 2)])
-            assert store.read_since(FACTION, None) == ([], 0)
+            assert (await store.read_since(FACTION, None)) == ([], 0)
             assert query(tmp_path, "SELECT count(*) FROM events") == [(0,)]
             burnt = store.statistics().clock_high_water
             (event,) = await store.append_events(FACTION, [("fine", 3)])
@@ -345,12 +353,12 @@ async def test_a_cancelled_append_still_stores_and_publishes_its_events(tmp_path
                     for scope in scopes:
                         scope.cancel()
                     await trio.testing.wait_all_tasks_blocked()
-                    assert all_retained(store) == []
-            found = all_retained(store)
+                    assert (await all_retained(store)) == []
+            found = await all_retained(store)
             assert timestamps(found) == [START_MS, START_MS + 1, START_MS + 2]
             assert store.cursor() == START_MS + 2
         async with open_test_store(tmp_path, clock) as store:
-            assert all_retained(store) == found
+            assert (await all_retained(store)) == found
 
 
 async def test_appends_arriving_during_a_commit_share_the_next_one(tmp_path: Path) -> None:
@@ -373,7 +381,7 @@ async def test_appends_arriving_during_a_commit_share_the_next_one(tmp_path: Pat
             assert [event.data() for event in returned[OTHER]] == [2, 3]
             assert [event.data() for event in returned[THIRD]] == [4]
             for faction_id, events in returned.items():
-                assert store.read_since(faction_id, None)[0] == events
+                assert (await store.read_since(faction_id, None))[0] == events
             # Trio starts tasks in no fixed order, so only the first commit's place is known.
             first, later = timestamps(returned[FACTION]), timestamps(returned[OTHER] + returned[THIRD])
             assert len(set(first + later)) == 4
@@ -406,7 +414,7 @@ async def test_a_failed_group_commit_fails_every_append_in_it(tmp_path: Path) ->
             assert outcomes[FACTION] == "stored"
             assert "poison refused" in outcomes[OTHER]
             assert outcomes[THIRD] == outcomes[OTHER]
-            assert [event.faction_id for event in all_retained(store)] == [FACTION]
+            assert [event.faction_id for event in (await all_retained(store))] == [FACTION]
             assert query(tmp_path, "SELECT faction_id FROM events") == [(FACTION,)]
 
 
@@ -619,15 +627,8 @@ def war_call(
     )
 
 
-def open_state_store(tmp_path: Path, clock: WallClock, **kwargs: int) -> AbstractAsyncContextManager[Store]:
-    return open_store(
-        db_path(tmp_path),
-        events_per_faction=100,
-        now_ms=clock,
-        monotonic_s=clock.monotonic_s,
-        key_columns=KEYS,
-        **kwargs,
-    )
+def open_state_store(tmp_path: Path, clock: WallClock) -> AbstractAsyncContextManager[Store]:
+    return open_store(db_path(tmp_path), now_ms=clock, monotonic_s=clock.monotonic_s, key_columns=KEYS)
 
 
 async def test_key_only_old_records_are_completed_from_the_stored_row(tmp_path: Path) -> None:
@@ -713,7 +714,7 @@ async def test_missed_since_says_when_older_events_are_gone(tmp_path: Path) -> N
     with trio.fail_after(TEST_TIMEOUT_S):
         for _ in range(2):  # and the same after a restart
             async with open_test_store(tmp_path, clock, events_per_faction=2) as store:
-                if not store.read_since(FACTION, None)[0]:
+                if not (await store.read_since(FACTION, None))[0]:
                     await store.append_events(FACTION, [("t", 1), ("t", 2), ("t", 3)])
                 first = query(tmp_path, "SELECT min(timestamp) FROM events")[0][0]
                 assert isinstance(first, int)
@@ -741,7 +742,7 @@ async def test_a_delete_that_arrives_twice_or_before_an_older_change_wins(tmp_pa
             assert store.faction_state(FACTION).tables["war_calls"] == []
             await store.append_events(FACTION, [war_call("INSERT", row, {}, at(4))])
             assert store.faction_state(FACTION).tables["war_calls"] == [row]
-            served = [event.data()["eventType"] for event in store.read_since(FACTION, None)[0]]
+            served = [event.data()["eventType"] for event in (await store.read_since(FACTION, None))[0]]
             assert served == ["INSERT", "DELETE", "INSERT"]
 
 
@@ -752,7 +753,7 @@ async def test_an_append_from_an_already_cancelled_caller_appends_nothing(tmp_pa
                 scope.cancel()
                 await store.append_events(FACTION, [("t", 1)])
             assert scope.cancelled_caught
-            assert all_retained(store) == []
+            assert (await all_retained(store)) == []
 
 
 # --- bounded stops: a large reconcile, the close ---
@@ -875,4 +876,4 @@ async def test_closing_waits_only_briefly_for_a_reader_in_the_database(tmp_path:
         operator_shell.close()
         assert closed_in < bound_s
         async with open_test_store(tmp_path, WallClock()) as store:
-            assert store.read_since(FACTION, None)[0] == stored
+            assert (await store.read_since(FACTION, None))[0] == stored

@@ -14,9 +14,9 @@ Memory, in all and per connection. Small answers (under `LARGE_ANSWER_BYTES`) sh
 most `MAX_CACHED_BYTES`, cleared whole when full. Large ones (a cursor far behind, large published
 events) are kept apart, least recently asked for evicted first, at most `MAX_LARGE_CACHED_BYTES` in
 all, so that a run of small answers never evicts them and they never clear the small ones. The cache
-itself thus retains at most 36 MiB, however many members ask. A connection holds one answer at a
-time: a poll its whole answer (at most `retention.events_per_faction` events: 26 MB with the largest
-published events at the defaults), a stream one chunk; and it is the very object in the cache, so
+itself thus retains at most 12 MiB, however many members ask. A connection holds one answer at a
+time: a poll its whole answer (at most `retention.memory_bytes_per_faction` of events, 512 KiB at the
+defaults: a cursor further behind is answered a page at a time), a stream one chunk; and it is the very object in the cache, so
 connections asking the same question hold one copy between them, readers that stop reading included,
 and a poll asking it again is not rebuilt. In all: the cache, plus one answer per distinct question
 still being sent; how long a reader that stops reading may keep its answer is the HTTP layer's bound.
@@ -42,9 +42,9 @@ MAX_CACHED_BYTES = 4 * 1024 * 1024
 # From this size on an answer is large: one of them would take a sixteenth of the small table, and
 # a few would clear it for everyone.
 LARGE_ANSWER_BYTES = 256 * 1024
-# Room for a whole retention of the largest published events at the defaults (100 events of 256 KiB)
-# and more: the answer every reader far behind asks for stays shared, however many there are.
-MAX_LARGE_CACHED_BYTES = 32 * 1024 * 1024
+# Room for sixteen of the largest answers at the defaults (a page of `retention.memory_bytes_per_faction`):
+# the pages readers far behind ask for stay shared, however many readers there are.
+MAX_LARGE_CACHED_BYTES = 8 * 1024 * 1024
 
 
 def events_body(

@@ -109,7 +109,7 @@ async def wait_for_events(
     """Return once the faction has events after `since`, `linger_s` after the first of them so that a
     burst is answered at once, or when the relay stops. The caller bounds the wait (its `wait=`).
     """
-    while not store.read_since(faction_id, since)[0] and not hub.stopping.is_set():
+    while not store.has_events_since(faction_id, since) and not hub.stopping.is_set():
         await hub.wait_for_notify(faction_id)
     if not hub.stopping.is_set():
         # Several members' wake-ups for one burst of calls cost one answer each, not one per call.
@@ -140,7 +140,7 @@ async def stream_events(
     last_sent = trio.current_time()
     while not hub.stopping.is_set():
         store.touch(faction_id)  # an open stream is a member still watching
-        found, _ = store.read_since(faction_id, cursor)
+        found, _ = await store.read_since(faction_id, cursor)
         if found:
             await send_chunk(answers.stream_chunk(faction_id, found))
             cursor = found[-1].timestamp

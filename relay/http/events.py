@@ -156,8 +156,7 @@ class EventsEndpoint:
         services = self._services
         store, hub, held, limits = services.store, services.hub, services.held, services.config.limits
         faction_id, since, wait_s = await self._admit(scope, args, args.get("wait"))
-        truncated = store.missed_since(faction_id, since)
-        found, cursor = store.read_since(faction_id, since)
+        found, cursor = await store.read_since(faction_id, since)
         kind = PollKind.LONG_POLL if wait_s > 0 else PollKind.POLL
         if not found and wait_s > 0 and not hub.stopping.is_set():
             with held.long_poll() as may_hold:
@@ -168,7 +167,9 @@ class EventsEndpoint:
                     if await until_hung_up(receive, waiting, deadline=trio.current_time() + wait_s):
                         services.http.polled(kind, PollOutcome.HUNG_UP)
                         return  # nobody is left to answer
-                    found, cursor = store.read_since(faction_id, since)
+                    found, cursor = await store.read_since(faction_id, since)
+        # After the read: events dropped while it ran (or while held) are missed too.
+        truncated = store.missed_since(faction_id, since)
         advice = next_poll_ms(store, held, faction_id)
         headers, body = self._answers.poll(faction_id, found, cursor, advice, truncated=truncated)
         await send({"type": "http.response.start", "status": 200, "headers": headers})

@@ -235,6 +235,17 @@ class RelayCollector(Collector):
         yield CounterMetricFamily(
             f"{PREFIX}_group_commits", "Transactions that stored appended events.", stats.group_commits
         )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_events_in_memory",
+            "Kept events also held in memory (the newest of each faction); older kept ones are read"
+            " from the database.",
+            stats.events_in_memory,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_events_memory_bytes",
+            "What the events held in memory take, as retention.memory_bytes counts it.",
+            stats.events_memory_bytes,
+        )
         yield CounterMetricFamily(
             f"{PREFIX}_events_quarantined",
             "Stored events that could not be read back (not UTF-8 or not JSON), skipped; see the log.",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -23,8 +23,28 @@ class Unreadable(ValueError):
 
 @dataclass(slots=True)
 class QuarantineCounts:
+    """What was quarantined, each counted and logged once however often it is read again (an event
+    older than what memory holds is read from the database by every poll that wants it)."""
+
     events: int = 0
     faction_rows: int = 0
+    _seen_events: set[int] = field(default_factory=set)
+    _seen_rows: set[tuple[int, str, str]] = field(default_factory=set)
+
+    def note_event(self, id: int) -> bool:
+        """Whether this is the first time the event is quarantined (then it is counted)."""
+        if id in self._seen_events:
+            return False
+        self._seen_events.add(id)
+        self.events += 1
+        return True
+
+    def note_faction_row(self, faction_id: int, table: str, key: str) -> bool:
+        if (faction_id, table, key) in self._seen_rows:
+            return False
+        self._seen_rows.add((faction_id, table, key))
+        self.faction_rows += 1
+        return True
 
 
 def _refuse_constant(name: str) -> Any:

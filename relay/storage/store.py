@@ -25,11 +25,18 @@ from typing import Any
 
 import trio
 
+from relay.config import RetentionConfig
 from relay.storage.database import Database, FileSizes, open_database
 from relay.storage.database import StoreError as StoreError  # the storage API's error, named here for callers
 from relay.storage.planning import Append, Item, Plan, Tombstones, encode, plan_batch, plan_chunk
 from relay.storage.quarantine import QuarantineCounts, Unreadable, log_quarantined, parse_json
-from relay.storage.retained import RetainedEvents, load_retained
+from relay.storage.retained import (
+    RetainedEvents,
+    UnreadableEvent,
+    load_retained,
+    quarantine_events,
+    readable_events,
+)
 from relay.storage.retained import StoredEvent as StoredEvent  # a result type of the API, named here
 from relay.storage.state import FactionRows, Row, RowChange, RowKey, diff, row_key
 from relay.storage.subscriptions import Subscription as Subscription  # a result type of the API, named here
@@ -47,6 +54,10 @@ HEALTH_PROBE_INTERVAL_S = 1.0
 # worst while other work loads it (of which planning, on the event loop, up to 0.45 s).
 RECONCILE_CHUNK_EVENTS = 1_000
 RECONCILE_CHUNK_BYTES = 1024 * 1024
+# Polls answered from the database (a cursor older than what memory holds) read one at a time on the
+# one read connection anyway; waiting for it here holds no answer's events in memory meanwhile.
+DATABASE_READS_AT_ONCE = 1
+DEFAULT_RETENTION = RetentionConfig()
 
 
 def wall_clock_ms() -> int:
@@ -104,6 +115,7 @@ class StoreStatistics:
     factions: int
     active_factions: int
     events_in_memory: int
+    events_memory_bytes: int  # as `retention.memory_bytes` counts it
     clock_high_water: int
     group_commits: int  # transactions that stored appended events, each holding one or more appends
     events_quarantined: int  # stored events that could not be read back, skipped (`quarantine.py`)
@@ -114,7 +126,7 @@ class StoreStatistics:
 async def open_store(
     path: Path,
     *,
-    events_per_faction: int,
+    retention: RetentionConfig = DEFAULT_RETENTION,
     now_ms: Callable[[], int] = wall_clock_ms,
     monotonic_s: Callable[[], float] = trio.current_time,
     key_columns: Mapping[str, str] | None = None,
@@ -125,11 +137,11 @@ async def open_store(
     every duration is measured on (idleness, expiry), which no wall-clock step moves.
     `key_columns` maps each upstream table whose rows the store tracks to its key column.
     """
-    database, loaded = await open_database(path, functools.partial(_load, per_faction=events_per_faction))
+    database, loaded = await open_database(path, functools.partial(_load, retention=retention))
     store = Store(
         database,
         loaded,
-        events_per_faction=events_per_faction,
+        retention=retention,
         now_ms=now_ms,
         monotonic_s=monotonic_s,
         key_columns=key_columns or {},
@@ -157,13 +169,17 @@ class Store:
         database: Database,
         loaded: _Loaded,
         *,
-        events_per_faction: int,
+        retention: RetentionConfig,
         now_ms: Callable[[], int],
         monotonic_s: Callable[[], float],
         key_columns: Mapping[str, str],
     ) -> None:
         self._database = database
-        self._events_per_faction = events_per_faction
+        # One answer carries at most what one faction may hold in memory: an old cursor is served a
+        # page at a time (its next poll gets the next page), so no request holds more than that.
+        self._answer_bytes = retention.memory_bytes_per_faction
+        # Reads of events older than memory, at once: each holds up to _answer_bytes.
+        self._database_reads = trio.CapacityLimiter(DATABASE_READS_AT_ONCE)
         self._now_ms = now_ms
         self._monotonic_s = monotonic_s
         self._opened_at = monotonic_s()
@@ -195,10 +211,36 @@ class Store:
         """A cursor for an answer with no event: every event stored later is stamped above it."""
         return self._visible
 
-    def read_since(self, faction_id: int, since: int | None) -> tuple[list[StoredEvent], int]:
-        """Retained events stamped after `since` (all when None), oldest first, and the next cursor."""
-        found = self._retained.since(faction_id, since)
-        return found, (found[-1].timestamp if found else self._visible)
+    async def read_since(self, faction_id: int, since: int | None) -> tuple[list[StoredEvent], int]:
+        """Kept events stamped after `since` (all when None), oldest first, and the next cursor: at
+        most `retention.memory_bytes_per_faction` of them (one at least), the rest for the next read.
+
+        From memory when the cursor is recent, which is every member keeping up, without a checkpoint;
+        the older part of the window from the database. Ask `missed_since` after this returns: a trim
+        during the read can take events it meant to return.
+        """
+        read = self._retained.read(faction_id, since, self._answer_bytes)
+        found = read.in_memory
+        if read.from_database:
+            async with self._database_reads:
+                older, unreadable = await self._database.read(
+                    functools.partial(_read_range, faction_id, read.database_after, read.database_through)
+                )
+            quarantine_events(unreadable, self._quarantined)  # here in Trio: counted by one thread
+            found = older + found
+        newest = read.newest
+        # With nothing to answer, never a cursor below `since`: a /state read in the database may hand
+        # out a cursor a moment before its commit is published here, and a member must not go back.
+        return found, (newest if newest is not None else max(self._visible, since or 0))
+
+    def kept_count(self, faction_id: int) -> int:
+        """How many events of the faction are kept (in memory or, the older ones, in the database)."""
+        return self._retained.kept_count(faction_id)
+
+    def has_events_since(self, faction_id: int, since: int | None) -> bool:
+        """Whether `read_since` would find anything: what a held request waits for."""
+        newest = self._retained.newest_timestamp(faction_id)
+        return newest is not None and (since is None or newest > since)
 
     def quiet_for_ms(self, faction_id: int) -> int | None:
         """How long ago the faction's newest event was stored, on the monotonic clock (None: no event).
@@ -485,14 +527,17 @@ class Store:
     # --- upkeep and introspection ---
 
     async def trim(self) -> int:
-        """Delete all but the newest `events_per_faction` events of each faction; returns how many."""
+        """Delete the events no longer kept (`relay.storage.retained`: by count and by size per
+        faction); returns how many."""
+        dropped = sorted(self._retained.dropped().items())
 
         def delete(conn: sqlite3.Connection) -> int:
-            return conn.execute(
-                "DELETE FROM events WHERE id IN (SELECT id FROM (SELECT id, row_number() OVER"
-                " (PARTITION BY faction_id ORDER BY timestamp DESC) AS newest FROM events) WHERE newest > ?)",
-                (self._events_per_faction,),
-            ).rowcount
+            deleted = 0
+            for faction_id, up_to in dropped:
+                deleted += conn.execute(
+                    "DELETE FROM events WHERE faction_id = ? AND timestamp <= ?", (faction_id, up_to)
+                ).rowcount
+            return deleted
 
         return await self._database.write(delete)
 
@@ -540,6 +585,7 @@ class Store:
             factions=len(self._subscriptions),
             active_factions=len(self._subscriptions.active()),
             events_in_memory=len(self._retained),
+            events_memory_bytes=self._retained.memory_bytes,
             clock_high_water=self._high_water,
             group_commits=self._group_commits,
             events_quarantined=self._quarantined.events,
@@ -569,7 +615,19 @@ def _write_rows(conn: sqlite3.Connection, changes: Sequence[RowChange]) -> None:
             )
 
 
-def _load(conn: sqlite3.Connection, per_faction: int) -> _Loaded:
+def _read_range(
+    faction_id: int, after: int, through: int, conn: sqlite3.Connection
+) -> tuple[list[StoredEvent], list[UnreadableEvent]]:
+    unreadable: list[UnreadableEvent] = []
+    rows = conn.execute(
+        "SELECT id, faction_id, timestamp, CAST(type AS BLOB), CAST(data AS BLOB) FROM events"
+        " WHERE faction_id = ? AND timestamp > ? AND timestamp <= ? ORDER BY timestamp",
+        (faction_id, after, through),
+    )
+    return list(readable_events(rows, unreadable)), unreadable
+
+
+def _load(conn: sqlite3.Connection, retention: RetentionConfig) -> _Loaded:
     # Both count: a clock advance survives only in relay_clock, an event's stamp is in its row.
     (high_water,) = conn.execute(
         "SELECT max((SELECT high_water FROM relay_clock WHERE id = 1),"
@@ -577,7 +635,7 @@ def _load(conn: sqlite3.Connection, per_faction: int) -> _Loaded:
     ).fetchone()
     quarantined = QuarantineCounts()
     rows = FactionRows(_readable_rows(conn, quarantined))
-    retained = load_retained(conn, per_faction, quarantined)
+    retained = load_retained(conn, retention, quarantined)
     return _Loaded(load_subscriptions(conn), retained, high_water, rows, quarantined)
 
 

@@ -46,7 +46,7 @@ async def open_clocked_relay(data_dir: Path, clocks: Clocks, toml: str = "") -> 
     async with (
         open_store(
             config.storage.path,
-            events_per_faction=config.retention.events_per_faction,
+            retention=config.retention,
             now_ms=clocks,
             monotonic_s=clocks.monotonic_s,
             key_columns=config.upstream.key_columns,
