@@ -52,7 +52,7 @@ class Ingest:
         # gets a new one.
         self._watchers: weakref.WeakValueDictionary[int, LiveChangeWatcher] = weakref.WeakValueDictionary()
         self._router = DeleteRouter(
-            key_columns, store.row_owner, self.upstream, filter_columns=filter_columns(channels)
+            key_columns, store.row_owners, self.upstream, filter_columns=filter_columns(channels)
         )
 
     def __repr__(self) -> str:

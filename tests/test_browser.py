@@ -33,7 +33,7 @@ from tests.helpers.factions import ANON_KEY, FACTION, call
 from tests.helpers.programs import CHROMIUM_FLAGS
 from tests.helpers.relay_process import relay_process
 from tests.helpers.userscript import wait_connected, wait_reconciled
-from tests.helpers.waits import eventually
+from tests.helpers.waits import eventually_holds
 
 pytestmark = pytest.mark.external
 
@@ -253,9 +253,12 @@ async def test_a_client_that_missed_more_than_the_relay_keeps_recovers_from_stat
         fake_upstream.delete("war_calls", 2)
         fake_upstream.insert("war_calls", call(FACTION, 3))
         fake_upstream.insert("war_calls", call(FACTION, 4))
-        await eventually(
-            lambda: [row["id"] for row in relay.store.faction_state(FACTION).tables["war_calls"]] == [1, 3, 4]
-        )
+
+        async def rows_are_1_3_4() -> bool:
+            state = await relay.store.faction_state(FACTION)
+            return [row["id"] for row in state.tables["war_calls"]] == [1, 3, 4]
+
+        await eventually_holds(rows_are_1_3_4)
         page_server.resume = True
         done = await page_server.wait_for("done", chromium)
     assert done["problems"] == []

@@ -20,7 +20,8 @@ from relay.storage.planning import (
     plan_batch,
     plan_chunk,
 )
-from relay.storage.state import FactionRows, Row, diff, row_key
+from relay.storage.state import Row, diff, row_key
+from tests.helpers.faction_rows import FactionRows
 
 pytestmark = pytest.mark.unit
 

@@ -65,12 +65,14 @@ async def test_poisoned_events_and_rows_are_skipped_logged_once_each_and_counted
             assert all(json.loads(e.json) for e in events)  # every answer spliced from these parses
             assert [e.id for e in (await store.read_since(OTHER, None))[0]] == [other.id]
             # The poisoned row is left out; the next reconcile stores the upstream row again.
-            assert store.faction_state(FACTION).tables == {"war_calls": [{"id": 2}]}
+            assert (await store.faction_state(FACTION)).tables == {"war_calls": [{"id": 2}]}
+            # Read again (the rows live in the database): skipped again, counted and logged once.
+            assert (await store.faction_state(FACTION)).tables == {"war_calls": [{"id": 2}]}
             stats = store.statistics()
             assert (stats.events_quarantined, stats.faction_rows_quarantined) == (3, 1)
     lines = [r.getMessage() for r in caplog.records if "quarantined" in r.getMessage()]
     assert len(lines) == 4
     assert all(SECRET not in line and "fffe" not in line for line in lines)
-    assert f"event id={not_utf8.id} of faction {FACTION}: not UTF-8" in lines[-3]
-    assert "faction row war_calls/1 of faction 46666" in lines[0]
+    assert f"event id={not_utf8.id} of faction {FACTION}: not UTF-8" in lines[0]
+    assert "faction row war_calls/1 of faction 46666" in lines[-1]
     assert not any(r.exc_info for r in caplog.records)

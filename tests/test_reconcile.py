@@ -19,7 +19,7 @@ from relay.storage.store import StoredEvent
 from relay.testing.fake_supabase import FakeSupabase
 from relay.upstream.supervisor import UpstreamStatistics
 from tests.helpers.factions import ANON_KEY, FACTION, OTHER_FACTION
-from tests.helpers.waits import eventually
+from tests.helpers.waits import eventually, eventually_holds
 
 pytestmark = pytest.mark.e2e
 
@@ -61,8 +61,17 @@ def shared_deletes(relay: RunningRelay) -> UpstreamStatistics:
     return stats
 
 
-def rows(relay: RunningRelay, faction_id: int = FACTION) -> list[dict[str, Any]]:
-    return relay.store.faction_state(faction_id).tables["war_calls"]
+async def rows(relay: RunningRelay, faction_id: int = FACTION) -> list[dict[str, Any]]:
+    return (await relay.store.faction_state(faction_id)).tables["war_calls"]
+
+
+async def until_ids(relay: RunningRelay, ids: list[int], faction_id: int = FACTION) -> None:
+    """Until the faction's stored war_calls are these, in key order."""
+
+    async def holds() -> bool:
+        return [row["id"] for row in await rows(relay, faction_id)] == ids
+
+    await eventually_holds(holds)
 
 
 def fake_rows(fake: FakeSupabase, faction_id: int = FACTION) -> list[dict[str, Any]]:
@@ -100,7 +109,7 @@ async def test_changes_made_while_the_socket_was_down_arrive_as_resync_events(
         await eventually(lambda: reconciles(relay) == 1)
         for n in (1, 2, 3):
             fake_upstream.insert("war_calls", call(n))
-        await eventually(lambda: len(rows(relay)) == 3)
+        await until_ids(relay, [row["id"] for row in fake_rows(fake_upstream)])
         fake_upstream.freeze()  # the outage: nothing delivered from here
         fake_upstream.insert("war_calls", call(4), deliver=False)
         fake_upstream.update("war_calls", 2, {"caller_name": "bob"}, deliver=False)
@@ -113,7 +122,7 @@ async def test_changes_made_while_the_socket_was_down_arrive_as_resync_events(
     assert changes(events)[3:] == [("DELETE", 1, True), ("UPDATE", 2, True), ("INSERT", 4, True)]
     assert events[3].data()["old"] == call(1)  # today's script reads old.target_id
     assert events[4].data()["old"] == call(2)
-    assert rows(relay) == fake_rows(fake_upstream) == applied(events)
+    assert await rows(relay) == fake_rows(fake_upstream) == applied(events)
     # One REST read per configured table (war_calls, faction_messages, wars), each a single page.
     assert fake_upstream.rest_request_count - requests_before == 3
     stats = relay.supervisors.statistics()[FACTION].reconcile
@@ -147,7 +156,7 @@ async def test_a_live_change_during_the_snapshot_read_is_neither_lost_nor_revert
     events = (await relay.store.read_since(FACTION, None))[0]
     # Row 1 was missing and comes as resync; 3 and 2 changed live, so the snapshot leaves them alone.
     assert changes(events) == [("INSERT", 3, False), ("DELETE", 2, False), ("INSERT", 1, True)]
-    assert rows(relay) == fake_rows(fake_upstream) == applied(events) == [call(1), call(3)]
+    assert await rows(relay) == fake_rows(fake_upstream) == applied(events) == [call(1), call(3)]
 
 
 async def test_a_delete_under_the_default_replica_identity_reaches_its_faction_by_key(
@@ -160,9 +169,10 @@ async def test_a_delete_under_the_default_replica_identity_reaches_its_faction_b
         await eventually(lambda: shared_deletes(relay).state == "connected")
         fake_upstream.insert("war_calls", call(1))
         fake_upstream.insert("war_calls", call(2, OTHER_FACTION))
-        await eventually(lambda: len(rows(relay)) == 1 and len(rows(relay, OTHER_FACTION)) == 1)
+        await until_ids(relay, [1])
+        await until_ids(relay, [2], OTHER_FACTION)
         fake_upstream.delete("war_calls", 1)  # old_record is {"id": 1}: no faction filter matches it
-        await eventually(lambda: rows(relay) == [])
+        await until_ids(relay, [])
     (_, delete) = (await relay.store.read_since(FACTION, None))[0]
     assert delete.data()["eventType"] == "DELETE"
     assert delete.data()["old"] == call(1)  # completed from the stored row
@@ -180,10 +190,10 @@ async def test_a_delete_on_two_channels_is_stored_once(
         await eventually(lambda: reconciles(relay) == 1)
         await eventually(lambda: shared_deletes(relay).state == "connected")
         fake_upstream.insert("war_calls", call(1))
-        await eventually(lambda: len(rows(relay)) == 1)
+        await until_ids(relay, [1])
         fake_upstream.delete("war_calls", 1)
         fake_upstream.insert("war_calls", call(2))  # a later change: both DELETE copies came before it
-        await eventually(lambda: [row["id"] for row in rows(relay)] == [2])
+        await until_ids(relay, [2])
         # The shared socket's copy, counted once it was handled: had it been routed, it would be stored.
         await eventually(lambda: shared_deletes(relay).changes_received == 1)
     assert changes((await relay.store.read_since(FACTION, None))[0]) == [
@@ -205,13 +215,13 @@ async def test_a_failing_rest_read_is_retried_shown_and_never_holds_up_live_even
         assert stats is not None
         assert stats.last_error == "reading war_calls: HTTP 503: scripted failure"
         fake_upstream.insert("war_calls", call(2))  # live changes flow meanwhile
-        await eventually(lambda: [row["id"] for row in rows(relay)] == [2])
+        await until_ids(relay, [2])
         fake_upstream.accept_rest()
         await eventually(lambda: reconciles(relay) >= 1)
-        assert [row["id"] for row in rows(relay)] == [1, 2]
+        assert [row["id"] for row in await rows(relay)] == [1, 2]
         # Periodic: a change the socket never delivered is found by the next pass on its own.
         fake_upstream.insert("war_calls", call(3), deliver=False)
-        await eventually(lambda: [row["id"] for row in rows(relay)] == [1, 2, 3])
+        await until_ids(relay, [1, 2, 3])
     stats = relay.supervisors.statistics()[FACTION].reconcile
     assert stats is not None
     assert stats.last_error is None

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import trio
 
+from relay.storage.state import RowKey, row_key
 from relay.upstream.phoenix import ChangeReceived
 from relay.upstream.shared_deletes import PARK_S, DeleteRouter, RouterStatistics
 
@@ -26,8 +27,9 @@ class Harness:
         self.delivered: list[tuple[int, list[Any]]] = []
         self.router = DeleteRouter({"war_calls": "id"}, self.owner, self.deliver)
 
-    def owner(self, table: str, key: Any) -> int | None:
-        return self.owners.get(key) if table == "war_calls" else None
+    async def owner(self, places: Sequence[tuple[str, RowKey]]) -> dict[tuple[str, RowKey], int]:
+        keys = {row_key(key): faction_id for key, faction_id in self.owners.items()}
+        return {(table, key): keys[key] for table, key in places if table == "war_calls" and key in keys}
 
     async def deliver(self, faction_id: int, changes: Sequence[ChangeReceived]) -> None:
         self.delivered.append((faction_id, [c.data["old"]["id"] for c in changes]))

@@ -15,7 +15,7 @@ from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.factions import ANON_KEY, FACTION
 from tests.helpers.sse_client import open_sse
-from tests.helpers.waits import eventually
+from tests.helpers.waits import eventually, eventually_holds
 
 pytestmark = pytest.mark.e2e
 
@@ -26,6 +26,10 @@ async def start(nursery: trio.Nursery, make_config: Callable[..., Config], toml:
         subscribed = await http.post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
         assert subscribed.status_code == 200
     return relay
+
+
+async def war_calls_are(relay: RunningRelay, rows: list[dict[str, int]]) -> bool:
+    return (await relay.store.faction_state(FACTION)).tables["war_calls"] == rows
 
 
 async def test_state_then_events_since_its_cursor_miss_nothing_and_double_nothing(
@@ -39,7 +43,7 @@ async def test_state_then_events_since_its_cursor_miss_nothing_and_double_nothin
         fake_upstream.insert("war_calls", first)
         fake_upstream.insert("war_calls", second)
         fake_upstream.delete("war_calls", 1)
-        await eventually(lambda: relay.store.faction_state(FACTION).tables["war_calls"] == [second])
+        await eventually_holds(lambda: war_calls_are(relay, [second]))
     async with httpx.AsyncClient(base_url=relay.url) as http:
         response = await http.get("/state", params={"faction_id": FACTION})
         assert response.status_code == 200
@@ -55,9 +59,7 @@ async def test_state_then_events_since_its_cursor_miss_nothing_and_double_nothin
         assert (await http.get("/events", params=since_state)).json()["events"] == []
         fake_upstream.update("war_calls", 2, {"target_id": 9})
         with trio.fail_after(10):
-            await eventually(
-                lambda: relay.store.faction_state(FACTION).tables["war_calls"][0]["target_id"] == 9
-            )
+            await eventually_holds(lambda: war_calls_are(relay, [{**second, "target_id": 9}]))
         body = (await http.get("/events", params=since_state)).json()
         assert [event["data"]["eventType"] for event in body["events"]] == ["UPDATE"]
         assert body["events"][0]["data"]["old"] == second

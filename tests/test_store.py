@@ -644,7 +644,7 @@ async def test_key_only_old_records_are_completed_from_the_stored_row(tmp_path: 
             )
             assert update.data()["old"] == call
             assert delete.data()["old"] == moved  # today's script reads old.target_id
-            assert store.faction_state(FACTION).tables == {"war_calls": []}
+            assert (await store.faction_state(FACTION)).tables == {"war_calls": []}
             # A full old record (REPLICA IDENTITY FULL) is served as it came.
             await store.append_events(FACTION, [war_call("INSERT", call, {})])
             (full,) = await store.append_events(FACTION, [war_call("DELETE", {}, {**call, "extra": 1})])
@@ -658,16 +658,17 @@ async def test_faction_state_survives_a_restart_and_routes_keys_to_factions(tmp_
             await store.append_events(FACTION, [war_call("INSERT", {"id": 1, "t": "a"}, {})])
             await store.append_events(OTHER, [war_call("INSERT", {"id": 2, "t": "b"}, {})])
             await store.append_events(FACTION, [("hospital_update", {"id": 9})])  # not a row change
-            state = store.faction_state(FACTION)
+            state = await store.faction_state(FACTION)
             assert state.tables == {"war_calls": [{"id": 1, "t": "a"}]}
             assert state.timestamp == store.cursor()
         async with open_state_store(tmp_path, clock) as store:
-            assert store.faction_state(OTHER).tables == {"war_calls": [{"id": 2, "t": "b"}]}
-            assert (store.row_owner("war_calls", 1), store.row_owner("war_calls", 2)) == (FACTION, OTHER)
-            assert store.row_owner("war_calls", "1") is None  # the text "1" is another key
+            assert (await store.faction_state(OTHER)).tables == {"war_calls": [{"id": 2, "t": "b"}]}
+            places = [("war_calls", row_key(1)), ("war_calls", row_key(2)), ("war_calls", row_key("1"))]
+            # The text "1" is another key than the number 1.
+            assert await store.row_owners(places) == {places[0]: FACTION, places[1]: OTHER}
             (delete,) = await store.append_events(OTHER, [war_call("DELETE", {}, {"id": 2})])
             assert delete.data()["old"] == {"id": 2, "t": "b"}
-            assert store.row_owner("war_calls", 2) is None
+            assert await store.row_owners([("war_calls", row_key(2))]) == {}
 
 
 async def test_reconcile_emits_the_differences_and_leaves_live_keys_alone(tmp_path: Path) -> None:
@@ -695,7 +696,7 @@ async def test_reconcile_emits_the_differences_and_leaves_live_keys_alone(tmp_pa
             # The live INSERT of row 5, committed before the read but delivered after it, adds nothing.
             assert await store.append_events(FACTION, [war_call("INSERT", {"id": 5, "v": "new"}, {})]) == []
             assert {e.data()["commit_timestamp"] for e in events} == {"2026-11-24T20:00:00.000Z"}
-            assert store.faction_state(FACTION).tables["war_calls"] == [
+            assert (await store.faction_state(FACTION)).tables["war_calls"] == [
                 {"id": 2, "v": "new"},
                 {"id": 3, "v": "old"},
                 {"id": 4, "v": "old"},  # changed live during the read: the live row stands
@@ -739,9 +740,9 @@ async def test_a_delete_that_arrives_twice_or_before_an_older_change_wins(tmp_pa
             late_update = war_call("UPDATE", {**row, "target_id": 9}, {"id": 7}, at(2))
             again = war_call("DELETE", {}, {"id": 7}, at(3))
             assert await store.append_events(FACTION, [late_update, again]) == []
-            assert store.faction_state(FACTION).tables["war_calls"] == []
+            assert (await store.faction_state(FACTION)).tables["war_calls"] == []
             await store.append_events(FACTION, [war_call("INSERT", row, {}, at(4))])
-            assert store.faction_state(FACTION).tables["war_calls"] == [row]
+            assert (await store.faction_state(FACTION)).tables["war_calls"] == [row]
             served = [event.data()["eventType"] for event in (await store.read_since(FACTION, None))[0]]
             assert served == ["INSERT", "DELETE", "INSERT"]
 
@@ -798,17 +799,17 @@ async def test_a_cancelled_reconcile_stops_after_the_chunk_being_written(tmp_pat
                     await clock.wait_until_holding()
                     scope.cancel()
                     await trio.testing.wait_all_tasks_blocked()  # the caller waits for the chunk
-                    assert store.faction_state(FACTION).tables["war_calls"] == []
+                    assert (await store.faction_state(FACTION)).tables["war_calls"] == []
             assert scope.cancelled_caught
             assert stored_counts(tmp_path) == (CHUNK, CHUNK, 1)
             first = in_key_order(snapshot)[:CHUNK]
-            assert store.faction_state(FACTION).tables["war_calls"] == first
+            assert (await store.faction_state(FACTION)).tables["war_calls"] == first
             assert store.cursor() == START_MS + CHUNK - 1  # the chunk's last stamp, published
             rest = await store.reconcile(FACTION, "war_calls", snapshot, skip=[], commit_timestamp="t")
             assert len(rest) == LARGE - CHUNK
             assert {event.data()["eventType"] for event in rest} == {"INSERT"}
         async with open_state_store(tmp_path, clock) as store:
-            assert store.faction_state(FACTION).tables["war_calls"] == in_key_order(snapshot)
+            assert (await store.faction_state(FACTION)).tables["war_calls"] == in_key_order(snapshot)
             assert stored_counts(tmp_path) == (LARGE, LARGE, 1)
 
 
@@ -827,11 +828,11 @@ async def test_a_storage_fault_in_a_later_chunk_keeps_the_chunks_committed(tmp_p
             with pytest.raises(StoreError, match="poison refused"):
                 await store.reconcile(FACTION, "war_calls", snapshot, skip=[], commit_timestamp="t")
             assert stored_counts(tmp_path) == (CHUNK, CHUNK, 1)
-            assert len(store.faction_state(FACTION).tables["war_calls"]) == CHUNK
+            assert len((await store.faction_state(FACTION)).tables["war_calls"]) == CHUNK
             query(tmp_path, "DROP TRIGGER refuse_poison")
             rest = await store.reconcile(FACTION, "war_calls", snapshot, skip=[], commit_timestamp="t")
             assert len(rest) == LARGE - CHUNK
-            assert store.faction_state(FACTION).tables["war_calls"] == in_key_order(snapshot)
+            assert (await store.faction_state(FACTION)).tables["war_calls"] == in_key_order(snapshot)
 
 
 async def test_an_append_waits_for_a_whole_reconcile_so_a_later_live_change_stands(tmp_path: Path) -> None:
@@ -858,7 +859,7 @@ async def test_an_append_waits_for_a_whole_reconcile_so_a_later_live_change_stan
                     nursery.start_soon(append)
                     await trio.testing.wait_all_tasks_blocked()
             assert appended[0].timestamp == store.cursor() == START_MS + LARGE
-            assert store.faction_state(FACTION).tables["war_calls"][-1] == {**last, "v": "live"}
+            assert (await store.faction_state(FACTION)).tables["war_calls"][-1] == {**last, "v": "live"}
 
 
 async def test_closing_waits_only_briefly_for_a_reader_in_the_database(tmp_path: Path) -> None:

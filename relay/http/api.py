@@ -114,7 +114,7 @@ def create_app(services: Services) -> RelayApp:
         faction_id = parse_faction_id(request.args.get("faction_id"))
         await factions.admit(faction_id)
         services.traffic.seen(faction_id, request.remote_addr or UNKNOWN_ADDRESS, trio.current_time())
-        current = store.faction_state(faction_id)
+        current = await store.faction_state(faction_id)
         return json_response(
             {
                 "faction_id": faction_id,

@@ -4,7 +4,7 @@ text is not strict JSON (an operator's `sqlite3`, a disk fault, a bad restore).
 Such a row is skipped, never served and never fatal: one WARNING names its id and faction (never its
 content, which may be large or a member's data), and a counter goes to `/metrics`. The row stays in the
 database for the operator to look at; retention trims a quarantined event like any other, and a
-quarantined faction row is missing from memory, so the next reconcile stores the upstream row again.
+quarantined faction row is taken as missing, so the next reconcile stores the upstream row over it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Faction state: each faction's current rows per table, as the change events leave them.
 
-Pure data and functions, no I/O: the store keeps a `FactionRows` in memory, persists what changes in
-the same transaction as the events that change it, and applies changes in commit order.
+Pure data and functions, no I/O: the store keeps the rows in the database only (`faction_rows`: a
+row can be a megabyte, and a faction can hold thousands), reads them through a `Lookup` while it plans
+a commit in its write thread, and writes what changes in the same transaction as the events that
+change it.
 
 Why it exists: with Postgres's default replica identity an UPDATE's or DELETE's `old` carries only
 the primary key, while today's userscript recognises an uncall by `old.target_id`; and Realtime
@@ -11,7 +13,7 @@ never replays what it did not deliver, so the relay compares its rows with a sna
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,39 +37,6 @@ class RowChange:
 
 
 Lookup = Callable[[int, str, RowKey], Row | None]
-
-
-class FactionRows:
-    """Rows by faction, table and key, and which faction holds a (table, key): the route for a
-    DELETE that arrives without its faction."""
-
-    def __init__(self, stored: Iterable[tuple[int, str, RowKey, Row]] = ()) -> None:
-        self._rows: dict[tuple[int, str], dict[RowKey, Row]] = {}
-        self._owners: dict[tuple[str, RowKey], int] = {}
-        for faction_id, table, key, row in stored:
-            self.apply(RowChange(faction_id, table, key, row))
-
-    def get(self, faction_id: int, table: str, key: RowKey) -> Row | None:
-        return self._rows.get((faction_id, table), {}).get(key)
-
-    def owner(self, table: str, key: RowKey) -> int | None:
-        return self._owners.get((table, key))
-
-    def rows(self, faction_id: int, table: str) -> dict[RowKey, Row]:
-        return self._rows.get((faction_id, table), {})
-
-    def count(self) -> int:
-        return len(self._owners)
-
-    def apply(self, change: RowChange) -> None:
-        rows = self._rows.setdefault((change.faction_id, change.table), {})
-        if change.row is None:
-            rows.pop(change.key, None)
-            if self._owners.get((change.table, change.key)) == change.faction_id:
-                del self._owners[(change.table, change.key)]
-        else:
-            rows[change.key] = change.row
-            self._owners[(change.table, change.key)] = change.faction_id
 
 
 def complete_change(

@@ -38,7 +38,7 @@ from relay.storage.retained import (
     readable_events,
 )
 from relay.storage.retained import StoredEvent as StoredEvent  # a result type of the API, named here
-from relay.storage.state import FactionRows, Row, RowChange, RowKey, diff, row_key
+from relay.storage.state import Lookup, Row, RowChange, RowKey, diff, row_key
 from relay.storage.subscriptions import Subscription as Subscription  # a result type of the API, named here
 from relay.storage.subscriptions import Subscriptions, load_subscriptions
 
@@ -92,7 +92,6 @@ class _Loaded:
     subscriptions: list[Subscription]
     retained: RetainedEvents
     high_water: int
-    rows: FactionRows
     quarantined: QuarantineCounts
 
 
@@ -187,7 +186,6 @@ class Store:
         self._subscriptions = Subscriptions(database, loaded.subscriptions, now_ms, monotonic_s)
         self._retained = loaded.retained
         self._key_columns = dict(key_columns)
-        self._rows = loaded.rows
         self._quarantined = loaded.quarantined
         self._tombstones = Tombstones()
         self._pending_appends: list[_Pending] = []
@@ -263,19 +261,49 @@ class Store:
         """Whether events after `since` are no longer retained: the answer is not the whole story."""
         return self._retained.missed_since(faction_id, since)
 
-    def faction_state(self, faction_id: int) -> FactionState:
-        """The faction's rows per tracked table, consistent with the cursor that comes with them: every
-        event not reflected in them is stamped above it."""
-        tables = {
-            table: [rows[key] for key in sorted(rows)]
-            for table in self._key_columns
-            for rows in [self._rows.rows(faction_id, table)]
-        }
-        return FactionState(self._visible, tables)
+    async def faction_state(self, faction_id: int) -> FactionState:
+        """The faction's rows per tracked table, in key order, consistent with the cursor that comes
+        with them: every event reflected in them is stamped at or below it, every other one above.
 
-    def row_owner(self, table: str, key_value: Any) -> int | None:
-        """The faction whose stored rows hold this row: where a key-only DELETE belongs."""
-        return self._rows.owner(table, row_key(key_value))
+        Read in one transaction from the database, where the rows are kept (never in memory). The
+        cursor is the clock as that transaction sees it, so it may be a moment ahead of `cursor()`;
+        `read_since` never hands a member back a cursor below the one it brings.
+        """
+        tables = list(self._key_columns)
+        unreadable: list[UnreadableRow] = []
+
+        def read(conn: sqlite3.Connection) -> tuple[int, dict[str, list[Row]]]:
+            conn.execute("BEGIN")
+            try:
+                (cursor,) = conn.execute("SELECT high_water FROM relay_clock WHERE id = 1").fetchone()
+                found: dict[str, list[Row]] = {table: [] for table in tables}
+                for table in tables:
+                    found[table] = list(_table_rows(conn, faction_id, table, unreadable).values())
+            finally:
+                conn.execute("COMMIT")
+            return cursor, found
+
+        cursor, found = await self._database.read(read)
+        quarantine_rows(unreadable, self._quarantined)
+        return FactionState(cursor, found)
+
+    async def row_owners(self, places: Sequence[tuple[str, RowKey]]) -> dict[tuple[str, RowKey], int]:
+        """The faction whose stored rows hold each (table, key): where a key-only DELETE belongs."""
+        if not places:
+            return {}
+
+        def read(conn: sqlite3.Connection) -> dict[tuple[str, RowKey], int]:
+            owners = {}
+            for table, key in places:
+                found = conn.execute(
+                    "SELECT faction_id FROM faction_rows WHERE table_name = ? AND row_key = ? LIMIT 1",
+                    (table, key),
+                ).fetchone()
+                if found is not None:
+                    owners[(table, key)] = found[0]
+            return owners
+
+        return await self._database.read(read)
 
     async def advance_clock(self, since: int) -> None:
         """Lamport's rule: after this returns, every later event is stamped above `since`."""
@@ -383,11 +411,9 @@ class Store:
                 continue
             appends = list(itertools.takewhile(lambda pending: pending.snapshot is None, batch))
             del batch[: len(appends)]
-            plan = plan_batch(
-                [Append(pending.faction_id, pending.items) for pending in appends],
-                self._rows.get,
-                self._tombstones,
-                self._key_columns,
+            requests = [Append(pending.faction_id, pending.items) for pending in appends]
+            plan = functools.partial(
+                _plan_appends, requests, tombstones=self._tombstones, key_columns=self._key_columns
             )
             fault = await self._commit(plan, appends)
             for pending in appends:
@@ -397,31 +423,39 @@ class Store:
     async def _commit_reconcile(self, pending: _Pending) -> None:
         """Store a snapshot's differences a chunk at a time, until done, a fault, or a stop.
 
-        Planned against the rows as they are now, chunk by chunk (the keys are disjoint, and no
-        append is committed in between), so the chunks committed are exactly a prefix of one diff.
+        Compared with the rows as the database holds them when the first chunk is planned, and
+        planned chunk by chunk (the keys are disjoint, and no append is committed in between), so the
+        chunks committed are exactly a prefix of one diff.
         """
         snapshot = pending.snapshot
         assert snapshot is not None
-        current = dict(self._rows.rows(pending.faction_id, snapshot.table))
-        changes = diff(
-            snapshot.table,
-            current,
-            snapshot.rows,
-            skip=snapshot.skip,
-            commit_timestamp=snapshot.commit_timestamp,
-        )
         key_column = self._key_columns[snapshot.table]
+        changes: Iterator[dict[str, Any]] | None = None
         finished = False
-        while not (finished or pending.stop_asked or self._closing):
+
+        def next_chunk(rows: Lookup, conn: sqlite3.Connection, unreadable: list[UnreadableRow]) -> Plan:
+            nonlocal changes, finished
+            if changes is None:
+                current = _table_rows(conn, pending.faction_id, snapshot.table, unreadable)
+                changes = diff(
+                    snapshot.table,
+                    current,
+                    snapshot.rows,
+                    skip=snapshot.skip,
+                    commit_timestamp=snapshot.commit_timestamp,
+                )
             plan, finished = plan_chunk(
                 pending.faction_id,
                 key_column,
                 changes,
-                self._rows.get,
+                rows,
                 max_events=RECONCILE_CHUNK_EVENTS,
                 max_bytes=RECONCILE_CHUNK_BYTES,
             )
-            pending.fault = await self._commit(plan, [pending])
+            return plan
+
+        while not (finished or pending.stop_asked or self._closing):
+            pending.fault = await self._commit(next_chunk, [pending], with_connection=True)
             if pending.fault is not None:
                 break
         if not finished and pending.fault is None:
@@ -435,15 +469,22 @@ class Store:
                 pending.fault = StoreError("the store closed during a reconcile")
         pending.done.set()
 
-    async def _commit(self, plan: Plan, sources: Sequence[_Pending]) -> StoreError | None:
-        """Stamp and insert the plan's events and apply its row changes in one transaction, then
-        publish each event to memory and to its source; the fault, if the write failed (nothing is
-        published then)."""
-        if not plan.events and not plan.row_changes:
-            return None
-        stored: list[StoredEvent] = []
+    async def _commit(
+        self, make_plan: Callable[..., Plan], sources: Sequence[_Pending], *, with_connection: bool = False
+    ) -> StoreError | None:
+        """Plan (against the faction rows the database holds), stamp and insert the plan's events and
+        apply its row changes in one transaction, then publish each event to memory and to its source;
+        the fault, if the write failed (nothing is published then).
 
-        def insert(conn: sqlite3.Connection) -> None:
+        Planned in the write thread, where the rows are: faction state is never held in memory (rows
+        reach a megabyte each), and a large batch's planning does not hold up the event loop.
+        """
+        stored: list[StoredEvent] = []
+        unreadable: list[UnreadableRow] = []
+
+        def insert(conn: sqlite3.Connection) -> Plan:
+            rows = _row_lookup(conn, unreadable)
+            plan: Plan = make_plan(rows, conn, unreadable) if with_connection else make_plan(rows)
             for planned in plan.events:
                 # Burnt on failure (never reused), which only leaves a gap.
                 self._high_water = stamp = max(self._now_ms(), self._high_water + 1)
@@ -458,19 +499,23 @@ class Store:
                     )
                 )
             _write_rows(conn, plan.row_changes)
-            conn.execute("UPDATE relay_clock SET high_water = ? WHERE id = 1", (self._high_water,))
+            if plan.events:
+                conn.execute("UPDATE relay_clock SET high_water = ? WHERE id = 1", (self._high_water,))
+            return plan
 
         # Shielded: once committed, an event must reach memory, or pollers would never see it.
         with trio.CancelScope(shield=True):
             try:
-                await self._database.write(insert)
+                plan = await self._database.write(insert)
             except StoreError as exc:
                 return exc
+            finally:
+                quarantine_rows(unreadable, self._quarantined)
+            if not plan.events and not plan.row_changes:
+                return None
             self._group_commits += 1
-            # No checkpoint between the commit returning and these lines: publishing, the rows and the
-            # cursor change in the same Trio step, before the next writer's result can be handled.
-            for change in plan.row_changes:
-                self._rows.apply(change)
+            # No checkpoint between the commit returning and these lines: publishing, the tombstones and
+            # the cursor change in the same Trio step, before the next writer's result can be handled.
             self._tombstones.remember(plan.tombstones)
             published_at = self._monotonic_s()
             for planned, event in zip(plan.events, stored, strict=True):
@@ -634,25 +679,64 @@ def _load(conn: sqlite3.Connection, retention: RetentionConfig) -> _Loaded:
         " (SELECT coalesce(max(timestamp), 0) FROM events))"
     ).fetchone()
     quarantined = QuarantineCounts()
-    rows = FactionRows(_readable_rows(conn, quarantined))
     retained = load_retained(conn, retention, quarantined)
-    return _Loaded(load_subscriptions(conn), retained, high_water, rows, quarantined)
+    return _Loaded(load_subscriptions(conn), retained, high_water, quarantined)
 
 
-def _readable_rows(
-    conn: sqlite3.Connection, quarantined: QuarantineCounts
-) -> Iterator[tuple[int, str, RowKey, Row]]:
-    """Faction rows as stored; one that cannot be read back is left out of memory, so the next
-    reconcile finds the upstream row missing and stores it again."""
-    for faction_id, table, key, raw in conn.execute(
-        "SELECT faction_id, table_name, row_key, CAST(row AS BLOB) FROM faction_rows"
-    ):
-        try:
-            row = parse_json(raw)
-            if not isinstance(row, dict):
-                raise Unreadable(f"not an object: {type(row).__name__}")
-        except Unreadable as reason:
-            quarantined.faction_rows += 1
+def _plan_appends(
+    requests: Sequence[Append], rows: Lookup, *, tombstones: Tombstones, key_columns: Mapping[str, str]
+) -> Plan:
+    return plan_batch(requests, rows, tombstones, key_columns)
+
+
+UnreadableRow = tuple[int, str, RowKey, Unreadable]  # a faction row that cannot be read back, and why
+
+
+def quarantine_rows(unreadable: Iterable[UnreadableRow], quarantined: QuarantineCounts) -> None:
+    """Count and log each unreadable faction row once. Treated as missing where it was read, so the
+    next reconcile finds the upstream row missing and stores it again over it."""
+    for faction_id, table, key, reason in unreadable:
+        if quarantined.note_faction_row(faction_id, table, key):
             log_quarantined("faction row", f"{table}/{key}", faction_id, reason)
-            continue
-        yield faction_id, table, key, row
+
+
+def _parsed_row(
+    faction_id: int, table: str, key: RowKey, raw: object, unreadable: list[UnreadableRow]
+) -> Row | None:
+    try:
+        row = parse_json(raw)
+        if not isinstance(row, dict):
+            raise Unreadable(f"not an object: {type(row).__name__}")
+    except Unreadable as reason:
+        unreadable.append((faction_id, table, key, reason))
+        return None
+    return row
+
+
+def _row_lookup(conn: sqlite3.Connection, unreadable: list[UnreadableRow]) -> Lookup:
+    """The faction rows as the database holds them, one by its key (the primary key), read as BLOBs."""
+
+    def lookup(faction_id: int, table: str, key: RowKey) -> Row | None:
+        found = conn.execute(
+            "SELECT CAST(row AS BLOB) FROM faction_rows WHERE faction_id = ? AND table_name = ? AND row_key = ?",
+            (faction_id, table, key),
+        ).fetchone()
+        return None if found is None else _parsed_row(faction_id, table, key, found[0], unreadable)
+
+    return lookup
+
+
+def _table_rows(
+    conn: sqlite3.Connection, faction_id: int, table: str, unreadable: list[UnreadableRow]
+) -> dict[RowKey, Row]:
+    """One faction's rows of one table, in key order (the text order of their keys as JSON)."""
+    rows = {}
+    for key, raw in conn.execute(
+        "SELECT row_key, CAST(row AS BLOB) FROM faction_rows WHERE faction_id = ? AND table_name = ?"
+        " ORDER BY row_key",
+        (faction_id, table),
+    ):
+        row = _parsed_row(faction_id, table, key, raw, unreadable)
+        if row is not None:
+            rows[key] = row
+    return rows

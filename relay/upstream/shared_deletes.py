@@ -17,7 +17,6 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import trio
 
@@ -30,7 +29,8 @@ log = logging.getLogger(__name__)
 PARK_S = 5.0
 PARKED_MAX = 10_000  # a flood of foreign DELETEs costs bounded memory
 
-Owner = Callable[[str, Any], int | None]
+# (table, key) pairs -> the faction holding each row, for those some faction holds.
+Owners = Callable[[Sequence[tuple[str, RowKey]]], Awaitable[Mapping[tuple[str, RowKey], int]]]
 Deliver = Callable[[int, Sequence[ChangeReceived]], Awaitable[object]]
 
 
@@ -55,7 +55,7 @@ class DeleteRouter:
     def __init__(
         self,
         key_columns: Mapping[str, str],
-        owner: Owner,
+        owners: Owners,
         deliver: Deliver,
         *,
         filter_columns: Mapping[str, frozenset[str]] | None = None,
@@ -64,7 +64,7 @@ class DeleteRouter:
         # A DELETE whose old record holds every column the faction channels filter on (REPLICA
         # IDENTITY FULL) reaches its faction's own channel, in order with that row's other changes.
         self._filter_columns = dict(filter_columns or {})
-        self._owner = owner
+        self._owners = owners
         self._deliver = deliver
         self._parked: OrderedDict[tuple[str, RowKey], tuple[float, ChangeReceived]] = OrderedDict()
         self._routed = 0
@@ -75,14 +75,18 @@ class DeleteRouter:
         routed: dict[int, list[ChangeReceived]] = {}
         now = trio.current_time()
         self._expire(now)
+        routable = []
         for change in changes:
             key = self._key(change.table, change.data.get("old"))
             filtered_on = self._filter_columns.get(change.table)
             if key is None or (filtered_on and filtered_on <= change.data["old"].keys()):
                 continue
-            owner = self._owner(change.table, change.data["old"][self._keys[change.table]])
+            routable.append(((change.table, key), change))
+        owners = await self._owners([place for place, _ in routable])
+        for (table, key), change in routable:
+            owner = owners.get((table, key))
             if owner is None:
-                self._parked[(change.table, key)] = (now + PARK_S, change)
+                self._parked[(table, key)] = (now + PARK_S, change)
                 while len(self._parked) > PARKED_MAX:
                     self._parked.popitem(last=False)
                     self._dropped += 1

@@ -27,3 +27,10 @@ async def eventually_async(
         if condition():
             return
         await trio.sleep(pause_s)
+
+
+async def eventually_holds(condition: Callable[[], Awaitable[object]], step_s: float = 0.01) -> None:
+    """`eventually` for a condition that must await what it looks at (the store's faction state, read
+    from the database)."""
+    while not await condition():  # noqa: ASYNC110 - as in `eventually`
+        await trio.sleep(step_s)
