@@ -81,10 +81,14 @@ async def test_sigterm_exits_0_within_5_s_with_a_thousand_held_members_half_not_
                     fake_upstream.insert("war_calls", big_call(call_id))
 
                 found: list[Any] = []
+                since = [cursor]
 
-                async def poll() -> None:
-                    answer = await http.get("/events", params={"faction_id": FACTION, "since": cursor})
-                    found[:] = answer.json()["events"]
+                async def poll() -> None:  # a page at a time: 1 MB is more than one answer carries
+                    answer = (
+                        await http.get("/events", params={"faction_id": FACTION, "since": since[0]})
+                    ).json()
+                    found.extend(answer["events"])
+                    since[0] = answer["timestamp"]
 
                 await eventually_async(poll, lambda: len(found) == BIG_CALLS)
                 relay.process.send_signal(signal.SIGTERM)

@@ -32,6 +32,12 @@ from relay.upstream.snapshot import Snapshot, SnapshotError
 
 log = logging.getLogger(__name__)
 
+# Snapshots read and compared at once, relay-wide. A snapshot is a faction's whole table in memory
+# (rows reach a megabyte each), and after a restart every faction reconciles at once: bounded, the
+# memory is a few tables' worth however many factions there are. The store compares one at a time
+# anyway; reading the next while one is compared keeps REST and the store both busy.
+SNAPSHOTS_AT_ONCE = 2
+
 # (table, filter, key column) -> the rows upstream holds now.
 ReadSnapshot = Callable[[str, str, str], Awaitable[Snapshot]]
 # (faction, table, rows, keys to leave alone, commit_timestamp) -> how many differences were stored.
@@ -74,8 +80,10 @@ class Reconciler:
         interval_s: float,
         backoff: Backoff,
         wall_clock_ms: Callable[[], int],
+        snapshots: trio.CapacityLimiter | None = None,
     ) -> None:
         self.faction_id = faction_id
+        self._snapshots = snapshots or trio.CapacityLimiter(SNAPSHOTS_AT_ONCE)
         self._channels = list(channels)
         self._keys = {channel.table: channel.key for channel in channels}
         self._read = read
@@ -125,21 +133,8 @@ class Reconciler:
         """Read every table, store the differences; returns how many there were."""
         differences = 0
         for channel in self._channels:
-            live_keys: set[Any] = set()
-            entry = (channel.table, live_keys)
-            self._reading.append(entry)
-            read_at = self._wall_clock_ms()
-            try:
-                snapshot = await self._read(channel.table, channel.filter_for(self.faction_id), channel.key)
-            except SnapshotError as exc:
-                self._rest_requests += exc.requests  # what the operator's quota pays for, failed or not
-                raise
-            finally:
-                self._reading.remove(entry)
-            self._rest_requests += snapshot.requests
-            differences += await self._apply(
-                self.faction_id, channel.table, snapshot.rows, frozenset(live_keys), commit_timestamp(read_at)
-            )
+            async with self._snapshots:
+                differences += await self._reconcile_table(channel)
         self._reconciles += 1
         self._last_at = self._wall_clock_ms()
         self._last_differences = differences
@@ -147,6 +142,23 @@ class Reconciler:
         if differences:
             log.info("%r: %d difference(s) to upstream stored as resync events", self, differences)
         return differences
+
+    async def _reconcile_table(self, channel: ChannelConfig) -> int:
+        live_keys: set[Any] = set()
+        entry = (channel.table, live_keys)
+        self._reading.append(entry)
+        read_at = self._wall_clock_ms()
+        try:
+            snapshot = await self._read(channel.table, channel.filter_for(self.faction_id), channel.key)
+        except SnapshotError as exc:
+            self._rest_requests += exc.requests  # what the operator's quota pays for, failed or not
+            raise
+        finally:
+            self._reading.remove(entry)
+        self._rest_requests += snapshot.requests
+        return await self._apply(
+            self.faction_id, channel.table, snapshot.rows, frozenset(live_keys), commit_timestamp(read_at)
+        )
 
     def statistics(self) -> ReconcileStatistics:
         return ReconcileStatistics(
@@ -174,6 +186,7 @@ class Reconciling:
         self._interval_s = interval_s
         self._backoff_s = (backoff_initial_s, backoff_max_s)
         self._wall_clock_ms = wall_clock_ms
+        self._snapshots = trio.CapacityLimiter(SNAPSHOTS_AT_ONCE)  # shared by every faction's reconciler
 
     def for_faction(self, faction_id: int) -> Reconciler:
         reconciler = Reconciler(
@@ -184,6 +197,7 @@ class Reconciling:
             interval_s=self._interval_s,
             backoff=Backoff(*self._backoff_s),
             wall_clock_ms=self._wall_clock_ms,
+            snapshots=self._snapshots,
         )
         self._ingest.watch_live_changes(faction_id, reconciler)
         return reconciler
