@@ -47,7 +47,7 @@ QUICK_FACTIONS = 20
 class Result:
     plan: Plan
     outcome: Outcome
-    settled: Memory  # /proc/PID/smaps_rollup once the load is over
+    settled: Memory  # /proc/PID/smaps_rollup once the load and the checks are over
     warnings: list[str]
 
 
@@ -99,10 +99,11 @@ def render(result: Result, command: str) -> str:
         f"{len(outcome.newest_missing)}; relay WARNING/ERROR lines: {len(result.warnings)}",
         "",
         f"## Budget {RSS_BUDGET_BYTES / MIB:.0f} MiB: peak {outcome.peak_rss / MIB:,.0f} MiB, "
-        f"settled {result.settled.rss / MIB:,.0f} MiB ({verdict})",
+        f"settled {outcome.phases[-1].ended_rss / MIB:,.0f} MiB ({verdict})",
         "",
-        f"Settled: RSS {result.settled.rss / MIB:,.1f} MiB, PSS {result.settled.pss / MIB:,.1f} MiB, "
-        f"USS {result.settled.uss / MIB:,.1f} MiB, {result.settled.threads} threads, once the load was over.",
+        f"At the end: RSS {result.settled.rss / MIB:,.1f} MiB, PSS {result.settled.pss / MIB:,.1f} MiB, "
+        f"USS {result.settled.uss / MIB:,.1f} MiB, threads {result.settled.threads}, after the settled phase "
+        "and the checks.",
         "",
         "| phase | s | RSS at start MiB | RSS peak MiB | RSS at end MiB | relay CPU s | load + fake upstream CPU s |",
         "|---|---|---|---|---|---|---|",

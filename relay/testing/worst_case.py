@@ -30,8 +30,9 @@ from relay.testing.fake_supabase import FakeSupabase
 MIB = 1024 * 1024
 # The stated budget: with every default, the relay's RSS stays under this however hard it is driven.
 RSS_BUDGET_BYTES = 256 * MIB
-# Supabase Realtime drops a change whose payload is over 1 MiB; the row leaves 8 KiB of it for the
-# change's envelope (columns, commit time, table), so the largest row the relay can be sent.
+# Supabase Realtime caps a change's payload at 1 MiB (relay/upstream/connection.py's MAX_FRAME_BYTES
+# leaves room above it); the row leaves 8 KiB of it to the change's envelope (columns, commit time,
+# table): about the largest row the relay can be sent.
 UPSTREAM_ROW_BYTES = MIB - 8 * 1024
 PUBLISHED_TYPE = "faction_members_update"
 UPSTREAM_TABLE = "faction_messages"
@@ -40,7 +41,8 @@ REQUESTS_IN_FLIGHT = 16  # factions publishing at once: enough to keep the relay
 SAMPLE_EVERY_S = 0.1
 STATUS_EVERY_S = 1.0  # /status costs 10 requests of the control address's 20/s
 HTTP_TIMEOUT_S = 60.0
-SETTLE_S = 3.0
+SETTLE_BYTES = MIB
+SETTLE_MAX_S = 20.0
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 MAX_RETRIES = 5
 
@@ -183,7 +185,7 @@ def members_body(faction_id: int, sequence: int, size: int, api_key: str) -> byt
 
 @functools.cache
 def members_json(size: int) -> str:
-    """The members of a body of `size` bytes, built once: JSON of this size takes a tenth of a second."""
+    """The members of a body of `size` bytes, built once: encoding them takes ~80 ms, per body too long."""
     members = [
         {
             "id": 1_000_000 + n,
@@ -225,11 +227,23 @@ class Driver:
             self.sampler.begin("cold reads")
             await self.cold_reads()
             self.sampler.begin("settled")
-            await trio.sleep(SETTLE_S)
+            await self.settle()
             self.sampler.close()
             await checked(control.get("/ping"))
             await self.check_newest()
         return self.outcome
+
+    async def settle(self) -> None:
+        """Nothing asked until the RSS moves by less than SETTLE_BYTES in a second (what the reads held
+        is let go only as their connections close), for at most SETTLE_MAX_S."""
+        with trio.move_on_after(SETTLE_MAX_S):
+            previous = rss_bytes(self.sampler.pid)
+            while True:
+                await trio.sleep(1.0)
+                current = rss_bytes(self.sampler.pid)
+                if abs(current - previous) < SETTLE_BYTES:
+                    return
+                previous = current
 
     async def each_faction(self, work: Callable[[int, int, httpx.AsyncClient], Awaitable[None]]) -> None:
         """`work(index, faction_id, its client)` for every faction, REQUESTS_IN_FLIGHT at a time."""
