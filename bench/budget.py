@@ -90,12 +90,13 @@ def render(result: Result, command: str) -> str:
         f"`retention.bytes_per_faction` {retention.bytes_per_faction:,}, "
         f"`retention.memory_bytes_per_faction` {retention.memory_bytes_per_faction:,}, "
         f"`retention.memory_bytes` {retention.memory_bytes:,}",
-        f"- Load: {plan.factions} factions, each {plan.publishes_per_faction} publishes of {plan.body_bytes:,} bytes "
+        f"- Load: {plan.factions} factions, each {plan.publishes_per_faction} publishes (and one more after the "
+        f"load, which the check reads) of {plan.body_bytes:,} bytes "
         f"({outcome.published_bytes / MIB:,.0f} MiB); {outcome.rows_inserted} upstream rows of "
         f"{plan.row_bytes:,} bytes ({plan.rows_per_faction} per faction); {outcome.polls} polls from before "
         f"the flood and {plan.state_readers} `/state` reads at once ({outcome.served_bytes / MIB:,.0f} MiB "
         f"served; {outcome.dropped} connections closed by the relay unanswered, asked again)",
-        f"- Checks: `/ping` answered at the end; factions whose newest publish was not served: "
+        f"- Checks: `/ping` answered after the load; factions whose publish after the load was not served: "
         f"{len(outcome.newest_missing)}; relay WARNING/ERROR lines: {len(result.warnings)}",
         "",
         f"## Budget {RSS_BUDGET_BYTES / MIB:.0f} MiB: peak {outcome.peak_rss / MIB:,.0f} MiB, "

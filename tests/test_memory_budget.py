@@ -19,6 +19,7 @@ from relay.testing.fake_supabase import FakeSupabase
 from relay.testing.worst_case import (
     MIB,
     RSS_BUDGET_BYTES,
+    Phase,
     RssSampler,
     default_plan,
     drive_worst_case,
@@ -35,15 +36,17 @@ pytestmark = pytest.mark.e2e
 TEST_BOUND_S = 600.0
 
 
-def phases_table(sampler: RssSampler) -> str:
-    lines = [f"relay RSS: peak {sampler.peak / MIB:.0f} MiB, budget {RSS_BUDGET_BYTES / MIB:.0f} MiB"]
-    lines += [
+def phase_line(phase: Phase) -> str:
+    return (
         f"  {phase.name:<14} start {phase.started_rss / MIB:6.0f} MiB  peak {phase.peak_rss / MIB:6.0f} MiB"
         f"  end {phase.ended_rss / MIB:6.0f} MiB  {phase.seconds:5.1f} s  relay CPU {phase.relay_cpu_s:5.1f} s"
         f"  test CPU {phase.driver_cpu_s:5.1f} s"
-        for phase in sampler.phases
-    ]
-    return "\n".join(lines)
+    )
+
+
+def phases_table(sampler: RssSampler) -> str:
+    title = f"relay RSS: peak {sampler.peak / MIB:.0f} MiB, budget {RSS_BUDGET_BYTES / MIB:.0f} MiB"
+    return "\n".join([title, *map(phase_line, sampler.phases)])
 
 
 async def test_the_defaults_hold_the_worst_legitimate_load_under_the_rss_budget(
@@ -55,7 +58,7 @@ async def test_the_defaults_hold_the_worst_legitimate_load_under_the_rss_budget(
     plan = default_plan()
     with trio.fail_after(TEST_BOUND_S):
         async with relay_process(config, env) as relay:
-            sampler = RssSampler(relay.process.pid, on_phase=lambda phase: print(phase, flush=True))
+            sampler = RssSampler(relay.process.pid, on_phase=lambda phase: print(phase_line(phase)))
             outcome = await drive_worst_case(
                 relay.url, fake_upstream, ANON_KEY, plan, sampler, stop_above_bytes=RSS_BUDGET_BYTES
             )
