@@ -29,13 +29,12 @@ from bench.report import machine_lines
 from bench.upstream import ANON_KEY
 from relay.config import LimitsConfig, PublishConfig, RetentionConfig
 from relay.testing.fake_supabase import FakeSupabase
+from relay.testing.rss import Phase, RssSampler
 from relay.testing.worst_case import (
     MIB,
     RSS_BUDGET_BYTES,
     Outcome,
-    Phase,
     Plan,
-    RssSampler,
     default_plan,
     drive_worst_case,
 )

@@ -16,11 +16,10 @@ import pytest
 import trio
 
 from relay.testing.fake_supabase import FakeSupabase
+from relay.testing.rss import Phase, RssSampler
 from relay.testing.worst_case import (
     MIB,
     RSS_BUDGET_BYTES,
-    Phase,
-    RssSampler,
     default_plan,
     drive_worst_case,
 )

@@ -14,11 +14,8 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,6 +23,7 @@ import trio
 
 from relay.config import LimitsConfig, PublishConfig, RetentionConfig
 from relay.testing.fake_supabase import FakeSupabase
+from relay.testing.rss import Phase, RssSampler, rss_bytes
 
 MIB = 1024 * 1024
 # The stated budget: with every default, the relay's RSS stays under this however hard it is driven.
@@ -38,12 +36,10 @@ PUBLISHED_TYPE = "faction_members_update"
 UPSTREAM_TABLE = "faction_messages"
 FIRST_FACTION = 50_001
 REQUESTS_IN_FLIGHT = 16  # factions publishing at once: enough to keep the relay's core busy
-SAMPLE_EVERY_S = 0.1
 STATUS_EVERY_S = 1.0  # /status costs 10 requests of the control address's 20/s
 HTTP_TIMEOUT_S = 60.0
 SETTLE_BYTES = MIB
 SETTLE_MAX_S = 20.0
-CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 MAX_RETRIES = 5
 
 
@@ -71,84 +67,6 @@ def default_plan() -> Plan:
         rows_per_faction=math.ceil(retention.bytes_per_faction / UPSTREAM_ROW_BYTES),
         row_bytes=UPSTREAM_ROW_BYTES,
     )
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of every thread of `pid` so far (fields 14 and 15 of /proc/<pid>/stat)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ", fields start at 3 (state)
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
-
-
-@dataclass
-class Phase:
-    name: str
-    started_rss: int
-    peak_rss: int
-    ended_rss: int = 0
-    seconds: float = 0.0
-    relay_cpu_s: float = 0.0
-    driver_cpu_s: float = 0.0  # this process's: the load, and the fake upstream when it runs here
-
-
-@dataclass
-class RssSampler:
-    """The relay's RSS every SAMPLE_EVERY_S, its peak charged to the phase under way; each phase's
-    time and CPU. `on_phase` hears each phase as it ends (a bench prints progress with it)."""
-
-    pid: int
-    on_phase: Callable[[Phase], None] = lambda phase: None
-    phases: list[Phase] = field(default_factory=list)
-    stopped_above: int | None = None  # the load was stopped once the RSS passed this
-    _started: tuple[float, float, float] = (0.0, 0.0, 0.0)
-
-    def begin(self, name: str) -> None:
-        self.close()
-        self.phases.append(Phase(name, rss_bytes(self.pid), rss_bytes(self.pid)))
-        self._started = (trio.current_time(), cpu_seconds(self.pid), time.process_time())
-
-    def close(self) -> None:
-        """End the phase under way, if one is."""
-        if not self.phases or self.phases[-1].seconds:
-            return
-        phase, (started_at, relay_cpu, driver_cpu) = self.phases[-1], self._started
-        phase.ended_rss = rss_bytes(self.pid)
-        phase.peak_rss = max(phase.peak_rss, phase.ended_rss)
-        phase.seconds = trio.current_time() - started_at
-        phase.relay_cpu_s = cpu_seconds(self.pid) - relay_cpu
-        phase.driver_cpu_s = time.process_time() - driver_cpu
-        self.on_phase(phase)
-
-    @property
-    def peak(self) -> int:
-        return max((phase.peak_rss for phase in self.phases), default=0)
-
-    def sample(self) -> None:
-        if self.phases:
-            self.phases[-1].peak_rss = max(self.phases[-1].peak_rss, rss_bytes(self.pid))
-
-    async def run(
-        self,
-        stop_above_bytes: int | None,
-        load: trio.CancelScope,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Sample until cancelled; cancel `load` once the RSS is over `stop_above_bytes`, if given."""
-        task_status.started()
-        while True:
-            self.sample()
-            if stop_above_bytes is not None and self.peak > stop_above_bytes:
-                self.stopped_above = stop_above_bytes
-                load.cancel()
-            await trio.sleep(SAMPLE_EVERY_S)
 
 
 @dataclass
@@ -214,27 +132,33 @@ class Driver:
         self.newest: dict[int, tuple[int, int]] = {}  # faction -> its last publish's (id, timestamp)
 
     async def run(self) -> Outcome:
+        """Each phase in turn, unless the sampler has seen the RSS over its limit (the load then stops
+        between requests, never inside one, and the checks after it are not made)."""
         async with client(self.url, "127.0.0.1") as control:
-            self.sampler.begin("started")
-            await checked(control.get("/ping"))
-            self.sampler.begin("subscribed")
-            await self.subscribe()
-            await self.wait_status(control, lambda f: live(f) and f["reconcile"]["reconciles"] >= 1)
-            self.sampler.begin("published")
-            await self.publish(self.plan.publishes_per_faction)
-            self.sampler.begin("upstream rows")
-            await self.insert_rows(control)
-            self.sampler.begin("cold reads")
-            await self.cold_reads()
-            self.sampler.begin("settled")
-            await self.settle()
+            phases: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+                ("started", functools.partial(ping, control)),
+                ("subscribed", functools.partial(self.subscribe, control)),
+                ("published", functools.partial(self.publish, self.plan.publishes_per_faction)),
+                ("upstream rows", functools.partial(self.insert_rows, control)),
+                ("cold reads", self.cold_reads),
+                ("settled", self.settle),
+            ]
+            for name, phase in phases:
+                if self.stopping:
+                    return self.outcome
+                self.sampler.begin(name)
+                await phase()
             self.sampler.close()
-            await checked(control.get("/ping"))
+            await ping(control)
             # One more publish each, then the check that it is served: the rows alone overfill
             # `retention.bytes_per_faction`, so the flood's publishes may rightly be gone by now.
             await self.publish(1, first=self.plan.publishes_per_faction)
             await self.check_newest()
         return self.outcome
+
+    @property
+    def stopping(self) -> bool:
+        return self.sampler.stopped_above is not None
 
     async def settle(self) -> None:
         """Nothing asked until the RSS moves by less than SETTLE_BYTES in a second (what the reads held
@@ -254,13 +178,15 @@ class Driver:
 
         async def one(index: int, faction_id: int) -> None:
             async with limiter, client(self.url, faction_address(index)) as http:
+                if self.stopping:
+                    return
                 await work(index, faction_id, http)
 
         async with trio.open_nursery() as nursery:
             for index, faction_id in enumerate(self.factions):
                 nursery.start_soon(one, index, faction_id)
 
-    async def subscribe(self) -> None:
+    async def subscribe(self, control: httpx.AsyncClient) -> None:
         cursors: list[int] = []
 
         async def one(index: int, faction_id: int, http: httpx.AsyncClient) -> None:
@@ -269,6 +195,7 @@ class Driver:
 
         await self.each_faction(one)
         self.before_flood = max(cursors)
+        await self.wait_status(control, lambda f: live(f) and f["reconcile"]["reconciles"] >= 1)
 
     async def publish(self, publishes: int, first: int = 0) -> None:
         """`publishes` bodies for each faction, numbered from `first`; each faction's last one kept."""
@@ -276,6 +203,8 @@ class Driver:
 
         async def one(index: int, faction_id: int, http: httpx.AsyncClient) -> None:
             for sequence in range(first, first + publishes):
+                if self.stopping:
+                    return
                 body = members_body(faction_id, sequence, plan.body_bytes, self.api_key)
                 headers = {"Content-Type": "application/json"}
                 answer = await checked(http.post("/events", content=body, headers=headers))
@@ -287,11 +216,11 @@ class Driver:
     async def insert_rows(self, control: httpx.AsyncClient) -> None:
         """Rows through the upstream as live changes, then every socket dropped, so that each faction
         reconnects and reconciles: its rows read back through the fake's REST."""
-        stored_before = {f["faction_id"]: sum(f["events_per_minute"]) for f in await read_status(control)}
-        reconciles = {f["faction_id"]: f["reconcile"]["reconciles"] for f in await read_status(control)}
-        text = "m" * (
-            self.plan.row_bytes - 200
-        )  # one string shared by every row: the fake's memory stays small
+        before = await read_status(control)
+        stored_before = {f["faction_id"]: sum(f["events_per_minute"]) for f in before}
+        reconciles = {f["faction_id"]: f["reconcile"]["reconciles"] for f in before}
+        # One string shared by every row (the fake copies rows, not strings): the fake stays small.
+        text = "m" * (self.plan.row_bytes - 200)
         for index, faction_id in enumerate(self.factions):
             for n in range(self.plan.rows_per_faction):
                 row = {"id": 1_000 * index + n + 1, "faction_id": faction_id, "message": text}
@@ -329,9 +258,8 @@ class Driver:
         """A member back after the flood: one poll from `before_flood`, answered from the database."""
         async with client(self.url, member_address(index)) as http:
             response = await self.get(http, "/events", {"faction_id": faction_id, "since": self.before_flood})
-            checked_status(
-                response
-            )  # not parsed: answers of megabytes would make this process the bottleneck
+            # Not parsed: answers of megabytes would make this process the bottleneck.
+            checked_status(response)
             self.outcome.polls += 1
             self.outcome.served_bytes += len(response.content)
 
@@ -356,10 +284,14 @@ class Driver:
     async def wait_status(self, control: httpx.AsyncClient, ready: Callable[[dict[str, Any]], bool]) -> None:
         """/status every STATUS_EVERY_S until every faction of the plan is `ready` (callers bound it)."""
         wanted = set(self.factions)
-        while True:
+        while not self.stopping:
             if wanted <= {f["faction_id"] for f in await read_status(control) if ready(f)}:
                 return
             await trio.sleep(STATUS_EVERY_S)
+
+
+async def ping(control: httpx.AsyncClient) -> None:
+    await checked(control.get("/ping"))
 
 
 def live(faction: dict[str, Any]) -> bool:
@@ -406,7 +338,7 @@ async def drive_worst_case(
     a shared machine gigabytes). The caller keeps `sampler`, whose phases say how far the load got."""
     driver = Driver(url, fake, api_key, plan, sampler)
     async with trio.open_nursery() as nursery:
-        await nursery.start(sampler.run, stop_above_bytes, nursery.cancel_scope)
+        await nursery.start(sampler.run, stop_above_bytes)
         await driver.run()
         nursery.cancel_scope.cancel()
     sampler.close()
