@@ -68,6 +68,9 @@ class RetainedEvents:
         retained = self._events.get(faction_id)
         return retained[-1].timestamp if retained else None
 
+    def mark_lost(self, faction_id: int, cursor: int) -> None:
+        self._dropped_up_to[faction_id] = max(self._dropped_up_to.get(faction_id, 0), cursor)
+
     def missed_since(self, faction_id: int, since: int | None) -> bool:
         return since is not None and since < self._dropped_up_to.get(faction_id, 0)
 
