@@ -1,5 +1,12 @@
 """One upstream connection's life: open, join, heartbeat, read, hand changes on, end with a typed error.
 
+Reading and delivering are two tasks: the reader never waits for the store, so a heartbeat reply is
+seen as soon as it arrives, whatever the flood in front of it; it puts changes in a bounded backlog,
+and the deliverer hands everything waiting there on as one batch (one commit), so a faster flood makes
+bigger batches rather than a longer queue. When the backlog is full the oldest changes are dropped,
+and the owner is told (`ConnectionHooks.on_dropped`), then told again once the backlog is empty
+(`on_caught_up`): what was dropped is gone from the socket for good, and only a reconcile repairs it.
+
 Retrying is the supervisor's job: `run_connection` returns only by raising an `UpstreamError` (or
 being cancelled). trio-websocket, which is on life-support maintenance, is used only here, so
 replacing it touches this file alone.
@@ -12,6 +19,7 @@ import logging
 import math
 import ssl
 import urllib.parse
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,6 +61,13 @@ CLOSE_TIMEOUT_S = 1.0
 CLOSE_NOTICE_S = 0.05
 # Postgres change payloads are capped at 1 MiB by Supabase; allow headroom for the envelope.
 MAX_FRAME_BYTES = 4 * 1024 * 1024
+# The backlog between reader and deliverer. The store commits ~8,700 batched changes/s
+# (bench/RESULTS-ingest.md), so 10,000 changes is about a second of work: a burst that size is kept
+# whole, while a flood the store cannot keep up with is cut after a second rather than growing without
+# bound. A war call's frame is under 1 KiB, so 10,000 of them take under 10 MiB; the byte bound is
+# for the unusual large row (up to 1 MiB each, above), and keeps 150 factions under ~2.4 GiB at worst.
+MAX_BUFFERED_CHANGES = 10_000
+MAX_BUFFERED_BYTES = 16 * 1024 * 1024
 
 Deliver = Callable[[Sequence[ChangeReceived]], Awaitable[None]]
 
@@ -63,15 +78,29 @@ class ConnectionSettings:
     api_key: str
     heartbeat_interval_s: float
     connect_timeout_s: float
+    max_buffered_changes: int = MAX_BUFFERED_CHANGES
+    max_buffered_bytes: int = MAX_BUFFERED_BYTES
+
+
+def _ignore_drops(count: int) -> None:
+    del count
+
+
+def _ignore_catch_up() -> None:
+    pass
 
 
 @dataclass(slots=True)
 class ConnectionHooks:
-    """What a connection tells its owner; `deliver` is awaited before the next frame is read."""
+    """What a connection tells its owner. `deliver` gets the changes in order, one batch at a time,
+    while the reader goes on; `on_dropped(n)` says the n oldest changes waiting were dropped (the
+    backlog was full), and `on_caught_up` that the backlog is empty again after a drop."""
 
     deliver: Deliver
     on_live: Callable[[], None]
     on_ignored: Callable[[ChangeIgnored], None]
+    on_dropped: Callable[[int], None] = _ignore_drops
+    on_caught_up: Callable[[], None] = _ignore_catch_up
 
 
 async def run_connection(
@@ -88,7 +117,7 @@ async def run_connection(
                 async with trio.open_nursery() as ws_nursery:
                     ws = await _handshake(ws_nursery, stream, target, settings.connect_timeout_s)
                     try:
-                        await _converse(ws, session, hooks, settings.heartbeat_interval_s, ending)
+                        await _converse(ws, session, hooks, settings, ending)
                     finally:
                         await _close_politely(ws)
                     ws_nursery.cancel_scope.cancel()
@@ -149,18 +178,21 @@ async def _converse(
     ws: trio_websocket.WebSocketConnection,
     session: Session,
     hooks: ConnectionHooks,
-    heartbeat_interval_s: float,
+    settings: ConnectionSettings,
     ending: list[UpstreamError],
 ) -> None:
     for frame in session.join_frames():
         await ws.send_message(frame)
     acks = _HeartbeatAcks()
+    backlog = Backlog(settings.max_buffered_changes, settings.max_buffered_bytes)
     async with trio.open_nursery() as nursery:
         # Each task records how the connection ended and cancels the others, so the error leaves as
-        # itself rather than wrapped in an ExceptionGroup.
+        # itself rather than wrapped in an ExceptionGroup (DeliveryFailed, not an UpstreamError,
+        # leaves the nursery and is unwrapped by `run_connection`).
         for work in (
-            _read(ws, session, hooks, acks),
-            _heartbeat(ws, session, acks, heartbeat_interval_s),
+            _read(ws, session, hooks, acks, backlog),
+            _deliver_batches(backlog, hooks),
+            _heartbeat(ws, session, acks, settings.heartbeat_interval_s),
             _live_deadline(session),
         ):
             nursery.start_soon(_until_ended, ending, nursery.cancel_scope, work)
@@ -197,22 +229,79 @@ class _HeartbeatAcks:
         return self.answered
 
 
+class Backlog:
+    """Changes read and not yet delivered, in order, bounded by count and by bytes: a change that
+    does not fit pushes the oldest out (the newest rows are the ones members need; the reconcile
+    repairs the rest). Bytes are the frames' lengths, the memory that matters under a flood."""
+
+    def __init__(self, max_changes: int, max_bytes: int) -> None:
+        self._max_changes = max_changes
+        self._max_bytes = max_bytes
+        self._items: deque[tuple[ChangeReceived, int]] = deque()
+        self._bytes = 0
+        self._waiting = trio.Event()
+        self.dropped_since_empty = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, change: ChangeReceived, size: int) -> int:
+        """Keep `change`; returns how many of the oldest changes were dropped to make room."""
+        self._items.append((change, size))
+        self._bytes += size
+        dropped = 0
+        # The newest change stays even alone over the byte bound: a frame is already capped.
+        while len(self._items) > 1 and (
+            len(self._items) > self._max_changes or self._bytes > self._max_bytes
+        ):
+            _, old_size = self._items.popleft()
+            self._bytes -= old_size
+            dropped += 1
+        self.dropped_since_empty += dropped
+        self._waiting.set()
+        return dropped
+
+    async def take_all(self) -> list[ChangeReceived]:
+        """Everything waiting, oldest first, once there is something."""
+        while not self._items:
+            await self._waiting.wait()
+            self._waiting = trio.Event()
+        taken = [change for change, _ in self._items]
+        self._items.clear()
+        self._bytes = 0
+        return taken
+
+
 async def _read(
-    ws: trio_websocket.WebSocketConnection, session: Session, hooks: ConnectionHooks, acks: _HeartbeatAcks
+    ws: trio_websocket.WebSocketConnection,
+    session: Session,
+    hooks: ConnectionHooks,
+    acks: _HeartbeatAcks,
+    backlog: Backlog,
 ) -> None:
+    """Frames, as fast as they come: this task never waits for anything but the socket."""
     while True:
-        changes = []
-        for outcome in session.receive(await ws.get_message()):
+        message = await ws.get_message()
+        outcomes = session.receive(message)
+        for outcome in outcomes:
             if isinstance(outcome, ChangeReceived):
-                changes.append(outcome)
+                if dropped := backlog.put(outcome, len(message) // len(outcomes)):
+                    hooks.on_dropped(dropped)
             elif isinstance(outcome, ChangeIgnored):
                 hooks.on_ignored(outcome)
             elif isinstance(outcome, AllChannelsLive):
                 hooks.on_live()
             elif isinstance(outcome, HeartbeatAcknowledged):
                 acks.answered.set()
-        if changes:
-            await hooks.deliver(changes)
+
+
+async def _deliver_batches(backlog: Backlog, hooks: ConnectionHooks) -> None:
+    """Everything waiting, as one batch, while the reader goes on filling the backlog."""
+    while True:
+        await hooks.deliver(await backlog.take_all())
+        if not backlog and backlog.dropped_since_empty:
+            backlog.dropped_since_empty = 0
+            hooks.on_caught_up()
 
 
 async def _heartbeat(
