@@ -5,7 +5,7 @@ seen as soon as it arrives, whatever the flood in front of it; it puts changes i
 and the deliverer hands everything waiting there on as one batch (one commit), so a faster flood makes
 bigger batches rather than a longer queue. When the backlog is full the oldest changes are dropped,
 and the owner is told (`ConnectionHooks.on_dropped`), then told again once the backlog is empty
-(`on_caught_up`): what was dropped is gone from the socket for good, and only a reconcile repairs it.
+for `FLOOD_OVER_AFTER_S` (`on_caught_up`): what was dropped is gone from the socket for good, and only a reconcile repairs it.
 
 Retrying is the supervisor's job: `run_connection` returns only by raising an `UpstreamError` (or
 being cancelled). trio-websocket, which is on life-support maintenance, is used only here, so
@@ -61,12 +61,21 @@ CLOSE_TIMEOUT_S = 1.0
 CLOSE_NOTICE_S = 0.05
 # Postgres change payloads are capped at 1 MiB by Supabase; allow headroom for the envelope.
 MAX_FRAME_BYTES = 4 * 1024 * 1024
+# trio-websocket's defaults (a 4 KiB read, one parsed message at a time) cost two task switches per
+# frame, and a flood of small frames was read at ~1,600/s: read 64 KiB at a time and let its parser
+# run ahead of `_read` by a read's worth of ~700-byte change frames. `_read` never waits for anything
+# but this queue, so it stays near empty; at worst it holds 128 frames outside the backlog's bounds.
+RECEIVE_BUFFER_BYTES = 64 * 1024
+MESSAGE_QUEUE_SIZE = 128
 # The backlog between reader and deliverer. The store commits ~8,700 batched changes/s
 # (bench/RESULTS-ingest.md), so 10,000 changes is about a second of work: a burst that size is kept
 # whole, while a flood the store cannot keep up with is cut after a second rather than growing without
 # bound. A war call's frame is under 1 KiB, so 10,000 of them take under 10 MiB; the byte bound is
 # for the unusual large row (up to 1 MiB each, above), and keeps 150 factions under ~2.4 GiB at worst.
 MAX_BUFFERED_CHANGES = 10_000
+# A flood is over once the backlog has stayed empty this long: the pause between two bursts, or the
+# reader waiting on the socket for a moment, is still the same flood (one WARNING, one reconcile).
+FLOOD_OVER_AFTER_S = 1.0
 MAX_BUFFERED_BYTES = 16 * 1024 * 1024
 
 Deliver = Callable[[Sequence[ChangeReceived]], Awaitable[None]]
@@ -90,17 +99,23 @@ def _ignore_catch_up() -> None:
     pass
 
 
+def _ignore_round_trip(seconds: float) -> None:
+    del seconds
+
+
 @dataclass(slots=True)
 class ConnectionHooks:
     """What a connection tells its owner. `deliver` gets the changes in order, one batch at a time,
     while the reader goes on; `on_dropped(n)` says the n oldest changes waiting were dropped (the
-    backlog was full), and `on_caught_up` that the backlog is empty again after a drop."""
+    backlog was full), `on_caught_up` that the backlog stayed empty for a while after a drop, and
+    `on_heartbeat(s)` how long the latest heartbeat took to be answered."""
 
     deliver: Deliver
     on_live: Callable[[], None]
     on_ignored: Callable[[ChangeIgnored], None]
     on_dropped: Callable[[int], None] = _ignore_drops
     on_caught_up: Callable[[], None] = _ignore_catch_up
+    on_heartbeat: Callable[[float], None] = _ignore_round_trip
 
 
 async def run_connection(
@@ -168,7 +183,13 @@ async def _handshake(
         # The upgrade gets the connect timeout again, as realtime-js gives the join its own.
         with trio.fail_after(timeout_s):
             return await trio_websocket.wrap_client_stream(
-                nursery, stream, host, resource, max_message_size=MAX_FRAME_BYTES
+                nursery,
+                stream,
+                host,
+                resource,
+                max_message_size=MAX_FRAME_BYTES,
+                message_queue_size=MESSAGE_QUEUE_SIZE,
+                receive_buffer_size=RECEIVE_BUFFER_BYTES,
             )
     except trio.TooSlowError:
         raise ConnectTimeout(f"no WebSocket upgrade within {timeout_s:g} s") from None
@@ -192,7 +213,7 @@ async def _converse(
         for work in (
             _read(ws, session, hooks, acks, backlog),
             _deliver_batches(backlog, hooks),
-            _heartbeat(ws, session, acks, settings.heartbeat_interval_s),
+            _heartbeat(ws, session, acks, settings.heartbeat_interval_s, hooks.on_heartbeat),
             _live_deadline(session),
         ):
             nursery.start_soon(_until_ended, ending, nursery.cancel_scope, work)
@@ -261,11 +282,14 @@ class Backlog:
         self._waiting.set()
         return dropped
 
-    async def take_all(self) -> list[ChangeReceived]:
-        """Everything waiting, oldest first, once there is something."""
+    async def wait_for_changes(self) -> None:
         while not self._items:
             await self._waiting.wait()
             self._waiting = trio.Event()
+
+    async def take_all(self) -> list[ChangeReceived]:
+        """Everything waiting, oldest first, once there is something."""
+        await self.wait_for_changes()
         taken = [change for change, _ in self._items]
         self._items.clear()
         self._bytes = 0
@@ -298,14 +322,21 @@ async def _read(
 async def _deliver_batches(backlog: Backlog, hooks: ConnectionHooks) -> None:
     """Everything waiting, as one batch, while the reader goes on filling the backlog."""
     while True:
+        if backlog.dropped_since_empty:
+            with trio.move_on_after(FLOOD_OVER_AFTER_S):
+                await backlog.wait_for_changes()
+            if not backlog:
+                backlog.dropped_since_empty = 0
+                hooks.on_caught_up()
         await hooks.deliver(await backlog.take_all())
-        if not backlog and backlog.dropped_since_empty:
-            backlog.dropped_since_empty = 0
-            hooks.on_caught_up()
 
 
 async def _heartbeat(
-    ws: trio_websocket.WebSocketConnection, session: Session, acks: _HeartbeatAcks, interval_s: float
+    ws: trio_websocket.WebSocketConnection,
+    session: Session,
+    acks: _HeartbeatAcks,
+    interval_s: float,
+    on_round_trip: Callable[[float], None],
 ) -> None:
     """A heartbeat every interval; a reply missing for a whole interval means the socket is dead.
 
@@ -320,6 +351,7 @@ async def _heartbeat(
             await answered.wait()
         if not answered.is_set():
             raise HeartbeatTimeout(f"no heartbeat reply within {interval_s:g} s")
+        on_round_trip(trio.current_time() - sent_at)
         await trio.sleep_until(sent_at + interval_s)
 
 

@@ -103,6 +103,7 @@ class UpstreamStatistics:
     changes_ignored: int
     reconcile: ReconcileStatistics | None = None
     changes_dropped: int = 0  # the oldest changes of a flood the relay could not keep
+    heartbeat_round_trip_s: float | None = None  # the latest heartbeat's, on this connection
 
 
 class UpstreamSupervisor:
@@ -144,6 +145,7 @@ class UpstreamSupervisor:
         self._ignored = 0
         self._dropped = 0
         self._flood: _Flood | None = None  # from the first change dropped until the backlog is empty
+        self._round_trip_s: float | None = None
 
     def __repr__(self) -> str:
         return self._name
@@ -200,6 +202,7 @@ class UpstreamSupervisor:
             on_ignored=self._on_ignored,
             on_dropped=self._on_dropped,
             on_caught_up=self._on_caught_up,
+            on_heartbeat=self._on_heartbeat,
         )
         specs = self._specs
         await self._pacer.wait_turn(len(specs))
@@ -219,6 +222,7 @@ class UpstreamSupervisor:
             self._backoff.reset()
         self._live_since = None
         self._connected_since = None
+        self._round_trip_s = None
         self._reconnects += 1
         self._last_error = f"{type(error).__name__}: {error}"
         auth = isinstance(error, UpstreamError) and error.auth
@@ -243,6 +247,9 @@ class UpstreamSupervisor:
         self._connected_since = self._wall_clock_ms()
         self._set_state(UpstreamState.CONNECTED)
         self._connection_live()
+
+    def _on_heartbeat(self, round_trip_s: float) -> None:
+        self._round_trip_s = round_trip_s
 
     def _on_dropped(self, count: int) -> None:
         """One WARNING per flood, not one per change; the summary comes when it is over."""
@@ -299,6 +306,7 @@ class UpstreamSupervisor:
             changes_received=self._received,
             changes_ignored=self._ignored,
             changes_dropped=self._dropped,
+            heartbeat_round_trip_s=self._round_trip_s,
         )
 
 
