@@ -156,7 +156,6 @@ class EventsEndpoint:
         services = self._services
         store, hub, held, limits = services.store, services.hub, services.held, services.config.limits
         faction_id, since, wait_s = await self._admit(scope, args, args.get("wait"))
-        truncated = store.missed_since(faction_id, since)
         found, cursor = store.read_since(faction_id, since)
         kind = PollKind.LONG_POLL if wait_s > 0 else PollKind.POLL
         if not found and wait_s > 0 and not hub.stopping.is_set():
@@ -169,6 +168,8 @@ class EventsEndpoint:
                         services.http.polled(kind, PollOutcome.HUNG_UP)
                         return  # nobody is left to answer
                     found, cursor = store.read_since(faction_id, since)
+        # After the wait, with the read: what was trimmed, or lost upstream (a flood), meanwhile counts.
+        truncated = store.missed_since(faction_id, since)
         advice = next_poll_ms(store, held, faction_id)
         headers, body = self._answers.poll(faction_id, found, cursor, advice, truncated=truncated)
         await send({"type": "http.response.start", "status": 200, "headers": headers})
