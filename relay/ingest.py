@@ -70,7 +70,10 @@ class Ingest:
         self._traffic.upstream_changed(faction_id, trio.current_time())
         watcher = self._watchers.get(faction_id)
         if watcher is not None:
-            for change in changes:  # before the await: a change waiting for its commit counts too
+            # Before the await: a change waiting for its commit counts too. The faction's own socket
+            # told its reconciler already, as each change was read; a DELETE routed here from the
+            # shared socket is news to it.
+            for change in changes:
                 watcher.note_live_change(change.table, change.data)
         losses = self._losses.get(faction_id, 0)
         try:

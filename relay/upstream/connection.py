@@ -3,9 +3,10 @@
 Reading and delivering are two tasks: the reader never waits for the store, so a heartbeat reply is
 seen as soon as it arrives, whatever the flood in front of it; it puts changes in a bounded backlog,
 and the deliverer hands everything waiting there on as one batch (one commit), so a faster flood makes
-bigger batches rather than a longer queue. When the backlog is full the oldest changes are dropped,
-and the owner is told (`ConnectionHooks.on_dropped`), then told again once the backlog is empty
-for `FLOOD_OVER_AFTER_S` (`on_caught_up`): what was dropped is gone from the socket for good, and only a reconcile repairs it.
+bigger batches rather than a longer queue. When the backlog is full the oldest changes are dropped
+and the owner is told (`ConnectionHooks.on_dropped`), then told again once the backlog has stayed
+empty for `FLOOD_OVER_AFTER_S` (`on_caught_up`): what was dropped is gone from the socket for good,
+and only a reconcile repairs it.
 
 Retrying is the supervisor's job: `run_connection` returns only by raising an `UpstreamError` (or
 being cancelled). trio-websocket, which is on life-support maintenance, is used only here, so
@@ -61,10 +62,10 @@ CLOSE_TIMEOUT_S = 1.0
 CLOSE_NOTICE_S = 0.05
 # Postgres change payloads are capped at 1 MiB by Supabase; allow headroom for the envelope.
 MAX_FRAME_BYTES = 4 * 1024 * 1024
-# trio-websocket's defaults (a 4 KiB read, one parsed message at a time) cost two task switches per
-# frame, and a flood of small frames was read at ~1,600/s: read 64 KiB at a time and let its parser
-# run ahead of `_read` by a read's worth of ~700-byte change frames. `_read` never waits for anything
-# but this queue, so it stays near empty; at worst it holds 128 frames outside the backlog's bounds.
+# trio-websocket's defaults read 4 KiB (five or six ~800-byte change frames) and parse one message
+# ahead of `_read`: under a flood, read 64 KiB at a time and let its parser run a read's worth ahead.
+# `_read` never waits for anything but this queue, so it stays near empty; at worst it holds 128
+# frames outside the backlog's bounds.
 RECEIVE_BUFFER_BYTES = 64 * 1024
 MESSAGE_QUEUE_SIZE = 128
 # The backlog between reader and deliverer. The store commits ~8,700 batched changes/s
@@ -73,10 +74,10 @@ MESSAGE_QUEUE_SIZE = 128
 # bound. A war call's frame is under 1 KiB, so 10,000 of them take under 10 MiB; the byte bound is
 # for the unusual large row (up to 1 MiB each, above), and keeps 150 factions under ~2.4 GiB at worst.
 MAX_BUFFERED_CHANGES = 10_000
+MAX_BUFFERED_BYTES = 16 * 1024 * 1024
 # A flood is over once the backlog has stayed empty this long: the pause between two bursts, or the
 # reader waiting on the socket for a moment, is still the same flood (one WARNING, one reconcile).
 FLOOD_OVER_AFTER_S = 1.0
-MAX_BUFFERED_BYTES = 16 * 1024 * 1024
 
 Deliver = Callable[[Sequence[ChangeReceived]], Awaitable[None]]
 
@@ -89,6 +90,10 @@ class ConnectionSettings:
     connect_timeout_s: float
     max_buffered_changes: int = MAX_BUFFERED_CHANGES
     max_buffered_bytes: int = MAX_BUFFERED_BYTES
+
+
+def _ignore_change(change: ChangeReceived) -> None:
+    del change
 
 
 def _ignore_drops(count: int) -> None:
@@ -105,14 +110,16 @@ def _ignore_round_trip(seconds: float) -> None:
 
 @dataclass(slots=True)
 class ConnectionHooks:
-    """What a connection tells its owner. `deliver` gets the changes in order, one batch at a time,
-    while the reader goes on; `on_dropped(n)` says the n oldest changes waiting were dropped (the
+    """What a connection tells its owner. `on_read` hears of each change as soon as it is read (the
+    reconciler must know of it while a snapshot read is in flight, even if it is never stored);
+    `deliver` gets the changes in order, one batch at a time, while the reader goes on; `on_dropped(n)` says the n oldest changes waiting were dropped (the
     backlog was full), `on_caught_up` that the backlog stayed empty for a while after a drop, and
     `on_heartbeat(s)` how long the latest heartbeat took to be answered."""
 
     deliver: Deliver
     on_live: Callable[[], None]
     on_ignored: Callable[[ChangeIgnored], None]
+    on_read: Callable[[ChangeReceived], None] = _ignore_change
     on_dropped: Callable[[int], None] = _ignore_drops
     on_caught_up: Callable[[], None] = _ignore_catch_up
     on_heartbeat: Callable[[float], None] = _ignore_round_trip
@@ -309,6 +316,7 @@ async def _read(
         outcomes = session.receive(message)
         for outcome in outcomes:
             if isinstance(outcome, ChangeReceived):
+                hooks.on_read(outcome)
                 if dropped := backlog.put(outcome, len(message) // len(outcomes)):
                     hooks.on_dropped(dropped)
             elif isinstance(outcome, ChangeIgnored):

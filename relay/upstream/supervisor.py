@@ -187,6 +187,9 @@ class UpstreamSupervisor:
     def _connection_ended(self) -> None:
         """The connection ended: what `_connection_live` started stops here."""
 
+    def _on_read(self, change: ChangeReceived) -> None:
+        """A change was read from the socket (it may wait in the backlog before it is delivered)."""
+
     def _changes_lost(self) -> None:
         """Changes were dropped before they could be delivered: what a kind does about it."""
 
@@ -200,6 +203,7 @@ class UpstreamSupervisor:
             deliver=self._count_and_deliver,
             on_live=self._on_live,
             on_ignored=self._on_ignored,
+            on_read=self._on_read,
             on_dropped=self._on_dropped,
             on_caught_up=self._on_caught_up,
             on_heartbeat=self._on_heartbeat,
@@ -357,6 +361,12 @@ class FactionSupervisor(UpstreamSupervisor):
         if self._reconciling is not None:
             self._reconciling.cancel()
             self._reconciling = None
+
+    def _on_read(self, change: ChangeReceived) -> None:
+        # As soon as it is read, not when it is stored: a snapshot read that ends while the change
+        # waits in the backlog must still leave its key alone (relay.upstream.reconcile).
+        if self._reconciler is not None:
+            self._reconciler.note_live_change(change.table, change.data)
 
     def _changes_lost(self) -> None:
         if self._on_lost is not None:  # members are told `truncated` (relay.ingest.Ingest.changes_lost)
