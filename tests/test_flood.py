@@ -25,6 +25,9 @@ from relay.config import Config
 from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
 from relay.traffic import Source
+from relay.upstream.backoff import Backoff
+from relay.upstream.reconcile import Reconciler
+from relay.upstream.snapshot import Snapshot
 from relay.upstream.supervisor import Supervisors, SupervisorSettings, UpstreamState
 from tests.helpers.factions import FACTION
 from tests.helpers.flood import HeldSink, change_number, numbered_calls
@@ -120,6 +123,52 @@ async def test_a_burst_beyond_the_backlog_drops_the_oldest_counts_them_and_warns
     assert "flood" in warnings[0].getMessage()
     assert "40 change(s) dropped" in caplog.text
     assert not any(r.exc_info for r in caplog.records)
+
+
+@pytest.mark.virtual_time
+async def test_a_change_waiting_in_the_backlog_keeps_its_key_out_of_a_reconcile_in_flight(
+    fake: FakeSupabase, nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """The reconciler hears of a change when it is read, not when it is stored: a snapshot read that
+    ends while the change still waits for the (busy) store must leave its row alone."""
+    sink, release, reading = HeldSink(), trio.Event(), trio.Event()
+    skipped: list[frozenset[Any]] = []
+
+    async def read(table: str, realtime_filter: str, key: str) -> Snapshot:
+        reading.set()
+        await release.wait()
+        return Snapshot(rows=[], requests=1)
+
+    async def apply(faction_id: int, table: str, rows: Any, skip: frozenset[Any], read_at: str) -> int:
+        skipped.append(skip)
+        return 0
+
+    settings = war_calls_settings(fake.url)
+    reconciler = Reconciler(
+        A,
+        settings.channels,
+        read,
+        apply,
+        interval_s=3600.0,
+        backoff=Backoff(1.0, 60.0, random.Random(1)),
+        wall_clock_ms=lambda: 0,
+    )
+    supervisors = Supervisors(
+        settings,
+        sink.ingest,
+        rng=random.Random(4),
+        wall_clock_ms=lambda: 0,
+        reconciler_for=lambda _: reconciler,
+    )
+    with trio.fail_after(60):
+        await nursery.start(supervisors.run, [A])
+        await reading.wait()
+        fake.upsert("war_calls", numbered_calls(A, 10)(7))  # row 8
+        await eventually(lambda: sink.entered == 1)  # read, and held before the store
+        release.set()
+        await eventually(lambda: bool(skipped))
+    assert skipped == [frozenset({8})]
+    assert sink.batches == []
 
 
 # --- end to end: the real relay, its store, HTTP, the reconcile ---------------------------------

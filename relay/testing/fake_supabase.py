@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 from wsproto.events import Message
+from wsproto.utilities import LocalProtocolError
 
 from relay.testing.fake_rest import ReplayStream, RestRequest, answer, http_response, parse_head, read_head
 from relay.testing.fake_tables import (
@@ -744,7 +745,12 @@ class FakeSupabase:
         if len(frames) == 1:
             await ws.send_message(frames[0])
             return
-        data = b"".join(ws._wsproto.send(Message(data=frame)) for frame in frames)
+        if ws.closed is not None:
+            raise ConnectionClosed(ws.closed)
+        try:
+            data = b"".join(ws._wsproto.send(Message(data=frame)) for frame in frames)
+        except LocalProtocolError:  # closing: the peer's close frame arrived meanwhile
+            raise ConnectionClosed(ws.closed) from None
         async with ws._stream_lock:
             try:
                 await ws._stream.send_all(data)
