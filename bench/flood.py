@@ -13,7 +13,8 @@ Two processes, each pinned to a CPU of its own where there are two:
 Per rate, a fresh relay and database: subscribe the faction, wait for its first reconcile, flood for
 `--duration-s`, wait until every change sent is stored or counted as dropped, then (if any were
 dropped) for the reconcile the flood requests; last, the faction's stored rows are compared with the
-fake's. Heartbeats every 2 s (production: 25 s), so a reply late by more than 2 s ends the socket.
+fake's. Heartbeats every `--heartbeat-s` (25 s, the relay's default): the round trip shows how far
+the reader lags behind the socket, and a reply later than the interval ends it (a reconnect).
 Writes `bench/RESULTS-flood.md` (none with --quick).
 """
 
@@ -44,7 +45,7 @@ from relay.traffic import Source
 
 FACTION = 46001
 RATES = (1_000, 2_500, 5_000, 10_000)
-HEARTBEAT_S = 2.0
+HEARTBEAT_S = 25.0  # the relay's default (`upstream.heartbeat_interval_s`)
 SAMPLE_S = 0.1
 SETTLE_TIMEOUT_S = 60.0  # after the flood: the backlog and the socket drained, the reconcile done
 STALLED_S = 5.0  # no change stored or dropped for this long: what is missing was lost with a socket
@@ -124,11 +125,11 @@ class Result:
     errors: list[str]
 
 
-def config_for(directory: Path, url: str) -> Any:
+def config_for(directory: Path, url: str, heartbeat_s: float) -> Any:
     toml = directory / "relay.toml"
     toml.write_text(
         f'[server]\nhost = "127.0.0.1"\nport = 0\n[storage]\npath = "{directory / "relay.db"}"\n'
-        f"[upstream]\nheartbeat_interval_s = {HEARTBEAT_S}\nreconcile_interval_s = 3600.0\n"
+        f"[upstream]\nheartbeat_interval_s = {heartbeat_s}\nreconcile_interval_s = 3600.0\n"
         '[logging]\nlevel = "WARNING"\n'
     )
     return load_config(
@@ -181,13 +182,15 @@ async def ask(upstream: Upstream, command: str, timeout_s: float) -> Any:
             return json.loads(await anext(upstream.replies))
 
 
-async def measure(upstream: Upstream, rate: int, duration_s: float, keys: int, directory: Path) -> Result:
+async def measure(
+    upstream: Upstream, rate: int, duration_s: float, keys: int, heartbeat_s: float, directory: Path
+) -> Result:
     tally = LogTally()
     logging.getLogger("relay").addHandler(tally)
     try:
         async with trio.open_nursery() as nursery:
             running: RunningRelay = await nursery.start(
-                functools.partial(run_relay, config_for(directory, upstream.url))
+                functools.partial(run_relay, config_for(directory, upstream.url, heartbeat_s))
             )
             result = await flood_one(running, upstream, rate, duration_s, keys, tally)
             running.stop()
@@ -268,7 +271,9 @@ def by_id(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: row["id"])
 
 
-async def main(rates: Sequence[int], duration_s: float, keys: int, pin: bool) -> list[Result]:
+async def main(
+    rates: Sequence[int], duration_s: float, keys: int, heartbeat_s: float, pin: bool
+) -> list[Result]:
     cpus = sorted(os.sched_getaffinity(0))
     two = pin and len(cpus) >= 2
     if two:
@@ -278,7 +283,7 @@ async def main(rates: Sequence[int], duration_s: float, keys: int, pin: bool) ->
     async with open_upstream_process(arguments) as upstream:
         for rate in rates:
             with tempfile.TemporaryDirectory(prefix="bench-flood-") as directory:
-                result = await measure(upstream, rate, duration_s, keys, Path(directory))
+                result = await measure(upstream, rate, duration_s, keys, heartbeat_s, Path(directory))
             print(one_line(result), file=sys.stderr, flush=True)
             results.append(result)
     return results
@@ -296,13 +301,14 @@ def one_line(result: Result) -> str:
     )
 
 
-def render(results: Sequence[Result], command: str, keys: int) -> str:
+def render(results: Sequence[Result], command: str, keys: int, heartbeat_s: float) -> str:
     lines = ["# Flood: one faction's upstream at N changes/s", ""]
     lines += [f"- {line}" for line in machine_lines()]
     lines += [f"- Command: `{command}`", ""]
     lines += [(__doc__ or "").split("\n\n", 1)[1].strip(), ""]
     lines += [
-        f"Rows: {keys:,} keys per faction, so a flood's changes touch at most {keys:,} distinct rows.",
+        f"Rows: {keys:,} keys per faction, so a flood's changes touch at most {keys:,} distinct rows. "
+        f"Heartbeat interval: {heartbeat_s:g} s (a reply later than that ends the socket).",
         "",
         "| changes/s | sent | stored live | dropped | reconnects | heartbeat round trip max ms (samples) "
         "| resync events after | stored rows = upstream's | relay CPU % | relay CPU µs per change "
@@ -326,6 +332,7 @@ def run_cli(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rates", default=",".join(str(rate) for rate in RATES))
     parser.add_argument("--duration-s", type=float, default=20.0)
     parser.add_argument("--keys", type=int, default=2_000)
+    parser.add_argument("--heartbeat-s", type=float, default=HEARTBEAT_S)
     parser.add_argument("--no-pin", action="store_true", help="share the CPUs instead of one each")
     parser.add_argument("--quick", action="store_true", help="5,000/s for 5 s; writes nothing")
     parser.add_argument("--output", type=Path, default=Path(__file__).with_name("RESULTS-flood.md"))
@@ -338,9 +345,9 @@ def run_cli(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     rates = [5_000] if args.quick else [int(rate) for rate in args.rates.split(",")]
     duration = 5.0 if args.quick else args.duration_s
-    results = trio.run(main, rates, duration, args.keys, not args.no_pin)
+    results = trio.run(main, rates, duration, args.keys, args.heartbeat_s, not args.no_pin)
     command = " ".join([".venv/bin/python -m bench.flood", *(sys.argv[1:] if argv is None else argv)])
-    text = render(results, command, args.keys)
+    text = render(results, command, args.keys, args.heartbeat_s)
     print(text)
     if not args.quick:
         args.output.write_text(text)
