@@ -15,12 +15,17 @@ Per rate, a fresh relay and database: subscribe the faction, wait for its first 
 dropped) for the reconcile the flood requests; last, the faction's stored rows are compared with the
 fake's. Heartbeats every `--heartbeat-s` (25 s, the relay's default): the round trip shows how far
 the reader lags behind the socket, and a reply later than the interval ends it (a reconnect).
+Each rate runs with the relay's backlog (10,000 changes), then 5,000/s once more with a backlog of 50,
+small enough that the store falls behind and the oldest changes are dropped: the flood-beyond-the-
+backlog path (counted, one WARNING, the reconcile after, at most one resync event per changed row).
 Writes `bench/RESULTS-flood.md` (none with --quick).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -28,23 +33,30 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 
+import relay.service
 from bench.processes import Upstream, open_upstream_process, read_lines
 from bench.report import machine_lines
 from bench.upstream import ANON_KEY
-from relay.config import load_config
+from relay.config import Config, load_config
 from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
 from relay.traffic import Source
+from relay.upstream.connection import MAX_BUFFERED_CHANGES
+from relay.upstream.supervisor import SupervisorSettings
 
 FACTION = 46001
 RATES = (1_000, 2_500, 5_000, 10_000)
+# And once more with a backlog small enough that the store, not the reader, falls behind: the path
+# of a flood beyond the backlog (drops, `truncated`, the reconcile), measured.
+SMALL_BACKLOG_RATES = (5_000,)
+SMALL_BACKLOG = 50
 HEARTBEAT_S = 25.0  # the relay's default (`upstream.heartbeat_interval_s`)
 SAMPLE_S = 0.1
 SETTLE_TIMEOUT_S = 60.0  # after the flood: the backlog and the socket drained, the reconcile done
@@ -110,6 +122,7 @@ async def serve_upstream(cpu: int | None) -> None:
 @dataclass(frozen=True)
 class Result:
     rate: int
+    backlog: int
     sent: int
     stored_live: int
     dropped: int
@@ -182,17 +195,43 @@ async def ask(upstream: Upstream, command: str, timeout_s: float) -> Any:
             return json.loads(await anext(upstream.replies))
 
 
+@contextlib.contextmanager
+def backlog_of(changes: int) -> Iterator[None]:
+    """The relay with a backlog of `changes`: the config has no key for it (it is a constant, with its
+    reason, in relay/upstream/connection.py), so the composition root's settings are wrapped."""
+    original = relay.service.supervisor_settings
+
+    def settings(config: Config) -> SupervisorSettings:
+        built = original(config)
+        connection = dataclasses.replace(built.connection, max_buffered_changes=changes)
+        return dataclasses.replace(built, connection=connection)
+
+    relay.service.supervisor_settings = settings
+    try:
+        yield
+    finally:
+        relay.service.supervisor_settings = original
+
+
 async def measure(
-    upstream: Upstream, rate: int, duration_s: float, keys: int, heartbeat_s: float, directory: Path
+    upstream: Upstream,
+    rate: int,
+    backlog: int,
+    duration_s: float,
+    keys: int,
+    heartbeat_s: float,
+    directory: Path,
 ) -> Result:
     tally = LogTally()
     logging.getLogger("relay").addHandler(tally)
     try:
         async with trio.open_nursery() as nursery:
-            running: RunningRelay = await nursery.start(
-                functools.partial(run_relay, config_for(directory, upstream.url, heartbeat_s))
-            )
+            with backlog_of(backlog):
+                running: RunningRelay = await nursery.start(
+                    functools.partial(run_relay, config_for(directory, upstream.url, heartbeat_s))
+                )
             result = await flood_one(running, upstream, rate, duration_s, keys, tally)
+            result = dataclasses.replace(result, backlog=backlog)
             running.stop()
     finally:
         logging.getLogger("relay").removeHandler(tally)
@@ -243,6 +282,7 @@ async def flood_one(
     mine = running.store.faction_state(FACTION).tables["war_calls"]
     return Result(
         rate=rate,
+        backlog=MAX_BUFFERED_CHANGES,
         sent=sent["sent"],
         stored_live=stored(running, Source.UPSTREAM),
         dropped=stats.changes_dropped,
@@ -272,7 +312,7 @@ def by_id(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def main(
-    rates: Sequence[int], duration_s: float, keys: int, heartbeat_s: float, pin: bool
+    scenarios: Sequence[tuple[int, int]], duration_s: float, keys: int, heartbeat_s: float, pin: bool
 ) -> list[Result]:
     cpus = sorted(os.sched_getaffinity(0))
     two = pin and len(cpus) >= 2
@@ -281,9 +321,11 @@ async def main(
     arguments = ["bench.flood", "--serve-upstream", *([f"--cpu={cpus[1]}"] if two else [])]
     results = []
     async with open_upstream_process(arguments) as upstream:
-        for rate in rates:
+        for rate, backlog in scenarios:
             with tempfile.TemporaryDirectory(prefix="bench-flood-") as directory:
-                result = await measure(upstream, rate, duration_s, keys, heartbeat_s, Path(directory))
+                result = await measure(
+                    upstream, rate, backlog, duration_s, keys, heartbeat_s, Path(directory)
+                )
             print(one_line(result), file=sys.stderr, flush=True)
             results.append(result)
     return results
@@ -294,7 +336,7 @@ async def main(
 
 def one_line(result: Result) -> str:
     return (
-        f"{result.rate}/s: sent {result.sent}, stored {result.stored_live}, dropped {result.dropped}, "
+        f"{result.rate}/s, backlog {result.backlog}: sent {result.sent}, stored {result.stored_live}, dropped {result.dropped}, "
         f"reconnects {result.reconnects}, heartbeat max {result.heartbeat_max_ms} ms, "
         f"resync {result.resync_events}, state matches {result.state_matches}, cpu {result.relay_cpu_percent:.0f} %, "
         f"{result.relay_cpu_us_per_change:.0f} µs/change, load {result.load_average:.1f}"
@@ -310,16 +352,16 @@ def render(results: Sequence[Result], command: str, keys: int, heartbeat_s: floa
         f"Rows: {keys:,} keys per faction, so a flood's changes touch at most {keys:,} distinct rows. "
         f"Heartbeat interval: {heartbeat_s:g} s (a reply later than that ends the socket).",
         "",
-        "| changes/s | sent | stored live | dropped | reconnects | heartbeat round trip max ms (samples) "
+        "| changes/s | backlog | sent | stored live | dropped | reconnects | heartbeat round trip max ms (samples) "
         "| resync events after | stored rows = upstream's | relay CPU % | relay CPU µs per change "
         "| machine load (1 min) | upstream late by max ms | relay warnings |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         heartbeat = "—" if r.heartbeat_max_ms is None else f"{r.heartbeat_max_ms:,.1f}"
         warnings = "; ".join(sorted(set(r.errors)))[:300] or "none"
         lines.append(
-            f"| {r.rate:,} | {r.sent:,} | {r.stored_live:,} | {r.dropped:,} | {r.reconnects} "
+            f"| {r.rate:,} | {r.backlog:,} | {r.sent:,} | {r.stored_live:,} | {r.dropped:,} | {r.reconnects} "
             f"| {heartbeat} ({r.heartbeats_seen}) | {r.resync_events:,} | {'yes' if r.state_matches else 'NO'} "
             f"| {r.relay_cpu_percent:.0f} | {r.relay_cpu_us_per_change:,.0f} | {r.load_average:.1f} "
             f"| {r.upstream_lag_ms:,.0f} | {warnings} |"
@@ -330,6 +372,8 @@ def render(results: Sequence[Result], command: str, keys: int, heartbeat_s: floa
 def run_cli(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench.flood", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--rates", default=",".join(str(rate) for rate in RATES))
+    parser.add_argument("--small-backlog-rates", default=",".join(str(rate) for rate in SMALL_BACKLOG_RATES))
+    parser.add_argument("--small-backlog", type=int, default=SMALL_BACKLOG)
     parser.add_argument("--duration-s", type=float, default=20.0)
     parser.add_argument("--keys", type=int, default=2_000)
     parser.add_argument("--heartbeat-s", type=float, default=HEARTBEAT_S)
@@ -343,9 +387,11 @@ def run_cli(argv: Sequence[str] | None = None) -> None:
         trio.run(serve_upstream, args.cpu)
         return
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    rates = [5_000] if args.quick else [int(rate) for rate in args.rates.split(",")]
+    rates = [5_000] if args.quick else [int(rate) for rate in args.rates.split(",") if rate]
+    small = [] if args.quick else [int(r) for r in args.small_backlog_rates.split(",") if r]
+    scenarios = [(rate, MAX_BUFFERED_CHANGES) for rate in rates] + [(r, args.small_backlog) for r in small]
     duration = 5.0 if args.quick else args.duration_s
-    results = trio.run(main, rates, duration, args.keys, args.heartbeat_s, not args.no_pin)
+    results = trio.run(main, scenarios, duration, args.keys, args.heartbeat_s, not args.no_pin)
     command = " ".join([".venv/bin/python -m bench.flood", *(sys.argv[1:] if argv is None else argv)])
     text = render(results, command, args.keys, args.heartbeat_s)
     print(text)
