@@ -99,9 +99,11 @@ class Ingest:
     def changes_lost(self, faction_id: int) -> None:
         """The faction's socket dropped changes it could not keep (a flood): members behind now are
         answered `truncated` at once, and again after the next batch is stored (see `upstream`)."""
+        told = self._losses.get(faction_id, 0) > self._losses_marked.get(faction_id, 0)
         self._losses[faction_id] = self._losses.get(faction_id, 0) + 1
         self._store.note_lost(faction_id)
-        self._hub.notify(faction_id)
+        if not told:  # a flood drops a change per frame read: wake the members once, not each time
+            self._hub.notify(faction_id)
 
     def _storable(self, faction_id: int, changes: Sequence[ChangeReceived]) -> list[tuple[str, Any]]:
         """The changes as items to store, less any JSON cannot carry (NaN, nesting too deep): such a
