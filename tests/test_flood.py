@@ -258,11 +258,13 @@ async def test_a_flood_beyond_the_backlog_drops_oldest_marks_truncated_and_is_re
             await eventually(lambda: upstream_stats(flood_relay).reconcile.reconciles > reconciles_before)
             answer = (await http.get("/events", params={"faction_id": FACTION, "since": since})).json()
             state = (await http.get("/state", params={"faction_id": FACTION})).json()
+            metrics = (await http.get("/metrics")).text
             events, _ = await poll_all(http, since)
     stats = upstream_stats(flood_relay)
     dropped, kept = stats.changes_dropped, stored(flood_relay, Source.UPSTREAM)
     assert dropped > 0
     assert dropped + kept == count  # counted: none lost silently
+    assert f'cat_relay_upstream_changes_dropped_total{{faction_id="{FACTION}"}} {dropped}.0' in metrics
     live = [change_number(e["data"]) for e in events if not e["data"].get("resync")]
     assert live == sorted(live)  # in order
     assert live[-1] == count - 1  # the newest kept
