@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,7 @@ class Result:
     reconnects: int
     heartbeat_max_ms: float | None
     heartbeats_seen: int
+    stored_lag_max_ms: float
     resync_events: int
     state_matches: bool
     upstream_lag_ms: float
@@ -250,10 +252,15 @@ async def flood_one(
     reconciles_before = upstream_stats().reconcile.reconciles
     resync_before = stored(running, Source.RECONCILE)
     round_trips: list[float] = []
+    lags: list[float] = []  # from the fake's commit_timestamp to stored, newest change per sample
 
     async def sample(stop: trio.Event) -> None:
-        last = None
+        last, since = None, running.store.cursor()
         while not stop.is_set():
+            found, since = running.store.read_since(FACTION, since)
+            newest = next((e.data() for e in reversed(found) if e.type == "postgres_changes"), None)
+            if newest is not None and not newest.get("resync"):
+                lags.append(time.time() - commit_time_s(newest["commit_timestamp"]))
             seen = upstream_stats().heartbeat_round_trip_s
             if seen is not None and seen is not last:
                 round_trips.append(seen)
@@ -289,6 +296,7 @@ async def flood_one(
         reconnects=stats.reconnects,
         heartbeat_max_ms=max(round_trips) * 1000 if round_trips else None,
         heartbeats_seen=len(round_trips),
+        stored_lag_max_ms=max(lags, default=0.0) * 1000,
         resync_events=stored(running, Source.RECONCILE) - resync_before,
         state_matches=by_id(mine) == by_id(theirs),
         upstream_lag_ms=sent["max_lag_ms"],
@@ -305,6 +313,11 @@ class _NoReconcile:
 
 
 _NONE = _NoReconcile()
+
+
+def commit_time_s(stamp: str) -> float:
+    """Realtime's `commit_timestamp` (UTC, ms, `Z`), the fake's wall clock when it made the change."""
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
 def by_id(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -337,7 +350,7 @@ async def main(
 def one_line(result: Result) -> str:
     return (
         f"{result.rate}/s, backlog {result.backlog}: sent {result.sent}, stored {result.stored_live}, dropped {result.dropped}, "
-        f"reconnects {result.reconnects}, heartbeat max {result.heartbeat_max_ms} ms, "
+        f"reconnects {result.reconnects}, stored late by max {result.stored_lag_max_ms:.0f} ms, heartbeat max {result.heartbeat_max_ms} ms, "
         f"resync {result.resync_events}, state matches {result.state_matches}, cpu {result.relay_cpu_percent:.0f} %, "
         f"{result.relay_cpu_us_per_change:.0f} µs/change, load {result.load_average:.1f}"
     )
@@ -352,16 +365,18 @@ def render(results: Sequence[Result], command: str, keys: int, heartbeat_s: floa
         f"Rows: {keys:,} keys per faction, so a flood's changes touch at most {keys:,} distinct rows. "
         f"Heartbeat interval: {heartbeat_s:g} s (a reply later than that ends the socket).",
         "",
-        "| changes/s | backlog | sent | stored live | dropped | reconnects | heartbeat round trip max ms (samples) "
+        "| changes/s | backlog | sent | stored live | dropped | reconnects | change to stored max ms "
+        "| heartbeat round trip max ms (samples) "
         "| resync events after | stored rows = upstream's | relay CPU % | relay CPU µs per change "
         "| machine load (1 min) | upstream late by max ms | relay warnings |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         heartbeat = "—" if r.heartbeat_max_ms is None else f"{r.heartbeat_max_ms:,.1f}"
         warnings = "; ".join(sorted(set(r.errors)))[:300] or "none"
         lines.append(
             f"| {r.rate:,} | {r.backlog:,} | {r.sent:,} | {r.stored_live:,} | {r.dropped:,} | {r.reconnects} "
+            f"| {r.stored_lag_max_ms:,.0f} "
             f"| {heartbeat} ({r.heartbeats_seen}) | {r.resync_events:,} | {'yes' if r.state_matches else 'NO'} "
             f"| {r.relay_cpu_percent:.0f} | {r.relay_cpu_us_per_change:,.0f} | {r.load_average:.1f} "
             f"| {r.upstream_lag_ms:,.0f} | {warnings} |"
