@@ -262,7 +262,7 @@ class UpstreamSupervisor:
             self._flood = _Flood(trio.current_time())
             log.warning(
                 "%r: upstream flood: more changes than the backlog holds (%d changes, %d bytes);"
-                " dropping the oldest, members will be told to reload",
+                " dropping the oldest",
                 self,
                 self._settings.connection.max_buffered_changes,
                 self._settings.connection.max_buffered_bytes,
