@@ -69,6 +69,7 @@ $(BENCH_STAMP): $(STAMP)
 #   RESULTS-capacity.md    members per core at p99 <= 1 s: the relay's SSE against the Node relay at 1-s polls
 #   RESULTS-per-member.md  each way of delivering's cost per member against today's 3-s polling
 #   RESULTS-ingest.md      durable ingest with and without group commit
+#   RESULTS-flood.md       one faction flooded at 1,000-10,000 changes/s: kept, dropped, reconnects
 #   RESULTS-footprint.md   memory per held client and per idle faction, and start-up time
 #   RESULTS-budget.md      issue 16: the relay's RSS under the worst legitimate load at the defaults, against its budget
 #   PROFILE-sse.md         py-spy of the relay delivering to 5,000 SSE clients (short polls: in RESULTS-shortpoll.md)
@@ -79,6 +80,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.capacity
 	$(BIN)/python -m bench.delivery --kinds poll,longpoll,sse --clients 1000 --interval-s 1 --output bench/RESULTS-per-member.md
 	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.flood
 	$(BIN)/python -m bench.footprint
 	$(BIN)/python -m bench.budget
 	$(BIN)/python -m bench.delivery --kinds sse --clients 5000 --duration-s 20 --profile bench/PROFILE-sse.md

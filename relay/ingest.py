@@ -51,6 +51,9 @@ class Ingest:
         # Held weakly: a faction's reconciler lives as long as its supervisor, and a revived faction
         # gets a new one.
         self._watchers: weakref.WeakValueDictionary[int, LiveChangeWatcher] = weakref.WeakValueDictionary()
+        # Per faction: losses noted (`changes_lost`), and those already covered by a stored batch.
+        self._losses: dict[int, int] = {}
+        self._losses_marked: dict[int, int] = {}
         self._router = DeleteRouter(
             key_columns, store.row_owners, self.upstream, filter_columns=filter_columns(channels)
         )
@@ -67,8 +70,12 @@ class Ingest:
         self._traffic.upstream_changed(faction_id, trio.current_time())
         watcher = self._watchers.get(faction_id)
         if watcher is not None:
-            for change in changes:  # before the await: a change waiting for its commit counts too
+            # Before the await: a change waiting for its commit counts too. The faction's own socket
+            # told its reconciler already, as each change was read; a DELETE routed here from the
+            # shared socket is news to it.
+            for change in changes:
                 watcher.note_live_change(change.table, change.data)
+        losses = self._losses.get(faction_id, 0)
         try:
             try:
                 stored = await self._store.append_events(
@@ -79,9 +86,24 @@ class Ingest:
         except StoreError as exc:
             # The connection ends and is retried with backoff; these changes were never served.
             raise DeliveryFailed(f"{len(changes)} change(s) not stored: {exc}") from exc
+        if self._losses.get(faction_id, 0) > self._losses_marked.get(faction_id, 0):
+            # The batch read after a gap: its members must not take it for the whole story. Marked
+            # before the wake-up, so no held poll answers it without `truncated`; a loss during the
+            # write came after some of these changes, so the next batch is marked too.
+            self._store.note_lost(faction_id)
+            self._losses_marked[faction_id] = losses
         self._stored(faction_id, Source.UPSTREAM, len(stored))
         await self._router.stored(faction_id, changes)
         return stored
+
+    def changes_lost(self, faction_id: int) -> None:
+        """The faction's socket dropped changes it could not keep (a flood): members behind now are
+        answered `truncated` at once, and again after the next batch is stored (see `upstream`)."""
+        told = self._losses.get(faction_id, 0) > self._losses_marked.get(faction_id, 0)
+        self._losses[faction_id] = self._losses.get(faction_id, 0) + 1
+        self._store.note_lost(faction_id)
+        if not told:  # a flood drops a change per frame read: wake the members once, not each time
+            self._hub.notify(faction_id)
 
     def _storable(self, faction_id: int, changes: Sequence[ChangeReceived]) -> list[tuple[str, Any]]:
         """The changes as items to store, less any JSON cannot carry (NaN, nesting too deep): such a

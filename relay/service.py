@@ -203,6 +203,7 @@ def build_services(
         wall_clock_ms=wall_clock_ms,
         reconciler_for=reconciling.for_faction,
         route_shared_deletes=ingest.route_shared_deletes,
+        on_lost=ingest.changes_lost,
     )
     return Services(
         config=config,

@@ -168,7 +168,7 @@ class EventsEndpoint:
                         services.http.polled(kind, PollOutcome.HUNG_UP)
                         return  # nobody is left to answer
                     found, cursor = await store.read_since(faction_id, since)
-        # After the read: events dropped while it ran (or while held) are missed too.
+        # After the wait, with the read: what was trimmed, or lost upstream (a flood), meanwhile counts.
         truncated = store.missed_since(faction_id, since)
         advice = next_poll_ms(store, held, faction_id)
         headers, body = self._answers.poll(faction_id, found, cursor, advice, truncated=truncated)

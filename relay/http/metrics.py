@@ -90,6 +90,11 @@ class RelayCollector(Collector):
             "upstream_changes_ignored",
             "Changes dropped because their row belongs to another faction.",
         )
+        dropped = _per_faction(
+            CounterMetricFamily,
+            "upstream_changes_dropped",
+            "Changes dropped, oldest first, from a flood the relay could not keep (members told truncated).",
+        )
         reconciles = _per_faction(
             CounterMetricFamily, "reconciles", "Completed reconciles of the faction's rows with upstream."
         )
@@ -109,11 +114,22 @@ class RelayCollector(Collector):
             reconnects.add_metric([label], stats.reconnects)
             received.add_metric([label], stats.changes_received)
             ignored.add_metric([label], stats.changes_ignored)
+            dropped.add_metric([label], stats.changes_dropped)
             if stats.reconcile is not None:
                 reconciles.add_metric([label], stats.reconcile.reconciles)
                 rest_requests.add_metric([label], stats.reconcile.rest_requests)
                 failing.add_metric([label], 1 if stats.reconcile.last_error else 0)
-        yield from (state, attempts, reconnects, received, ignored, reconciles, rest_requests, failing)
+        yield from (
+            state,
+            attempts,
+            reconnects,
+            received,
+            ignored,
+            dropped,
+            reconciles,
+            rest_requests,
+            failing,
+        )
         yield from _shared_deletes(services.supervisors.shared_deletes_statistics())
         yield from _delete_routing(services.ingest.shared_deletes_statistics())
 

@@ -261,6 +261,11 @@ class Store:
         """Whether events after `since` are no longer retained: the answer is not the whole story."""
         return self._retained.missed_since(faction_id, since)
 
+    def note_lost(self, faction_id: int) -> None:
+        """Changes of the faction were lost before they could be stored: a member whose cursor is
+        before now is answered `truncated`, so it reloads /state."""
+        self._retained.mark_lost(faction_id, self._visible)
+
     async def faction_state(self, faction_id: int) -> FactionState:
         """The faction's rows per tracked table, in key order, consistent with the cursor that comes
         with them: every event reflected in them is stamped at or below it, every other one above.

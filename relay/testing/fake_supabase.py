@@ -23,6 +23,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
+from wsproto.events import Message
+from wsproto.utilities import LocalProtocolError
 
 from relay.testing.fake_rest import ReplayStream, RestRequest, answer, http_response, parse_head, read_head
 from relay.testing.fake_tables import (
@@ -50,6 +52,11 @@ CLOSE_HANDSHAKE_TIMEOUT_S = 5.0
 RECEIVED_FRAMES_KEPT = 256  # enough for assertions, bounded for a long `relay demo`
 DISCONNECTING_JOIN_ERRORS = ("ClientJoinRateLimitReached", "TenantNotFound")
 SUBSCRIBED = "Subscribed to PostgreSQL"
+# A paced flood writes what is due every slice: short enough that the changes reach the socket as a
+# stream rather than in bursts, long enough that trio's scheduling is not most of the work.
+FLOOD_SLICE_S = 0.01
+# Frames written at once when more are queued: 64 change frames are ~50 KiB, one socket write.
+WRITE_BATCH_FRAMES = 64
 T = TypeVar("T")
 
 
@@ -467,6 +474,58 @@ class FakeSupabase:
         self._notify()
         return old
 
+    def upsert(self, table: str, row: Mapping[str, Any], deliver: bool = True) -> Row:
+        """An INSERT for a new key, otherwise an UPDATE to exactly `row`."""
+        target = self._table(table)
+        key = target.key_of(row)
+        if key in target.rows:
+            return self.update(table, key, row, deliver)
+        return self.insert(table, row, deliver)
+
+    async def flood(
+        self,
+        table: str,
+        row_at: Callable[[int], Mapping[str, Any]],
+        count: int,
+        *,
+        per_second: float | None = None,
+    ) -> float:
+        """Upsert `row_at(i)` for i in 0..count-1, each change sent on as it is made, so the tables
+        stay exactly what was sent (a reconcile reads them). Without `per_second`, every change is
+        queued before the first is sent: a burst. With it, paced in slices of `FLOOD_SLICE_S`; a
+        slice that runs late writes what fell due meanwhile. Returns the most a slice ran late (s)."""
+        target = self._table(table)
+        if per_second is None:
+            for index in range(count):
+                self._flood_write(target, row_at(index))
+            self._notify()
+            return 0.0
+        started, written, max_lag_s = trio.current_time(), 0, 0.0
+        while written < count:
+            now = trio.current_time()
+            due = min(count, int((now - started) * per_second) + 1)
+            max_lag_s = max(max_lag_s, now - (started + written / per_second))  # the oldest one due
+            for index in range(written, due):
+                self._flood_write(target, row_at(index))
+            self._notify()
+            written = due
+            await trio.sleep_until(started + written / per_second + FLOOD_SLICE_S)
+        return max_lag_s
+
+    def _flood_write(self, target: Table, row: Mapping[str, Any]) -> None:
+        """`upsert` without its defensive copies, which cost most of its time (~190 µs a change, too
+        slow to flood at 5,000/s): a flood makes each row afresh and never touches it again."""
+        new = dict(row)
+        key = target.key_of(new)
+        old = target.rows.get(key)
+        target.learn_columns(new)
+        target.rows[key] = new
+        data = target.change_data("INSERT" if old is None else "UPDATE", new=None, old=None)
+        data["record"] = new
+        if old is not None:
+            data["old_record"] = old if target.replica_identity == "full" else {target.key: key}
+        self._publish(target, data, new)
+
     def _table(self, name: str) -> Table:
         try:
             return self._tables[name]
@@ -644,19 +703,59 @@ class FakeSupabase:
             self._notify()
 
     async def _write_loop(self, connection: FakeConnection) -> None:
-        async for item in connection._outbox_receive:
+        after: _Outgoing | None = None  # a close taken from the outbox behind a batch of frames
+        while True:
+            item = after if after is not None else await connection._outbox_receive.receive()
+            after = None
             if isinstance(item, _Close):
                 self._end(connection, item)
                 return
+            frames = [item]
             delay = max(self.frame_delay_s, connection.frame_delay_s)
             if delay > 0:
                 await trio.sleep(delay)
+            else:
+                after = self._take_queued(connection, frames)
             try:
-                await connection._ws.send_message(item)
+                await self._send_frames(connection._ws, frames)
             except ConnectionClosed:
                 self._end(connection, _PeerGone())
                 return
             self._notify()
+
+    @staticmethod
+    def _take_queued(connection: FakeConnection, frames: list[str]) -> _Close | None:
+        """Add what else is queued to `frames`, up to a close (returned, to be done after them)."""
+        while len(frames) < WRITE_BATCH_FRAMES:
+            try:
+                item = connection._outbox_receive.receive_nowait()
+            except trio.WouldBlock:
+                return None
+            if isinstance(item, _Close):
+                return item
+            frames.append(item)
+        return None
+
+    @staticmethod
+    async def _send_frames(ws: WebSocketConnection, frames: list[str]) -> None:
+        """Each frame its own WebSocket message, as the server sends them, but several in one write:
+        one `send_message` each costs a trip through the scheduler, and a flood queued faster than
+        that (~2,500 frames/s here) piles up in the outbox, heartbeat replies behind it. trio-websocket
+        has no call for several messages, so its own framer and lock are used, as `send_message` does."""
+        if len(frames) == 1:
+            await ws.send_message(frames[0])
+            return
+        if ws.closed is not None:
+            raise ConnectionClosed(ws.closed)
+        try:
+            data = b"".join(ws._wsproto.send(Message(data=frame)) for frame in frames)
+        except LocalProtocolError:  # closing: the peer's close frame arrived meanwhile
+            raise ConnectionClosed(ws.closed) from None
+        async with ws._stream_lock:
+            try:
+                await ws._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise ConnectionClosed(None) from None
 
     async def _idle_watch(self, connection: FakeConnection) -> None:
         while True:

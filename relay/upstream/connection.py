@@ -1,5 +1,13 @@
 """One upstream connection's life: open, join, heartbeat, read, hand changes on, end with a typed error.
 
+Reading and delivering are two tasks: the reader never waits for the store, so a heartbeat reply is
+seen as soon as it arrives, whatever the flood in front of it; it puts changes in a bounded backlog,
+and the deliverer hands everything waiting there on as one batch (one commit), so a faster flood makes
+bigger batches rather than a longer queue. When the backlog is full the oldest changes are dropped
+and the owner is told (`ConnectionHooks.on_dropped`), then told again once the backlog has stayed
+empty for `FLOOD_OVER_AFTER_S` (`on_caught_up`): what was dropped is gone from the socket for good,
+and only a reconcile repairs it.
+
 Retrying is the supervisor's job: `run_connection` returns only by raising an `UpstreamError` (or
 being cancelled). trio-websocket, which is on life-support maintenance, is used only here, so
 replacing it touches this file alone.
@@ -12,6 +20,7 @@ import logging
 import math
 import ssl
 import urllib.parse
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,6 +62,22 @@ CLOSE_TIMEOUT_S = 1.0
 CLOSE_NOTICE_S = 0.05
 # Postgres change payloads are capped at 1 MiB by Supabase; allow headroom for the envelope.
 MAX_FRAME_BYTES = 4 * 1024 * 1024
+# trio-websocket's defaults read 4 KiB (five or six ~800-byte change frames) and parse one message
+# ahead of `_read`: under a flood, read 64 KiB at a time and let its parser run a read's worth ahead.
+# `_read` never waits for anything but this queue, so it stays near empty; at worst it holds 128
+# frames outside the backlog's bounds.
+RECEIVE_BUFFER_BYTES = 64 * 1024
+MESSAGE_QUEUE_SIZE = 128
+# The backlog between reader and deliverer. The store commits ~8,700 batched changes/s
+# (bench/RESULTS-ingest.md), so 10,000 changes is about a second of work: a burst that size is kept
+# whole, while a flood the store cannot keep up with is cut after a second rather than growing without
+# bound. A war call's frame is under 1 KiB, so 10,000 of them take under 10 MiB; the byte bound is
+# for the unusual large row (up to 1 MiB each, above), and keeps 150 factions under ~2.4 GiB at worst.
+MAX_BUFFERED_CHANGES = 10_000
+MAX_BUFFERED_BYTES = 16 * 1024 * 1024
+# A flood is over once the backlog has stayed empty this long: the pause between two bursts, or the
+# reader waiting on the socket for a moment, is still the same flood (one WARNING, one reconcile).
+FLOOD_OVER_AFTER_S = 1.0
 
 Deliver = Callable[[Sequence[ChangeReceived]], Awaitable[None]]
 
@@ -63,15 +88,41 @@ class ConnectionSettings:
     api_key: str
     heartbeat_interval_s: float
     connect_timeout_s: float
+    max_buffered_changes: int = MAX_BUFFERED_CHANGES
+    max_buffered_bytes: int = MAX_BUFFERED_BYTES
+
+
+def _ignore_change(change: ChangeReceived) -> None:
+    del change
+
+
+def _ignore_drops(count: int) -> None:
+    del count
+
+
+def _ignore_catch_up() -> None:
+    pass
+
+
+def _ignore_round_trip(seconds: float) -> None:
+    del seconds
 
 
 @dataclass(slots=True)
 class ConnectionHooks:
-    """What a connection tells its owner; `deliver` is awaited before the next frame is read."""
+    """What a connection tells its owner. `on_read` hears of each change as soon as it is read (the
+    reconciler must know of it while a snapshot read is in flight, even if it is never stored);
+    `deliver` gets the changes in order, one batch at a time, while the reader goes on; `on_dropped(n)` says the n oldest changes waiting were dropped (the
+    backlog was full), `on_caught_up` that the backlog stayed empty for a while after a drop, and
+    `on_heartbeat(s)` how long the latest heartbeat took to be answered."""
 
     deliver: Deliver
     on_live: Callable[[], None]
     on_ignored: Callable[[ChangeIgnored], None]
+    on_read: Callable[[ChangeReceived], None] = _ignore_change
+    on_dropped: Callable[[int], None] = _ignore_drops
+    on_caught_up: Callable[[], None] = _ignore_catch_up
+    on_heartbeat: Callable[[float], None] = _ignore_round_trip
 
 
 async def run_connection(
@@ -88,7 +139,7 @@ async def run_connection(
                 async with trio.open_nursery() as ws_nursery:
                     ws = await _handshake(ws_nursery, stream, target, settings.connect_timeout_s)
                     try:
-                        await _converse(ws, session, hooks, settings.heartbeat_interval_s, ending)
+                        await _converse(ws, session, hooks, settings, ending)
                     finally:
                         await _close_politely(ws)
                     ws_nursery.cancel_scope.cancel()
@@ -139,7 +190,13 @@ async def _handshake(
         # The upgrade gets the connect timeout again, as realtime-js gives the join its own.
         with trio.fail_after(timeout_s):
             return await trio_websocket.wrap_client_stream(
-                nursery, stream, host, resource, max_message_size=MAX_FRAME_BYTES
+                nursery,
+                stream,
+                host,
+                resource,
+                max_message_size=MAX_FRAME_BYTES,
+                message_queue_size=MESSAGE_QUEUE_SIZE,
+                receive_buffer_size=RECEIVE_BUFFER_BYTES,
             )
     except trio.TooSlowError:
         raise ConnectTimeout(f"no WebSocket upgrade within {timeout_s:g} s") from None
@@ -149,18 +206,21 @@ async def _converse(
     ws: trio_websocket.WebSocketConnection,
     session: Session,
     hooks: ConnectionHooks,
-    heartbeat_interval_s: float,
+    settings: ConnectionSettings,
     ending: list[UpstreamError],
 ) -> None:
     for frame in session.join_frames():
         await ws.send_message(frame)
     acks = _HeartbeatAcks()
+    backlog = Backlog(settings.max_buffered_changes, settings.max_buffered_bytes)
     async with trio.open_nursery() as nursery:
         # Each task records how the connection ended and cancels the others, so the error leaves as
-        # itself rather than wrapped in an ExceptionGroup.
+        # itself rather than wrapped in an ExceptionGroup (DeliveryFailed, not an UpstreamError,
+        # leaves the nursery and is unwrapped by `run_connection`).
         for work in (
-            _read(ws, session, hooks, acks),
-            _heartbeat(ws, session, acks, heartbeat_interval_s),
+            _read(ws, session, hooks, acks, backlog),
+            _deliver_batches(backlog, hooks),
+            _heartbeat(ws, session, acks, settings.heartbeat_interval_s, hooks.on_heartbeat),
             _live_deadline(session),
         ):
             nursery.start_soon(_until_ended, ending, nursery.cancel_scope, work)
@@ -197,26 +257,94 @@ class _HeartbeatAcks:
         return self.answered
 
 
+class Backlog:
+    """Changes read and not yet delivered, in order, bounded by count and by bytes: a change that
+    does not fit pushes the oldest out (the newest rows are the ones members need; the reconcile
+    repairs the rest). Bytes are the frames' lengths, the memory that matters under a flood."""
+
+    def __init__(self, max_changes: int, max_bytes: int) -> None:
+        self._max_changes = max_changes
+        self._max_bytes = max_bytes
+        self._items: deque[tuple[ChangeReceived, int]] = deque()
+        self._bytes = 0
+        self._waiting = trio.Event()
+        self.dropped_since_empty = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, change: ChangeReceived, size: int) -> int:
+        """Keep `change`; returns how many of the oldest changes were dropped to make room."""
+        self._items.append((change, size))
+        self._bytes += size
+        dropped = 0
+        # The newest change stays even alone over the byte bound: a frame is already capped.
+        while len(self._items) > 1 and (
+            len(self._items) > self._max_changes or self._bytes > self._max_bytes
+        ):
+            _, old_size = self._items.popleft()
+            self._bytes -= old_size
+            dropped += 1
+        self.dropped_since_empty += dropped
+        self._waiting.set()
+        return dropped
+
+    async def wait_for_changes(self) -> None:
+        while not self._items:
+            await self._waiting.wait()
+            self._waiting = trio.Event()
+
+    async def take_all(self) -> list[ChangeReceived]:
+        """Everything waiting, oldest first, once there is something."""
+        await self.wait_for_changes()
+        taken = [change for change, _ in self._items]
+        self._items.clear()
+        self._bytes = 0
+        return taken
+
+
 async def _read(
-    ws: trio_websocket.WebSocketConnection, session: Session, hooks: ConnectionHooks, acks: _HeartbeatAcks
+    ws: trio_websocket.WebSocketConnection,
+    session: Session,
+    hooks: ConnectionHooks,
+    acks: _HeartbeatAcks,
+    backlog: Backlog,
 ) -> None:
+    """Frames, as fast as they come: this task never waits for anything but the socket."""
     while True:
-        changes = []
-        for outcome in session.receive(await ws.get_message()):
+        message = await ws.get_message()
+        outcomes = session.receive(message)
+        for outcome in outcomes:
             if isinstance(outcome, ChangeReceived):
-                changes.append(outcome)
+                hooks.on_read(outcome)
+                if dropped := backlog.put(outcome, len(message) // len(outcomes)):
+                    hooks.on_dropped(dropped)
             elif isinstance(outcome, ChangeIgnored):
                 hooks.on_ignored(outcome)
             elif isinstance(outcome, AllChannelsLive):
                 hooks.on_live()
             elif isinstance(outcome, HeartbeatAcknowledged):
                 acks.answered.set()
-        if changes:
-            await hooks.deliver(changes)
+
+
+async def _deliver_batches(backlog: Backlog, hooks: ConnectionHooks) -> None:
+    """Everything waiting, as one batch, while the reader goes on filling the backlog."""
+    while True:
+        if backlog.dropped_since_empty:
+            with trio.move_on_after(FLOOD_OVER_AFTER_S):
+                await backlog.wait_for_changes()
+            if not backlog:
+                backlog.dropped_since_empty = 0
+                hooks.on_caught_up()
+        await hooks.deliver(await backlog.take_all())
 
 
 async def _heartbeat(
-    ws: trio_websocket.WebSocketConnection, session: Session, acks: _HeartbeatAcks, interval_s: float
+    ws: trio_websocket.WebSocketConnection,
+    session: Session,
+    acks: _HeartbeatAcks,
+    interval_s: float,
+    on_round_trip: Callable[[float], None],
 ) -> None:
     """A heartbeat every interval; a reply missing for a whole interval means the socket is dead.
 
@@ -231,6 +359,7 @@ async def _heartbeat(
             await answered.wait()
         if not answered.is_set():
             raise HeartbeatTimeout(f"no heartbeat reply within {interval_s:g} s")
+        on_round_trip(trio.current_time() - sent_at)
         await trio.sleep_until(sent_at + interval_s)
 
 

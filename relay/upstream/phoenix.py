@@ -20,6 +20,7 @@ This module also names every way an upstream connection can end (the error tree 
 
 from __future__ import annotations
 
+import functools
 import json
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
@@ -363,7 +364,7 @@ def filter_mismatch(filter_text: str, row: Mapping[str, Any]) -> str | None:
     relay checks rows itself. A column absent from the row (a key-only `old`) cannot be checked and
     passes; operators other than `eq` are left to the server.
     """
-    for condition in split_conditions(filter_text):
+    for condition in _conditions(filter_text):
         column, _, rest = condition.partition("=")
         op, _, expected = rest.partition(".")
         if op != "eq" or column not in row:
@@ -371,6 +372,11 @@ def filter_mismatch(filter_text: str, row: Mapping[str, Any]) -> str | None:
         if _filter_text(row[column]) != expected.strip('"'):
             return f"{column}={_filter_text(row[column])} does not match {condition}"
     return None
+
+
+@functools.lru_cache(maxsize=1024)  # a few filters, checked once per change: parsed once each
+def _conditions(filter_text: str) -> tuple[str, ...]:
+    return tuple(split_conditions(filter_text))
 
 
 def split_conditions(filter_text: str) -> list[str]:

@@ -102,6 +102,8 @@ class UpstreamStatistics:
     changes_received: int
     changes_ignored: int
     reconcile: ReconcileStatistics | None = None
+    changes_dropped: int = 0  # the oldest changes of a flood the relay could not keep
+    heartbeat_round_trip_s: float | None = None  # the latest heartbeat's, on this connection
 
 
 class UpstreamSupervisor:
@@ -141,6 +143,9 @@ class UpstreamSupervisor:
         self._next_attempt_at: float | None = None
         self._received = 0
         self._ignored = 0
+        self._dropped = 0
+        self._flood: _Flood | None = None  # from the first change dropped until the backlog is empty
+        self._round_trip_s: float | None = None
 
     def __repr__(self) -> str:
         return self._name
@@ -182,11 +187,26 @@ class UpstreamSupervisor:
     def _connection_ended(self) -> None:
         """The connection ended: what `_connection_live` started stops here."""
 
+    def _on_read(self, change: ChangeReceived) -> None:
+        """A change was read from the socket (it may wait in the backlog before it is delivered)."""
+
+    def _changes_lost(self) -> None:
+        """Changes were dropped before they could be delivered: what a kind does about it."""
+
+    def _flood_over(self) -> None:
+        """The backlog is empty again after changes were dropped: what a kind repairs."""
+
     async def _run_one_connection(self) -> BaseException:
         self._attempts += 1
         self._set_state(UpstreamState.CONNECTING)
         hooks = ConnectionHooks(
-            deliver=self._count_and_deliver, on_live=self._on_live, on_ignored=self._on_ignored
+            deliver=self._count_and_deliver,
+            on_live=self._on_live,
+            on_ignored=self._on_ignored,
+            on_read=self._on_read,
+            on_dropped=self._on_dropped,
+            on_caught_up=self._on_caught_up,
+            on_heartbeat=self._on_heartbeat,
         )
         specs = self._specs
         await self._pacer.wait_turn(len(specs))
@@ -197,6 +217,8 @@ class UpstreamSupervisor:
         except Exception as exc:  # the restart policy: a bug or a store fault must not kill the faction
             log.exception("%r: connection failed unexpectedly", self)
             return exc
+        finally:
+            self._end_flood()  # cut short by the connection's end: the reconcile after the next join repairs it
 
     async def _wait_after(self, error: BaseException) -> None:
         live_for = None if self._live_since is None else trio.current_time() - self._live_since
@@ -204,6 +226,7 @@ class UpstreamSupervisor:
             self._backoff.reset()
         self._live_since = None
         self._connected_since = None
+        self._round_trip_s = None
         self._reconnects += 1
         self._last_error = f"{type(error).__name__}: {error}"
         auth = isinstance(error, UpstreamError) and error.auth
@@ -229,6 +252,41 @@ class UpstreamSupervisor:
         self._set_state(UpstreamState.CONNECTED)
         self._connection_live()
 
+    def _on_heartbeat(self, round_trip_s: float) -> None:
+        self._round_trip_s = round_trip_s
+
+    def _on_dropped(self, count: int) -> None:
+        """One WARNING per flood, not one per change; the summary comes when it is over."""
+        self._dropped += count
+        if self._flood is None:
+            self._flood = _Flood(trio.current_time())
+            log.warning(
+                "%r: upstream flood: more changes than the backlog holds (%d changes, %d bytes);"
+                " dropping the oldest",
+                self,
+                self._settings.connection.max_buffered_changes,
+                self._settings.connection.max_buffered_bytes,
+            )
+        self._flood.dropped += count
+        self._changes_lost()
+
+    def _on_caught_up(self) -> None:
+        if self._end_flood():
+            self._flood_over()
+
+    def _end_flood(self) -> bool:
+        """The summary of the flood, if there was one."""
+        flood, self._flood = self._flood, None
+        if flood is None:
+            return False
+        log.info(
+            "%r: upstream flood over: %d change(s) dropped in %.1f s",
+            self,
+            flood.dropped,
+            trio.current_time() - flood.started_at,
+        )
+        return True
+
     def _on_ignored(self, ignored: ChangeIgnored) -> None:
         self._ignored += 1
         log.debug("%r: ignored a %s change: %s", self, ignored.table, ignored.reason)
@@ -251,7 +309,15 @@ class UpstreamSupervisor:
             reconnects=self._reconnects,
             changes_received=self._received,
             changes_ignored=self._ignored,
+            changes_dropped=self._dropped,
+            heartbeat_round_trip_s=self._round_trip_s,
         )
+
+
+@dataclass(slots=True)
+class _Flood:
+    started_at: float  # trio clock
+    dropped: int = 0
 
 
 class FactionSupervisor(UpstreamSupervisor):
@@ -267,6 +333,7 @@ class FactionSupervisor(UpstreamSupervisor):
         rng: random.Random,
         wall_clock_ms: WallClockMs,
         reconciler: Reconciler | None = None,
+        on_lost: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(
             f"FactionSupervisor({faction_id})",
@@ -280,6 +347,7 @@ class FactionSupervisor(UpstreamSupervisor):
         self._sink = sink
         self._reconciler = reconciler
         self._reconciling: trio.CancelScope | None = None
+        self._on_lost = on_lost
 
     async def _deliver(self, changes: Sequence[ChangeReceived]) -> None:
         await self._sink(self.faction_id, changes)
@@ -293,6 +361,23 @@ class FactionSupervisor(UpstreamSupervisor):
         if self._reconciling is not None:
             self._reconciling.cancel()
             self._reconciling = None
+
+    def _on_read(self, change: ChangeReceived) -> None:
+        # As soon as it is read, not when it is stored: a snapshot read that ends while the change
+        # waits in the backlog must still leave its key alone (relay.upstream.reconcile).
+        if self._reconciler is not None:
+            self._reconciler.note_live_change(change.table, change.data)
+
+    def _changes_lost(self) -> None:
+        if self._on_lost is not None:  # members are told `truncated` (relay.ingest.Ingest.changes_lost)
+            self._on_lost(self.faction_id)
+
+    def _flood_over(self) -> None:
+        """The stored rows lack what was dropped: reconcile now rather than at the next interval
+        (the reconciler starts with a reconcile; one in flight is cut, its snapshot predates the end)."""
+        if self._reconciling is not None:
+            self._connection_ended()
+            self._connection_live()
 
     async def _reconcile_while_live(self, scope: trio.CancelScope, reconciler: Reconciler) -> None:
         with scope:
@@ -351,9 +436,11 @@ class Supervisors:
         wall_clock_ms: WallClockMs,
         reconciler_for: Callable[[int], Reconciler] | None = None,
         route_shared_deletes: SharedSink | None = None,
+        on_lost: Callable[[int], None] | None = None,
     ) -> None:
         self._settings = settings
         self._sink = sink
+        self._on_lost = on_lost
         self._reconciler_for = reconciler_for
         self._route_shared_deletes = route_shared_deletes
         self._shared: SharedDeleteSupervisor | None = None
@@ -398,6 +485,7 @@ class Supervisors:
             rng=self._rng,
             wall_clock_ms=self._wall_clock_ms,
             reconciler=self._reconciler_for(faction_id) if self._reconciler_for is not None else None,
+            on_lost=self._on_lost,
         )
         self._supervisors[faction_id] = supervisor
         self._start(supervisor)
