@@ -15,6 +15,7 @@ from pathlib import Path
 import trio
 
 import relay
+from relay.allocator import return_large_blocks_to_the_system
 from relay.config import LOG_LEVELS, Config, ConfigError, LoggingConfig, load_config
 from relay.http.descriptors import check_file_limit, open_file_limit
 from relay.logs import configure_logging
@@ -126,12 +127,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise_file_limit()
             check_file_limit(config, open_file_limit())
             tune_garbage_collector()
+            return_large_blocks_to_the_system()
             trio.run(functools.partial(run_relay, config, handle_signals=True))
         else:
             from relay.testing.demo import run_demo  # the fake server is only loaded for the demo
 
             raise_file_limit()
             tune_garbage_collector()
+            return_large_blocks_to_the_system()
             trio.run(
                 functools.partial(
                     run_demo, port=args.port, factions=args.factions, changes_per_s=args.changes_per_s

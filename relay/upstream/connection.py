@@ -20,10 +20,11 @@ import logging
 import math
 import ssl
 import urllib.parse
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn
 
 import trio
@@ -75,6 +76,11 @@ MESSAGE_QUEUE_SIZE = 128
 # for the unusual large row (up to 1 MiB each, above), and keeps 150 factions under ~2.4 GiB at worst.
 MAX_BUFFERED_CHANGES = 10_000
 MAX_BUFFERED_BYTES = 16 * 1024 * 1024
+# And all factions' backlogs together, with the batches being stored: a 1 MiB change costs about six
+# times its frame while it is parsed, encoded and written, so 16 MiB of frames is about 100 MiB at
+# the peak, inside the relay's memory budget (README "Memory"), however many factions are sent large
+# rows at once. Past it, the fullest backlog drops its oldest: the faction flooding pays, not the others.
+MAX_UPSTREAM_BYTES = 16 * 1024 * 1024
 # A flood is over once the backlog has stayed empty this long: the pause between two bursts, or the
 # reader waiting on the socket for a moment, is still the same flood (one WARNING, one reconcile).
 FLOOD_OVER_AFTER_S = 1.0
@@ -90,6 +96,8 @@ class ConnectionSettings:
     connect_timeout_s: float
     max_buffered_changes: int = MAX_BUFFERED_CHANGES
     max_buffered_bytes: int = MAX_BUFFERED_BYTES
+    # One for the whole relay: every faction's connection settings are this one object.
+    upstream_bytes: UpstreamBytes = field(default_factory=lambda: UpstreamBytes(MAX_UPSTREAM_BYTES))
 
 
 def _ignore_change(change: ChangeReceived) -> None:
@@ -212,7 +220,9 @@ async def _converse(
     for frame in session.join_frames():
         await ws.send_message(frame)
     acks = _HeartbeatAcks()
-    backlog = Backlog(settings.max_buffered_changes, settings.max_buffered_bytes)
+    backlog = Backlog(
+        settings.max_buffered_changes, settings.max_buffered_bytes, settings.upstream_bytes, hooks.on_dropped
+    )
     async with trio.open_nursery() as nursery:
         # Each task records how the connection ended and cancels the others, so the error leaves as
         # itself rather than wrapped in an ExceptionGroup (DeliveryFailed, not an UpstreamError,
@@ -257,50 +267,86 @@ class _HeartbeatAcks:
         return self.answered
 
 
-class Backlog:
-    """Changes read and not yet delivered, in order, bounded by count and by bytes: a change that
-    does not fit pushes the oldest out (the newest rows are the ones members need; the reconcile
-    repairs the rest). Bytes are the frames' lengths, the memory that matters under a flood."""
+class UpstreamBytes:
+    """The frame bytes of every change read from any upstream socket and not yet stored: all backlogs
+    and the batches being stored. Past `max_bytes`, the fullest backlog drops its oldest change."""
 
-    def __init__(self, max_changes: int, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.held = 0
+        self._backlogs: weakref.WeakSet[Backlog] = weakref.WeakSet()
+
+    def add(self, backlog: Backlog) -> None:
+        self._backlogs.add(backlog)
+
+    def make_room(self) -> None:
+        while self.held > self.max_bytes:
+            fullest = max(self._backlogs, key=lambda backlog: backlog.bytes, default=None)
+            if fullest is None or not fullest.bytes:
+                return  # all of it is being stored: it leaves when the commits return
+            fullest.drop_oldest()
+
+
+class Backlog:
+    """Changes read and not yet delivered, in order, bounded by count and by bytes, and by what all
+    factions hold together (`UpstreamBytes`): a change that does not fit pushes the oldest out (the
+    newest rows are the ones members need; the reconcile repairs the rest). Bytes are the frames'
+    lengths, the memory that matters under a flood. Each drop is told to `on_dropped`."""
+
+    def __init__(
+        self,
+        max_changes: int,
+        max_bytes: int,
+        shared: UpstreamBytes | None = None,
+        on_dropped: Callable[[int], None] = _ignore_drops,
+    ) -> None:
         self._max_changes = max_changes
         self._max_bytes = max_bytes
+        self._shared = shared or UpstreamBytes(max(max_bytes, MAX_UPSTREAM_BYTES))
+        self._shared.add(self)
+        self._on_dropped = on_dropped
         self._items: deque[tuple[ChangeReceived, int]] = deque()
-        self._bytes = 0
+        self.bytes = 0
         self._waiting = trio.Event()
         self.dropped_since_empty = 0
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, change: ChangeReceived, size: int) -> int:
-        """Keep `change`; returns how many of the oldest changes were dropped to make room."""
+    def put(self, change: ChangeReceived, size: int) -> None:
+        """Keep `change`, the oldest making way if the bounds say so."""
         self._items.append((change, size))
-        self._bytes += size
-        dropped = 0
+        self.bytes += size
+        self._shared.held += size
         # The newest change stays even alone over the byte bound: a frame is already capped.
-        while len(self._items) > 1 and (
-            len(self._items) > self._max_changes or self._bytes > self._max_bytes
-        ):
-            _, old_size = self._items.popleft()
-            self._bytes -= old_size
-            dropped += 1
-        self.dropped_since_empty += dropped
+        while len(self._items) > 1 and (len(self._items) > self._max_changes or self.bytes > self._max_bytes):
+            self.drop_oldest()
+        self._shared.make_room()
         self._waiting.set()
-        return dropped
+
+    def drop_oldest(self) -> None:
+        _, size = self._items.popleft()
+        self.bytes -= size
+        self._shared.held -= size
+        self.dropped_since_empty += 1
+        self._on_dropped(1)
 
     async def wait_for_changes(self) -> None:
         while not self._items:
             await self._waiting.wait()
             self._waiting = trio.Event()
 
-    async def take_all(self) -> list[ChangeReceived]:
-        """Everything waiting, oldest first, once there is something."""
+    async def take_all(self) -> tuple[list[ChangeReceived], int]:
+        """Everything waiting, oldest first, once there is something, and its bytes: they stay
+        counted relay-wide until `stored` is called with them."""
         await self.wait_for_changes()
         taken = [change for change, _ in self._items]
+        size, self.bytes = self.bytes, 0
         self._items.clear()
-        self._bytes = 0
-        return taken
+        return taken, size
+
+    def stored(self, size: int) -> None:
+        self._shared.held -= size
 
 
 async def _read(
@@ -317,8 +363,7 @@ async def _read(
         for outcome in outcomes:
             if isinstance(outcome, ChangeReceived):
                 hooks.on_read(outcome)
-                if dropped := backlog.put(outcome, len(message) // len(outcomes)):
-                    hooks.on_dropped(dropped)
+                backlog.put(outcome, len(message) // len(outcomes))
             elif isinstance(outcome, ChangeIgnored):
                 hooks.on_ignored(outcome)
             elif isinstance(outcome, AllChannelsLive):
@@ -336,7 +381,11 @@ async def _deliver_batches(backlog: Backlog, hooks: ConnectionHooks) -> None:
             if not backlog:
                 backlog.dropped_since_empty = 0
                 hooks.on_caught_up()
-        await hooks.deliver(await backlog.take_all())
+        batch, size = await backlog.take_all()
+        try:
+            await hooks.deliver(batch)
+        finally:
+            backlog.stored(size)
 
 
 async def _heartbeat(
