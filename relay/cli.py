@@ -15,10 +15,10 @@ from pathlib import Path
 import trio
 
 import relay
-from relay.allocator import return_large_blocks_to_the_system
 from relay.config import LOG_LEVELS, Config, ConfigError, LoggingConfig, load_config
 from relay.http.descriptors import check_file_limit, open_file_limit
 from relay.logs import configure_logging
+from relay.memory import return_large_blocks_to_the_system
 from relay.ops.checkconfig import check_config
 from relay.ops.checkconfig import render as render_config
 from relay.ops.dbstats import read_stats

@@ -86,16 +86,20 @@ async def read_rows(
         after = [(key, f"gt.{key_operand(rows[-1][key])}")] if rows else []
         requests += 1
         try:
-            response = await client.get(
+            # Streamed into our own bytes: httpx's response keeps what `aread` read, and it sits in a
+            # reference cycle with its stream, so a page of large rows would outlive the reconcile.
+            async with client.stream(
+                "GET",
                 f"{settings.base_url}/{table}",
                 params=tuple(base + after),
                 headers=headers,
                 timeout=settings.timeout_s,
-            )
+            ) as response:
+                body = b"".join([chunk async for chunk in response.aiter_bytes()])
         except httpx.HTTPError as exc:
             raise SnapshotError(f"reading {table}: {type(exc).__name__}: {exc}", requests) from None
         try:
-            page = _page(response, key)
+            page = _page(response.status_code, body, key)
         except ValueError as exc:
             raise SnapshotError(f"reading {table}: {exc}", requests) from None
         rows.extend(page)
@@ -103,16 +107,16 @@ async def read_rows(
             return Snapshot(rows, requests)
 
 
-def _page(response: httpx.Response, key: str) -> list[dict[str, Any]]:
+def _page(status: int, body: bytes, key: str) -> list[dict[str, Any]]:
     """The rows of one answer; ValueError saying what is wrong with it."""
-    if response.status_code != 200:
+    if status != 200:
         try:
-            detail = response.json().get("message")
+            detail = json.loads(body).get("message")
         except (ValueError, AttributeError):
             detail = None
-        raise ValueError(f"HTTP {response.status_code}" + (f": {detail}" if detail else ""))
+        raise ValueError(f"HTTP {status}" + (f": {detail}" if detail else ""))
     try:
-        page = response.json()
+        page = json.loads(body)
     except ValueError:
         raise ValueError("the answer is not JSON") from None
     if not isinstance(page, list) or not all(isinstance(row, dict) and key in row for row in page):
