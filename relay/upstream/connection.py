@@ -64,12 +64,12 @@ CLOSE_NOTICE_S = 0.05
 # Postgres change payloads are capped at 1 MiB by Supabase; allow headroom for the envelope.
 MAX_FRAME_BYTES = 4 * 1024 * 1024
 # trio-websocket's default reads 4 KiB at a time (five or six ~800-byte change frames): under a flood,
-# read 64 KiB. Its queue of parsed messages stays at its default, one: a message queued there is
-# outside every byte bound (up to MAX_FRAME_BYTES), and 150 factions each parsing 128 ahead held a
-# gigabyte when every faction was sent 1 MiB rows at once (bench/RESULTS-budget.md). `_read` takes
-# each message at once, so one is all the parsing ahead a flood needs.
+# read 64 KiB. Its queue of parsed messages is none at all: a message queued there is outside every
+# byte bound (up to MAX_FRAME_BYTES), and 150 factions each parsing 128 ahead held a gigabyte when
+# every faction was sent 1 MiB rows at once (bench/RESULTS-budget.md). `_read` is always waiting for
+# the next message, so it is handed over as soon as it is whole, and nothing is held twice.
 RECEIVE_BUFFER_BYTES = 64 * 1024
-MESSAGE_QUEUE_SIZE = 1
+MESSAGE_QUEUE_SIZE = 0
 # The backlog between reader and deliverer. The store commits ~8,700 batched changes/s
 # (bench/RESULTS-ingest.md), so 10,000 changes is about a second of work: a burst that size is kept
 # whole, while a flood the store cannot keep up with is cut after a second rather than growing without
