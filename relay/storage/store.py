@@ -719,14 +719,22 @@ def _parsed_row(
 
 
 def _row_lookup(conn: sqlite3.Connection, unreadable: list[UnreadableRow]) -> Lookup:
-    """The faction rows as the database holds them, one by its key (the primary key), read as BLOBs."""
+    """The faction rows as the database holds them at the start of one commit, one by its key (the
+    primary key), read as BLOBs. Each row is read once per commit: planning a change looks at its row
+    two or three times (to complete `old`, to see whether it changes anything), and the planner keeps
+    its own overlay of what the commit changes."""
+    read: dict[tuple[int, str, RowKey], Row | None] = {}
 
     def lookup(faction_id: int, table: str, key: RowKey) -> Row | None:
-        found = conn.execute(
-            "SELECT CAST(row AS BLOB) FROM faction_rows WHERE faction_id = ? AND table_name = ? AND row_key = ?",
-            (faction_id, table, key),
-        ).fetchone()
-        return None if found is None else _parsed_row(faction_id, table, key, found[0], unreadable)
+        place = (faction_id, table, key)
+        if place not in read:
+            found = conn.execute(
+                "SELECT CAST(row AS BLOB) FROM faction_rows WHERE faction_id = ? AND table_name = ?"
+                " AND row_key = ?",
+                place,
+            ).fetchone()
+            read[place] = None if found is None else _parsed_row(faction_id, table, key, found[0], unreadable)
+        return read[place]
 
     return lookup
 
