@@ -15,7 +15,12 @@ import trio.testing
 
 from relay.config import ChannelConfig
 from relay.testing.fake_supabase import FakeSupabase
-from relay.upstream.connection import CLOSE_NOTICE_S, CLOSE_TIMEOUT_S, ConnectionSettings
+from relay.upstream.connection import (
+    CLOSE_NOTICE_S,
+    CLOSE_TIMEOUT_S,
+    REPLY_PATIENCE_UNDER_DATA_S,
+    ConnectionSettings,
+)
 from relay.upstream.supervisor import Supervisors, SupervisorSettings, UpstreamState
 from tests.helpers.supervisors import (
     HEARTBEAT_S,
@@ -130,6 +135,32 @@ async def test_missing_heartbeat_reply_is_a_dead_socket_within_one_interval(
         assert "HeartbeatTimeout" in stats.last_error
         harness.fake.resume_heartbeat_replies()
         await harness.wait_state(A, UpstreamState.CONNECTED)
+
+
+async def test_a_late_reply_while_frames_keep_coming_is_waited_for_up_to_the_servers_own_timeout(
+    harness: Harness, autojump_clock: trio.abc.Clock
+) -> None:
+    """Under a flood the reader can be behind the socket, the reply queued behind data: a socket
+    still delivering is busy, not dead. It is cut once no reply came for REPLY_PATIENCE_UNDER_DATA_S,
+    after which the real server would have closed it anyway."""
+    with trio.fail_after(600):
+        await harness.wait_state(A, UpstreamState.CONNECTED)
+        harness.fake.stop_heartbeat_replies()
+        stopped_at = trio.current_time()
+
+        async def keep_sending() -> None:
+            for n in range(1_000):
+                harness.fake.insert("war_calls", call(A, 100 + n))
+                await trio.sleep(1)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_sending)
+            await harness.wait_state(A, UpstreamState.BACKOFF)
+            nursery.cancel_scope.cancel()
+        held_for = trio.current_time() - stopped_at
+        assert 2 * HEARTBEAT_S < held_for <= HEARTBEAT_S + REPLY_PATIENCE_UNDER_DATA_S + 0.1
+        assert "HeartbeatTimeout" in (harness.supervisors.statistics()[A].last_error or "")
+        assert len(harness.collected.types(A)) >= held_for - 1  # every change read meanwhile was stored
 
 
 async def test_one_factions_channel_failing_leaves_the_other_flowing(

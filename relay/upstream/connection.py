@@ -82,6 +82,9 @@ MAX_BUFFERED_BYTES = 16 * 1024 * 1024
 # the peak, inside the relay's memory budget (README "Memory"), however many factions are sent large
 # rows at once. Past it, the fullest backlog drops its oldest: the faction flooding pays, not the others.
 MAX_UPSTREAM_BYTES = 16 * 1024 * 1024
+# Phoenix's server closes a socket it has heard no heartbeat from for 60 s; until then, frames still
+# being read mean the socket is busy, not dead, and a late heartbeat reply is waited for this long.
+REPLY_PATIENCE_UNDER_DATA_S = 60.0
 # A flood is over once the backlog has stayed empty this long: the pause between two bursts, or the
 # reader waiting on the socket for a moment, is still the same flood (one WARNING, one reconcile).
 FLOOD_OVER_AFTER_S = 1.0
@@ -258,10 +261,12 @@ async def _until_ended(ending: list[UpstreamError], scope: trio.CancelScope, wor
 
 
 class _HeartbeatAcks:
-    """The reader's word to the heartbeat task that the pending heartbeat was answered."""
+    """The reader's word to the heartbeat task that the pending heartbeat was answered, and when it
+    last read any frame."""
 
     def __init__(self) -> None:
         self.answered = trio.Event()
+        self.frame_at = trio.current_time()
 
     def expect_next(self) -> trio.Event:
         self.answered = trio.Event()
@@ -360,6 +365,7 @@ async def _read(
     """Frames, as fast as they come: this task never waits for anything but the socket."""
     while True:
         message = await ws.get_message()
+        acks.frame_at = trio.current_time()
         outcomes = session.receive(message)
         for outcome in outcomes:
             if isinstance(outcome, ChangeReceived):
@@ -399,7 +405,11 @@ async def _heartbeat(
     """A heartbeat every interval; a reply missing for a whole interval means the socket is dead.
 
     Only the reply proves the return path works: other frames arriving do not (reference 8). The
-    send is inside the deadline too, since a stalled peer can block it on a full TCP window.
+    send is inside the deadline too, since a stalled peer can block it on a full TCP window. But
+    under a flood the reader can be seconds behind the socket, the reply queued behind data: while
+    frames keep being read, a late reply is waited for up to REPLY_PATIENCE_UNDER_DATA_S. The
+    server closes a socket it hears no heartbeat from, and frames stop, so that is never a dead
+    socket kept: only one kept busy.
     """
     while True:
         sent_at = trio.current_time()
@@ -407,8 +417,17 @@ async def _heartbeat(
         with trio.move_on_after(interval_s):
             await ws.send_message(session.heartbeat_frame())
             await answered.wait()
+        while (
+            not answered.is_set()
+            and trio.current_time() - acks.frame_at < interval_s
+            and trio.current_time() - sent_at < REPLY_PATIENCE_UNDER_DATA_S
+        ):
+            with trio.move_on_after(
+                min(interval_s, sent_at + REPLY_PATIENCE_UNDER_DATA_S - trio.current_time())
+            ):
+                await answered.wait()
         if not answered.is_set():
-            raise HeartbeatTimeout(f"no heartbeat reply within {interval_s:g} s")
+            raise HeartbeatTimeout(f"no heartbeat reply within {trio.current_time() - sent_at:g} s")
         on_round_trip(trio.current_time() - sent_at)
         await trio.sleep_until(sent_at + interval_s)
 
