@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import trio
 
 from relay.config import RetentionConfig
 from relay.storage.retained import event_size
@@ -165,3 +166,21 @@ async def test_an_events_data_is_held_once(tmp_path: Path) -> None:
         assert store.statistics().events_memory_bytes == 41 * event_size(len("hospital_update"), 0) + sum(
             len(event.data_json) for event in (await store.read_since(1, None))[0]
         )
+
+
+async def test_members_far_behind_asking_the_same_question_cost_one_database_read(tmp_path: Path) -> None:
+    """A thousand streams resuming from one cursor after a burst: one read answers them all."""
+    async with small_store(tmp_path) as store:
+        stored = await publish(store, 1, 12)
+        since = stored[0].timestamp - 1
+        answers: list[list[StoredEvent]] = []
+
+        async def member() -> None:
+            answers.append((await store.read_since(1, since))[0])
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(1_000):
+                nursery.start_soon(member)
+        assert store.statistics().database_pages_read == 1
+        assert all(answer == answers[0] for answer in answers)
+        assert answers[0][0] == stored[0]

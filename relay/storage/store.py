@@ -17,6 +17,7 @@ import itertools
 import logging
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ RECONCILE_CHUNK_BYTES = 1024 * 1024
 # one read connection anyway; waiting for it here holds no answer's events in memory meanwhile.
 DATABASE_READS_AT_ONCE = 1
 DEFAULT_RETENTION = RetentionConfig()
+# Pages read from the database and kept for the next member asking the same question: a few of the
+# largest pages (`retention.memory_bytes_per_faction`, 512 KiB at the defaults).
+DATABASE_PAGES_KEPT_BYTES = 4 * 1024 * 1024
 
 
 def wall_clock_ms() -> int:
@@ -115,6 +119,7 @@ class StoreStatistics:
     active_factions: int
     events_in_memory: int
     events_memory_bytes: int  # as `retention.memory_bytes` counts it
+    database_pages_read: int  # answers' older events read from the database (one read per question)
     clock_high_water: int
     group_commits: int  # transactions that stored appended events, each holding one or more appends
     events_quarantined: int  # stored events that could not be read back, skipped (`quarantine.py`)
@@ -179,6 +184,10 @@ class Store:
         self._answer_bytes = retention.memory_bytes_per_faction
         # Reads of events older than memory, at once: each holds up to _answer_bytes.
         self._database_reads = trio.CapacityLimiter(DATABASE_READS_AT_ONCE)
+        self._database_reads_waiting: dict[tuple[int, int, int], trio.Event] = {}
+        self._database_pages: OrderedDict[tuple[int, int, int], list[StoredEvent]] = OrderedDict()
+        self._database_pages_bytes = 0
+        self._database_pages_read = 0
         self._now_ms = now_ms
         self._monotonic_s = monotonic_s
         self._opened_at = monotonic_s()
@@ -220,16 +229,44 @@ class Store:
         read = self._retained.read(faction_id, since, self._answer_bytes)
         found = read.in_memory
         if read.from_database:
-            async with self._database_reads:
-                older, unreadable = await self._database.read(
-                    functools.partial(_read_range, faction_id, read.database_after, read.database_through)
-                )
-            quarantine_events(unreadable, self._quarantined)  # here in Trio: counted by one thread
-            found = older + found
+            found = await self._database_page(faction_id, read.database_after, read.database_through) + found
         newest = read.newest
         # With nothing to answer, never a cursor below `since`: a /state read in the database may hand
         # out a cursor a moment before its commit is published here, and a member must not go back.
         return found, (newest if newest is not None else max(self._visible, since or 0))
+
+    async def _database_page(self, faction_id: int, after: int, through: int) -> list[StoredEvent]:
+        """The faction's events stamped in (after, through], from the database. Members far behind ask
+        the same question (after a flood, a thousand streams resuming from one cursor): one read
+        answers every caller waiting for it, and the newest pages read stay for the next ones. A
+        page never changes (events are immutable; one trimmed meanwhile only makes it stale-but-true)."""
+        place = (faction_id, after, through)
+        kept = self._database_pages.get(place)
+        if kept is not None:
+            self._database_pages.move_to_end(place)
+            return kept
+        waiting = self._database_reads_waiting.get(place)
+        if waiting is not None:
+            await waiting.wait()
+            return self._database_pages.get(place) or await self._database_page(faction_id, after, through)
+        done = self._database_reads_waiting[place] = trio.Event()
+        try:
+            async with self._database_reads:
+                page: list[StoredEvent]
+                page, unreadable = await self._database.read(
+                    functools.partial(_read_range, faction_id, after, through)
+                )
+            quarantine_events(unreadable, self._quarantined)  # here in Trio: counted by one thread
+            self._database_pages_read += 1
+            self._database_pages[place] = page
+            self._database_pages_bytes += sum(event.size for event in page)
+            while self._database_pages_bytes > DATABASE_PAGES_KEPT_BYTES and len(self._database_pages) > 1:
+                _, evicted = self._database_pages.popitem(last=False)
+                self._database_pages_bytes -= sum(event.size for event in evicted)
+            return page
+        finally:
+            del self._database_reads_waiting[place]
+            done.set()
 
     def kept_count(self, faction_id: int) -> int:
         """How many events of the faction are kept (in memory or, the older ones, in the database)."""
@@ -636,6 +673,7 @@ class Store:
             active_factions=len(self._subscriptions.active()),
             events_in_memory=len(self._retained),
             events_memory_bytes=self._retained.memory_bytes,
+            database_pages_read=self._database_pages_read,
             clock_high_water=self._high_water,
             group_commits=self._group_commits,
             events_quarantined=self._quarantined.events,
