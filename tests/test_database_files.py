@@ -91,7 +91,9 @@ async def test_a_copy_restored_beside_a_stale_wal_is_refused_in_one_line_and_lef
     await serve_a_page(config, env, fake_upstream, range(0), kill=False)
     copy = db.with_name("relay.db.copy")
     shutil.copyfile(db, copy)  # the operator's backup, taken while the relay is stopped
-    await serve_a_page(config, env, fake_upstream, range(1, 200), kill=True)
+    # Fewer than `retention.events_per_faction`: a larger burst lands in one commit and is rightly
+    # `truncated` for a script behind it, which is not what this test is about.
+    await serve_a_page(config, env, fake_upstream, range(1, 90), kill=True)
     assert db.with_name("relay.db-wal").stat().st_size > 0
     shutil.copyfile(copy, db)  # the README's rollback, with the crashed relay's -wal still beside it
 
