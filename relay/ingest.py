@@ -55,7 +55,7 @@ class Ingest:
         self._losses: dict[int, int] = {}
         self._losses_marked: dict[int, int] = {}
         self._router = DeleteRouter(
-            key_columns, store.row_owners, self.upstream, filter_columns=filter_columns(channels)
+            key_columns, store.row_owners, self._routed_deletes, filter_columns=filter_columns(channels)
         )
 
     def __repr__(self) -> str:
@@ -68,13 +68,6 @@ class Ingest:
     async def upstream(self, faction_id: int, changes: Sequence[ChangeReceived]) -> list[StoredEvent]:
         """Changes from the faction's socket, or DELETEs routed to it from the shared one."""
         self._traffic.upstream_changed(faction_id, trio.current_time())
-        watcher = self._watchers.get(faction_id)
-        if watcher is not None:
-            # Before the await: a change waiting for its commit counts too. The faction's own socket
-            # told its reconciler already, as each change was read; a DELETE routed here from the
-            # shared socket is news to it.
-            for change in changes:
-                watcher.note_live_change(change.table, change.data)
         losses = self._losses.get(faction_id, 0)
         try:
             try:
@@ -95,6 +88,16 @@ class Ingest:
         self._stored(faction_id, Source.UPSTREAM, len(stored))
         await self._router.stored(faction_id, changes)
         return stored
+
+    async def _routed_deletes(self, faction_id: int, changes: Sequence[ChangeReceived]) -> None:
+        """DELETEs routed to the faction from the shared socket. Its reconciler is told here, before the
+        await (a change waiting for its commit counts too); the faction's own socket tells it of its
+        changes as each is read."""
+        watcher = self._watchers.get(faction_id)
+        if watcher is not None:
+            for change in changes:
+                watcher.note_live_change(change.table, change.data)
+        await self.upstream(faction_id, changes)
 
     def changes_lost(self, faction_id: int) -> None:
         """The faction's socket dropped changes it could not keep (a flood): members behind now are

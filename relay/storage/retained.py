@@ -204,8 +204,8 @@ class RetainedEvents:
         """The kept events stamped after `since` (all when None), oldest first, as many as fit in
         `max_bytes` (at least one): the rest is for the next read, from the last one's stamp."""
         window = self._windows.get(faction_id)
-        if window is None:
-            return Read(0, 0, 0, [])
+        if window is None or not window.kept or (since is not None and window.kept[-1].timestamp <= since):
+            return Read(0, 0, 0, [])  # most polls: a member up to date (a fresh list: callers own it)
         kept = window.kept
         start = len(kept)
         for kept_event in reversed(kept):  # a poll usually wants the last few, so walk from the end
@@ -218,13 +218,13 @@ class RetainedEvents:
             end += 1
         cold_end = min(end, window.cold)
         from_database = max(0, cold_end - start)
-        in_memory = [kept[index].event for index in range(max(start, window.cold), end)]
+        in_memory = [event for index in range(max(start, window.cold), end) if (event := kept[index].event)]
         return Read(
             # Not just `since`: the database holds dropped events until the next trim.
             database_after=max(-1 if since is None else since, self._dropped_up_to.get(faction_id, -1)),
             database_through=kept[cold_end - 1].timestamp if from_database else 0,
             from_database=from_database,
-            in_memory=[event for event in in_memory if event is not None],
+            in_memory=in_memory,
         )
 
     def newest_timestamp(self, faction_id: int) -> int | None:

@@ -55,9 +55,6 @@ HEALTH_PROBE_INTERVAL_S = 1.0
 # worst while other work loads it (of which planning, on the event loop, up to 0.45 s).
 RECONCILE_CHUNK_EVENTS = 1_000
 RECONCILE_CHUNK_BYTES = 1024 * 1024
-# Polls answered from the database (a cursor older than what memory holds) read one at a time on the
-# one read connection anyway; waiting for it here holds no answer's events in memory meanwhile.
-DATABASE_READS_AT_ONCE = 1
 DEFAULT_RETENTION = RetentionConfig()
 # Pages read from the database and kept for the next member asking the same question: a few of the
 # largest pages (`retention.memory_bytes_per_faction`, 512 KiB at the defaults).
@@ -183,7 +180,6 @@ class Store:
         # page at a time (its next poll gets the next page), so no request holds more than that.
         self._answer_bytes = retention.memory_bytes_per_faction
         # Reads of events older than memory, at once: each holds up to _answer_bytes.
-        self._database_reads = trio.CapacityLimiter(DATABASE_READS_AT_ONCE)
         self._database_reads_waiting: dict[tuple[int, int, int], trio.Event] = {}
         self._database_pages: OrderedDict[tuple[int, int, int], list[StoredEvent]] = OrderedDict()
         self._database_pages_bytes = 0
@@ -248,14 +244,14 @@ class Store:
         waiting = self._database_reads_waiting.get(place)
         if waiting is not None:
             await waiting.wait()
-            return self._database_pages.get(place) or await self._database_page(faction_id, after, through)
+            kept = self._database_pages.get(place)
+            return kept if kept is not None else await self._database_page(faction_id, after, through)
         done = self._database_reads_waiting[place] = trio.Event()
         try:
-            async with self._database_reads:
-                page: list[StoredEvent]
-                page, unreadable = await self._database.read(
-                    functools.partial(_read_range, faction_id, after, through)
-                )
+            # One at a time, as every read on the database's one read connection.
+            page, unreadable = await self._database.read(
+                functools.partial(_read_range, faction_id, after, through)
+            )
             quarantine_events(unreadable, self._quarantined)  # here in Trio: counted by one thread
             self._database_pages_read += 1
             self._database_pages[place] = page
@@ -455,7 +451,7 @@ class Store:
             del batch[: len(appends)]
             requests = [Append(pending.faction_id, pending.items) for pending in appends]
             plan = functools.partial(
-                _plan_appends, requests, tombstones=self._tombstones, key_columns=self._key_columns
+                plan_batch, requests, tombstones=self._tombstones, key_columns=self._key_columns
             )
             fault = await self._commit(plan, appends)
             for pending in appends:
@@ -724,12 +720,6 @@ def _load(conn: sqlite3.Connection, retention: RetentionConfig) -> _Loaded:
     quarantined = QuarantineCounts()
     retained = load_retained(conn, retention, quarantined)
     return _Loaded(load_subscriptions(conn), retained, high_water, quarantined)
-
-
-def _plan_appends(
-    requests: Sequence[Append], rows: Lookup, *, tombstones: Tombstones, key_columns: Mapping[str, str]
-) -> Plan:
-    return plan_batch(requests, rows, tombstones, key_columns)
 
 
 UnreadableRow = tuple[int, str, RowKey, Unreadable]  # a faction row that cannot be read back, and why
