@@ -15,9 +15,12 @@ Per rate, a fresh relay and database: subscribe the faction, wait for its first 
 dropped) for the reconcile the flood requests; last, the faction's stored rows are compared with the
 fake's. Heartbeats every `--heartbeat-s` (25 s, the relay's default): the round trip shows how far
 the reader lags behind the socket, and a reply later than the interval ends it (a reconnect).
-Each rate runs with the relay's backlog (10,000 changes), then 5,000/s once more with a backlog of 50,
-small enough that the store falls behind and the oldest changes are dropped: the flood-beyond-the-
-backlog path (counted, one WARNING, the reconcile after, at most one resync event per changed row).
+Each rate runs with the relay's backlog (10,000 changes); then 5,000/s for `--sustained-s` (120 s),
+long enough for a reader that falls behind the socket to lose it (heartbeat replies later than the
+interval), and once more with a backlog of 50, small enough that the oldest changes are dropped
+however fast the machine: the flood-beyond-the-backlog path (counted, one WARNING, the reconcile
+after, at most one resync event per changed row). "relay CPU µs per change" is per change read
+from the socket, stored or dropped.
 Writes `bench/RESULTS-flood.md` (none with --quick).
 """
 
@@ -58,6 +61,7 @@ RATES = (1_000, 2_500, 5_000, 10_000)
 # of a flood beyond the backlog (drops, `truncated`, the reconcile), measured.
 SMALL_BACKLOG_RATES = (5_000,)
 SMALL_BACKLOG = 50
+SUSTAINED_RATE = 5_000  # issue 16's goal, for `--sustained-s`
 HEARTBEAT_S = 25.0  # the relay's default (`upstream.heartbeat_interval_s`)
 SAMPLE_S = 0.1
 SETTLE_TIMEOUT_S = 60.0  # after the flood: the backlog and the socket drained, the reconcile done
@@ -124,6 +128,7 @@ async def serve_upstream(cpu: int | None) -> None:
 class Result:
     rate: int
     backlog: int
+    duration_s: float
     sent: int
     stored_live: int
     dropped: int
@@ -269,14 +274,15 @@ async def flood_one(
 
     stop = trio.Event()
     cpu_before, wall_before = time.process_time(), time.monotonic()
-    received_before = upstream_stats().changes_received
+    # Read from the socket: delivered to the store, or dropped from the backlog (a flood beyond it).
+    read_before = upstream_stats().changes_received + upstream_stats().changes_dropped
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sample, stop)
         count = int(rate * duration_s)
         sent = await ask(upstream, f"flood {FACTION} {keys} {rate} {count}", duration_s * 4 + 60)
         cpu_s = time.process_time() - cpu_before
         cpu_percent = 100 * cpu_s / (time.monotonic() - wall_before)
-        received = upstream_stats().changes_received - received_before
+        read = upstream_stats().changes_received + upstream_stats().changes_dropped - read_before
         load = os.getloadavg()[0]
         await until_settled(
             lambda: stored(running, Source.UPSTREAM) + upstream_stats().changes_dropped, count
@@ -290,6 +296,7 @@ async def flood_one(
     return Result(
         rate=rate,
         backlog=MAX_BUFFERED_CHANGES,
+        duration_s=duration_s,
         sent=sent["sent"],
         stored_live=stored(running, Source.UPSTREAM),
         dropped=stats.changes_dropped,
@@ -301,7 +308,7 @@ async def flood_one(
         state_matches=by_id(mine) == by_id(theirs),
         upstream_lag_ms=sent["max_lag_ms"],
         relay_cpu_percent=cpu_percent,
-        relay_cpu_us_per_change=cpu_s * 1e6 / max(received, 1),
+        relay_cpu_us_per_change=cpu_s * 1e6 / max(read, 1),
         load_average=load,
         errors=[*tally.messages, *([f"{tally.tracebacks} traceback(s)"] if tally.tracebacks else [])],
     )
@@ -325,7 +332,7 @@ def by_id(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def main(
-    scenarios: Sequence[tuple[int, int]], duration_s: float, keys: int, heartbeat_s: float, pin: bool
+    scenarios: Sequence[tuple[int, int, float]], keys: int, heartbeat_s: float, pin: bool
 ) -> list[Result]:
     cpus = sorted(os.sched_getaffinity(0))
     two = pin and len(cpus) >= 2
@@ -334,7 +341,7 @@ async def main(
     arguments = ["bench.flood", "--serve-upstream", *([f"--cpu={cpus[1]}"] if two else [])]
     results = []
     async with open_upstream_process(arguments) as upstream:
-        for rate, backlog in scenarios:
+        for rate, backlog, duration_s in scenarios:
             with tempfile.TemporaryDirectory(prefix="bench-flood-") as directory:
                 result = await measure(
                     upstream, rate, backlog, duration_s, keys, heartbeat_s, Path(directory)
@@ -349,7 +356,7 @@ async def main(
 
 def one_line(result: Result) -> str:
     return (
-        f"{result.rate}/s, backlog {result.backlog}: sent {result.sent}, stored {result.stored_live}, dropped {result.dropped}, "
+        f"{result.rate}/s for {result.duration_s:g} s, backlog {result.backlog}: sent {result.sent}, stored {result.stored_live}, dropped {result.dropped}, "
         f"reconnects {result.reconnects}, stored late by max {result.stored_lag_max_ms:.0f} ms, heartbeat max {result.heartbeat_max_ms} ms, "
         f"resync {result.resync_events}, state matches {result.state_matches}, cpu {result.relay_cpu_percent:.0f} %, "
         f"{result.relay_cpu_us_per_change:.0f} µs/change, load {result.load_average:.1f}"
@@ -365,17 +372,17 @@ def render(results: Sequence[Result], command: str, keys: int, heartbeat_s: floa
         f"Rows: {keys:,} keys per faction, so a flood's changes touch at most {keys:,} distinct rows. "
         f"Heartbeat interval: {heartbeat_s:g} s (a reply later than that ends the socket).",
         "",
-        "| changes/s | backlog | sent | stored live | dropped | reconnects | change to stored max ms "
+        "| changes/s | seconds | backlog | sent | stored live | dropped | reconnects | change to stored max ms "
         "| heartbeat round trip max ms (samples) "
         "| resync events after | stored rows = upstream's | relay CPU % | relay CPU µs per change "
         "| machine load (1 min) | upstream late by max ms | relay warnings |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         heartbeat = "—" if r.heartbeat_max_ms is None else f"{r.heartbeat_max_ms:,.1f}"
         warnings = "; ".join(sorted(set(r.errors)))[:300] or "none"
         lines.append(
-            f"| {r.rate:,} | {r.backlog:,} | {r.sent:,} | {r.stored_live:,} | {r.dropped:,} | {r.reconnects} "
+            f"| {r.rate:,} | {r.duration_s:g} | {r.backlog:,} | {r.sent:,} | {r.stored_live:,} | {r.dropped:,} | {r.reconnects} "
             f"| {r.stored_lag_max_ms:,.0f} "
             f"| {heartbeat} ({r.heartbeats_seen}) | {r.resync_events:,} | {'yes' if r.state_matches else 'NO'} "
             f"| {r.relay_cpu_percent:.0f} | {r.relay_cpu_us_per_change:,.0f} | {r.load_average:.1f} "
@@ -390,6 +397,7 @@ def run_cli(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--small-backlog-rates", default=",".join(str(rate) for rate in SMALL_BACKLOG_RATES))
     parser.add_argument("--small-backlog", type=int, default=SMALL_BACKLOG)
     parser.add_argument("--duration-s", type=float, default=20.0)
+    parser.add_argument("--sustained-s", type=float, default=120.0, help="5,000/s this long too (0: not)")
     parser.add_argument("--keys", type=int, default=2_000)
     parser.add_argument("--heartbeat-s", type=float, default=HEARTBEAT_S)
     parser.add_argument("--no-pin", action="store_true", help="share the CPUs instead of one each")
@@ -404,9 +412,12 @@ def run_cli(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     rates = [5_000] if args.quick else [int(rate) for rate in args.rates.split(",") if rate]
     small = [] if args.quick else [int(r) for r in args.small_backlog_rates.split(",") if r]
-    scenarios = [(rate, MAX_BUFFERED_CHANGES) for rate in rates] + [(r, args.small_backlog) for r in small]
     duration = 5.0 if args.quick else args.duration_s
-    results = trio.run(main, scenarios, duration, args.keys, args.heartbeat_s, not args.no_pin)
+    scenarios = [(rate, MAX_BUFFERED_CHANGES, duration) for rate in rates]
+    if args.sustained_s and not args.quick:
+        scenarios.append((SUSTAINED_RATE, MAX_BUFFERED_CHANGES, args.sustained_s))
+    scenarios += [(rate, args.small_backlog, duration) for rate in small]
+    results = trio.run(main, scenarios, args.keys, args.heartbeat_s, not args.no_pin)
     command = " ".join([".venv/bin/python -m bench.flood", *(sys.argv[1:] if argv is None else argv)])
     text = render(results, command, args.keys, args.heartbeat_s)
     print(text)

@@ -30,7 +30,7 @@ async def test_past_the_relay_wide_bound_the_fullest_backlog_drops_its_oldest() 
     assert (shared.held, flooded.bytes, drops) == (90, 90, ["flooded", "flooded"])
     quiet.put(change(100), 30)  # the flooded faction makes room, not the quiet one
     assert (shared.held, quiet.bytes, drops.count("quiet")) == (90, 30, 0)
-    taken, size = await flooded.take_all()
+    taken, size = await flooded.take()
     assert [c.data["new"]["id"] for c in taken] == [3, 4]
     assert size == 60
     # Being stored still counts: memory is held until the commit returns.
@@ -46,7 +46,7 @@ async def test_a_batch_being_stored_is_never_dropped_and_leaves_the_count_when_s
     shared, drops = UpstreamBytes(50), list[str]()
     only = backlog(shared, drops, "only")
     only.put(change(1), 40)
-    taken, size = await only.take_all()
+    taken, size = await only.take()
     only.put(change(2), 40)  # over the bound with the batch in flight: the waiting change goes
     assert (len(taken), len(only), drops) == (1, 0, ["only"])
     only.stored(size)

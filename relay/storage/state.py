@@ -22,8 +22,13 @@ Row = dict[str, Any]
 RowKey = str
 
 
+_KEY_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+
+
 def row_key(value: Any) -> RowKey:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    if type(value) is int:  # nearly every key; JSON writes an int as Python does (a bool is not one)
+        return str(value)
+    return _KEY_ENCODER.encode(value)
 
 
 @dataclass(frozen=True, slots=True)

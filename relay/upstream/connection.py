@@ -8,6 +8,9 @@ and the owner is told (`ConnectionHooks.on_dropped`), then told again once the b
 empty for `FLOOD_OVER_AFTER_S` (`on_caught_up`): what was dropped is gone from the socket for good,
 and only a reconcile repairs it.
 
+Under a flood the reader also comes first in time: the deliverer waits while the reader is behind
+the socket (`relay.upstream.pacing`), and hands on at most MAX_BATCH_CHANGES at a time.
+
 Retrying is the supervisor's job: `run_connection` returns only by raising an `UpstreamError` (or
 being cancelled). trio-websocket, which is on life-support maintenance, is used only here, so
 replacing it touches this file alone.
@@ -30,6 +33,7 @@ from typing import NoReturn
 import trio
 import trio_websocket
 
+from relay.upstream.pacing import ReaderFirst, unread_probe
 from relay.upstream.phoenix import (
     AllChannelsLive,
     ChangeIgnored,
@@ -85,6 +89,10 @@ MAX_UPSTREAM_BYTES = 16 * 1024 * 1024
 # Phoenix's server closes a socket it has heard no heartbeat from for 60 s; until then, frames still
 # being read mean the socket is busy, not dead, and a late heartbeat reply is waited for this long.
 REPLY_PATIENCE_UNDER_DATA_S = 60.0
+# A batch is at most this (~0.3 s of the store's work on a slow VM, the commit's own cost shared by a
+# thousand changes already): under a flood the store is not handed ten seconds of work at once while
+# the reader waits for the CPU.
+MAX_BATCH_CHANGES = 1_000
 # A flood is over once the backlog has stayed empty this long: the pause between two bursts, or the
 # reader waiting on the socket for a moment, is still the same flood (one WARNING, one reconcile).
 FLOOD_OVER_AFTER_S = 1.0
@@ -151,7 +159,8 @@ async def run_connection(
                 async with trio.open_nursery() as ws_nursery:
                     ws = await _handshake(ws_nursery, stream, target, settings.connect_timeout_s)
                     try:
-                        await _converse(ws, session, hooks, settings, ending)
+                        pacing = ReaderFirst(unread_probe(stream))
+                        await _converse(ws, session, hooks, settings, ending, pacing)
                     finally:
                         await _close_politely(ws)
                     ws_nursery.cancel_scope.cancel()
@@ -220,6 +229,7 @@ async def _converse(
     hooks: ConnectionHooks,
     settings: ConnectionSettings,
     ending: list[UpstreamError],
+    pacing: ReaderFirst,
 ) -> None:
     for frame in session.join_frames():
         await ws.send_message(frame)
@@ -233,7 +243,7 @@ async def _converse(
         # leaves the nursery and is unwrapped by `run_connection`).
         for work in (
             _read(ws, session, hooks, acks, backlog),
-            _deliver_batches(backlog, hooks),
+            _deliver_batches(backlog, hooks, pacing),
             _heartbeat(ws, session, acks, settings.heartbeat_interval_s, hooks.on_heartbeat),
             _live_deadline(session),
         ):
@@ -342,13 +352,21 @@ class Backlog:
             await self._waiting.wait()
             self._waiting = trio.Event()
 
-    async def take_all(self) -> tuple[list[ChangeReceived], int]:
-        """Everything waiting, oldest first, once there is something, and its bytes: they stay
-        counted relay-wide until `stored` is called with them."""
+    async def take(self, limit: int | None = None) -> tuple[list[ChangeReceived], int]:
+        """The oldest `limit` changes waiting (all of them by default), once there is something, and
+        their bytes: they stay counted relay-wide until `stored` is called with them."""
         await self.wait_for_changes()
-        taken = [change for change, _ in self._items]
-        size, self.bytes = self.bytes, 0
-        self._items.clear()
+        if limit is None or limit >= len(self._items):
+            taken = [change for change, _ in self._items]
+            size, self.bytes = self.bytes, 0
+            self._items.clear()
+            return taken, size
+        taken, size = [], 0
+        for _ in range(limit):
+            change, change_size = self._items.popleft()
+            taken.append(change)
+            size += change_size
+        self.bytes -= size
         return taken, size
 
     def stored(self, size: int) -> None:
@@ -379,8 +397,8 @@ async def _read(
                 acks.answered.set()
 
 
-async def _deliver_batches(backlog: Backlog, hooks: ConnectionHooks) -> None:
-    """Everything waiting, as one batch, while the reader goes on filling the backlog."""
+async def _deliver_batches(backlog: Backlog, hooks: ConnectionHooks, pacing: ReaderFirst) -> None:
+    """What is waiting, a batch at a time, while the reader goes on filling the backlog."""
     while True:
         if backlog.dropped_since_empty:
             with trio.move_on_after(FLOOD_OVER_AFTER_S):
@@ -388,11 +406,14 @@ async def _deliver_batches(backlog: Backlog, hooks: ConnectionHooks) -> None:
             if not backlog:
                 backlog.dropped_since_empty = 0
                 hooks.on_caught_up()
-        batch, size = await backlog.take_all()
+        await backlog.wait_for_changes()
+        await pacing.turn()
+        batch, size = await backlog.take(MAX_BATCH_CHANGES)
         try:
             await hooks.deliver(batch)
         finally:
             backlog.stored(size)
+            pacing.done()
 
 
 async def _heartbeat(
