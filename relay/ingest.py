@@ -117,9 +117,7 @@ class Ingest:
             try:
                 encode(change.data)
             except UnstorableData as exc:
-                log.warning(
-                    "faction %s: a change to %s cannot be stored (%s); dropped", faction_id, change.table, exc
-                )
+                self._store.note_refused(faction_id, change.table, str(exc))
                 continue
             items.append((CHANGE_TYPE, change.data))
         return items

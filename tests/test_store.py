@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, closing, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -708,6 +710,43 @@ async def test_reconcile_emits_the_differences_and_leaves_live_keys_alone(tmp_pa
                 )
                 == []
             )
+
+
+async def test_a_reconcile_row_json_cannot_carry_is_left_out_with_a_warning_and_the_rest_stored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A NaN in an upstream row (REST answers are parsed leniently) made the planner raise in the write
+    thread: the committer ended, and the reconcile and every later append waited forever."""
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_state_store(tmp_path, clock) as store:
+            snapshot: list[dict[str, Any]] = [{"id": 1, "v": math.nan}, {"id": 2, "v": 1}]
+            events = await store.reconcile(FACTION, "war_calls", snapshot, skip=[], commit_timestamp="t")
+            assert [e.data()["new"] for e in events] == [{"id": 2, "v": 1}]
+            assert store.statistics().changes_refused == 1
+            (warning,) = [r for r in caplog.records if "cannot be stored" in r.getMessage()]
+            assert warning.levelname == "WARNING"
+            assert warning.getMessage().startswith(f"faction {FACTION}: a change to war_calls")
+            (stored,) = await store.append_events(FACTION, [war_call("INSERT", {"id": 3}, {})])
+            assert stored.data()["new"] == {"id": 3}
+            assert (await store.faction_state(FACTION)).tables["war_calls"] == [{"id": 2, "v": 1}, {"id": 3}]
+
+
+async def test_a_bug_in_planning_fails_that_commit_and_the_store_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever goes wrong while a commit is planned, the writers are answered (StoreError) and the
+    committer lives on. Here the planner is handed what JSON has no form for (a set: TypeError)."""
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_state_store(tmp_path, clock) as store:
+            with pytest.raises(StoreError, match="unexpectedly"):
+                await store.reconcile(
+                    FACTION, "war_calls", [{"id": 1, "v": {1, 2}}], skip=[], commit_timestamp="t"
+                )
+            assert any(r.exc_info for r in caplog.records if "unexpectedly" in r.getMessage())
+            assert len(await store.append_events(FACTION, [war_call("INSERT", {"id": 3}, {})])) == 1
+            assert (await store.faction_state(FACTION)).tables["war_calls"] == [{"id": 3}]
 
 
 async def test_missed_since_says_when_older_events_are_gone(tmp_path: Path) -> None:

@@ -272,6 +272,12 @@ class RelayCollector(Collector):
             "Stored faction rows that could not be read back, left for the next reconcile; see the log.",
             stats.faction_rows_quarantined,
         )
+        yield CounterMetricFamily(
+            f"{PREFIX}_upstream_changes_refused",
+            "Upstream changes, and rows a reconcile found, that JSON cannot carry (NaN, nested too"
+            " deep): not stored, one WARNING each.",
+            stats.changes_refused,
+        )
 
 
 def _per_faction(

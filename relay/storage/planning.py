@@ -68,6 +68,8 @@ class Plan:
     events: list[PlannedEvent] = field(default_factory=list)
     row_changes: list[RowChange] = field(default_factory=list)
     tombstones: dict[Place, str] = field(default_factory=dict)  # DELETEs planned: place -> commit time
+    # A reconcile's differences JSON cannot carry (a NaN upstream): faction, table and why; not stored.
+    refused: list[tuple[int, str, str]] = field(default_factory=list)
 
 
 class Tombstones:
@@ -119,12 +121,17 @@ def plan_chunk(
 ) -> tuple[Plan, bool]:
     """The next chunk of a reconcile's differences, taken from `changes`, and whether it was the last:
     at most `max_events` events and, unless one event is larger, `max_bytes` of JSON. The differences
-    are of disjoint keys, so each sees `rows` as they are."""
+    are of disjoint keys, so each sees `rows` as they are. A difference JSON cannot carry is left out,
+    rows and all, in `refused`: the next reconcile finds it again until upstream changes that row."""
     plan = Plan()
     size = 0
     for change in changes:
         served, effects = complete_change(faction_id, change, key_column, rows)
-        data_json = encode(served)
+        try:
+            data_json = encode(served)
+        except UnstorableData as exc:
+            plan.refused.append((faction_id, str(change.get("table")), str(exc)))
+            continue
         plan.events.append(PlannedEvent(0, faction_id, CHANGE_TYPE, data_json))
         plan.row_changes.extend(effects)
         size += len(data_json)

@@ -121,6 +121,7 @@ class StoreStatistics:
     group_commits: int  # transactions that stored appended events, each holding one or more appends
     events_quarantined: int  # stored events that could not be read back, skipped (`quarantine.py`)
     faction_rows_quarantined: int
+    changes_refused: int  # upstream changes or rows JSON cannot carry (NaN, nested too deep): not stored
 
 
 @asynccontextmanager
@@ -196,6 +197,7 @@ class Store:
         self._pending_appends: list[_Pending] = []
         self._appends_waiting = trio.Event()  # set while _pending_appends is not empty
         self._group_commits = 0
+        self._changes_refused = 0
         self._closing = False
         self._committer_done = trio.Event()
         # Every stamp ever assigned or promised; the next stamp is above it. Only changed by the
@@ -293,6 +295,17 @@ class Store:
     def missed_since(self, faction_id: int, since: int | None) -> bool:
         """Whether events after `since` are no longer retained: the answer is not the whole story."""
         return self._retained.missed_since(faction_id, since)
+
+    def note_refused(self, faction_id: int, table: str, reason: str) -> None:
+        """An upstream change, or a row a reconcile found, that JSON cannot carry was left out: upstream's
+        data, not our fault, so one WARNING each and a count; the socket and the rest go on."""
+        self._changes_refused += 1
+        log.warning(
+            "faction %d: a change to %s cannot be stored (%s); left out",
+            faction_id,
+            table,
+            reason,
+        )
 
     def note_lost(self, faction_id: int) -> None:
         """Changes of the faction were lost before they could be stored: a member whose cursor is
@@ -547,8 +560,15 @@ class Store:
                 plan = await self._database.write(insert)
             except StoreError as exc:
                 return exc
+            except Exception as exc:
+                # A bug in planning: rolled back, and reported to the writers like a storage fault.
+                # Left to end the committer, it would leave every writer of every faction waiting.
+                log.exception("%r: a commit failed unexpectedly; nothing of it was stored", self)
+                return StoreError(f"commit failed unexpectedly: {exc!r}")
             finally:
                 quarantine_rows(unreadable, self._quarantined)
+            for faction_id, table, reason in plan.refused:
+                self.note_refused(faction_id, table, reason)
             if not plan.events and not plan.row_changes:
                 return None
             self._group_commits += 1
@@ -674,6 +694,7 @@ class Store:
             group_commits=self._group_commits,
             events_quarantined=self._quarantined.events,
             faction_rows_quarantined=self._quarantined.faction_rows,
+            changes_refused=self._changes_refused,
         )
 
     async def _close(self) -> None:
