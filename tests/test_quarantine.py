@@ -70,9 +70,34 @@ async def test_poisoned_events_and_rows_are_skipped_logged_once_each_and_counted
             assert (await store.faction_state(FACTION)).tables == {"war_calls": [{"id": 2}]}
             stats = store.statistics()
             assert (stats.events_quarantined, stats.faction_rows_quarantined) == (3, 1)
+            # A member whose cursor is before a skipped event never sees it: told `truncated`.
+            assert store.missed_since(FACTION, kept.timestamp)
+            assert not store.missed_since(FACTION, not_json_either.timestamp)
+            assert not store.missed_since(OTHER, other.timestamp - 1)
     lines = [r.getMessage() for r in caplog.records if "quarantined" in r.getMessage()]
     assert len(lines) == 4
     assert all(SECRET not in line and "fffe" not in line for line in lines)
     assert f"event id={not_utf8.id} of faction {FACTION}: not UTF-8" in lines[0]
     assert "faction row war_calls/1 of faction 46666" in lines[-1]
     assert not any(r.exc_info for r in caplog.records)
+
+
+async def test_a_poisoned_event_read_from_the_database_tells_the_members_behind_it_truncated(
+    tmp_path: Path,
+) -> None:
+    """Older kept events are read from the database when a member asks for them (only the newest are
+    held in memory): one skipped there is a gap, like one skipped at start-up."""
+    database = tmp_path / "relay.db"
+    small_memory = RetentionConfig(events_per_faction=100, memory_bytes_per_faction=16 * 1024)
+    with trio.fail_after(10):
+        async with open_store(database, retention=small_memory, key_columns=KEYS) as store:
+            events = await store.append_events(FACTION, [("note", {"pad": "x" * 6_000}) for _ in range(8)])
+        poison(database, f"UPDATE events SET data = '{{\"broken' WHERE id = {events[1].id}")
+        async with open_store(database, retention=small_memory, key_columns=KEYS) as store:
+            behind = events[0].timestamp
+            assert not store.missed_since(FACTION, behind)  # not read yet: not known
+            found, _ = await store.read_since(FACTION, behind)
+            assert events[1].id not in [e.id for e in found]
+            assert store.statistics().database_pages_read == 1  # it was the database's page
+            assert store.missed_since(FACTION, behind)
+            assert not store.missed_since(FACTION, events[1].timestamp)

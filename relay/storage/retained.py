@@ -280,7 +280,7 @@ def load_retained(
         dropped_up_to[faction_id] = max(dropped_up_to.get(faction_id, 0), newest_dropped)
     hot = _newest_that_fit(retained, limits)
     wanted = [by_stamp[kept.timestamp] for kept in hot]
-    for event in _read_events(conn, [id for id, _ in wanted], quarantined):
+    for event in _read_events(conn, [id for id, _ in wanted], quarantined, retained):
         _, kept = by_stamp[event.timestamp]
         kept.event = event
     retained._hold_loaded(hot)
@@ -314,18 +314,25 @@ def _newest_that_fit(retained: RetainedEvents, limits: RetentionConfig) -> list[
     return chosen
 
 
-UnreadableEvent = tuple[int, int, Unreadable]  # an event that cannot be read back: id, faction, why
+UnreadableEvent = tuple[
+    int, int, int, Unreadable
+]  # an event that cannot be read back: id, faction, stamp, why
 
 
-def quarantine_events(unreadable: Iterable[UnreadableEvent], quarantined: QuarantineCounts) -> None:
-    """Count and log each unreadable event, once however often it is read again."""
-    for id, faction_id, reason in unreadable:
+def quarantine_events(
+    unreadable: Iterable[UnreadableEvent], quarantined: QuarantineCounts, retained: RetainedEvents
+) -> None:
+    """Count and log each unreadable event, once however often it is read again, and mark it a gap:
+    a member whose cursor is before it never sees it, so it is answered `truncated` (and reloads
+    /state, which the next reconcile has made whole)."""
+    for id, faction_id, timestamp, reason in unreadable:
+        retained.mark_lost(faction_id, timestamp)
         if quarantined.note_event(id):
             log_quarantined("event", f"id={id}", faction_id, reason)
 
 
 def _read_events(
-    conn: sqlite3.Connection, ids: Sequence[int], quarantined: QuarantineCounts
+    conn: sqlite3.Connection, ids: Sequence[int], quarantined: QuarantineCounts, retained: RetainedEvents
 ) -> Iterator[StoredEvent]:
     unreadable: list[UnreadableEvent] = []
     for start in range(0, len(ids), _LOAD_BATCH):
@@ -337,7 +344,7 @@ def _read_events(
             batch,
         )
         yield from readable_events(rows, unreadable)
-    quarantine_events(unreadable, quarantined)
+    quarantine_events(unreadable, quarantined, retained)
 
 
 def readable_events(
@@ -349,7 +356,7 @@ def readable_events(
         try:
             yield StoredEvent.build(id, faction_id, timestamp, decode_text(type), _checked_json(data))
         except Unreadable as reason:
-            unreadable.append((id, faction_id, reason))
+            unreadable.append((id, faction_id, timestamp, reason))
 
 
 def _checked_json(raw: object) -> str:

@@ -254,7 +254,7 @@ class Store:
             page, unreadable = await self._database.read(
                 functools.partial(_read_range, faction_id, after, through)
             )
-            quarantine_events(unreadable, self._quarantined)  # here in Trio: counted by one thread
+            quarantine_events(unreadable, self._quarantined, self._retained)  # in Trio: one thread counts
             self._database_pages_read += 1
             self._database_pages[place] = page
             self._database_pages_bytes += sum(event.size for event in page)
