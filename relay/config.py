@@ -224,7 +224,7 @@ def load_config(
     retention, limits, auth = section("retention"), section("limits"), section("auth")
     publish, logs = section("publish"), section("logging")
     from_file = source is not None and "storage.path" not in labels
-    return Config(
+    config = Config(
         server=ServerConfig(
             host=server.string("host"),
             port=server.integer("port", low=0, high=MAX_PORT),
@@ -264,6 +264,22 @@ def load_config(
         source=source,
         warnings=warnings,
     )
+    return dataclasses.replace(config, warnings=(*warnings, *_doubtful(config)))
+
+
+def _doubtful(config: Config) -> list[str]:
+    """Settings that work, but not as an operator would want: said once at start-up."""
+    maintenance_s, skew_s = config.retention.maintenance_interval_s, config.limits.max_clock_skew_s
+    if 0 < skew_s <= maintenance_s:
+        # The maintenance pass is what writes the wall clock down as the relay's clock: an idle
+        # instance's cursor can lag its neighbour's by that long after the clock steps back.
+        return [
+            f"retention.maintenance_interval_s ({maintenance_s:g} s) is not below limits.max_clock_skew_s"
+            f" ({skew_s:g} s): after the machine's clock steps back, an idle instance behind the same"
+            " proxy may refuse the cursors a busy one handed out (400 invalid_since); see README"
+            ' "Clocks"'
+        ]
+    return []
 
 
 def _relay_environ(environ: Mapping[str, str], overrides: Mapping[str, str]) -> dict[str, str]:

@@ -427,6 +427,16 @@ def test_each_old_name_in_a_file_is_one_warning_and_new_names_are_none(tmp_path:
     assert load(tmp_path, "").warnings == ()
 
 
+def test_a_maintenance_interval_not_below_the_clock_skew_allowed_is_warned_about(tmp_path: Path) -> None:
+    """The maintenance pass writes the wall clock down as the relay's clock: at an interval as long
+    as the skew allowed, an idle instance's cursors can fall that far behind a busy neighbour's."""
+    (warning,) = load(tmp_path, "[retention]\nmaintenance_interval_s = 600\n").warnings
+    assert "retention.maintenance_interval_s (600 s)" in warning
+    assert "limits.max_clock_skew_s (600 s)" in warning
+    assert load(tmp_path, "[retention]\nmaintenance_interval_s = 599\n").warnings == ()
+    assert load(tmp_path, "[limits]\nmax_clock_skew_s = 0\n").warnings == ()  # no skew allowed at all
+
+
 def test_an_old_and_a_new_name_for_the_same_key_are_refused(tmp_path: Path) -> None:
     # Whichever one won, the operator reading the other would believe it in force.
     message = refusal(tmp_path, "[retention]\nsubscription_ttl = 600\nsubscription_ttl_s = 900\n")
