@@ -67,6 +67,7 @@ class ReconcileStatistics:
     last_differences: int | None  # events it stored
     last_error: str | None  # of the latest attempt; None once one succeeds
     rest_requests: int  # upstream REST requests, all attempts
+    requested: int = 0  # reconciles asked for before their time (`Reconciler.request`)
 
 
 class Reconciler:
@@ -97,6 +98,8 @@ class Reconciler:
         self._last_differences: int | None = None
         self._last_error: str | None = None
         self._rest_requests = 0
+        self._requested = trio.Event()
+        self._requests = 0
 
     def __repr__(self) -> str:
         return f"Reconciler({self.faction_id})"
@@ -113,10 +116,23 @@ class Reconciler:
             if reading_table == table:
                 keys.update(touched)
 
+    def request(self, reason: str) -> None:
+        """Reconcile as soon as the one in progress, if any, has ended, rather than at the next interval:
+        something upstream said may have been missed (a second "Subscribed", a change that could not
+        be applied). Requests made meanwhile are one reconcile."""
+        if not self._requested.is_set():
+            log.info("%r: reconcile asked for: %s", self, reason)
+        self._requests += 1
+        self._requested.set()
+
     async def run_while_live(self) -> None:
-        """Reconcile now, then every interval; until cancelled (the connection ended)."""
+        """Reconcile now, then every interval or when asked (`request`); until cancelled (the
+        connection ended)."""
         self._backoff.reset()
         while True:
+            # A request made while this reconcile reads may concern a change after its read: it asks
+            # for the next one.
+            self._requested = trio.Event()
             while True:
                 try:
                     await self.reconcile_once()
@@ -127,7 +143,8 @@ class Reconciler:
                     log.warning("%r: reconcile failed (%s); retry in %.1f s", self, exc, delay)
                     await trio.sleep(delay)
             self._backoff.reset()
-            await trio.sleep(self._interval_s)
+            with trio.move_on_after(self._interval_s):
+                await self._requested.wait()
 
     async def reconcile_once(self) -> int:
         """Read every table, store the differences; returns how many there were."""
@@ -162,7 +179,12 @@ class Reconciler:
 
     def statistics(self) -> ReconcileStatistics:
         return ReconcileStatistics(
-            self._reconciles, self._last_at, self._last_differences, self._last_error, self._rest_requests
+            self._reconciles,
+            self._last_at,
+            self._last_differences,
+            self._last_error,
+            self._rest_requests,
+            self._requests,
         )
 
 
