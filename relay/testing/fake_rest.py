@@ -5,7 +5,16 @@ A connection's first request head decides what it is: an upgrade goes on to the 
 with the head replayed, anything else is answered here and closed. Modelled: the `apikey` header
 and `Authorization: Bearer` (both required, as Supabase's gateway does), `select=*`, filters with the
 Realtime filter operators (`eq`, `neq`, `lt`, `lte`, `gt`, `gte`, `in`; several are ANDed), one
-`order` column ascending, `limit`. Not modelled: other selects, `or=`, ranges, embedding, RLS.
+`order` column ascending or descending, `limit`, `select` of `*` or a list of columns, `HEAD`, the
+`db-max-rows` cap and its `Content-Range` header, and `Prefer: count=exact`. Not modelled: `or=`,
+`Range` request headers, offsets, embedding, RLS.
+
+The cap and the header are PostgREST's `RangeQuery.rangeStatusHeader` and `contentRangeH`
+(postgrest/src/PostgREST/RangeQuery.hs): a read is cut to `db-max-rows` rows without an error;
+`Content-Range` is `<first>-<last>/<total>` (`*/<total>` when no row came back), the total `*`
+unless the request asked `Prefer: count=exact`; the status is 200 unless a total is known and the
+rows sent are fewer than it, then 206 Partial Content. The total counts every row the filters
+select, whatever the limit or the cap.
 """
 
 from __future__ import annotations
@@ -87,43 +96,87 @@ def parse_head(head: bytes) -> RestRequest:
     return RestRequest(method, unquote(parts.path), parse_qsl(parts.query, keep_blank_values=True), headers)
 
 
-def answer(request: RestRequest, tables: Mapping[str, Table], valid_keys: Iterable[str]) -> tuple[int, Any]:
-    """(status, JSON body) as PostgREST behind Supabase's gateway would give them."""
+@dataclass(frozen=True)
+class RestAnswer:
+    status: int
+    body: Any  # JSON; None for HEAD
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def answer(
+    request: RestRequest, tables: Mapping[str, Table], valid_keys: Iterable[str], max_rows: int | None = None
+) -> RestAnswer:
+    """The answer PostgREST behind Supabase's gateway would give; `max_rows` is its `db-max-rows`."""
+    status, body, headers = _answer(request, tables, valid_keys, max_rows)
+    return RestAnswer(status, None if request.method == "HEAD" else body, headers)
+
+
+def _answer(
+    request: RestRequest, tables: Mapping[str, Table], valid_keys: Iterable[str], max_rows: int | None
+) -> tuple[int, Any, tuple[tuple[str, str], ...]]:
     keys = set(valid_keys)
     if not request.path.startswith(REST_PREFIX):
-        return 404, {"message": "no Route matched with those values"}
+        return 404, {"message": "no Route matched with those values"}, ()
     if request.headers.get("apikey") not in keys:
-        return 401, {
-            "message": "Invalid API key",
-            "hint": "Double check your Supabase `anon` or `service_role` API key.",
-        }
+        return (
+            401,
+            {
+                "message": "Invalid API key",
+                "hint": "Double check your Supabase `anon` or `service_role` API key.",
+            },
+            (),
+        )
     if request.headers.get("authorization") != f"Bearer {request.headers['apikey']}":
-        return 401, {"code": "PGRST301", "message": "JWT is missing or does not match the apikey"}
-    if request.method != "GET":
-        return 405, {"message": "this fake PostgREST reads only"}
+        return 401, {"code": "PGRST301", "message": "JWT is missing or does not match the apikey"}, ()
+    if request.method not in ("GET", "HEAD"):
+        return 405, {"message": "this fake PostgREST reads only"}, ()
     name = request.path.removeprefix(REST_PREFIX)
     table = tables.get(name)
     if table is None:
-        return 404, {"code": "42P01", "message": f'relation "public.{name}" does not exist'}
+        return 404, {"code": "42P01", "message": f'relation "public.{name}" does not exist'}, ()
     try:
-        return 200, select(table, request.query)
+        rows, total = select(table, request.query, max_rows)
     except (SubscriptionError, ValueError) as exc:
-        return 400, {"code": "PGRST100", "message": str(exc)}
+        return 400, {"code": "PGRST100", "message": str(exc)}, ()
+    counted = "count=exact" in request.headers.get("prefer", "")
+    status, content_range = range_status(len(rows), total if counted else None)
+    headers = [("Content-Range", content_range)]
+    if counted:
+        headers.append(("Preference-Applied", "count=exact"))
+    return status, rows, tuple(headers)
 
 
-def select(table: Table, query: Iterable[tuple[str, str]]) -> list[Row]:
+def range_status(sent: int, total: int | None) -> tuple[int, str]:
+    """PostgREST's status and Content-Range for `sent` rows from offset 0 of `total` (None: not counted)."""
+    last = sent - 1
+    shown_total = "*" if total is None else str(total)
+    rows_part = f"0-{last}" if total != 0 and last >= 0 else "*"
+    status = 206 if total is not None and sent < total else 200
+    return status, f"{rows_part}/{shown_total}"
+
+
+def select(
+    table: Table, query: Iterable[tuple[str, str]], max_rows: int | None = None
+) -> tuple[list[Row], int]:
+    """The rows a read returns (at most `limit`, at most `max_rows`), and how many its filters select."""
     filters: list[Filter] = []
     order: str | None = None
+    descending = False
     limit: int | None = None
+    columns: list[str] | None = None
     for name, value in query:
         if name == "select":
             if value != "*":
-                raise ValueError(f"this fake selects * only, not {value!r}")
+                columns = [column.strip() for column in value.split(",")]
+                unknown = [column for column in columns if column not in table.columns]
+                if unknown:
+                    raise ValueError(f"column {unknown[0]!r} of {table.name} does not exist")
         elif name == "order":
             column, _, direction = value.partition(".")
-            if direction not in ("", "asc"):
-                raise ValueError(f"this fake orders ascending only, not {value!r}")
+            if direction not in ("", "asc", "desc"):
+                raise ValueError(f"this fake orders by asc or desc only, not {value!r}")
             order = column
+            descending = direction == "desc"
         elif name == "limit":
             limit = int(value)
         else:
@@ -134,8 +187,12 @@ def select(table: Table, query: Iterable[tuple[str, str]]) -> list[Row]:
     rows = [row for row in table.rows.values() if all(f.matches(row) for f in filters)]
     if order is not None:
         column = order
-        rows.sort(key=lambda row: (row.get(column) is None, row.get(column)))
-    return [dict(row) for row in rows[:limit]]
+        rows.sort(key=lambda row: (row.get(column) is None, row.get(column)), reverse=descending)
+    caps = [cap for cap in (limit, max_rows) if cap is not None]
+    sent = rows[: min(caps)] if caps else rows
+    if columns is not None:
+        return [{column: row.get(column) for column in columns} for row in sent], len(rows)
+    return [dict(row) for row in sent], len(rows)
 
 
 def _unquoted(value: str) -> str:
@@ -146,13 +203,36 @@ def _unquoted(value: str) -> str:
     return f"{operator}{dot}{operand}"
 
 
-def http_response(status: int, body: Any) -> bytes:
-    payload = json.dumps(body, separators=(",", ":")).encode()
-    reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed"}
+REASONS = {
+    200: "OK",
+    206: "Partial Content",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+}
+
+
+def http_response(status: int, body: Any, headers: Iterable[tuple[str, str]] = ()) -> bytes:
+    """The whole response; a None body (HEAD) sends the head alone."""
+    payload = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
     head = (
-        f"HTTP/1.1 {status} {reason.get(status, 'Error')}\r\n"
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
         "Content-Type: application/json; charset=utf-8\r\n"
+        f"{extra}"
         f"Content-Length: {len(payload)}\r\n"
         "Connection: close\r\n\r\n"
     )
     return head.encode() + payload
+
+
+def request_faction(request: RestRequest, column: str = "faction_id") -> int | None:
+    """The faction a read is for (its `<column>=eq.N` filter), None for a read across factions."""
+    for name, value in request.query:
+        if name == column and value.startswith("eq."):
+            try:
+                return int(value[3:])
+            except ValueError:
+                return None
+    return None

@@ -15,7 +15,7 @@ import copy
 import json
 import logging
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeAlias, TypeVar
@@ -26,7 +26,15 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from wsproto.events import Message
 from wsproto.utilities import LocalProtocolError
 
-from relay.testing.fake_rest import ReplayStream, RestRequest, answer, http_response, parse_head, read_head
+from relay.testing.fake_rest import (
+    ReplayStream,
+    RestRequest,
+    answer,
+    http_response,
+    parse_head,
+    read_head,
+    request_faction,
+)
 from relay.testing.fake_tables import (
     FACTION_MESSAGES_COLUMNS,
     WAR_CALLS_COLUMNS,
@@ -270,6 +278,12 @@ class FakeSupabase:
         self.rest_requests: deque[RestRequest] = deque(maxlen=RECEIVED_FRAMES_KEPT)
         self.rest_request_count = 0
         self.rest_hold: trio.Event | None = None
+        # PostgREST's db-max-rows (Supabase sets 1,000; operators lower it): a read's rows are cut to it.
+        self.rest_max_rows: int | None = None
+        self.rest_drop_content_range = False  # as a proxy that strips it: no total ever known
+        # What REST cost, per faction read (`faction_id=eq.N`; None for a read across factions).
+        self.rest_bytes: Counter[int | None] = Counter()  # response bytes, head included
+        self.rest_requests_by_faction: Counter[int | None] = Counter()
         self._rest_failure: _Fault[int] | None = None
         self._host = host
         self._requested_port = port
@@ -281,6 +295,8 @@ class FakeSupabase:
         self._join_failure: _Fault[str] | None = None
         self._subscription_failure: _Fault[str] | None = None
         self._changed = trio.Event()
+        self._capture_running = True  # see stop_capture
+        self.capture_restarts = 0
         # FULL so that a DELETE still carries faction_id and reaches the faction's filtered channel.
         self.define_table("war_calls", replica_identity="full", columns=WAR_CALLS_COLUMNS)
         self.define_table("faction_messages", replica_identity="full", columns=FACTION_MESSAGES_COLUMNS)
@@ -419,6 +435,56 @@ class FakeSupabase:
                 connection._send(_frame(topic, "phx_close", {}, channel.join_ref))
         self._notify()
 
+    def stop_capture(self) -> None:
+        """The project's change-capture workers stop, as they do on a region rebalance or when the
+        poller gives up (audit finding 1, supabase/realtime `Extensions.PostgresCdcRls`): every
+        channel stays joined and its heartbeats answered, but no change reaches anyone. The next
+        subscribing join, from any socket, starts the workers cold, and a cold start deletes every
+        subscription row (`Subscriptions.delete_all`), so the channels joined before stay deaf until
+        they rejoin; nobody is told."""
+        self._capture_running = False
+        self._notify()
+
+    def _restart_capture(self) -> None:
+        for connection in self._connections:
+            for channel in connection._channels.values():
+                channel.live = False  # its subscription rows are gone: nothing matches it any more
+        self._capture_running = True
+        self.capture_restarts += 1
+
+    def seed_history(self, faction_id: int, rows_per_table: int, first_key: int | None = None) -> None:
+        """Give `faction_id` the history a faction that has used today's script carries: `rows_per_table`
+        old calls and chat messages, written before anyone listened (never delivered)."""
+        start = faction_id * 1_000_000 if first_key is None else first_key
+        for n in range(rows_per_table):
+            day = f"2026-11-{1 + n % 28:02d}T12:{n % 60:02d}:00.000Z"
+            self.insert(
+                "war_calls",
+                {
+                    "id": start + n,
+                    "faction_id": faction_id,
+                    "war_id": 1 + n // 50,
+                    "target_id": 2_000_000 + n,
+                    "target_name": f"Target{n}",
+                    "caller_id": 3_000_000 + n % 40,
+                    "caller_name": f"Caller{n % 40}",
+                    "created_at": day,
+                },
+                deliver=False,
+            )
+            self.insert(
+                "faction_messages",
+                {
+                    "id": start + n,
+                    "faction_id": faction_id,
+                    "sender_id": 3_000_000 + n % 40,
+                    "sender_name": f"Caller{n % 40}",
+                    "message": f"old message {n}",
+                    "created_at": day,
+                },
+                deliver=False,
+            )
+
     # --- tables ---
 
     def define_table(
@@ -533,6 +599,8 @@ class FakeSupabase:
             raise KeyError(f"no table {name!r}; define_table() it first") from None
 
     def _publish(self, table: Table, data: dict[str, Any], filter_row: Row) -> None:
+        if not self._capture_running:
+            return
         for connection in self._connections:
             if connection.frozen:
                 continue
@@ -595,14 +663,21 @@ class FakeSupabase:
         self.rest_request_count += 1
         failure, self._rest_failure = _take(self._rest_failure)
         if failure is not None:
-            status, body = failure, {"message": "scripted failure"}
+            response = http_response(failure, {"message": "scripted failure"})
         else:
-            status, body = answer(request, self._tables, self.valid_keys)  # the rows, read now
+            read = answer(request, self._tables, self.valid_keys, self.rest_max_rows)  # the rows, read now
+            headers = [
+                h for h in read.headers if not (self.rest_drop_content_range and h[0] == "Content-Range")
+            ]
+            response = http_response(read.status, read.body, headers)
+        faction = request_faction(request)
+        self.rest_bytes[faction] += len(response)
+        self.rest_requests_by_faction[faction] += 1
         self._notify()
         if self.rest_hold is not None:
             await self.rest_hold.wait()
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await stream.send_all(http_response(status, body))
+            await stream.send_all(response)
         await stream.aclose()
 
     async def _handle_request(
@@ -860,6 +935,8 @@ class FakeSupabase:
                 _system(channel.topic, extension="postgres_changes", status="error", message=error)
             )
             return
+        if not self._capture_running:
+            self._restart_capture()
         channel.bindings = subscription.bindings
         channel.live = True
         connection._send(

@@ -4,6 +4,14 @@ A snapshot is what a reconcile compares the stored rows with: `GET <rest base>/<
 channel's filter>&order=<key>.asc&limit=<page>`, paged by key (`<key>=gt.<last key>`) rather than by
 offset, so that a row inserted or deleted while the pages are read cannot shift a row out of every
 page. Each page is one upstream request; a faction with fewer rows than a page costs one per table.
+
+PostgREST cuts every read to its `db-max-rows` (Supabase's default is 1,000; an operator may set it
+lower) without an error: a cut page is an ordinary 200 whose `Content-Range` says only which rows
+came (`0-499/*`). So a short page is never taken as the last one by itself. Each request asks
+`Prefer: count=exact`, and PostgREST's `Content-Range` then carries how many rows the filters select
+(`0-499/1300`, status 206 when that is more than were sent; postgrest `RangeQuery.rangeStatusHeader`):
+a page holding all of them is the last. Without a total (a proxy dropped the header, an older
+PostgREST), the read goes on until a page comes back empty, one request more.
 """
 
 from __future__ import annotations
@@ -63,6 +71,17 @@ def key_operand(value: Any) -> str:
 class Snapshot:
     rows: list[dict[str, Any]]
     requests: int  # upstream requests it took: one per page
+    bytes: int = 0  # response bodies received
+
+
+def content_range_total(header: str | None) -> int | None:
+    """The total of a PostgREST `Content-Range` (`0-9/25`, `*/0`), None when absent or `*`."""
+    if not header:
+        return None
+    _, slash, total = header.strip().rpartition("/")
+    if not slash or not total.isdigit():
+        return None
+    return int(total)
 
 
 async def read_rows(
@@ -71,10 +90,13 @@ async def read_rows(
     """Every row of `table` that the channel's filter selects, in key order."""
     rows: list[dict[str, Any]] = []
     requests = 0
+    received = 0
+    seen: set[Any] = set()
     headers = {
         "apikey": settings.api_key,
         "Authorization": f"Bearer {settings.api_key}",
         "Accept": "application/json",
+        "Prefer": "count=exact",
     }
     base = [
         ("select", "*"),
@@ -96,20 +118,37 @@ async def read_rows(
                 timeout=settings.timeout_s,
             ) as response:
                 body = b"".join([chunk async for chunk in response.aiter_bytes()])
+                total = content_range_total(response.headers.get("content-range"))
         except httpx.HTTPError as exc:
             raise SnapshotError(f"reading {table}: {type(exc).__name__}: {exc}", requests) from None
+        received += len(body)
         try:
             page = _page(response.status_code, body, key)
+            _check_progress(page, key, seen)
         except ValueError as exc:
             raise SnapshotError(f"reading {table}: {exc}", requests) from None
         rows.extend(page)
-        if len(page) < PAGE_ROWS:
-            return Snapshot(rows, requests)
+        # The total counts the rows after the last key read, so a page holding that many is the last.
+        if not page or (total is not None and len(page) >= total):
+            return Snapshot(rows, requests, received)
+
+
+def _check_progress(page: list[dict[str, Any]], key: str, seen: set[Any]) -> None:
+    """A page must hold only keys not read before: a server ignoring the key filter would otherwise
+    be read forever."""
+    for row in page:
+        value = row[key]
+        try:
+            if value in seen:
+                raise ValueError(f"the server sent {key} {value!r} twice; its paging is broken")
+            seen.add(value)
+        except TypeError:
+            raise ValueError(f"the {key!r} column holds an unhashable value") from None
 
 
 def _page(status: int, body: bytes, key: str) -> list[dict[str, Any]]:
     """The rows of one answer; ValueError saying what is wrong with it."""
-    if status != 200:
+    if status not in (200, 206):  # 206: PostgREST's "more rows than these" (see the module doc)
         try:
             detail = json.loads(body).get("message")
         except (ValueError, AttributeError):
