@@ -72,6 +72,7 @@ $(BENCH_STAMP): $(STAMP)
 #   RESULTS-flood.md       one faction flooded at 1,000-10,000 changes/s: kept, dropped, reconnects
 #   RESULTS-footprint.md   memory per held client and per idle faction, and start-up time
 #   RESULTS-budget.md      issue 16: the relay's RSS under the worst legitimate load at the defaults, against its budget
+#   RESULTS-upstream-cost.md issue 17: REST requests and bytes, connects, joins, heartbeats per faction-hour and day
 #   PROFILE-sse.md         py-spy of the relay delivering to 5,000 SSE clients (short polls: in RESULTS-shortpoll.md)
 #   PROFILE-footprint.md   tracemalloc: where a held SSE client's and an idle faction's memory goes
 bench: $(BENCH_STAMP)
@@ -83,6 +84,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.flood
 	$(BIN)/python -m bench.footprint
 	$(BIN)/python -m bench.budget
+	$(BIN)/python -m bench.upstream_cost
 	$(BIN)/python -m bench.delivery --kinds sse --clients 5000 --duration-s 20 --profile bench/PROFILE-sse.md
 	$(BIN)/python -m bench.footprint --tracemalloc --parts clients,factions --kinds sse --clients 3000 --factions 200 --output bench/PROFILE-footprint.md
 

@@ -107,7 +107,9 @@ class UpstreamConfig:
     backoff_max_s: float = 60.0
     joins_per_second: float = 20.0
     rest_url: str = ""  # PostgREST base; empty: derived from url (…/realtime/v1/websocket → …/rest/v1)
-    reconcile_interval_s: float = 300.0
+    reconcile_interval_s: float = 300.0  # only while probe_interval_s is 0 (relay.upstream.deafness)
+    probe_interval_s: float = 40.0  # 0: no deafness probes, a full reconcile every reconcile_interval_s
+    probe_grace_s: float = 10.0
     channels: tuple[ChannelConfig, ...] = (
         ChannelConfig("war_calls", "faction_id=eq.{faction_id}"),
         ChannelConfig("faction_messages", "faction_id=eq.{faction_id}"),
@@ -401,6 +403,8 @@ def _upstream(table: _Table, where: str) -> UpstreamConfig:
         joins_per_second=table.rate("joins_per_second"),
         rest_url=_rest_url(table),
         reconcile_interval_s=table.seconds("reconcile_interval_s"),
+        probe_interval_s=table.seconds("probe_interval_s", allow_zero=True),
+        probe_grace_s=table.seconds("probe_grace_s"),
         channels=_channels(table),
     )
     if upstream.backoff_initial_s > upstream.backoff_max_s:

@@ -53,8 +53,9 @@ from relay.memory import COLLECT_EVERY_S, collect_young_garbage
 from relay.storage.store import Store, open_store, wall_clock_ms
 from relay.traffic import Traffic
 from relay.upstream.connection import ConnectionSettings
+from relay.upstream.deafness import DeafWatch
 from relay.upstream.reconcile import Reconciling
-from relay.upstream.snapshot import RestSettings, read_rows
+from relay.upstream.snapshot import RestSettings, probe_rows, read_rows
 from relay.upstream.supervisor import Supervisors, SupervisorSettings
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class Services:
     version: str
     started_at: float  # trio clock
     wall_clock_ms: Callable[[], int]
+    deafness: DeafWatch | None = None  # None while probes are off (upstream.probe_interval_s = 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +191,17 @@ def build_services(
     traffic = Traffic()
     ingest = Ingest(store, hub, traffic, key_columns=upstream.key_columns, channels=upstream.channels)
     rest = RestSettings(upstream.rest_base, upstream.anon_key, upstream.connect_timeout_s)
+    deafness = (
+        DeafWatch(
+            upstream.channels,
+            functools.partial(probe_rows, rest_client, rest),
+            interval_s=upstream.probe_interval_s,
+            grace_s=upstream.probe_grace_s,
+            wall_clock_ms=wall_clock_ms,
+        )
+        if upstream.probe_interval_s > 0
+        else None
+    )
     reconciling = Reconciling(
         upstream.channels,
         functools.partial(read_rows, rest_client, rest),
@@ -197,6 +210,7 @@ def build_services(
         backoff_initial_s=upstream.backoff_initial_s,
         backoff_max_s=upstream.backoff_max_s,
         wall_clock_ms=wall_clock_ms,
+        watch=deafness,
     )
     supervisors = Supervisors(
         supervisor_settings(config),
@@ -207,6 +221,8 @@ def build_services(
         route_shared_deletes=ingest.route_shared_deletes,
         on_lost=ingest.changes_lost,
     )
+    if deafness is not None:
+        deafness.on_deaf = lambda factions: supervisors.rejoin_all(f"faction(s) {list(factions)} found deaf")
     return Services(
         config=config,
         store=store,
@@ -221,6 +237,7 @@ def build_services(
         version=relay.__version__,
         started_at=trio.current_time(),
         wall_clock_ms=wall_clock_ms,
+        deafness=deafness,
     )
 
 

@@ -128,7 +128,16 @@ async def test_status_lists_each_faction_with_its_upstream(relay: RunningRelay) 
     await relay.store.append_events(FACTION, [("postgres_changes", change(1))])
     response = await client(relay).get("/status")
     body = await response.get_json()
-    assert set(body) == {"online", "timestamp", "now", "version", "uptime_s", "factions", "shared_deletes"}
+    assert set(body) == {
+        "online",
+        "timestamp",
+        "now",
+        "version",
+        "uptime_s",
+        "factions",
+        "deafness",
+        "shared_deletes",
+    }
     assert body["online"] is True
     assert body["shared_deletes"]["state"] in {"connecting", "connected"}
     (faction,) = body["factions"]
@@ -148,6 +157,7 @@ async def test_status_lists_each_faction_with_its_upstream(relay: RunningRelay) 
         "differences",
         "last_error",
         "rest_requests",
+        "rest_bytes",
     }
     assert set(faction["upstream"]) == {
         "state",

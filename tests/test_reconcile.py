@@ -208,7 +208,8 @@ async def test_a_failing_rest_read_is_retried_shown_and_never_holds_up_live_even
 ) -> None:
     fake_upstream.insert("war_calls", call(1), deliver=False)
     fake_upstream.fail_rest(503)
-    relay = await start(nursery, make_config, "reconcile_interval_s = 0.3\n")
+    # The periodic reconcile of a relay without deafness probes.
+    relay = await start(nursery, make_config, "reconcile_interval_s = 0.3\nprobe_interval_s = 0\n")
     with trio.fail_after(TIMEOUT_S):
         await fake_upstream.wait_until(lambda: fake_upstream.rest_request_count >= 2)  # retried
         stats = relay.supervisors.statistics()[FACTION].reconcile

@@ -22,6 +22,7 @@ from relay.http.answers import AnswerCache
 from relay.http.stats import ConnectionStatistics, Histogram
 from relay.http.status import faction_snapshots
 from relay.traffic import Source
+from relay.upstream.deafness import DeafStatistics
 from relay.upstream.shared_deletes import RouterStatistics
 from relay.upstream.supervisor import UpstreamState, UpstreamStatistics
 
@@ -132,6 +133,8 @@ class RelayCollector(Collector):
         )
         yield from _shared_deletes(services.supervisors.shared_deletes_statistics())
         yield from _delete_routing(services.ingest.shared_deletes_statistics())
+        if services.deafness is not None:
+            yield from _deafness(services.deafness.statistics())
 
     def _traffic(self) -> Iterator[Metric]:
         services = self._services
@@ -299,6 +302,30 @@ def _shared_deletes(stats: UpstreamStatistics | None) -> Iterator[Metric]:
         f"{PREFIX}_shared_deletes_changes_received",
         "DELETEs received on the relay-wide channels, before routing to factions.",
         stats.changes_received,
+    )
+
+
+def _deafness(stats: DeafStatistics) -> Iterator[Metric]:
+    yield CounterMetricFamily(
+        f"{PREFIX}_deaf_found",
+        "Times the project's channels were found deaf (joined, hearing nothing).",
+        stats.deaf_found,
+    )
+    yield CounterMetricFamily(
+        f"{PREFIX}_deaf_rejoins",
+        "Faction rejoins asked for because the project's channels were deaf.",
+        stats.rejoins,
+    )
+    yield GaugeMetricFamily(
+        f"{PREFIX}_deaf_last_found_timestamp_seconds",
+        "When the channels were last found deaf (Unix seconds); 0 never.",
+        (stats.last_found_at or 0) / 1000,
+    )
+    yield CounterMetricFamily(
+        f"{PREFIX}_deaf_probe_requests", "REST requests made by deafness probes.", stats.probe_requests
+    )
+    yield CounterMetricFamily(
+        f"{PREFIX}_deaf_probe_errors", "Deafness probe rounds that failed.", stats.probe_errors
     )
 
 

@@ -79,6 +79,7 @@ async def status_document(services: Services) -> dict[str, Any]:
         "version": services.version,
         "uptime_s": round(trio.current_time() - services.started_at, 3),
         "factions": factions,
+        "deafness": _deafness_document(services),
         # The relay-wide DELETE subscription (tables with deletes = "shared"); null until a faction starts it.
         "shared_deletes": None
         if shared is None
@@ -92,15 +93,39 @@ async def status_document(services: Services) -> dict[str, Any]:
     }
 
 
+def _deafness_document(services: Services) -> dict[str, Any] | None:
+    """The project's deafness probes (relay.upstream.deafness); null while they are off."""
+    if services.deafness is None:
+        return None
+    stats = services.deafness.statistics()
+    return {
+        "rounds": stats.rounds,
+        "probe_requests": stats.probe_requests,
+        "probe_errors": stats.probe_errors,
+        "deaf_found": stats.deaf_found,
+        "rejoins": stats.rejoins,
+        "last_found_at": stats.last_found_at,
+        "last_factions": list(stats.last_factions),
+    }
+
+
 def _reconcile_document(stats: ReconcileStatistics | None) -> dict[str, Any]:
     if stats is None:
-        return {"reconciles": 0, "last_at": None, "differences": None, "last_error": None, "rest_requests": 0}
+        return {
+            "reconciles": 0,
+            "last_at": None,
+            "differences": None,
+            "last_error": None,
+            "rest_requests": 0,
+            "rest_bytes": 0,
+        }
     return {
         "reconciles": stats.reconciles,
         "last_at": stats.last_at,
         "differences": stats.last_differences,
         "last_error": stats.last_error,
         "rest_requests": stats.rest_requests,
+        "rest_bytes": stats.rest_bytes,
     }
 
 

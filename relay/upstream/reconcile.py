@@ -17,6 +17,7 @@ which flow on the same socket meanwhile.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from relay.config import ChannelConfig
 from relay.storage.planning import UnstorableData
 from relay.storage.store import StoreError
 from relay.upstream.backoff import Backoff
+from relay.upstream.deafness import DeafWatch
 from relay.upstream.snapshot import Snapshot, SnapshotError
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ class ReconcileStatistics:
     last_error: str | None  # of the latest attempt; None once one succeeds
     rest_requests: int  # upstream REST requests, all attempts
     requested: int = 0  # reconciles asked for before their time (`Reconciler.request`)
+    rest_bytes: int = 0  # response bodies the reconciles read
 
 
 class Reconciler:
@@ -82,6 +85,7 @@ class Reconciler:
         backoff: Backoff,
         wall_clock_ms: Callable[[], int],
         snapshots: trio.CapacityLimiter | None = None,
+        watch: DeafWatch | None = None,
     ) -> None:
         self.faction_id = faction_id
         self._snapshots = snapshots or trio.CapacityLimiter(SNAPSHOTS_AT_ONCE)
@@ -92,7 +96,12 @@ class Reconciler:
         self._interval_s = interval_s
         self._backoff = backoff
         self._wall_clock_ms = wall_clock_ms
-        self._reading: list[tuple[str, set[Any]]] = []  # (table, keys changed live) per read in flight
+        # (table, keys changed live, those changes in order) per read in flight
+        self._reading: list[tuple[str, set[Any], list[tuple[str, Any]]]] = []
+        # The keys the relay has heard of, per table: the last snapshot's, then every live change
+        # since. None until the first reconcile of a live period; what a deafness probe compares.
+        self._heard_keys: dict[str, set[Any]] | None = None
+        self.heard = 0  # live changes noted; a faction whose count stands still is silent
         self._reconciles = 0
         self._last_at: int | None = None
         self._last_differences: int | None = None
@@ -100,21 +109,45 @@ class Reconciler:
         self._rest_requests = 0
         self._requested = trio.Event()
         self._requests = 0
+        self._rest_bytes = 0
+        self._watch = watch
 
     def __repr__(self) -> str:
         return f"Reconciler({self.faction_id})"
 
     def note_live_change(self, table: str, change: dict[str, Any]) -> None:
-        """A change on the socket: any read of its table in flight must leave its keys alone."""
+        """A change on the socket: any read of its table in flight must leave its keys alone, and the
+        keys heard of follow it."""
+        self.heard += 1
         key = self._keys.get(table)
-        if key is None or not self._reading:
+        if key is None:
             return
-        touched = [
-            row[key] for row in (change.get("new"), change.get("old")) if isinstance(row, dict) and key in row
-        ]
-        for reading_table, keys in self._reading:
+        steps = _key_steps(change, key)
+        if self._heard_keys is not None:
+            _follow(self._heard_keys.setdefault(table, set()), steps)
+        touched = [value for _, value in steps]
+        for reading_table, keys, log in self._reading:
             if reading_table == table:
                 keys.update(touched)
+                log.extend(steps)
+
+    def heard_of(self, table: str) -> tuple[int, Any] | None:
+        """(rows, greatest key) of the table as the relay has heard it; None before the first
+        reconcile of this live period, or when its keys do not compare."""
+        if self._heard_keys is None:
+            return None
+        keys = self._heard_keys.get(table, set())
+        try:
+            return len(keys), max(keys) if keys else None
+        except TypeError:
+            return None
+
+    @property
+    def tables(self) -> list[str]:
+        return [channel.table for channel in self._channels]
+
+    def key_of(self, table: str) -> str:
+        return self._keys[table]
 
     def request(self, reason: str) -> None:
         """Reconcile as soon as the one in progress, if any, has ended, rather than at the next interval:
@@ -126,9 +159,17 @@ class Reconciler:
         self._requested.set()
 
     async def run_while_live(self) -> None:
-        """Reconcile now, then every interval or when asked (`request`); until cancelled (the
-        connection ended)."""
+        """Reconcile now, then when asked (`request`) or, without a deafness watch, every interval;
+        until cancelled (the connection ended)."""
         self._backoff.reset()
+        self._heard_keys = None  # a new live period: what was heard before may have been missed
+        async with trio.open_nursery() as nursery:
+            if self._watch is not None:
+                nursery.start_soon(self._watch.take_part, self)
+            await self._reconcile_when_due()
+
+    async def _reconcile_when_due(self) -> None:
+        interval_s = math.inf if self._watch is not None else self._interval_s
         while True:
             # A request made while this reconcile reads may concern a change after its read: it asks
             # for the next one.
@@ -143,7 +184,7 @@ class Reconciler:
                     log.warning("%r: reconcile failed (%s); retry in %.1f s", self, exc, delay)
                     await trio.sleep(delay)
             self._backoff.reset()
-            with trio.move_on_after(self._interval_s):
+            with trio.move_on_after(interval_s):
                 await self._requested.wait()
 
     async def reconcile_once(self) -> int:
@@ -162,7 +203,8 @@ class Reconciler:
 
     async def _reconcile_table(self, channel: ChannelConfig) -> int:
         live_keys: set[Any] = set()
-        entry = (channel.table, live_keys)
+        live_log: list[tuple[str, Any]] = []
+        entry = (channel.table, live_keys, live_log)
         self._reading.append(entry)
         read_at = self._wall_clock_ms()
         try:
@@ -173,6 +215,12 @@ class Reconciler:
         finally:
             self._reading.remove(entry)
         self._rest_requests += snapshot.requests
+        self._rest_bytes += snapshot.bytes
+        heard = {row[channel.key] for row in snapshot.rows if channel.key in row}
+        _follow(heard, live_log)  # what came live during the read is at least as new as the read
+        if self._heard_keys is None:
+            self._heard_keys = {}
+        self._heard_keys[channel.table] = heard
         return await self._apply(
             self.faction_id, channel.table, snapshot.rows, frozenset(live_keys), commit_timestamp(read_at)
         )
@@ -185,7 +233,33 @@ class Reconciler:
             self._last_error,
             self._rest_requests,
             self._requests,
+            self._rest_bytes,
         )
+
+
+def _key_steps(change: dict[str, Any], key: str) -> list[tuple[str, Any]]:
+    """A change (realtime-js shape) as what it does to the set of keys: ("remove", old key), ("add",
+    new key)."""
+    steps: list[tuple[str, Any]] = []
+    old, new = change.get("old"), change.get("new")
+    kind = change.get("eventType")
+    moved = isinstance(new, dict) and isinstance(old, dict) and key in old and new.get(key) != old[key]
+    if isinstance(old, dict) and key in old and (kind == "DELETE" or moved):
+        steps.append(("remove", old[key]))
+    if isinstance(new, dict) and key in new and kind != "DELETE":
+        steps.append(("add", new[key]))
+    return steps
+
+
+def _follow(keys: set[Any], steps: list[tuple[str, Any]]) -> None:
+    for step, value in steps:
+        try:
+            if step == "add":
+                keys.add(value)
+            else:
+                keys.discard(value)
+        except TypeError:  # an unhashable key: the probe cannot use this table
+            continue
 
 
 class Reconciling:
@@ -201,8 +275,10 @@ class Reconciling:
         backoff_initial_s: float,
         backoff_max_s: float,
         wall_clock_ms: Callable[[], int],
+        watch: DeafWatch | None = None,
     ) -> None:
         self._channels = list(channels)
+        self.watch = watch
         self._read = read
         self._ingest = ingest
         self._interval_s = interval_s
@@ -220,6 +296,7 @@ class Reconciling:
             backoff=Backoff(*self._backoff_s),
             wall_clock_ms=self._wall_clock_ms,
             snapshots=self._snapshots,
+            watch=self.watch,
         )
         self._ingest.watch_live_changes(faction_id, reconciler)
         return reconciler

@@ -161,3 +161,40 @@ def _page(status: int, body: bytes, key: str) -> list[dict[str, Any]]:
     if not isinstance(page, list) or not all(isinstance(row, dict) and key in row for row in page):
         raise ValueError(f"the answer is not a list of rows with a {key!r} column")
     return page
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """How many rows a read selects and the greatest key among them: what a deafness probe compares."""
+
+    count: int
+    newest: Any  # None when there is no row
+    bytes: int  # response body received
+
+
+async def probe_rows(
+    client: httpx.AsyncClient, settings: RestSettings, table: str, filters: list[tuple[str, str]], key: str
+) -> Probe:
+    """One request, whatever the table's size: `select=<key>&order=<key>.desc&limit=1` with
+    `Prefer: count=exact`, so the body is one key and the count rides in `Content-Range`."""
+    headers = {
+        "apikey": settings.api_key,
+        "Authorization": f"Bearer {settings.api_key}",
+        "Accept": "application/json",
+        "Prefer": "count=exact",
+    }
+    params = (("select", key), *filters, ("order", f"{key}.desc"), ("limit", "1"))
+    try:
+        response = await client.get(
+            f"{settings.base_url}/{table}", params=params, headers=headers, timeout=settings.timeout_s
+        )
+    except httpx.HTTPError as exc:
+        raise SnapshotError(f"probing {table}: {type(exc).__name__}: {exc}", 1) from None
+    total = content_range_total(response.headers.get("content-range"))
+    try:
+        page = _page(response.status_code, response.content, key)
+    except ValueError as exc:
+        raise SnapshotError(f"probing {table}: {exc}", 1) from None
+    if total is None:
+        raise SnapshotError(f"probing {table}: the answer carries no row count (Content-Range)", 1)
+    return Probe(total, page[0][key] if page else None, len(response.content))

@@ -45,6 +45,10 @@ class DeliveryFailed(Exception):
     failure, logged in one line and retried like an upstream fault, with no traceback."""
 
 
+class Rejoin(Exception):
+    """The connection was ended on purpose, to join afresh (`UpstreamSupervisor.rejoin`)."""
+
+
 class JoinPacer:
     """Spaces channel joins out across every faction: at most `joins_per_second`, in arrival order.
 
@@ -146,9 +150,21 @@ class UpstreamSupervisor:
         self._dropped = 0
         self._flood: _Flood | None = None  # from the first change dropped until the backlog is empty
         self._round_trip_s: float | None = None
+        self._connection_scope: trio.CancelScope | None = None  # see `rejoin`
+        self._rejoin_reason: str | None = None
 
     def __repr__(self) -> str:
         return self._name
+
+    def rejoin(self, reason: str) -> bool:
+        """End the connection and join afresh (after the usual, paced, backoff): channels that are
+        joined but deaf hear again only through a new join (relay.upstream.deafness). False when
+        there is no connection to end."""
+        if self._connection_scope is None or self.stopping:
+            return False
+        self._rejoin_reason = reason
+        self._connection_scope.cancel()
+        return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._started = True
@@ -211,13 +227,17 @@ class UpstreamSupervisor:
         specs = self._specs
         await self._pacer.wait_turn(len(specs))
         try:
-            await run_connection(self._settings.connection, specs, hooks)
+            with trio.CancelScope() as self._connection_scope:
+                await run_connection(self._settings.connection, specs, hooks)
+            return Rejoin(self._rejoin_reason or "asked to rejoin")
         except (UpstreamError, DeliveryFailed) as exc:
             return exc
         except Exception as exc:  # the restart policy: a bug or a store fault must not kill the faction
             log.exception("%r: connection failed unexpectedly", self)
             return exc
         finally:
+            self._connection_scope = None
+            self._rejoin_reason = None
             self._end_flood()  # cut short by the connection's end: the reconcile after the next join repairs it
 
     async def _wait_after(self, error: BaseException) -> None:
@@ -525,6 +545,14 @@ class Supervisors:
             self._shared = None
             shared.stop()
             await shared.stopped.wait()
+
+    def rejoin_all(self, reason: str) -> int:
+        """Every running faction, and the shared DELETE socket, joins afresh (paced); how many
+        factions were asked."""
+        asked = sum(sup.rejoin(reason) for sup in self._supervisors.values())
+        if self._shared is not None:
+            self._shared.rejoin(reason)
+        return asked
 
     def statistics(self) -> dict[int, UpstreamStatistics]:
         return {faction_id: sup.statistics() for faction_id, sup in self._supervisors.items()}
