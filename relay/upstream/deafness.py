@@ -10,8 +10,9 @@ Every `probe_interval_s`, one round, for the whole project (however many faction
 table, one REST request, `select=<key>&<faction column>=in.(<live factions>)&order=<key>.desc&limit=1`
 with `Prefer: count=exact`, answers how many rows the live factions have and the newest key
 (`relay.upstream.snapshot.probe_rows`). The relay's side is what its reconcilers have heard: the keys
-of their last snapshot, followed by every live change since (`Reconciler.heard_of`). Equal: nothing
-was missed. Different: either a change is still on its way (committed, not yet read from the socket)
+of their last snapshot, followed by every live change since (`Reconciler.heard_of`). Equal (the
+newest keys compared only when they are integers: Postgres orders text by a collation Python does
+not follow): nothing was missed. Different: either a change is still on its way (committed, not yet read from the socket)
 or one was missed. So the round waits `probe_grace_s` and looks again, faction by faction, only at
 the factions that heard nothing meanwhile: a faction that heard a change is not deaf, and a silent
 one whose rows still differ is. A filter that is not `<column>=eq.{faction_id}` cannot be folded into
@@ -151,7 +152,7 @@ class DeafWatch:
                 probe = await self._probe(channel.table, filters, channel.key)
                 self._requests += 1
                 self._bytes += probe.bytes
-                if (probe.count, probe.newest) != _heard(members, factions, channel.table):
+                if not _agrees(probe, _heard(members, factions, channel.table)):
                     log.info(
                         "deafness probe: %s of faction(s) %s upstream %d row(s), newest %r; heard %r",
                         channel.table,
@@ -187,6 +188,21 @@ class DeafWatch:
             self._last_found_at,
             self._last_factions,
         )
+
+
+def _agrees(probe: Probe, heard: tuple[int, Any]) -> bool:
+    """Counts must match; newest keys only when both are integers, because Postgres orders text by
+    its collation, which Python's `max` does not follow."""
+    count, newest = heard
+    if probe.count != count:
+        return False
+    if _integer(probe.newest) and _integer(newest):
+        return bool(probe.newest == newest)
+    return True
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _heard(members: dict[int, Reconciler], factions: Iterable[int], table: str) -> tuple[int, Any]:
