@@ -134,13 +134,18 @@ class Reconciler:
     def heard_of(self, table: str) -> tuple[int, Any] | None:
         """(rows, greatest key) of the table as the relay has heard it; None before the first
         reconcile of this live period, or when its keys do not compare."""
-        if self._heard_keys is None:
+        keys = None if self._heard_keys is None else self._heard_keys.get(table)
+        if keys is None:  # not read yet in this live period (a reconcile reads table after table)
             return None
-        keys = self._heard_keys.get(table, set())
         try:
             return len(keys), max(keys) if keys else None
         except TypeError:
             return None
+
+    def forget_heard(self) -> None:
+        """Changes were lost before they were read (a flood): what was heard is no guide until the
+        reconcile that follows, so probes leave the faction alone till then."""
+        self._heard_keys = None
 
     @property
     def tables(self) -> list[str]:
