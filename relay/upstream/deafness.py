@@ -134,6 +134,12 @@ class DeafWatch:
             self._errors += 1
             log.warning("deafness probe failed (%s); next round in %.0f s", exc, self._interval_s)
             return
+        # A known loss (a flood dropped changes) explains a silent faction's difference: it is healed
+        # by its own reconcile, not by rejoining the project.
+        for fid in deaf:
+            if silent[fid].loss_pending:
+                silent[fid].request("a probe found rows missed since changes were dropped")
+        deaf = [fid for fid in deaf if not silent[fid].loss_pending]
         if deaf:
             self._deaf(deaf)
 

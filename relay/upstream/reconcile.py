@@ -102,6 +102,7 @@ class Reconciler:
         # since. None until the first reconcile of a live period; what a deafness probe compares.
         self._heard_keys: dict[str, set[Any]] | None = None
         self.heard = 0  # live changes noted; a faction whose count stands still is silent
+        self.loss_pending = False  # changes dropped since the last reconcile began (`note_lost`)
         self._reconciles = 0
         self._last_at: int | None = None
         self._last_differences: int | None = None
@@ -142,10 +143,10 @@ class Reconciler:
         except TypeError:
             return None
 
-    def forget_heard(self) -> None:
-        """Changes were lost before they were read (a flood): what was heard is no guide until the
-        reconcile that follows, so probes leave the faction alone till then."""
-        self._heard_keys = None
+    def note_lost(self) -> None:
+        """Changes were dropped before they were stored (a flood): a probe that finds this faction's
+        rows different asks for a reconcile rather than taking it for deaf."""
+        self.loss_pending = True
 
     @property
     def tables(self) -> list[str]:
@@ -194,6 +195,7 @@ class Reconciler:
 
     async def reconcile_once(self) -> int:
         """Read every table, store the differences; returns how many there were."""
+        self.loss_pending = False  # a loss during the reads sets it again
         differences = 0
         for channel in self._channels:
             async with self._snapshots:

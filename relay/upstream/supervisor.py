@@ -390,7 +390,7 @@ class FactionSupervisor(UpstreamSupervisor):
 
     def _changes_lost(self) -> None:
         if self._reconciler is not None:  # a known loss, not deafness (relay.upstream.deafness)
-            self._reconciler.forget_heard()
+            self._reconciler.note_lost()
         if self._on_lost is not None:  # members are told `truncated` (relay.ingest.Ingest.changes_lost)
             self._on_lost(self.faction_id)
 
