@@ -88,6 +88,7 @@ class DeafWatch:
         self._wall_clock_ms = wall_clock_ms
         self.on_deaf = on_deaf  # rejoins every faction; returns how many it asked to rejoin
         self._live: dict[int, Reconciler] = {}
+        self._heard_at_round: dict[int, int] = {}
         self._lock = trio.Lock()
         self._next_round_at = -float("inf")
         self._rounds = 0
@@ -115,6 +116,7 @@ class DeafWatch:
                 del self._live[reconciler.faction_id]
 
     async def _round(self) -> None:
+        self._heal_quiet_losses()
         members = {fid: r for fid, r in self._live.items() if all(r.heard_of(t) for t in r.tables)}
         if not members:
             return
@@ -169,6 +171,16 @@ class DeafWatch:
                     )
                     return True
         return False
+
+    def _heal_quiet_losses(self) -> None:
+        """A faction whose changes a flood dropped, quiet for a whole round since: its reconcile.
+        What was dropped had been read, so what was heard agrees with upstream and a probe cannot
+        see the loss; the flood's own reconcile comes only after a change is stored again."""
+        heard_now = {fid: reconciler.heard for fid, reconciler in self._live.items()}
+        for fid, reconciler in self._live.items():
+            if reconciler.loss_pending and self._heard_at_round.get(fid) == heard_now[fid]:
+                reconciler.request("changes were dropped and the faction has been quiet since")
+        self._heard_at_round = heard_now
 
     def _deaf(self, factions: Sequence[int]) -> None:
         self._found += 1
