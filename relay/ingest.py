@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, Protocol
 
 import trio
@@ -127,7 +128,7 @@ class Ingest:
         await self._router.route(changes)
 
     async def reconciled(
-        self, faction_id: int, table: str, rows: list[dict[str, Any]], skip: frozenset[Any], read_at: str
+        self, faction_id: int, table: str, rows: list[dict[str, Any]], skip: AbstractSet[Any], read_at: str
     ) -> int:
         """A table's rows as upstream holds them now: the differences are stored as resync events."""
         events = await self._store.reconcile(faction_id, table, rows, skip=skip, commit_timestamp=read_at)

@@ -19,6 +19,7 @@ import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,9 @@ class _Pending:
 class _Snapshot:
     table: str
     rows: dict[RowKey, Row]
-    skip: frozenset[RowKey]
+    # The key values changed live, as the reconciler keeps noting them until the reconcile is stored:
+    # read (copied, under the GIL) when the first chunk is planned, not when the snapshot is handed in.
+    skip: AbstractSet[Any]
     commit_timestamp: str
 
 
@@ -402,12 +405,16 @@ class Store:
         table: str,
         snapshot: Iterable[Row],
         *,
-        skip: Iterable[Any],
+        skip: AbstractSet[Any],
         commit_timestamp: str,
     ) -> list[StoredEvent]:
         """Make the faction's stored rows of `table` equal `snapshot`, storing each difference as a
-        `postgres_changes` event marked `resync`; rows whose key is in `skip` (changed live while the
+        `postgres_changes` event marked `resync`; rows whose key is in `skip` (changed live since the
         snapshot was read) are left as they are. Returns the events, in key order.
+
+        `skip` may go on growing until this returns: it is read when the differences are worked out,
+        in the write thread, so a live change delivered after the read but stored before the
+        reconcile is not undone by it (a late change after that is stored after the reconcile).
 
         Stored in chunks of RECONCILE_CHUNK_EVENTS, each committed and published on its own, while
         appends wait their turn. A cancelled caller waits (shielded) for the chunk being written and
@@ -415,8 +422,7 @@ class Store:
         """
         key_column = self._key_columns[table]
         rows = {row_key(row[key_column]): row for row in snapshot}
-        skipped = frozenset(row_key(value) for value in skip)
-        wanted = _Snapshot(table, rows, skipped, commit_timestamp)
+        wanted = _Snapshot(table, rows, skip, commit_timestamp)
         return await self._submit(_Pending(faction_id, [], wanted), stoppable=True)
 
     async def _submit(self, pending: _Pending, *, stoppable: bool = False) -> list[StoredEvent]:
@@ -488,11 +494,13 @@ class Store:
             nonlocal changes, finished
             if changes is None:
                 current = _table_rows(conn, pending.faction_id, snapshot.table, unreadable)
+                # set() of a set is one C call under the GIL: no Trio-side add can tear it.
+                skipped = frozenset(row_key(value) for value in set(snapshot.skip))
                 changes = diff(
                     snapshot.table,
                     current,
                     snapshot.rows,
-                    skip=snapshot.skip,
+                    skip=skipped,
                     commit_timestamp=snapshot.commit_timestamp,
                 )
             plan, finished = plan_chunk(
