@@ -3,7 +3,8 @@ audit findings 2, 5, 6, 7 and 8), each turned on by a switch of the fake.
 
 Virtual time against the fake over loopback. The reconciler's REST read is the fake's own rows (as
 `tests/test_reconcile_requests.py` injects its read), and what it would store is kept in a list, so
-no worker thread lets the autojump clock jump while a change is stored.
+no worker thread lets the autojump clock jump while a change is stored. One end-to-end test at the
+end: the misconfigured state as an operator sees it, in /status and /metrics of the running relay.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from relay.config import ChannelConfig
+from relay.service import RunningRelay
 from relay.testing.fake_supabase import FakeSupabase
 from relay.upstream.backoff import Backoff
 from relay.upstream.connection import LIVE_DEADLINE_S
@@ -28,10 +32,10 @@ from relay.upstream.supervisor import (
     Supervisors,
     UpstreamState,
 )
+from tests.helpers.factions import FACTION
 from tests.helpers.supervisors import HEARTBEAT_S, Collected, call, war_calls_settings
+from tests.helpers.userscript import Userscript, read_status
 from tests.helpers.waits import eventually
-
-pytestmark = pytest.mark.virtual_time
 
 A = 46666
 INTERVAL_S = 300.0
@@ -123,6 +127,7 @@ async def start(
     return Harness(fake, supervisors, collected, reconciles, shared)
 
 
+@pytest.mark.virtual_time
 async def test_a_write_in_the_cold_start_window_is_reconciled_seconds_after_going_live(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
@@ -141,6 +146,7 @@ async def test_a_write_in_the_cold_start_window_is_reconciled_seconds_after_goin
     assert harness.stats().reconcile.reconciles == 2
 
 
+@pytest.mark.virtual_time
 async def test_a_second_subscribed_asks_for_a_reconcile_that_covers_the_gap(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
@@ -162,6 +168,7 @@ async def test_a_second_subscribed_asks_for_a_reconcile_that_covers_the_gap(
     assert harness.stats().reconnects == 0
 
 
+@pytest.mark.virtual_time
 async def test_a_transient_error_keeps_the_socket_and_waits_for_the_servers_retry(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
@@ -182,6 +189,7 @@ async def test_a_transient_error_keeps_the_socket_and_waits_for_the_servers_retr
     assert harness.stats().reconnects == 0
 
 
+@pytest.mark.virtual_time
 async def test_a_transient_error_on_a_live_channel_is_waited_for_then_reconciled(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
@@ -196,6 +204,7 @@ async def test_a_transient_error_on_a_live_channel_is_waited_for_then_reconciled
     assert harness.stats().reconnects == 0
 
 
+@pytest.mark.virtual_time
 async def test_the_wait_for_the_servers_retries_is_bounded(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
@@ -212,6 +221,7 @@ async def test_the_wait_for_the_servers_retries_is_bounded(
     assert harness.stats().subscription_retries >= 6
 
 
+@pytest.mark.virtual_time
 async def test_a_final_error_is_misconfigured_with_the_servers_message_and_retried_slowly(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
@@ -229,6 +239,7 @@ async def test_a_final_error_is_misconfigured_with_the_servers_message_and_retri
     assert harness.fake.upgrade_attempts == 2
 
 
+@pytest.mark.virtual_time
 async def test_changes_of_another_type_than_the_shared_delete_binding_are_dropped_and_counted(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
@@ -255,6 +266,7 @@ async def test_changes_of_another_type_than_the_shared_delete_binding_are_droppe
     assert [change.data["eventType"] for change in harness.shared] == ["DELETE"]
 
 
+@pytest.mark.virtual_time
 async def test_slow_joins_hold_the_heartbeat_reply_without_a_heartbeat_timeout(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
@@ -277,6 +289,7 @@ async def test_slow_joins_hold_the_heartbeat_reply_without_a_heartbeat_timeout(
     assert harness.stats().last_error is None
 
 
+@pytest.mark.virtual_time
 async def test_joins_never_answered_are_named_as_the_cause(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
@@ -285,3 +298,30 @@ async def test_joins_never_answered_are_named_as_the_cause(
         await harness.wait_state(UpstreamState.BACKOFF)
     assert trio.current_time() == pytest.approx(LIVE_DEADLINE_S, abs=0.1)
     assert "1 join(s) not answered after 60 s" in (harness.stats().last_error or "")
+
+
+@pytest.mark.e2e
+async def test_misconfigured_shows_in_status_and_metrics_with_the_servers_message(
+    relay: RunningRelay, fake_upstream: FakeSupabase
+) -> None:
+    fake_upstream.fail_subscriptions(NOT_PUBLISHED)
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(base_url=relay.url, timeout=10) as http:
+            await Userscript(http, FACTION).start()
+            while True:
+                factions = {f["faction_id"]: f for f in (await read_status(http))["factions"]}
+                upstream = factions.get(FACTION, {}).get("upstream", {})
+                if upstream.get("state") == "misconfigured":
+                    break
+                await trio.sleep(0.05)
+            metrics = (await http.get("/metrics")).text
+    assert NOT_PUBLISHED in upstream["last_error"]
+    assert upstream["next_attempt_in_s"] > MISCONFIGURED_RETRY_S - 5
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+    }
+    label = ("faction_id", str(FACTION))
+    assert samples[("cat_relay_upstream_state", (label, ("state", "misconfigured")))] == 1
+    assert samples[("cat_relay_upstream_misconfigured_total", (label,))] == 1
