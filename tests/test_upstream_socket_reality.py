@@ -169,6 +169,36 @@ async def test_a_second_subscribed_asks_for_a_reconcile_that_covers_the_gap(
 
 
 @pytest.mark.virtual_time
+async def test_a_second_subscribed_on_the_shared_delete_socket_reconciles_every_faction(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """A DELETE in the gap may be any faction's: each one's own reconcile finds its own. Under
+    REPLICA IDENTITY DEFAULT a DELETE reaches only the relay-wide channel (its old row is the key)."""
+    with trio.fail_after(120):
+        harness = await start(
+            nursery,
+            shared_deletes=True,
+            before=lambda fake: fake.define_table("war_calls", replica_identity="default"),
+        )
+        await harness.wait_state(UpstreamState.CONNECTED)
+        await eventually(lambda: harness.stats().reconcile.reconciles == 2)  # at live, and the cold start's
+        harness.fake.insert("war_calls", call(A, 1))
+        await eventually(lambda: harness.collected.types(A) == ["INSERT"])
+        harness.fake.resubscribe(gap_s=3.0, only=harness.fake.connections_with("delete"))
+        committed_at = trio.current_time()
+        harness.fake.delete("war_calls", 1)  # in the gap: never sent to the DELETE channel
+        await eventually(lambda: harness.stats().reconcile.reconciles == 3)
+        assert trio.current_time() - committed_at == pytest.approx(3.0, abs=0.1)
+    shared = harness.supervisors.shared_deletes_statistics()
+    assert shared is not None
+    assert (shared.resubscriptions, harness.stats().resubscriptions) == (1, 0)
+    assert harness.shared == []  # the DELETE only the reconcile can find
+    assert harness.collected.types(A) == ["INSERT"]
+    read_at, keys = harness.reconciles.reads[-1]
+    assert (round(read_at - committed_at, 1), keys) == (3.0, set())
+
+
+@pytest.mark.virtual_time
 async def test_a_transient_error_keeps_the_socket_and_waits_for_the_servers_retry(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:

@@ -401,15 +401,18 @@ class FakeSupabase:
     def capturing(self) -> bool:
         return self._capture_from is not None and trio.current_time() >= self._capture_from
 
-    def resubscribe(self, gap_s: float = 0.0, error: str | None = None) -> None:
+    def resubscribe(
+        self, gap_s: float = 0.0, error: str | None = None, only: Iterable[FakeConnection] | None = None
+    ) -> None:
         """The publication's tables changed: `subscription_manager.ex` `:check_oids` runs
         `Subscriptions.delete_all(conn)` and sends `:postgres_subscribe` to every subscribed channel,
         which subscribes again and pushes "Subscribed to PostgreSQL", or an error (audit finding 6).
 
         Every live channel stops receiving at once; `gap_s` later each subscribes again (changes
         committed in the gap are never delivered), sending `error` instead when it is given (a final
-        one is not retried; any other is, when `retry_subscriptions` is on)."""
-        for connection in self._connections:
+        one is not retried; any other is, when `retry_subscriptions` is on). `only`: these sockets'
+        channels (the real server re-makes every subscriber's; a test may want one socket's alone)."""
+        for connection in self._chosen(only):
             for channel in connection._channels.values():
                 if channel.live and channel.wanted is not None:
                     channel.live = False

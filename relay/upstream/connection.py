@@ -132,8 +132,8 @@ def _ignore_round_trip(seconds: float) -> None:
     del seconds
 
 
-def _ignore_table(table: str) -> None:
-    del table
+def _ignore_resubscribed(table: str, live: bool) -> None:
+    del table, live
 
 
 def _ignore_retry(table: str, message: str) -> None:
@@ -148,8 +148,8 @@ class ConnectionHooks:
     backlog was full), `on_caught_up` that the backlog stayed empty for a while after a drop, and
     `on_heartbeat(s)` how long the latest heartbeat took to be answered. `on_retrying(table, message)`
     says the server reported an error it retries on the same join (the channel hears nothing until
-    it is subscribed again), `on_resubscribed(table)` that a channel of a live session was
-    subscribed again (changes in between were never sent)."""
+    it is subscribed again), `on_resubscribed(table, live)` that a channel of a session once live was
+    subscribed again (changes in between were never sent), and whether every channel is live now."""
 
     deliver: Deliver
     on_live: Callable[[], None]
@@ -159,7 +159,7 @@ class ConnectionHooks:
     on_caught_up: Callable[[], None] = _ignore_catch_up
     on_heartbeat: Callable[[float], None] = _ignore_round_trip
     on_retrying: Callable[[str, str], None] = _ignore_retry
-    on_resubscribed: Callable[[str], None] = _ignore_table
+    on_resubscribed: Callable[[str, bool], None] = _ignore_resubscribed
 
 
 async def run_connection(
@@ -420,7 +420,7 @@ async def _read(
                 acks.live_lost.set()
                 hooks.on_retrying(outcome.table, outcome.message)
             elif isinstance(outcome, Resubscribed):
-                hooks.on_resubscribed(outcome.table)
+                hooks.on_resubscribed(outcome.table, session.live)
 
 
 async def _deliver_batches(backlog: Backlog, hooks: ConnectionHooks, pacing: ReaderFirst) -> None:

@@ -216,7 +216,7 @@ class UpstreamSupervisor:
     def _flood_over(self) -> None:
         """The backlog is empty again after changes were dropped: what a kind repairs."""
 
-    def _missed(self, reason: str) -> None:
+    def missed(self, reason: str) -> None:
         """Upstream may have committed changes it never sent (`reason`): what a kind repairs."""
 
     async def _run_one_connection(self) -> BaseException:
@@ -294,10 +294,11 @@ class UpstreamSupervisor:
         log.warning("%r: %s", self, self._last_error)
         self._set_state(UpstreamState.CONNECTING)
 
-    def _on_resubscribed(self, table: str) -> None:
+    def _on_resubscribed(self, table: str, live: bool) -> None:
         self._resubscriptions += 1
-        self._set_state(UpstreamState.CONNECTED, f"{table} subscribed again")
-        self._missed(f'"Subscribed to PostgreSQL" again on {table}')
+        if live:  # every channel: another may still wait for the server's retry
+            self._set_state(UpstreamState.CONNECTED, f"{table} subscribed again")
+        self.missed(f'"Subscribed to PostgreSQL" again on {table}')
 
     def _on_dropped(self, count: int) -> None:
         """One WARNING per flood, not one per change; the summary comes when it is over."""
@@ -399,10 +400,12 @@ class FactionSupervisor(UpstreamSupervisor):
     async def _deliver(self, changes: Sequence[ChangeReceived]) -> None:
         await self._sink(self.faction_id, changes)
 
-    def _connection_live(self) -> None:
+    def _connection_live(self, cold_start: bool = True) -> None:
         if self._reconciler is not None and self._nursery is not None:
             self._reconciling = trio.CancelScope()
-            self._nursery.start_soon(self._reconcile_while_live, self._reconciling, self._reconciler)
+            self._nursery.start_soon(
+                self._reconcile_while_live, self._reconciling, self._reconciler, cold_start
+            )
 
     def _connection_ended(self) -> None:
         if self._reconciling is not None:
@@ -424,17 +427,20 @@ class FactionSupervisor(UpstreamSupervisor):
         (the reconciler starts with a reconcile; one in flight is cut, its snapshot predates the end)."""
         if self._reconciling is not None:
             self._connection_ended()
-            self._connection_live()
+            self._connection_live(cold_start=False)
 
-    def _missed(self, reason: str) -> None:
+    def missed(self, reason: str) -> None:
         if self._reconciler is not None:
             self._reconciler.request(reason)
 
-    async def _reconcile_while_live(self, scope: trio.CancelScope, reconciler: Reconciler) -> None:
+    async def _reconcile_while_live(
+        self, scope: trio.CancelScope, reconciler: Reconciler, cold_start: bool
+    ) -> None:
         with scope:
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._after_cold_start, reconciler)
+                    if cold_start:
+                        nursery.start_soon(self._after_cold_start, reconciler)
                     await reconciler.run_while_live()
             except Exception:  # the restart policy: a bug here must not take the connection down
                 log.exception(
@@ -462,7 +468,9 @@ class SharedDeleteSupervisor(UpstreamSupervisor):
         pacer: JoinPacer,
         rng: random.Random,
         wall_clock_ms: WallClockMs,
+        on_missed: Callable[[str], None] | None = None,
     ) -> None:
+        self._on_missed = on_missed
         super().__init__(
             "SharedDeletes",
             settings,
@@ -475,6 +483,11 @@ class SharedDeleteSupervisor(UpstreamSupervisor):
 
     async def _deliver(self, changes: Sequence[ChangeReceived]) -> None:
         await self._route(changes)
+
+    def missed(self, reason: str) -> None:
+        """DELETEs of any faction may be gone: each faction's reconcile finds its own."""
+        if self._on_missed is not None:
+            self._on_missed(f"relay-wide DELETE channels: {reason}")
 
 
 class Supervisors:
@@ -569,8 +582,14 @@ class Supervisors:
             pacer=self._pacer,
             rng=self._rng,
             wall_clock_ms=self._wall_clock_ms,
+            on_missed=self._every_faction_missed,
         )
         self._nursery.start_soon(self._shared.run, name=repr(self._shared))
+
+    def _every_faction_missed(self, reason: str) -> None:
+        for supervisor in self._supervisors.values():
+            if not supervisor.stopping:
+                supervisor.missed(reason)
 
     async def stop(self, faction_id: int) -> None:
         supervisor = self._supervisors.get(faction_id)
