@@ -205,12 +205,18 @@ class FakeConnection:
         self._ended = trio.Event()
         self._io_scope = trio.CancelScope()
         self._last_received = trio.current_time()
+        # While a join is being answered (`join_delay_s`) the socket process is blocked in it: what its
+        # channels push meanwhile waits in its mailbox and is written after the join's reply.
+        self._held: list[_Outgoing] | None = None
 
     @property
     def joined_topics(self) -> list[str]:
         return list(self._channels)
 
     def _send(self, item: _Outgoing) -> None:
+        if self._held is not None:
+            self._held.append(item)
+            return
         self._outbox.send_nowait(item)
 
     def __repr__(self) -> str:
@@ -870,11 +876,25 @@ class FakeSupabase:
         if not topic.startswith("realtime:"):
             connection._send(_reply(topic, frame.ref, "error", {"reason": "unmatched topic"}))
             return
+        held: list[_Outgoing] = []
+        if self.join_delay_s > 0:
+            # Synchronous: this socket's read loop waits here, so the frames behind the join wait too,
+            # and so does whatever its channels push meanwhile (written after this join's answer).
+            connection._held = held
+            try:
+                await trio.sleep(self.join_delay_s)
+            finally:
+                connection._held = None
+        try:
+            await self._answer_join(connection, frame, io)
+        finally:
+            for item in held:
+                connection._send(item)
+
+    async def _answer_join(self, connection: FakeConnection, frame: _Inbound, io: trio.Nursery) -> None:
+        topic = frame.topic
         # A duplicate join ends the old channel at once; its phx_close follows the new join's reply,
         # and comes before the new channel's "Subscribed", which needs a database round trip (3).
-        if self.join_delay_s > 0:
-            # Synchronous: this socket's read loop waits here, so the frames behind the join wait too.
-            await trio.sleep(self.join_delay_s)
         old = connection._channels.pop(topic, None)
         reason, self._join_failure = _take(self._join_failure)
         if reason is None and topic == "realtime:":
