@@ -66,7 +66,8 @@ ABNORMAL_CLOSURE = 1006
 
 
 class UpstreamError(Exception):
-    """One upstream connection ended. `auth` marks credential refusals; `retry_after_s` a server's wish."""
+    """One upstream connection ended. `auth` marks credential refusals, `misconfigured` subscriptions
+    only an operator can fix, `retry_after_s` a server's wish."""
 
     auth: bool = False
     misconfigured: bool = False
