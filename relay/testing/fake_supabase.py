@@ -15,6 +15,7 @@ import copy
 import json
 import logging
 import math
+import random
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -52,6 +53,17 @@ CLOSE_HANDSHAKE_TIMEOUT_S = 5.0
 RECEIVED_FRAMES_KEPT = 256  # enough for assertions, bounded for a long `relay demo`
 DISCONNECTING_JOIN_ERRORS = ("ClientJoinRateLimitReached", "TenantNotFound")
 SUBSCRIBED = "Subscribed to PostgreSQL"
+# `postgres_changes` errors the server does not retry: `realtime_channel.ex` handle_info(:postgres_subscribe)
+# gives up only on `:malformed_subscription_params` and `:subscription_insert_failed` ("No point in
+# retrying if the params are invalid"), and these are the messages those reasons carry (reference 5.2).
+FINAL_SUBSCRIPTION_ERRORS = (
+    "Unable to subscribe to changes with given parameters",
+    "Error parsing `filter` params",
+    "No subscription params provided",
+)
+# Every other error is pushed as `inspect(error)` and retried on the same join by
+# `postgres_subscribe(5, 10)`: a uniform 5-10 s wait (`realtime_channel.ex`, `backoff/2`).
+SUBSCRIPTION_RETRY_S = (5.0, 10.0)
 # A paced flood writes what is due every slice: short enough that the changes reach the socket as a
 # stream rather than in bursts, long enough that trio's scheduling is not most of the work.
 FLOOD_SLICE_S = 0.01
@@ -110,6 +122,7 @@ class _Channel:
     join_ref: Any  # the client's join_ref; null when it sent none, and phx_close then says null (9)
     bindings: list[Binding]
     live: bool = False  # only after "Subscribed to PostgreSQL": earlier changes are lost (5.1)
+    wanted: list[Binding] | None = None  # what the channel subscribes (again) to, once parsed
 
 
 @dataclass(frozen=True)
@@ -192,12 +205,18 @@ class FakeConnection:
         self._ended = trio.Event()
         self._io_scope = trio.CancelScope()
         self._last_received = trio.current_time()
+        # While a join is being answered (`join_delay_s`) the socket process is blocked in it: what its
+        # channels push meanwhile waits in its mailbox and is written after the join's reply.
+        self._held: list[_Outgoing] | None = None
 
     @property
     def joined_topics(self) -> list[str]:
         return list(self._channels)
 
     def _send(self, item: _Outgoing) -> None:
+        if self._held is not None:
+            self._held.append(item)
+            return
         self._outbox.send_nowait(item)
 
     def __repr__(self) -> str:
@@ -263,6 +282,19 @@ class FakeSupabase:
         self.idle_timeout_s = DEFAULT_IDLE_TIMEOUT_S
         self.deliver_deletes_unfiltered = False  # the 2022-09..2024-08 servers (7)
         self.ignore_filters = False  # lets a test check the relay's own filter check
+        # Servers before the 2025-11 tenant migrations `20251120212548_add_action_to_subscriptions` and
+        # `20251120215549_filter_action_postgres_changes` never filtered by action: `apply_rls` sent
+        # every change type to a binding whatever its `event` (audit finding 7). False: such a server.
+        self.filter_by_action = True
+        # Phoenix's socket process answers phx_join synchronously (supabase/phoenix `channel/server.ex`
+        # `join/4` waits in `receive`), and a Realtime join can take 15-24 s on a cold project (audit
+        # finding 8): every join is answered only after this, and every frame the client sent behind it
+        # (a heartbeat too) waits, in order.
+        self.join_delay_s = 0.0
+        # A transient `postgres_changes` error retried on the same join, as the real server does
+        # (5-10 s later, then "Subscribed" or another error). False: the error is sent and nothing follows.
+        self.retry_subscriptions = False
+        self.rng = random.Random(0)
         self.upgrade_attempts = 0
         self.joins = 0
         # PostgREST on the same port (fake_rest): every request seen (newest kept), and a hold that, while
@@ -281,6 +313,11 @@ class FakeSupabase:
         self._join_failure: _Fault[str] | None = None
         self._subscription_failure: _Fault[str] | None = None
         self._changed = trio.Event()
+        # Change capture (the replication slot) is running from this moment on; None: not running
+        # until the next subscription starts it, `_cold_start_s` later (`cold_start`).
+        self._capture_from: float | None = -math.inf
+        self._cold_start_s = 0.0
+        self._tasks: trio.Nursery | None = None
         # FULL so that a DELETE still carries faction_id and reaches the faction's filtered channel.
         self.define_table("war_calls", replica_identity="full", columns=WAR_CALLS_COLUMNS)
         self.define_table("faction_messages", replica_identity="full", columns=FACTION_MESSAGES_COLUMNS)
@@ -352,6 +389,47 @@ class FakeSupabase:
 
     def accept_subscriptions(self) -> None:
         self._subscription_failure = None
+
+    def cold_start(self, window_s: float) -> None:
+        """The project's change capture is not running: the next subscription starts it, and it reads
+        the WAL only `window_s` after that subscription's "Subscribed" went out.
+
+        The real server pushes "Subscribed" once the subscription row is inserted (`realtime_channel.ex`
+        `after_connect` -> `Subscriptions.create`), while `ReplicationPoller` creates its temporary slot
+        on its own schedule (`replications.ex` `pg_create_logical_replication_slot`), which also waits for
+        running transactions: changes committed in between are never delivered to anyone (audit
+        finding 2; realtime-js #525 "Premature SUBSCRIBED ... approx. 1-3 seconds").
+        """
+        self._capture_from = None
+        self._cold_start_s = window_s
+
+    @property
+    def capturing(self) -> bool:
+        return self._capture_from is not None and trio.current_time() >= self._capture_from
+
+    def resubscribe(
+        self, gap_s: float = 0.0, error: str | None = None, only: Iterable[FakeConnection] | None = None
+    ) -> None:
+        """The publication's tables changed: `subscription_manager.ex` `:check_oids` runs
+        `Subscriptions.delete_all(conn)` and sends `:postgres_subscribe` to every subscribed channel,
+        which subscribes again and pushes "Subscribed to PostgreSQL", or an error (audit finding 6).
+
+        Every live channel stops receiving at once; `gap_s` later each subscribes again (changes
+        committed in the gap are never delivered), sending `error` instead when it is given (a final
+        one is not retried; any other is, when `retry_subscriptions` is on). `only`: these sockets'
+        channels (the real server re-makes every subscriber's; a test may want one socket's alone)."""
+        for connection in self._chosen(only):
+            for channel in connection._channels.values():
+                if channel.live and channel.wanted is not None:
+                    channel.live = False
+                    subscription = _Subscription(channel, channel.wanted, error)
+                    self._start_task(self._subscribe_later, connection, subscription, gap_s)
+        self._notify()
+
+    def _start_task(self, *args: Any) -> None:
+        if self._tasks is None:
+            raise RuntimeError("FakeSupabase schedules nothing before run() has started")
+        self._tasks.start_soon(*args)
 
     def connections_with(self, topic_part: str) -> list[FakeConnection]:
         """The live sockets with a joined channel whose topic contains `topic_part` (e.g. a faction id)."""
@@ -543,10 +621,11 @@ class FakeSupabase:
 
     def _matching_ids(self, channel: _Channel, table: str, change: ChangeType, filter_row: Row) -> list[int]:
         ids: list[int] = []
-        if not channel.live:
+        if not channel.live or not self.capturing:
             return ids
         for binding in channel.bindings:
-            if not binding.wants(table, change) or binding.id in ids:
+            wanted = binding.wants(table, change) if self.filter_by_action else binding.table in ("*", table)
+            if not wanted or binding.id in ids:
                 continue
             unfiltered = (
                 binding.filter is None
@@ -563,6 +642,7 @@ class FakeSupabase:
         listeners = await trio.open_tcp_listeners(self._requested_port, host=self._host)
         self._port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
+            self._tasks = nursery
             await nursery.start(trio.serve_listeners, self._handle_stream, listeners)
             logger.debug("%r listening", self)
             task_status.started()
@@ -796,6 +876,23 @@ class FakeSupabase:
         if not topic.startswith("realtime:"):
             connection._send(_reply(topic, frame.ref, "error", {"reason": "unmatched topic"}))
             return
+        held: list[_Outgoing] = []
+        if self.join_delay_s > 0:
+            # Synchronous: this socket's read loop waits here, so the frames behind the join wait too,
+            # and so does whatever its channels push meanwhile (written after this join's answer).
+            connection._held = held
+            try:
+                await trio.sleep(self.join_delay_s)
+            finally:
+                connection._held = None
+        try:
+            await self._answer_join(connection, frame, io)
+        finally:
+            for item in held:
+                connection._send(item)
+
+    async def _answer_join(self, connection: FakeConnection, frame: _Inbound, io: trio.Nursery) -> None:
+        topic = frame.topic
         # A duplicate join ends the old channel at once; its phx_close follows the new join's reply,
         # and comes before the new channel's "Subscribed", which needs a database round trip (3).
         old = connection._channels.pop(topic, None)
@@ -815,7 +912,7 @@ class FakeSupabase:
         if reason is not None and reason.startswith(DISCONNECTING_JOIN_ERRORS):
             connection._send(_Close(1001, ""))
         if subscription is not None and self.subscribe_delay_s > 0:
-            io.start_soon(self._subscribe_later, connection, subscription)
+            io.start_soon(self._subscribe_later, connection, subscription, self.subscribe_delay_s)
         elif subscription is not None:
             self._subscribe(connection, subscription)
 
@@ -845,8 +942,10 @@ class FakeSupabase:
         error, self._subscription_failure = _take(self._subscription_failure)
         return _Subscription(channel, bindings, error)
 
-    async def _subscribe_later(self, connection: FakeConnection, subscription: _Subscription) -> None:
-        await trio.sleep(self.subscribe_delay_s)
+    async def _subscribe_later(
+        self, connection: FakeConnection, subscription: _Subscription, delay_s: float
+    ) -> None:
+        await trio.sleep(delay_s)
         self._subscribe(connection, subscription)
         self._notify()
 
@@ -859,9 +958,19 @@ class FakeSupabase:
             connection._send(
                 _system(channel.topic, extension="postgres_changes", status="error", message=error)
             )
+            if self.retry_subscriptions and not error.startswith(FINAL_SUBSCRIPTION_ERRORS):
+                # The same join tries again: the next attempt meets the scripted failure if any is left.
+                retry, self._subscription_failure = _take(self._subscription_failure)
+                again = _Subscription(channel, subscription.bindings, retry)
+                self._start_task(
+                    self._subscribe_later, connection, again, self.rng.uniform(*SUBSCRIPTION_RETRY_S)
+                )
             return
         channel.bindings = subscription.bindings
+        channel.wanted = subscription.bindings
         channel.live = True
+        if self._capture_from is None:  # this subscription starts capture, which lags behind it
+            self._capture_from = trio.current_time() + self._cold_start_s
         connection._send(
             _system(channel.topic, extension="postgres_changes", status="ok", message=SUBSCRIBED)
         )
