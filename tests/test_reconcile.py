@@ -147,6 +147,7 @@ async def test_a_live_change_during_the_snapshot_read_is_neither_lost_nor_revert
     with trio.fail_after(TIMEOUT_S):
         # The snapshot of war_calls is read (rows 1 and 2), its answer held back...
         await fake_upstream.wait_until(lambda: fake_upstream.rest_request_count == 1)
+        await eventually(lambda: shared_deletes(relay).state == "connected")  # the DELETE's only way
         # ...while live changes race it: a new row, and the deletion of a row the snapshot holds.
         fake_upstream.insert("war_calls", call(3))
         fake_upstream.delete("war_calls", 2)
@@ -184,7 +185,8 @@ async def test_a_delete_under_the_default_replica_identity_reaches_its_faction_b
 async def test_a_delete_on_two_channels_is_stored_once(
     nursery: trio.Nursery, make_config: Callable[..., Config], fake_upstream: FakeSupabase
 ) -> None:
-    # The fake's tables have REPLICA IDENTITY FULL, so the faction's own channel gets each DELETE too.
+    # REPLICA IDENTITY FULL, so the faction's own channel gets each DELETE too.
+    fake_upstream.define_table("war_calls", replica_identity="full")
     relay = await start(nursery, make_config)
     with trio.fail_after(TIMEOUT_S):
         await eventually(lambda: reconciles(relay) == 1)
