@@ -22,6 +22,7 @@ import trio
 from relay.config import ChannelConfig
 from relay.hub import Hub
 from relay.storage.planning import CHANGE_TYPE, UnstorableData, encode
+from relay.storage.state import ERROR_RECORD
 from relay.storage.store import Store, StoredEvent, StoreError
 from relay.traffic import Source, Traffic
 from relay.upstream.phoenix import ChangeReceived
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 class LiveChangeWatcher(Protocol):
     def note_live_change(self, table: str, change: dict[str, Any]) -> None: ...
+
+    def request(self, reason: str) -> None: ...
 
 
 class Ingest:
@@ -57,6 +60,7 @@ class Ingest:
         self._router = DeleteRouter(
             key_columns, store.row_owners, self._routed_deletes, filter_columns=filter_columns(channels)
         )
+        store.watch_stale_rows(self._stale_rows)
 
     def __repr__(self) -> str:
         return "Ingest"
@@ -98,6 +102,16 @@ class Ingest:
             for change in changes:
                 watcher.note_live_change(change.table, change.data)
         await self.upstream(faction_id, changes)
+
+    def _stale_rows(self, faction_id: int, table: str, reason: str) -> None:
+        """A stored change left the faction's rows possibly unlike upstream's (an error record, an
+        UPDATE without some columns: `relay.storage.state.complete_change`): its reconciler reads the
+        table again as soon as it can. An error record is upstream's fault, so a WARNING."""
+        if reason.startswith(ERROR_RECORD):
+            log.warning("faction %d: %s: %s; reconciling", faction_id, table, reason)
+        watcher = self._watchers.get(faction_id)
+        if watcher is not None:
+            watcher.request(f"{table}: {reason}")
 
     def changes_lost(self, faction_id: int) -> None:
         """The faction's socket dropped changes it could not keep (a flood): members behind now are

@@ -198,6 +198,7 @@ class Store:
         self._appends_waiting = trio.Event()  # set while _pending_appends is not empty
         self._group_commits = 0
         self._changes_refused = 0
+        self._stale_rows: Callable[[int, str, str], None] | None = None
         self._closing = False
         self._committer_done = trio.Event()
         # Every stamp ever assigned or promised; the next stamp is above it. Only changed by the
@@ -306,6 +307,11 @@ class Store:
             table,
             reason,
         )
+
+    def watch_stale_rows(self, callback: Callable[[int, str, str], None]) -> None:
+        """`callback(faction, table, why)` for each committed upstream change after which the faction's
+        rows may differ from upstream's (`Plan.stale`): the ingest asks for a reconcile."""
+        self._stale_rows = callback
 
     def note_lost(self, faction_id: int) -> None:
         """Changes of the faction were lost before they could be stored: a member whose cursor is
@@ -569,6 +575,9 @@ class Store:
                 quarantine_rows(unreadable, self._quarantined)
             for faction_id, table, reason in plan.refused:
                 self.note_refused(faction_id, table, reason)
+            if self._stale_rows is not None:
+                for faction_id, table, reason in plan.stale:
+                    self._stale_rows(faction_id, table, reason)
             if not plan.events and not plan.row_changes:
                 return None
             self._group_commits += 1
