@@ -1,0 +1,65 @@
+"""DELETEs the shared socket missed: under DEFAULT replica identity the relay-wide DELETE socket is the
+only way a DELETE arrives, and Realtime never replays, so each time it is live again every faction
+reconciles. Real loopback sockets and the real clock; every wait is bounded; the periodic reconcile is
+300 s away, so a second reconcile is the one asked for."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import trio
+
+from relay.config import Config
+from relay.testing.fake_supabase import FakeSupabase
+from tests.helpers.factions import FACTION, OTHER_FACTION
+from tests.helpers.waits import eventually
+from tests.test_reconcile import (
+    TIMEOUT_S,
+    call,
+    changes,
+    fake_rows,
+    reconciles,
+    rows,
+    shared_deletes,
+    start,
+    until_ids,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_a_delete_made_while_the_shared_socket_was_down_is_reconciled_when_it_is_back(
+    nursery: trio.Nursery, make_config: Callable[..., Config], fake_upstream: FakeSupabase
+) -> None:
+    relay = await start(nursery, make_config, factions=(FACTION, OTHER_FACTION))
+    with trio.fail_after(TIMEOUT_S):
+        await eventually(lambda: shared_deletes(relay).state == "connected")
+        await eventually(lambda: reconciles(relay) >= 1 and reconciles(relay, OTHER_FACTION) >= 1)
+        fake_upstream.insert("war_calls", call(1))
+        fake_upstream.insert("war_calls", call(2, OTHER_FACTION))
+        await until_ids(relay, [1])
+        await until_ids(relay, [2], OTHER_FACTION)
+        before = (reconciles(relay), reconciles(relay, OTHER_FACTION))
+        faction_sockets = {*fake_upstream.connections_with(str(FACTION))}
+        faction_sockets |= {*fake_upstream.connections_with(str(OTHER_FACTION))}
+        shared = [c for c in fake_upstream.connections if c not in faction_sockets]
+        assert len(shared) == 1
+        fake_upstream.freeze(shared)  # down: the DELETE reaches no channel at all
+        fake_upstream.delete("war_calls", 1)
+        fake_upstream.drop_connections(only=shared)
+        await until_ids(relay, [])
+        # Every faction asked, not only the one that lost a row: the relay cannot know whose it was.
+        await eventually(
+            lambda: reconciles(relay) > before[0] and reconciles(relay, OTHER_FACTION) > before[1]
+        )
+    assert changes((await relay.store.read_since(FACTION, None))[0]) == [
+        ("INSERT", 1, False),
+        ("DELETE", 1, True),
+    ]
+    assert await rows(relay) == fake_rows(fake_upstream) == []
+    assert (
+        await rows(relay, OTHER_FACTION)
+        == fake_rows(fake_upstream, OTHER_FACTION)
+        == [call(2, OTHER_FACTION)]
+    )
