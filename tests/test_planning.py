@@ -32,7 +32,9 @@ T1, T2, T3, T4 = (f"2026-11-24T21:00:0{second}.000Z" for second in range(1, 5))
 Item = tuple[str, Any]  # (type, data), as appended
 
 
-def change(kind: str, *, new: Row | None = None, old: Row | None = None, at: str = T2, **extra: Any) -> Item:
+def change(
+    kind: str, *, new: Row | None = None, old: Row | None = None, at: str | None = T2, **extra: Any
+) -> Item:
     data = {
         "table": "war_calls",
         "eventType": kind,
