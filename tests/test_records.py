@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
@@ -119,6 +120,7 @@ async def test_an_update_without_its_unchanged_long_value_keeps_it(
     assert events[1]["new"] == call(1, note=LONG_NOTE, caller_name="bob")
     assert events[1]["old"] == call(1, note=LONG_NOTE)
     assert await rows(relay) == fake_rows(fake_upstream) == [call(1, note=LONG_NOTE, caller_name="bob")]
+    assert relay.store.statistics().changes_incomplete == 1
 
 
 async def test_a_413_record_never_replaces_a_row_and_a_reconcile_brings_it_whole(
@@ -151,6 +153,9 @@ async def test_a_413_record_never_replaces_a_row_and_a_reconcile_brings_it_whole
     assert await rows(relay) == fake_rows(fake_upstream) == expected
     assert applied((await relay.store.read_since(FACTION, None))[0]) == expected
     assert requested(relay) > asked
+    async with httpx.AsyncClient(base_url=relay.url) as http:
+        metrics = (await http.get("/metrics")).text
+    assert "cat_relay_upstream_changes_incomplete_total 2.0" in metrics
 
 
 @pytest.mark.parametrize("error", [NO_PRIMARY_KEY, UNAUTHORIZED])
