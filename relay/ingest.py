@@ -145,7 +145,15 @@ class Ingest:
             watcher.request("the shared DELETE socket is live: DELETEs made while it was not are missed")
 
     async def route_shared_deletes(self, changes: Sequence[ChangeReceived]) -> None:
-        """DELETEs from the relay-wide socket: each to the faction holding its row, or parked."""
+        """DELETEs from the relay-wide socket: each to the faction holding its row, or parked.
+
+        Each is live news for every faction's snapshot read in flight, not only the owner's: a faction
+        whose first read is on the way does not hold the row yet, so its DELETE is parked and dropped,
+        and the read (made before the DELETE) must not bring the row back. A faction that never had
+        the row loses nothing by leaving its key alone."""
+        for watcher in list(self._watchers.values()):
+            for change in changes:
+                watcher.note_live_change(change.table, change.data)
         await self._router.route(changes)
 
     async def reconciled(

@@ -62,3 +62,24 @@ async def test_a_delete_made_while_the_shared_socket_was_down_is_reconciled_when
         == fake_rows(fake_upstream, OTHER_FACTION)
         == [call(2, OTHER_FACTION)]
     )
+
+
+async def test_a_shared_delete_during_the_first_snapshot_read_does_not_bring_the_row_back(
+    nursery: trio.Nursery, make_config: Callable[..., Config], fake_upstream: FakeSupabase
+) -> None:
+    fake_upstream.insert("war_calls", call(1), deliver=False)
+    fake_upstream.insert("war_calls", call(2), deliver=False)
+    fake_upstream.rest_hold = trio.Event()
+    relay = await start(nursery, make_config)
+    with trio.fail_after(TIMEOUT_S):
+        # The first snapshot of war_calls is read (rows 1 and 2), its answer held back...
+        await fake_upstream.wait_until(lambda: fake_upstream.rest_request_count == 1)
+        await eventually(lambda: shared_deletes(relay).state == "connected")
+        # ...while row 2 is deleted: the relay holds no row 2 yet, so the shared DELETE has no owner.
+        fake_upstream.delete("war_calls", 2)
+        await eventually(lambda: shared_deletes(relay).changes_received == 1)
+        fake_upstream.rest_hold.set()
+        await eventually(lambda: reconciles(relay) >= 1)
+    # Had the read brought row 2 back, members would have been shown a deleted call as a resync INSERT.
+    assert changes((await relay.store.read_since(FACTION, None))[0]) == [("INSERT", 1, True)]
+    assert await rows(relay) == fake_rows(fake_upstream) == [call(1)]
