@@ -23,6 +23,7 @@ import trio
 from relay.config import ChannelConfig
 from relay.hub import Hub
 from relay.storage.planning import CHANGE_TYPE, UnstorableData, encode
+from relay.storage.state import ERROR_RECORD
 from relay.storage.store import Store, StoredEvent, StoreError
 from relay.traffic import Source, Traffic
 from relay.upstream.phoenix import ChangeReceived
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 class LiveChangeWatcher(Protocol):
     def note_live_change(self, table: str, change: dict[str, Any]) -> None: ...
+
+    def request(self, reason: str) -> None: ...
 
 
 class Ingest:
@@ -58,6 +61,7 @@ class Ingest:
         self._router = DeleteRouter(
             key_columns, store.row_owners, self._routed_deletes, filter_columns=filter_columns(channels)
         )
+        store.watch_stale_rows(self._stale_rows)
 
     def __repr__(self) -> str:
         return "Ingest"
@@ -100,6 +104,16 @@ class Ingest:
                 watcher.note_live_change(change.table, change.data)
         await self.upstream(faction_id, changes)
 
+    def _stale_rows(self, faction_id: int, table: str, reason: str) -> None:
+        """A stored change left the faction's rows possibly unlike upstream's (an error record, an
+        UPDATE without some columns: `relay.storage.state.complete_change`): its reconciler reads the
+        table again as soon as it can. An error record is upstream's fault, so a WARNING."""
+        if reason.startswith(ERROR_RECORD):
+            log.warning("faction %d: %s: %s; reconciling", faction_id, table, reason)
+        watcher = self._watchers.get(faction_id)
+        if watcher is not None:
+            watcher.request(f"{table}: {reason}")
+
     def changes_lost(self, faction_id: int) -> None:
         """The faction's socket dropped changes it could not keep (a flood): members behind now are
         answered `truncated` at once, and again after the next batch is stored (see `upstream`)."""
@@ -123,8 +137,24 @@ class Ingest:
             items.append((CHANGE_TYPE, change.data))
         return items
 
+    def shared_deletes_live(self) -> None:
+        """The shared DELETE socket is live, at first or again. A DELETE made while it was not was
+        never delivered (Realtime never replays), and under DEFAULT identity no faction's channel carries
+        it: every faction reconciles now rather than at its next interval. A faction not live yet
+        loses nothing by it: its own reconcile on going live covers the gap."""
+        for watcher in list(self._watchers.values()):
+            watcher.request("the shared DELETE socket is live: DELETEs made while it was not are missed")
+
     async def route_shared_deletes(self, changes: Sequence[ChangeReceived]) -> None:
-        """DELETEs from the relay-wide socket: each to the faction holding its row, or parked."""
+        """DELETEs from the relay-wide socket: each to the faction holding its row, or parked.
+
+        Each is live news for every faction's snapshot read in flight, not only the owner's: a faction
+        whose first read is on the way does not hold the row yet, so its DELETE is parked and dropped,
+        and the read (made before the DELETE) must not bring the row back. A faction that never had
+        the row loses nothing by leaving its key alone."""
+        for watcher in list(self._watchers.values()):
+            for change in changes:
+                watcher.note_live_change(change.table, change.data)
         await self._router.route(changes)
 
     async def reconciled(

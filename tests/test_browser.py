@@ -163,6 +163,9 @@ async def test_the_browser_client_delivers_everything_once_in_order(
     page: dict[str, str],
     transport: str,
 ) -> None:
+    # FULL: the DELETE then comes on the faction's own channel, after the UPDATE. Under DEFAULT it comes
+    # on the shared socket and may overtake the UPDATE, which is then dropped as superseded.
+    fake_upstream.define_table("war_calls", replica_identity="full")
     query = urllib.parse.urlencode(
         {"relay": relay.url, "faction": FACTION, "key": ANON_KEY, "expect": EXPECTED, **page}
     )
@@ -303,6 +306,7 @@ async def test_todays_userscript_connection_code_gets_its_joins_through_a_relay_
     docs/client.md) against `relay serve`, which is stopped with SIGTERM and started again meanwhile."""
     config, env = serve_config
     page_server.page = USERSCRIPT_PAGE
+    fake_upstream.define_table("war_calls", replica_identity="full")  # the DELETE after the UPDATE
     with trio.fail_after(90):
         async with relay_process(config, env) as relay, httpx.AsyncClient(base_url=relay.url) as http:
             query = urllib.parse.urlencode(

@@ -170,6 +170,7 @@ async def test_join_echoes_entries_with_content_ids_then_subscribed(fake: FakeSu
 
 @pytest.mark.e2e
 async def test_insert_update_delete_shapes_and_routing_by_filter(fake: FakeSupabase, dial: Dialer) -> None:
+    fake.define_table("war_calls", replica_identity="full")  # the shapes under FULL; DEFAULT is below
     with trio.fail_after(5):
         async with dial.connect() as client:
             reply_a = await client.subscribe(TOPIC_A, binding(A))

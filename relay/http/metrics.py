@@ -303,6 +303,12 @@ class RelayCollector(Collector):
             " deep): not stored, one WARNING each.",
             stats.changes_refused,
         )
+        yield CounterMetricFamily(
+            f"{PREFIX}_upstream_changes_incomplete",
+            "Upstream changes Realtime sent incomplete (an Error 413/400/401 record, an UPDATE without"
+            " unchanged TOAST columns): never stored as a partial row, each followed by a reconcile.",
+            stats.changes_incomplete,
+        )
 
 
 def _per_faction(

@@ -125,6 +125,9 @@ class StoreStatistics:
     events_quarantined: int  # stored events that could not be read back, skipped (`quarantine.py`)
     faction_rows_quarantined: int
     changes_refused: int  # upstream changes or rows JSON cannot carry (NaN, nested too deep): not stored
+    # Upstream changes Realtime sent incomplete (`Plan.stale`): an error record, or an UPDATE lacking
+    # columns the stored row has. Never stored partial; each asks for a reconcile.
+    changes_incomplete: int = 0
 
 
 @asynccontextmanager
@@ -201,6 +204,8 @@ class Store:
         self._appends_waiting = trio.Event()  # set while _pending_appends is not empty
         self._group_commits = 0
         self._changes_refused = 0
+        self._stale_rows: Callable[[int, str, str], None] | None = None
+        self._changes_incomplete = 0
         self._closing = False
         self._committer_done = trio.Event()
         # Every stamp ever assigned or promised; the next stamp is above it. Only changed by the
@@ -309,6 +314,11 @@ class Store:
             table,
             reason,
         )
+
+    def watch_stale_rows(self, callback: Callable[[int, str, str], None]) -> None:
+        """`callback(faction, table, why)` for each committed upstream change after which the faction's
+        rows may differ from upstream's (`Plan.stale`): the ingest asks for a reconcile."""
+        self._stale_rows = callback
 
     def note_lost(self, faction_id: int) -> None:
         """Changes of the faction were lost before they could be stored: a member whose cursor is
@@ -577,6 +587,10 @@ class Store:
                 quarantine_rows(unreadable, self._quarantined)
             for faction_id, table, reason in plan.refused:
                 self.note_refused(faction_id, table, reason)
+            self._changes_incomplete += len(plan.stale)
+            if self._stale_rows is not None:
+                for faction_id, table, reason in plan.stale:
+                    self._stale_rows(faction_id, table, reason)
             if not plan.events and not plan.row_changes:
                 return None
             self._group_commits += 1
@@ -703,6 +717,7 @@ class Store:
             events_quarantined=self._quarantined.events,
             faction_rows_quarantined=self._quarantined.faction_rows,
             changes_refused=self._changes_refused,
+            changes_incomplete=self._changes_incomplete,
         )
 
     async def _close(self) -> None:

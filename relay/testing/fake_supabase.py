@@ -30,6 +30,7 @@ from wsproto.utilities import LocalProtocolError
 from relay.testing.fake_rest import ReplayStream, RestRequest, answer, http_response, parse_head, read_head
 from relay.testing.fake_tables import (
     FACTION_MESSAGES_COLUMNS,
+    MAX_RECORD_BYTES,
     WAR_CALLS_COLUMNS,
     WARS_COLUMNS,
     Binding,
@@ -318,10 +319,19 @@ class FakeSupabase:
         self._capture_from: float | None = -math.inf
         self._cold_start_s = 0.0
         self._tasks: trio.Nursery | None = None
-        # FULL so that a DELETE still carries faction_id and reaches the faction's filtered channel.
-        self.define_table("war_calls", replica_identity="full", columns=WAR_CALLS_COLUMNS)
-        self.define_table("faction_messages", replica_identity="full", columns=FACTION_MESSAGES_COLUMNS)
-        self.define_table("wars", replica_identity="full", columns=WARS_COLUMNS)
+        # Postgres's DEFAULT replica identity, as a new table has: a DELETE carries only the key, so it
+        # never reaches a channel filtered by faction (7). A test redefines a table FULL, or with RLS.
+        self.define_table("war_calls", columns=WAR_CALLS_COLUMNS)
+        self.define_table("faction_messages", columns=FACTION_MESSAGES_COLUMNS)
+        self.define_table("wars", columns=WARS_COLUMNS)
+        # TOAST omission: None, or how long (as text) an unchanged value must be to be left out of an
+        # UPDATE's record under DEFAULT identity (fake_tables.TOAST_BYTES is Postgres's ~2 kB).
+        self.toast_bytes: int | None = None
+        # Realtime's `poll_max_record_bytes`: a larger change is sent as an `Error 413` record.
+        self.max_record_bytes = MAX_RECORD_BYTES
+        # While set (NO_PRIMARY_KEY or UNAUTHORIZED), each INSERT and UPDATE is sent as that error
+        # record, to every channel of the table whatever its filter, as apply_rls does.
+        self.error_records: str | None = None
 
     def __repr__(self) -> str:
         return f"<FakeSupabase port={self._port} connections={len(self._connections)}>"
@@ -505,13 +515,15 @@ class FakeSupabase:
         key: str = "id",
         replica_identity: ReplicaIdentity = "default",
         columns: Mapping[str, str] | None = None,
+        *,
+        rls: bool = False,
     ) -> None:
         """Define or redefine a table, keeping its rows (and columns unless given: name -> Postgres type)."""
         previous = self._tables.get(name)
         if columns is None:
             columns = previous.columns if previous is not None else {key: "int8"}
         rows = previous.rows if previous is not None else {}
-        self._tables[name] = Table(name, key, replica_identity, dict(columns), rows)
+        self._tables[name] = Table(name, key, replica_identity, dict(columns), rows, rls)
 
     def insert(self, table: str, row: Mapping[str, Any], deliver: bool = True) -> Row:
         target = self._table(table)
@@ -522,7 +534,7 @@ class FakeSupabase:
         target.learn_columns(new)
         target.rows[key] = new
         if deliver:
-            self._publish(target, target.change_data("INSERT", new=new, old=None), new)
+            self._publish(target, self._change_data(target, "INSERT", new=new, old=None), new)
         self._notify()
         return copy.deepcopy(new)
 
@@ -538,7 +550,7 @@ class FakeSupabase:
         target.rows[new_key] = new
         if deliver:
             # Filters see the new row only: a row moving out of a faction is not sent to it (7).
-            self._publish(target, target.change_data("UPDATE", new=new, old=old), new)
+            self._publish(target, self._change_data(target, "UPDATE", new=new, old=old), new)
         self._notify()
         return copy.deepcopy(new)
 
@@ -547,8 +559,8 @@ class FakeSupabase:
         old = target.row(key_value)
         del target.rows[key_value]
         if deliver:
-            data = target.change_data("DELETE", new=None, old=old)
-            self._publish(target, data, data["old_record"])  # filters see only the identity columns (7)
+            data = self._change_data(target, "DELETE", new=None, old=old)
+            self._publish(target, data, target.identity(old))  # filters see only the identity columns (7)
         self._notify()
         return old
 
@@ -604,6 +616,15 @@ class FakeSupabase:
             data["old_record"] = old if target.replica_identity == "full" else {target.key: key}
         self._publish(target, data, new)
 
+    def _change_data(
+        self, table: Table, change: ChangeType, *, new: Row | None, old: Row | None
+    ) -> dict[str, Any]:
+        if self.error_records is not None and change != "DELETE":
+            return table.error_data(change, self.error_records)
+        return table.change_data(
+            change, new=new, old=old, toast_bytes=self.toast_bytes, max_record_bytes=self.max_record_bytes
+        )
+
     def _table(self, name: str) -> Table:
         try:
             return self._tables[name]
@@ -615,11 +636,16 @@ class FakeSupabase:
             if connection.frozen:
                 continue
             for channel in connection._channels.values():
-                ids = self._matching_ids(channel, table.name, data["type"], filter_row)
+                # An error record without a row (400, 401) goes to every subscription of the table:
+                # apply_rls returns them before any filter is evaluated.
+                no_row = not data.get("columns")
+                ids = self._matching_ids(channel, table.name, data["type"], filter_row, no_row)
                 if ids:  # one message per channel, listing every binding of it that matched (6.1)
                     connection._send(_frame(channel.topic, "postgres_changes", {"ids": ids, "data": data}))
 
-    def _matching_ids(self, channel: _Channel, table: str, change: ChangeType, filter_row: Row) -> list[int]:
+    def _matching_ids(
+        self, channel: _Channel, table: str, change: ChangeType, filter_row: Row, data_has_no_row: bool
+    ) -> list[int]:
         ids: list[int] = []
         if not channel.live or not self.capturing:
             return ids
@@ -629,6 +655,7 @@ class FakeSupabase:
                 continue
             unfiltered = (
                 binding.filter is None
+                or data_has_no_row
                 or self.ignore_filters
                 or (change == "DELETE" and self.deliver_deletes_unfiltered)
             )
