@@ -307,6 +307,17 @@ async def test_todays_userscript_connection_code_gets_its_joins_through_a_relay_
     config, env = serve_config
     page_server.page = USERSCRIPT_PAGE
     fake_upstream.define_table("war_calls", replica_identity="full")  # the DELETE after the UPDATE
+    # Each table FULL or never deleted from, so no relay-wide DELETE socket: its going live after the
+    # faction's first reconcile asks for another, whose resync events may land amid the order this
+    # test asserts (the shared socket has tests of its own).
+    config.write_text(
+        config.read_text()
+        + "".join(
+            f'[[upstream.channels]]\ntable = "{table}"\nfilter = "faction_id=eq.{{faction_id}}"\n'
+            'deletes = "filtered"\n'
+            for table in ("war_calls", "faction_messages", "wars")
+        )
+    )
     with trio.fail_after(90):
         async with relay_process(config, env) as relay, httpx.AsyncClient(base_url=relay.url) as http:
             query = urllib.parse.urlencode(
