@@ -137,14 +137,6 @@ class Ingest:
             items.append((CHANGE_TYPE, change.data))
         return items
 
-    def shared_deletes_live(self) -> None:
-        """The shared DELETE socket is live, at first or again. A DELETE made while it was not was
-        never delivered (Realtime never replays), and under DEFAULT identity no faction's channel carries
-        it: every faction reconciles now rather than at its next interval. A faction not live yet
-        loses nothing by it: its own reconcile on going live covers the gap."""
-        for watcher in list(self._watchers.values()):
-            watcher.request("the shared DELETE socket is live: DELETEs made while it was not are missed")
-
     async def route_shared_deletes(self, changes: Sequence[ChangeReceived]) -> None:
         """DELETEs from the relay-wide socket: each to the faction holding its row, or parked.
 

@@ -206,7 +206,6 @@ def build_services(
         reconciler_for=reconciling.for_faction,
         route_shared_deletes=ingest.route_shared_deletes,
         on_lost=ingest.changes_lost,
-        on_shared_deletes_live=ingest.shared_deletes_live,
     )
     return Services(
         config=config,

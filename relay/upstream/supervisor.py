@@ -469,7 +469,6 @@ class SharedDeleteSupervisor(UpstreamSupervisor):
         rng: random.Random,
         wall_clock_ms: WallClockMs,
         on_missed: Callable[[str], None] | None = None,
-        on_live: Callable[[], None] | None = None,
     ) -> None:
         self._on_missed = on_missed
         super().__init__(
@@ -481,7 +480,6 @@ class SharedDeleteSupervisor(UpstreamSupervisor):
             wall_clock_ms=wall_clock_ms,
         )
         self._route = route
-        self._on_live_again = on_live
 
     async def _deliver(self, changes: Sequence[ChangeReceived]) -> None:
         await self._route(changes)
@@ -493,9 +491,9 @@ class SharedDeleteSupervisor(UpstreamSupervisor):
 
     def _connection_live(self) -> None:
         # Realtime never replays: a DELETE made while this socket was not live is gone, and under
-        # DEFAULT identity no faction's channel carried it either (`relay.ingest.Ingest.shared_deletes_live`).
-        if self._on_live_again is not None:
-            self._on_live_again()
+        # DEFAULT identity no faction's channel carried it either. A faction not live yet loses
+        # nothing by the reconcile: its own on going live covers the gap.
+        self.missed("live: DELETEs made while it was not are missed")
 
 
 class Supervisors:
@@ -516,10 +514,8 @@ class Supervisors:
         reconciler_for: Callable[[int], Reconciler] | None = None,
         route_shared_deletes: SharedSink | None = None,
         on_lost: Callable[[int], None] | None = None,
-        on_shared_deletes_live: Callable[[], None] | None = None,
     ) -> None:
         self._settings = settings
-        self._on_shared_deletes_live = on_shared_deletes_live
         self._sink = sink
         self._on_lost = on_lost
         self._reconciler_for = reconciler_for
@@ -593,7 +589,6 @@ class Supervisors:
             rng=self._rng,
             wall_clock_ms=self._wall_clock_ms,
             on_missed=self._every_faction_missed,
-            on_live=self._on_shared_deletes_live,
         )
         self._nursery.start_soon(self._shared.run, name=repr(self._shared))
 
