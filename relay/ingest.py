@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, Protocol
 
 import trio
@@ -22,6 +23,7 @@ import trio
 from relay.config import ChannelConfig
 from relay.hub import Hub
 from relay.storage.planning import CHANGE_TYPE, UnstorableData, encode
+from relay.storage.state import ERROR_RECORD
 from relay.storage.store import Store, StoredEvent, StoreError
 from relay.traffic import Source, Traffic
 from relay.upstream.phoenix import ChangeReceived
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 class LiveChangeWatcher(Protocol):
     def note_live_change(self, table: str, change: dict[str, Any]) -> None: ...
+
+    def request(self, reason: str) -> None: ...
 
 
 class Ingest:
@@ -57,6 +61,7 @@ class Ingest:
         self._router = DeleteRouter(
             key_columns, store.row_owners, self._routed_deletes, filter_columns=filter_columns(channels)
         )
+        store.watch_stale_rows(self._stale_rows)
 
     def __repr__(self) -> str:
         return "Ingest"
@@ -99,6 +104,16 @@ class Ingest:
                 watcher.note_live_change(change.table, change.data)
         await self.upstream(faction_id, changes)
 
+    def _stale_rows(self, faction_id: int, table: str, reason: str) -> None:
+        """A stored change left the faction's rows possibly unlike upstream's (an error record, an
+        UPDATE without some columns: `relay.storage.state.complete_change`): its reconciler reads the
+        table again as soon as it can. An error record is upstream's fault, so a WARNING."""
+        if reason.startswith(ERROR_RECORD):
+            log.warning("faction %d: %s: %s; reconciling", faction_id, table, reason)
+        watcher = self._watchers.get(faction_id)
+        if watcher is not None:
+            watcher.request(f"{table}: {reason}")
+
     def changes_lost(self, faction_id: int) -> None:
         """The faction's socket dropped changes it could not keep (a flood): members behind now are
         answered `truncated` at once, and again after the next batch is stored (see `upstream`)."""
@@ -123,11 +138,19 @@ class Ingest:
         return items
 
     async def route_shared_deletes(self, changes: Sequence[ChangeReceived]) -> None:
-        """DELETEs from the relay-wide socket: each to the faction holding its row, or parked."""
+        """DELETEs from the relay-wide socket: each to the faction holding its row, or parked.
+
+        Each is live news for every faction's snapshot read in flight, not only the owner's: a faction
+        whose first read is on the way does not hold the row yet, so its DELETE is parked and dropped,
+        and the read (made before the DELETE) must not bring the row back. A faction that never had
+        the row loses nothing by leaving its key alone."""
+        for watcher in list(self._watchers.values()):
+            for change in changes:
+                watcher.note_live_change(change.table, change.data)
         await self._router.route(changes)
 
     async def reconciled(
-        self, faction_id: int, table: str, rows: list[dict[str, Any]], skip: frozenset[Any], read_at: str
+        self, faction_id: int, table: str, rows: list[dict[str, Any]], skip: AbstractSet[Any], read_at: str
     ) -> int:
         """A table's rows as upstream holds them now: the differences are stored as resync events."""
         events = await self._store.reconcile(faction_id, table, rows, skip=skip, commit_timestamp=read_at)

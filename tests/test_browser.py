@@ -163,6 +163,9 @@ async def test_the_browser_client_delivers_everything_once_in_order(
     page: dict[str, str],
     transport: str,
 ) -> None:
+    # FULL: the DELETE then comes on the faction's own channel, after the UPDATE. Under DEFAULT it comes
+    # on the shared socket and may overtake the UPDATE, which is then dropped as superseded.
+    fake_upstream.define_table("war_calls", replica_identity="full")
     query = urllib.parse.urlencode(
         {"relay": relay.url, "faction": FACTION, "key": ANON_KEY, "expect": EXPECTED, **page}
     )
@@ -303,6 +306,18 @@ async def test_todays_userscript_connection_code_gets_its_joins_through_a_relay_
     docs/client.md) against `relay serve`, which is stopped with SIGTERM and started again meanwhile."""
     config, env = serve_config
     page_server.page = USERSCRIPT_PAGE
+    fake_upstream.define_table("war_calls", replica_identity="full")  # the DELETE after the UPDATE
+    # Each table FULL or never deleted from, so no relay-wide DELETE socket: its going live after the
+    # faction's first reconcile asks for another, whose resync events may land amid the order this
+    # test asserts (the shared socket has tests of its own).
+    config.write_text(
+        config.read_text()
+        + "".join(
+            f'[[upstream.channels]]\ntable = "{table}"\nfilter = "faction_id=eq.{{faction_id}}"\n'
+            'deletes = "filtered"\n'
+            for table in ("war_calls", "faction_messages", "wars")
+        )
+    )
     with trio.fail_after(90):
         async with relay_process(config, env) as relay, httpx.AsyncClient(base_url=relay.url) as http:
             query = urllib.parse.urlencode(

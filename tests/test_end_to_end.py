@@ -21,6 +21,9 @@ pytestmark = pytest.mark.e2e
 async def test_todays_userscript_sees_insert_update_delete_in_order(
     relay: RunningRelay, fake_upstream: FakeSupabase
 ) -> None:
+    # FULL: the DELETE then comes on the faction's own channel, after the UPDATE. Under DEFAULT it comes
+    # on the shared socket and may overtake the UPDATE, which is then dropped as superseded.
+    fake_upstream.define_table("war_calls", replica_identity="full")
     with trio.fail_after(20):
         async with httpx.AsyncClient(base_url=relay.url) as http:
             script = Userscript(http, FACTION)

@@ -170,6 +170,7 @@ async def test_join_echoes_entries_with_content_ids_then_subscribed(fake: FakeSu
 
 @pytest.mark.e2e
 async def test_insert_update_delete_shapes_and_routing_by_filter(fake: FakeSupabase, dial: Dialer) -> None:
+    fake.define_table("war_calls", replica_identity="full")  # the shapes under FULL; DEFAULT is below
     with trio.fail_after(5):
         async with dial.connect() as client:
             reply_a = await client.subscribe(TOPIC_A, binding(A))
@@ -576,3 +577,134 @@ async def test_war_traffic_makes_every_kind_of_change(
     calls = fake.rows("war_calls")
     assert {row["faction_id"] for row in calls} <= {A, B}
     assert all(set(row) == set(WAR_CALLS_COLUMNS) for row in calls)
+
+
+# --- the real server over time (issue 17): each behaviour a switch ---
+
+
+@pytest.mark.virtual_time
+async def test_a_cold_start_says_subscribed_before_capture_and_loses_that_window(
+    fake: FakeSupabase, dial: Dialer, autojump_clock: trio.abc.Clock
+) -> None:
+    fake.cold_start(5.0)
+    with trio.fail_after(30):
+        async with dial.connect() as client:
+            await client.subscribe(TOPIC_A, binding(A))  # "Subscribed" at once
+            fake.insert("war_calls", call(A, 1))  # committed before the slot exists: never sent
+            await trio.sleep(5.0)
+            fake.insert("war_calls", call(A, 2))
+            change = await client.recv()
+    assert change["payload"]["data"]["record"]["id"] == 2
+
+
+@pytest.mark.virtual_time
+async def test_a_resubscribe_loses_the_gap_and_says_subscribed_again(
+    fake: FakeSupabase, dial: Dialer, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.fail_after(30):
+        async with dial.connect() as client:
+            await client.subscribe(TOPIC_A, binding(A))
+            fake.resubscribe(gap_s=2.0)
+            fake.insert("war_calls", call(A, 1))  # in the gap: its subscription is deleted
+            again = await client.recv()
+            fake.insert("war_calls", call(A, 2))
+            change = await client.recv()
+            fake.resubscribe(error='{:error, "Too many database timeouts"}')
+            failed = await client.recv()
+    assert again["event"] == "system"
+    assert again["payload"]["message"] == "Subscribed to PostgreSQL"
+    assert change["payload"]["data"]["record"]["id"] == 2
+    assert (failed["payload"]["status"], failed["payload"]["message"]) == (
+        "error",
+        '{:error, "Too many database timeouts"}',
+    )
+
+
+@pytest.mark.virtual_time
+async def test_a_transient_subscription_error_is_retried_on_the_same_join_in_5_to_10_s(
+    fake: FakeSupabase, dial: Dialer, autojump_clock: trio.abc.Clock
+) -> None:
+    fake.retry_subscriptions = True
+    fake.fail_subscriptions('{:error, "Too many database timeouts"}', count=2)
+    with trio.fail_after(60):
+        async with dial.connect() as client:
+            await client.join(TOPIC_A, binding(A))
+            assert (await client.recv())["payload"]["status"] == "ok"
+            messages = []
+            for _ in range(3):
+                frame = await client.recv()
+                messages.append(
+                    (trio.current_time(), frame["payload"]["status"], frame["payload"]["message"])
+                )
+    (first_at, *_), (second_at, *_), (third_at, *_) = messages
+    assert [status for _, status, _ in messages] == ["error", "error", "ok"]
+    assert messages[2][2] == "Subscribed to PostgreSQL"
+    assert 5.0 <= second_at - first_at <= 10.0
+    assert 5.0 <= third_at - second_at <= 10.0
+
+
+@pytest.mark.virtual_time
+async def test_a_final_subscription_error_is_not_retried(
+    fake: FakeSupabase, dial: Dialer, autojump_clock: trio.abc.Clock
+) -> None:
+    fake.retry_subscriptions = True
+    message = 'Error parsing `filter` params: ["equals", "5"]'
+    fake.fail_subscriptions(message, count=1)
+    with trio.fail_after(60):
+        async with dial.connect() as client:
+            await client.join(TOPIC_A, binding(A))
+            await client.recv()
+            failed = await client.recv()
+            joins = fake.joins
+            with trio.move_on_after(30):  # three retries' worth: nothing comes, not even a heartbeat reply
+                await client.recv()
+                raise AssertionError("a final error was followed by something")
+    assert failed["payload"]["message"] == message
+    assert fake.joins == joins
+
+
+@pytest.mark.virtual_time
+async def test_without_action_filtering_a_binding_gets_every_type(
+    fake: FakeSupabase, dial: Dialer, autojump_clock: trio.abc.Clock
+) -> None:
+    fake.filter_by_action = False
+    deletes = {"event": "DELETE", "schema": "public", "table": "war_calls"}
+    with trio.fail_after(30):
+        async with dial.connect() as client:
+            await client.subscribe("realtime:deletes", deletes)
+            fake.insert("war_calls", call(A, 1))
+            fake.update("war_calls", 1, {"caller_name": "bob"})
+            fake.delete("war_calls", 1)
+            types = [(await client.recv())["payload"]["data"]["type"] for _ in range(3)]
+    assert types == ["INSERT", "UPDATE", "DELETE"]
+
+
+@pytest.mark.virtual_time
+async def test_a_slow_join_holds_every_frame_behind_it_the_heartbeat_reply_too(
+    fake: FakeSupabase, dial: Dialer, autojump_clock: trio.abc.Clock
+) -> None:
+    """Phoenix's socket process answers a join before it reads the next frame or writes what its
+    channels pushed meanwhile: the heartbeat reply and a joined channel's change wait behind it."""
+    with trio.fail_after(60):
+        async with dial.connect() as client:
+            await client.subscribe("realtime:calls", binding(A))
+            fake.join_delay_s = 15.0
+            started = trio.current_time()
+            await client.join(TOPIC_A, binding(A))
+            await client.join(TOPIC_B, binding(B))
+            heartbeat = await client.push("phoenix", "heartbeat")
+            await trio.sleep(1.0)
+            fake.insert("war_calls", call(A, 1))  # pushed on the joined channel during the first join
+            frames: list[tuple[float, str, str]] = []
+            while len(frames) < 6:
+                frame = await client.recv()
+                frames.append((round(trio.current_time() - started, 1), frame["topic"], frame["event"]))
+                if frame["topic"] == "phoenix":
+                    assert frame["ref"] == heartbeat
+    assert [(at, topic, event) for at, topic, event in frames if topic != TOPIC_A or event != "system"] == [
+        (15.0, TOPIC_A, "phx_reply"),
+        (15.0, "realtime:calls", "postgres_changes"),  # held while the join was answered
+        (30.0, TOPIC_B, "phx_reply"),
+        (30.0, TOPIC_B, "system"),
+        (30.0, "phoenix", "phx_reply"),  # read only after both joins
+    ]

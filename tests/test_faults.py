@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from relay.testing.fake_supabase import FakeConnection, FakeSupabase
-from relay.upstream.supervisor import Supervisors, UpstreamState
+from relay.upstream.supervisor import MISCONFIGURED_RETRY_S, Supervisors, UpstreamState
 from tests.helpers.supervisors import HEARTBEAT_S, KEY, MAX_S, Collected, call, war_calls_settings
 from tests.helpers.waits import eventually
 
@@ -83,7 +83,9 @@ CASES = {
     "system error after a successful join (bad filter)": Case(
         drop_then(lambda f: f.fail_subscriptions('Error parsing `filter` params: ["equals", "5"]')),
         "Error parsing `filter` params",
+        state=UpstreamState.MISCONFIGURED,
         clear=lambda f: f.accept_subscriptions(),
+        min_delay_s=MISCONFIGURED_RETRY_S,
     ),
     "heartbeat replies stop": Case(lambda f, a: f.stop_heartbeat_replies(only=a), "HeartbeatTimeout"),
     "server freezes completely": Case(lambda f, a: f.freeze(only=a), "HeartbeatTimeout"),

@@ -13,6 +13,7 @@ import functools
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import httpx
@@ -142,8 +143,8 @@ async def test_a_change_waiting_in_the_backlog_keeps_its_key_out_of_a_reconcile_
         await release.wait()
         return Snapshot(rows=[], requests=1)
 
-    async def apply(faction_id: int, table: str, rows: Any, skip: frozenset[Any], read_at: str) -> int:
-        skipped.append(skip)
+    async def apply(faction_id: int, table: str, rows: Any, skip: AbstractSet[Any], read_at: str) -> int:
+        skipped.append(frozenset(skip))
         return 0
 
     settings = war_calls_settings(fake.url)

@@ -19,8 +19,10 @@ from relay.upstream.phoenix import (
     HeartbeatAcknowledged,
     JoinRefused,
     MalformedFrame,
+    Resubscribed,
     Session,
-    SubscriptionFailed,
+    SubscriptionMisconfigured,
+    SubscriptionRetrying,
     filter_mismatch,
     socket_url,
     to_realtime_js,
@@ -198,18 +200,92 @@ def test_join_reply_that_does_not_echo_our_binding_is_refused() -> None:
         session.receive(join_reply(WAR_CALLS, join["ref"], filter="faction_id=eq.1"))
 
 
-def test_system_error_after_join_is_a_failed_subscription() -> None:
+def postgres_changes_error(spec: ChannelSpec, message: str) -> str:
+    payload = {
+        "channel": spec.topic.removeprefix("realtime:"),
+        "extension": "postgres_changes",
+        "status": "error",
+        "message": message,
+    }
+    return frame(spec.topic, "system", payload)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        'Error parsing `filter` params: ["equals", "5"]',
+        "No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: %{}",
+        "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the"
+        " given connect parameters: [event: *, schema: public, table: war_calls, filters: []]",
+        "Unable to subscribe to changes with given parameters. An exception happened so please check your"
+        " connect parameters: [schema: public, table: war_calls, filters: [...]]. Exception: ERROR 42703",
+    ],
+)
+def test_an_error_the_server_never_retries_is_a_misconfiguration(message: str) -> None:
     session = Session([WAR_CALLS], "anon")
     join = json.loads(session.join_frames()[0])
     session.receive(join_reply(WAR_CALLS, join["ref"]))
-    error = {
-        "channel": "x",
-        "extension": "postgres_changes",
-        "status": "error",
-        "message": "Error parsing `filter`",
-    }
-    with pytest.raises(SubscriptionFailed, match="Error parsing"):
-        session.receive(frame(WAR_CALLS.topic, "system", error))
+    with pytest.raises(SubscriptionMisconfigured) as caught:
+        session.receive(postgres_changes_error(WAR_CALLS, message))
+    assert caught.value.misconfigured
+    assert caught.value.detail == message  # the server's own words, for /status
+
+
+def test_a_transient_error_keeps_the_join_and_the_servers_retry_makes_it_live() -> None:
+    session = Session([WAR_CALLS, MESSAGES], "anon")
+    war_join, message_join = (json.loads(text) for text in session.join_frames())
+    session.receive(join_reply(WAR_CALLS, war_join["ref"]))
+    session.receive(join_reply(MESSAGES, message_join["ref"], binding_id=7))
+    timeouts = '{:error, "Too many database timeouts"}'
+    assert session.receive(postgres_changes_error(WAR_CALLS, timeouts)) == [
+        SubscriptionRetrying("war_calls", timeouts)
+    ]
+    assert session.receive(subscribed(MESSAGES)) == []
+    assert not session.live
+    assert session.retrying == timeouts
+    assert session.receive(subscribed(WAR_CALLS)) == [AllChannelsLive()]  # the retry, 5-10 s later
+    assert session.live
+    assert session.retrying is None
+
+
+def test_a_second_subscribed_is_a_resubscription_and_an_error_meanwhile_is_not_live() -> None:
+    session, _ = joined_session(WAR_CALLS, MESSAGES)
+    assert session.receive(subscribed(WAR_CALLS)) == [Resubscribed("war_calls")]
+    assert session.live
+    timeouts = '{:error, "Too many database timeouts"}'
+    assert session.receive(postgres_changes_error(MESSAGES, timeouts)) == [
+        SubscriptionRetrying("faction_messages", timeouts)
+    ]
+    assert not session.live
+    assert session.receive(subscribed(MESSAGES)) == [Resubscribed("faction_messages")]
+    assert session.live
+
+
+def test_joins_outstanding_counts_the_unanswered_joins() -> None:
+    session = Session([WAR_CALLS, MESSAGES], "anon")
+    war_join, message_join = (json.loads(text) for text in session.join_frames())
+    assert session.joins_outstanding == 2
+    session.receive(join_reply(WAR_CALLS, war_join["ref"]))
+    assert session.joins_outstanding == 1
+    session.receive(join_reply(MESSAGES, message_join["ref"], binding_id=7))
+    assert session.joins_outstanding == 0
+
+
+def test_a_change_of_another_type_than_the_bindings_event_is_ignored() -> None:
+    """Servers before the 2025-11 migrations send every type to a DELETE binding; realtime-js drops them."""
+    deletes = ChannelSpec("war_calls", "", event="DELETE")
+    session, _ = joined_session(deletes)
+    row = {"id": 1, "faction_id": 46666}
+    (inserted,) = session.receive(change(deletes, "INSERT", record=row))
+    assert inserted == ChangeIgnored("war_calls", "INSERT on a DELETE binding")
+    (updated,) = session.receive(change(deletes, "UPDATE", record=row, old_record={"id": 1}))
+    assert isinstance(updated, ChangeIgnored)
+    (deleted,) = session.receive(change(deletes, "DELETE", old_record={"id": 1}))
+    assert isinstance(deleted, ChangeReceived)
+    # A binding on every type takes them all.
+    everything, _ = joined_session(WAR_CALLS)
+    (taken,) = everything.receive(change(WAR_CALLS, "UPDATE", record=row, old_record={"id": 1}))
+    assert isinstance(taken, ChangeReceived)
 
 
 def test_channel_shutdown_message_ends_the_connection() -> None:

@@ -32,7 +32,9 @@ T1, T2, T3, T4 = (f"2026-11-24T21:00:0{second}.000Z" for second in range(1, 5))
 Item = tuple[str, Any]  # (type, data), as appended
 
 
-def change(kind: str, *, new: Row | None = None, old: Row | None = None, at: str = T2, **extra: Any) -> Item:
+def change(
+    kind: str, *, new: Row | None = None, old: Row | None = None, at: str | None = T2, **extra: Any
+) -> Item:
     data = {
         "table": "war_calls",
         "eventType": kind,
@@ -59,6 +61,16 @@ RESYNC = change("INSERT", new=ROW, at=T1, resync=True)
 FULL_DELETE = change("DELETE", old={**ROW, "extra": 1}, at=T3)  # REPLICA IDENTITY FULL
 KEYLESS = change("INSERT", new={"target_id": 3001})
 OTHER_TABLE = (CHANGE_TYPE, {**INSERT[1], "table": "wars"})
+# What the WAL leaves out (reference audit 9-11): a long value the UPDATE did not change, under DEFAULT
+# identity; every value over 64 bytes, in an `Error 413` record; the whole row, in an `Error 400`/`401`.
+LONG = {**ROW, "note": "x" * 3000}
+TOAST_UPDATE = change("UPDATE", new={"id": 7, "faction_id": F, "target_id": 9}, old={"id": 7})
+TOO_LARGE = ["Error 413: Payload Too Large"]
+TRUNCATED_UPDATE = change("UPDATE", new={"id": 7, "target_id": 9}, old={"id": 7}, errors=TOO_LARGE)
+TRUNCATED_INSERT = change("INSERT", new={"id": 7, "target_id": 9}, errors=TOO_LARGE)
+TRUNCATED_DELETE = change("DELETE", old={"id": 7, "target_id": 3001}, at=T3, errors=TOO_LARGE)
+NO_KEY_RECORD = change("INSERT", at=None, errors=["Error 401: Unauthorized"])
+RESYNC_WITHOUT_NOTE = change("UPDATE", new=MOVED, old=LONG, resync=True)
 NOT_A_CHANGE = ("hospital_update", {"id": 7, "members": []})
 
 
@@ -70,6 +82,7 @@ class Case:
     held: list[tuple[int, Row]] = field(default_factory=list)  # rows stored before: faction, row
     deleted: dict[tuple[int, object], str] = field(default_factory=dict)  # DELETEs committed before
     tombstones: dict[tuple[int, object], str] = field(default_factory=dict)  # DELETEs the batch adds
+    stale: list[str] = field(default_factory=list)  # how each reason to reconcile begins
 
 
 CASES = {
@@ -145,6 +158,47 @@ CASES = {
     "a change without its key is served as it came and changes nothing": Case(
         batch=[(F, [KEYLESS])], served=[(0, F, KEYLESS)]
     ),
+    "an update without an unchanged long value is completed from the stored row, and reconciled": Case(
+        held=[(F, LONG)],
+        batch=[(F, [TOAST_UPDATE])],
+        served=[(0, F, (CHANGE_TYPE, {**TOAST_UPDATE[1], "new": {**LONG, "target_id": 9}, "old": LONG}))],
+        row_changes=[(F, 7, {**LONG, "target_id": 9})],
+        stale=["UPDATE without note"],
+    ),
+    "an update with a column the stored row lacks is not stale": Case(
+        held=[(F, ROW)],
+        batch=[(F, [change("UPDATE", new=LONG, old={"id": 7})])],
+        served=[(0, F, completed(change("UPDATE", new=LONG, old={"id": 7}), ROW))],
+        row_changes=[(F, 7, LONG)],
+    ),
+    "a resync update never counts as missing columns": Case(
+        held=[(F, LONG)],
+        batch=[(F, [RESYNC_WITHOUT_NOTE])],
+        served=[(0, F, RESYNC_WITHOUT_NOTE)],
+        row_changes=[(F, 7, MOVED)],
+    ),
+    "a 413 update is served as it came, leaves the row alone and is reconciled": Case(
+        held=[(F, LONG)],
+        batch=[(F, [TRUNCATED_UPDATE])],
+        served=[(0, F, TRUNCATED_UPDATE)],
+        stale=["error record (UPDATE"],
+    ),
+    "a 413 insert adds no row and is reconciled": Case(
+        batch=[(F, [TRUNCATED_INSERT])], served=[(0, F, TRUNCATED_INSERT)], stale=["error record (INSERT"]
+    ),
+    "a 413 delete still deletes, its old completed from the stored row": Case(
+        held=[(F, LONG)],
+        batch=[(F, [TRUNCATED_DELETE])],
+        served=[(0, F, completed(TRUNCATED_DELETE, LONG))],
+        row_changes=[(F, 7, None)],
+        tombstones={(F, 7): T3},
+    ),
+    "a record without a row (400, 401) is served as it came and reconciled": Case(
+        held=[(F, ROW)],
+        batch=[(F, [NO_KEY_RECORD])],
+        served=[(0, F, NO_KEY_RECORD)],
+        stale=["error record (INSERT"],
+    ),
     "other event types and untracked tables are stored as they came": Case(
         held=[(F, ROW)],
         batch=[(F, [NOT_A_CHANGE]), (G, [OTHER_TABLE])],
@@ -180,6 +234,10 @@ def test_plan_batch(case: Case) -> None:
         (faction_id, "war_calls", row_key(key), row) for faction_id, key, row in case.row_changes
     ]
     assert planned.tombstones == places(case.tombstones)
+    assert len(planned.stale) == len(case.stale)
+    for (faction_id, table, reason), begins in zip(planned.stale, case.stale, strict=True):
+        assert (faction_id, table) == (F, "war_calls")
+        assert reason.startswith(begins)
 
 
 def test_an_event_served_as_it_came_keeps_the_json_it_came_with() -> None:

@@ -3,6 +3,7 @@ faction reconciles at once, so the relay reads and compares only `SNAPSHOTS_AT_O
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import pytest
@@ -37,7 +38,7 @@ class Upstream:
         return Snapshot([{"id": 1, "filter": filter}], 1)
 
     async def reconciled(
-        self, faction_id: int, table: str, rows: list[dict[str, Any]], skip: frozenset[Any], read_at: str
+        self, faction_id: int, table: str, rows: list[dict[str, Any]], skip: AbstractSet[Any], read_at: str
     ) -> int:
         await trio.sleep(1)
         self.compared.append((faction_id, table))

@@ -28,6 +28,11 @@ async def start(nursery: trio.Nursery, make_config: Callable[..., Config], toml:
     return relay
 
 
+def shared_deletes_state(relay: RunningRelay) -> str | None:
+    stats = relay.supervisors.shared_deletes_statistics()
+    return None if stats is None else stats.state
+
+
 async def war_calls_are(relay: RunningRelay, rows: list[dict[str, int]]) -> bool:
     return (await relay.store.faction_state(FACTION)).tables["war_calls"] == rows
 
@@ -40,6 +45,8 @@ async def test_state_then_events_since_its_cursor_miss_nothing_and_double_nothin
     second = {"id": 2, "faction_id": FACTION, "target_id": 3002}
     with trio.fail_after(10):
         await eventually(lambda: relay.supervisors.statistics()[FACTION].state == "connected")
+        # Under the default replica identity the DELETE comes only through the shared socket.
+        await eventually(lambda: shared_deletes_state(relay) == "connected")
         fake_upstream.insert("war_calls", first)
         fake_upstream.insert("war_calls", second)
         fake_upstream.delete("war_calls", 1)

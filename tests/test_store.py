@@ -686,7 +686,7 @@ async def test_reconcile_emits_the_differences_and_leaves_live_keys_alone(tmp_pa
                 {"id": 6, "v": "x"},
             ]
             events = await store.reconcile(
-                FACTION, "war_calls", snapshot, skip=[4, 6], commit_timestamp="2026-11-24T20:00:00.000Z"
+                FACTION, "war_calls", snapshot, skip={4, 6}, commit_timestamp="2026-11-24T20:00:00.000Z"
             )
             summary = [(e.data()["eventType"], e.data()["new"], e.data()["old"]) for e in events]
             assert summary == [
@@ -706,7 +706,7 @@ async def test_reconcile_emits_the_differences_and_leaves_live_keys_alone(tmp_pa
             ]
             assert (
                 await store.reconcile(
-                    FACTION, "war_calls", snapshot[:3] + rows[3:], skip=[], commit_timestamp="t"
+                    FACTION, "war_calls", snapshot[:3] + rows[3:], skip=set(), commit_timestamp="t"
                 )
                 == []
             )
@@ -721,7 +721,7 @@ async def test_a_reconcile_row_json_cannot_carry_is_left_out_with_a_warning_and_
     with trio.fail_after(TEST_TIMEOUT_S):
         async with open_state_store(tmp_path, clock) as store:
             snapshot: list[dict[str, Any]] = [{"id": 1, "v": math.nan}, {"id": 2, "v": 1}]
-            events = await store.reconcile(FACTION, "war_calls", snapshot, skip=[], commit_timestamp="t")
+            events = await store.reconcile(FACTION, "war_calls", snapshot, skip=set(), commit_timestamp="t")
             assert [e.data()["new"] for e in events] == [{"id": 2, "v": 1}]
             assert store.statistics().changes_refused == 1
             (warning,) = [r for r in caplog.records if "cannot be stored" in r.getMessage()]
@@ -742,7 +742,7 @@ async def test_a_bug_in_planning_fails_that_commit_and_the_store_goes_on(
         async with open_state_store(tmp_path, clock) as store:
             with pytest.raises(StoreError, match="unexpectedly"):
                 await store.reconcile(
-                    FACTION, "war_calls", [{"id": 1, "v": {1, 2}}], skip=[], commit_timestamp="t"
+                    FACTION, "war_calls", [{"id": 1, "v": {1, 2}}], skip=set(), commit_timestamp="t"
                 )
             assert any(r.exc_info for r in caplog.records if "unexpectedly" in r.getMessage())
             assert len(await store.append_events(FACTION, [war_call("INSERT", {"id": 3}, {})])) == 1
@@ -830,7 +830,7 @@ async def test_a_cancelled_reconcile_stops_after_the_chunk_being_written(tmp_pat
 
             async def reconcile() -> None:
                 with scope:
-                    await store.reconcile(FACTION, "war_calls", snapshot, skip=[], commit_timestamp="t")
+                    await store.reconcile(FACTION, "war_calls", snapshot, skip=set(), commit_timestamp="t")
 
             async with trio.open_nursery() as nursery:
                 with clock.hold(1):  # the first stamp of the first chunk, inside its transaction
@@ -844,7 +844,7 @@ async def test_a_cancelled_reconcile_stops_after_the_chunk_being_written(tmp_pat
             first = in_key_order(snapshot)[:CHUNK]
             assert (await store.faction_state(FACTION)).tables["war_calls"] == first
             assert store.cursor() == START_MS + CHUNK - 1  # the chunk's last stamp, published
-            rest = await store.reconcile(FACTION, "war_calls", snapshot, skip=[], commit_timestamp="t")
+            rest = await store.reconcile(FACTION, "war_calls", snapshot, skip=set(), commit_timestamp="t")
             assert len(rest) == LARGE - CHUNK
             assert {event.data()["eventType"] for event in rest} == {"INSERT"}
         async with open_state_store(tmp_path, clock) as store:
@@ -865,11 +865,11 @@ async def test_a_storage_fault_in_a_later_chunk_keeps_the_chunks_committed(tmp_p
                 " BEGIN SELECT RAISE(ABORT, 'poison refused'); END",
             )
             with pytest.raises(StoreError, match="poison refused"):
-                await store.reconcile(FACTION, "war_calls", snapshot, skip=[], commit_timestamp="t")
+                await store.reconcile(FACTION, "war_calls", snapshot, skip=set(), commit_timestamp="t")
             assert stored_counts(tmp_path) == (CHUNK, CHUNK, 1)
             assert len((await store.faction_state(FACTION)).tables["war_calls"]) == CHUNK
             query(tmp_path, "DROP TRIGGER refuse_poison")
-            rest = await store.reconcile(FACTION, "war_calls", snapshot, skip=[], commit_timestamp="t")
+            rest = await store.reconcile(FACTION, "war_calls", snapshot, skip=set(), commit_timestamp="t")
             assert len(rest) == LARGE - CHUNK
             assert (await store.faction_state(FACTION)).tables["war_calls"] == in_key_order(snapshot)
 
@@ -886,7 +886,7 @@ async def test_an_append_waits_for_a_whole_reconcile_so_a_later_live_change_stan
             appended: list[StoredEvent] = []
 
             async def reconcile() -> None:
-                await store.reconcile(FACTION, "war_calls", snapshot, skip=[], commit_timestamp="t")
+                await store.reconcile(FACTION, "war_calls", snapshot, skip=set(), commit_timestamp="t")
 
             async def append() -> None:
                 appended.extend(await store.append_events(FACTION, [live]))

@@ -68,6 +68,8 @@ async def harness(nursery: trio.Nursery, autojump_clock: trio.abc.Clock) -> Harn
 async def test_connected_only_after_subscribed_and_changes_flow_in_order(
     harness: Harness, autojump_clock: trio.abc.Clock
 ) -> None:
+    # FULL: this harness has no shared DELETE socket, so the DELETE must reach the faction's channel.
+    harness.fake.define_table("war_calls", replica_identity="full")
     with trio.fail_after(30):
         await harness.wait_state(A, UpstreamState.CONNECTED)
         stats = harness.supervisors.statistics()[A]

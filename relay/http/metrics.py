@@ -74,7 +74,8 @@ class RelayCollector(Collector):
         services = self._services
         state = GaugeMetricFamily(
             f"{PREFIX}_upstream_state",
-            "1 for the faction's upstream state (connected, connecting, backoff, auth_failed, stopped), 0 for the others.",
+            "1 for the faction's upstream state (connected, connecting, backoff, auth_failed, misconfigured,"
+            " stopped), 0 for the others.",
             labels=["faction_id", "state"],
         )
         attempts = _per_faction(
@@ -89,7 +90,25 @@ class RelayCollector(Collector):
         ignored = _per_faction(
             CounterMetricFamily,
             "upstream_changes_ignored",
-            "Changes dropped because their row belongs to another faction.",
+            "Changes dropped because their row belongs to another faction, or their type is not their"
+            " channel's event (servers before 2025-11 sent every type).",
+        )
+        misconfigured = _per_faction(
+            CounterMetricFamily,
+            "upstream_misconfigured",
+            "Connections ended by a subscription error Supabase never retries (table not published, bad"
+            " filter): state misconfigured, retried every 10 minutes.",
+        )
+        retries = _per_faction(
+            CounterMetricFamily,
+            "upstream_subscription_retries",
+            "Subscription errors Supabase retries on the same join (database timeouts); the socket is kept.",
+        )
+        resubscribed = _per_faction(
+            CounterMetricFamily,
+            "upstream_resubscriptions",
+            "Channels subscribed again on a live socket (changes in between were never sent; each asks"
+            " for a reconcile).",
         )
         dropped = _per_faction(
             CounterMetricFamily,
@@ -116,6 +135,9 @@ class RelayCollector(Collector):
             received.add_metric([label], stats.changes_received)
             ignored.add_metric([label], stats.changes_ignored)
             dropped.add_metric([label], stats.changes_dropped)
+            misconfigured.add_metric([label], stats.misconfigurations)
+            retries.add_metric([label], stats.subscription_retries)
+            resubscribed.add_metric([label], stats.resubscriptions)
             if stats.reconcile is not None:
                 reconciles.add_metric([label], stats.reconcile.reconciles)
                 rest_requests.add_metric([label], stats.reconcile.rest_requests)
@@ -127,6 +149,9 @@ class RelayCollector(Collector):
             received,
             ignored,
             dropped,
+            misconfigured,
+            retries,
+            resubscribed,
             reconciles,
             rest_requests,
             failing,
@@ -281,6 +306,12 @@ class RelayCollector(Collector):
             " deep): not stored, one WARNING each.",
             stats.changes_refused,
         )
+        yield CounterMetricFamily(
+            f"{PREFIX}_upstream_changes_incomplete",
+            "Upstream changes Realtime sent incomplete (an Error 413/400/401 record, an UPDATE without"
+            " unchanged TOAST columns): never stored as a partial row, each followed by a reconcile.",
+            stats.changes_incomplete,
+        )
 
 
 def _per_faction(
@@ -302,6 +333,17 @@ def _shared_deletes(stats: UpstreamStatistics | None) -> Iterator[Metric]:
         f"{PREFIX}_shared_deletes_changes_received",
         "DELETEs received on the relay-wide channels, before routing to factions.",
         stats.changes_received,
+    )
+    yield CounterMetricFamily(
+        f"{PREFIX}_shared_deletes_changes_ignored",
+        "INSERTs and UPDATEs dropped on the relay-wide DELETE channels (servers before 2025-11 send"
+        " every type).",
+        stats.changes_ignored,
+    )
+    yield CounterMetricFamily(
+        f"{PREFIX}_shared_deletes_misconfigured",
+        "Connections of the relay-wide DELETE channels ended by a subscription error Supabase never retries.",
+        stats.misconfigurations,
     )
 
 

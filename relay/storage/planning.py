@@ -70,6 +70,9 @@ class Plan:
     tombstones: dict[Place, str] = field(default_factory=dict)  # DELETEs planned: place -> commit time
     # A reconcile's differences JSON cannot carry (a NaN upstream): faction, table and why; not stored.
     refused: list[tuple[int, str, str]] = field(default_factory=list)
+    # Upstream changes that leave the faction's rows possibly unlike upstream's (an error record, an
+    # UPDATE lacking columns): faction, table and why. Each asks for a reconcile (`relay.ingest`).
+    stale: list[tuple[int, str, str]] = field(default_factory=list)
 
 
 class Tombstones:
@@ -126,7 +129,8 @@ def plan_chunk(
     plan = Plan()
     size = 0
     for change in changes:
-        served, effects = complete_change(faction_id, change, key_column, rows)
+        completed = complete_change(faction_id, change, key_column, rows)
+        served, effects = completed.served, completed.effects
         try:
             data_json = encode(served)
         except UnstorableData as exc:
@@ -165,7 +169,10 @@ class _BatchPlanner:
                 return None
             if change.get("eventType") == "DELETE":
                 self.plan.tombstones[place] = committed_at
-        served, effects = complete_change(faction_id, change, key_column, self.lookup)
+        completed = complete_change(faction_id, change, key_column, self.lookup)
+        served, effects = completed.served, completed.effects
+        if completed.stale is not None:
+            self.plan.stale.append((faction_id, str(change.get("table")), completed.stale))
         if _changes_nothing(effects, self.lookup):
             # A row the faction holds already, as it is (a snapshot read just before brought it):
             # whoever follows the events has it, so it is not served twice.

@@ -42,35 +42,73 @@ class RowChange:
 
 
 Lookup = Callable[[int, str, RowKey], Row | None]
+# How a `Completed.stale` reason starts when upstream sent an error record: upstream's fault, not the WAL's.
+ERROR_RECORD = "error record"
 
 
-def complete_change(
-    faction_id: int, change: Mapping[str, Any], key_column: str, lookup: Lookup
-) -> tuple[dict[str, Any], list[RowChange]]:
-    """The change as it should be served, its key-only `old` filled in from the stored row, and what
-    it does to the faction's rows. A change whose row has no key value is served as it came and
-    changes nothing (a table without that key column cannot be tracked)."""
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """A change as it is to be served, what it does to the faction's rows, and why the rows may now
+    differ from upstream's (`stale`, None when they should not): a reconcile is then asked for."""
+
+    served: dict[str, Any]
+    effects: list[RowChange]
+    stale: str | None = None
+
+
+def complete_change(faction_id: int, change: Mapping[str, Any], key_column: str, lookup: Lookup) -> Completed:
+    """The change as it should be served, what the WAL left out of its rows filled in from the stored
+    row, and what it does to the faction's rows. A change whose row has no key value is served as it
+    came and changes nothing (a table without that key column cannot be tracked).
+
+    What the WAL leaves out, and what is done about it:
+    - `old` under DEFAULT identity, and a DELETE's `old` under RLS even with FULL, carry only the key:
+      the rest is the stored row, which today's script needs (`old.target_id` of an uncall).
+    - An UPDATE under DEFAULT identity leaves out each unchanged TOASTed value (over about 2 kB): the
+      columns the stored row has and `new` lacks are taken from it, so neither members nor the stored
+      row ever hold a partial row. The relay cannot tell that from a column dropped upstream, so it is
+      `stale` too, and the reconcile asked for settles it.
+    - An error record (`errors`: `Error 413` keeps only values of at most 64 bytes, whether changed or
+      not; `Error 400`/`401` carry no row) is served as realtime-js hands it over, but its `new` never
+      replaces a stored row: it is `stale`, and the reconcile brings the row whole. A DELETE's key
+      is whole even in a 413 record, so it still deletes.
+    """
     served = dict(change)
     table, kind = str(change.get("table")), change.get("eventType")
     new, old = change.get("new") or {}, change.get("old") or {}
+    errors = change.get("errors")
+    if errors and kind != "DELETE":
+        return Completed(served, [], f"{ERROR_RECORD} ({kind}, errors {errors!r})")
     if kind == "INSERT":
         if key_column not in new:
-            return served, []
-        return served, [RowChange(faction_id, table, row_key(new[key_column]), dict(new))]
+            return Completed(served, [])
+        return Completed(served, [RowChange(faction_id, table, row_key(new[key_column]), dict(new))])
     identity = old if key_column in old else new
     if key_column not in identity:
-        return served, []
+        return Completed(served, [])
     old_key = row_key(identity[key_column])
     previous = lookup(faction_id, table, old_key)
-    if previous is not None and set(old) <= {key_column}:
-        served["old"] = dict(previous)
+    if previous is not None and not set(previous) <= set(old):
+        served["old"] = _filled(old, previous)
     if kind == "DELETE":
-        return served, [RowChange(faction_id, table, old_key, None)]
+        return Completed(served, [RowChange(faction_id, table, old_key, None)])
     if key_column not in new:
-        return served, []
+        return Completed(served, [])
+    stale = None
+    if previous is not None and not change.get("resync") and not set(previous) <= set(new):
+        missing = sorted(set(previous) - set(new))
+        stale = f"UPDATE without {', '.join(missing)} (unchanged TOAST values, or columns dropped upstream)"
+        new = served["new"] = _filled(new, previous)
     new_key = row_key(new[key_column])
     moves = [RowChange(faction_id, table, old_key, None)] if new_key != old_key else []
-    return served, [*moves, RowChange(faction_id, table, new_key, dict(new))]
+    return Completed(served, [*moves, RowChange(faction_id, table, new_key, dict(new))], stale)
+
+
+def _filled(partial: Mapping[str, Any], stored: Row) -> Row:
+    """`partial`, with the columns it lacks taken from `stored`, in the stored row's column order."""
+    filled = {name: partial.get(name, value) for name, value in stored.items()}
+    filled.update(partial)
+    return filled
 
 
 def diff(

@@ -19,6 +19,7 @@ import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,9 @@ class _Pending:
 class _Snapshot:
     table: str
     rows: dict[RowKey, Row]
-    skip: frozenset[RowKey]
+    # The key values changed live, as the reconciler keeps noting them until the reconcile is stored:
+    # read (copied, under the GIL) when the first chunk is planned, not when the snapshot is handed in.
+    skip: AbstractSet[Any]
     commit_timestamp: str
 
 
@@ -122,6 +125,9 @@ class StoreStatistics:
     events_quarantined: int  # stored events that could not be read back, skipped (`quarantine.py`)
     faction_rows_quarantined: int
     changes_refused: int  # upstream changes or rows JSON cannot carry (NaN, nested too deep): not stored
+    # Upstream changes Realtime sent incomplete (`Plan.stale`): an error record, or an UPDATE lacking
+    # columns the stored row has. Never stored partial; each asks for a reconcile.
+    changes_incomplete: int = 0
 
 
 @asynccontextmanager
@@ -198,6 +204,8 @@ class Store:
         self._appends_waiting = trio.Event()  # set while _pending_appends is not empty
         self._group_commits = 0
         self._changes_refused = 0
+        self._stale_rows: Callable[[int, str, str], None] | None = None
+        self._changes_incomplete = 0
         self._closing = False
         self._committer_done = trio.Event()
         # Every stamp ever assigned or promised; the next stamp is above it. Only changed by the
@@ -307,6 +315,11 @@ class Store:
             reason,
         )
 
+    def watch_stale_rows(self, callback: Callable[[int, str, str], None]) -> None:
+        """`callback(faction, table, why)` for each committed upstream change after which the faction's
+        rows may differ from upstream's (`Plan.stale`): the ingest asks for a reconcile."""
+        self._stale_rows = callback
+
     def note_lost(self, faction_id: int) -> None:
         """Changes of the faction were lost before they could be stored: a member whose cursor is
         before now is answered `truncated`, so it reloads /state."""
@@ -402,12 +415,16 @@ class Store:
         table: str,
         snapshot: Iterable[Row],
         *,
-        skip: Iterable[Any],
+        skip: AbstractSet[Any],
         commit_timestamp: str,
     ) -> list[StoredEvent]:
         """Make the faction's stored rows of `table` equal `snapshot`, storing each difference as a
-        `postgres_changes` event marked `resync`; rows whose key is in `skip` (changed live while the
+        `postgres_changes` event marked `resync`; rows whose key is in `skip` (changed live since the
         snapshot was read) are left as they are. Returns the events, in key order.
+
+        `skip` may go on growing until this returns: it is read when the differences are worked out,
+        in the write thread, so a live change delivered after the read but stored before the
+        reconcile is not undone by it (a late change after that is stored after the reconcile).
 
         Stored in chunks of RECONCILE_CHUNK_EVENTS, each committed and published on its own, while
         appends wait their turn. A cancelled caller waits (shielded) for the chunk being written and
@@ -415,8 +432,7 @@ class Store:
         """
         key_column = self._key_columns[table]
         rows = {row_key(row[key_column]): row for row in snapshot}
-        skipped = frozenset(row_key(value) for value in skip)
-        wanted = _Snapshot(table, rows, skipped, commit_timestamp)
+        wanted = _Snapshot(table, rows, skip, commit_timestamp)
         return await self._submit(_Pending(faction_id, [], wanted), stoppable=True)
 
     async def _submit(self, pending: _Pending, *, stoppable: bool = False) -> list[StoredEvent]:
@@ -488,11 +504,13 @@ class Store:
             nonlocal changes, finished
             if changes is None:
                 current = _table_rows(conn, pending.faction_id, snapshot.table, unreadable)
+                # set() of a set is one C call under the GIL: no Trio-side add can tear it.
+                skipped = frozenset(row_key(value) for value in set(snapshot.skip))
                 changes = diff(
                     snapshot.table,
                     current,
                     snapshot.rows,
-                    skip=snapshot.skip,
+                    skip=skipped,
                     commit_timestamp=snapshot.commit_timestamp,
                 )
             plan, finished = plan_chunk(
@@ -569,6 +587,10 @@ class Store:
                 quarantine_rows(unreadable, self._quarantined)
             for faction_id, table, reason in plan.refused:
                 self.note_refused(faction_id, table, reason)
+            self._changes_incomplete += len(plan.stale)
+            if self._stale_rows is not None:
+                for faction_id, table, reason in plan.stale:
+                    self._stale_rows(faction_id, table, reason)
             if not plan.events and not plan.row_changes:
                 return None
             self._group_commits += 1
@@ -695,6 +717,7 @@ class Store:
             events_quarantined=self._quarantined.events,
             faction_rows_quarantined=self._quarantined.faction_rows,
             changes_refused=self._changes_refused,
+            changes_incomplete=self._changes_incomplete,
         )
 
     async def _close(self) -> None:

@@ -15,6 +15,7 @@ import copy
 import json
 import logging
 import math
+import random
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from relay.testing.fake_rest import (
 )
 from relay.testing.fake_tables import (
     FACTION_MESSAGES_COLUMNS,
+    MAX_RECORD_BYTES,
     WAR_CALLS_COLUMNS,
     WARS_COLUMNS,
     Binding,
@@ -60,6 +62,17 @@ CLOSE_HANDSHAKE_TIMEOUT_S = 5.0
 RECEIVED_FRAMES_KEPT = 256  # enough for assertions, bounded for a long `relay demo`
 DISCONNECTING_JOIN_ERRORS = ("ClientJoinRateLimitReached", "TenantNotFound")
 SUBSCRIBED = "Subscribed to PostgreSQL"
+# `postgres_changes` errors the server does not retry: `realtime_channel.ex` handle_info(:postgres_subscribe)
+# gives up only on `:malformed_subscription_params` and `:subscription_insert_failed` ("No point in
+# retrying if the params are invalid"), and these are the messages those reasons carry (reference 5.2).
+FINAL_SUBSCRIPTION_ERRORS = (
+    "Unable to subscribe to changes with given parameters",
+    "Error parsing `filter` params",
+    "No subscription params provided",
+)
+# Every other error is pushed as `inspect(error)` and retried on the same join by
+# `postgres_subscribe(5, 10)`: a uniform 5-10 s wait (`realtime_channel.ex`, `backoff/2`).
+SUBSCRIPTION_RETRY_S = (5.0, 10.0)
 # A paced flood writes what is due every slice: short enough that the changes reach the socket as a
 # stream rather than in bursts, long enough that trio's scheduling is not most of the work.
 FLOOD_SLICE_S = 0.01
@@ -118,6 +131,7 @@ class _Channel:
     join_ref: Any  # the client's join_ref; null when it sent none, and phx_close then says null (9)
     bindings: list[Binding]
     live: bool = False  # only after "Subscribed to PostgreSQL": earlier changes are lost (5.1)
+    wanted: list[Binding] | None = None  # what the channel subscribes (again) to, once parsed
 
 
 @dataclass(frozen=True)
@@ -200,12 +214,18 @@ class FakeConnection:
         self._ended = trio.Event()
         self._io_scope = trio.CancelScope()
         self._last_received = trio.current_time()
+        # While a join is being answered (`join_delay_s`) the socket process is blocked in it: what its
+        # channels push meanwhile waits in its mailbox and is written after the join's reply.
+        self._held: list[_Outgoing] | None = None
 
     @property
     def joined_topics(self) -> list[str]:
         return list(self._channels)
 
     def _send(self, item: _Outgoing) -> None:
+        if self._held is not None:
+            self._held.append(item)
+            return
         self._outbox.send_nowait(item)
 
     def __repr__(self) -> str:
@@ -271,6 +291,19 @@ class FakeSupabase:
         self.idle_timeout_s = DEFAULT_IDLE_TIMEOUT_S
         self.deliver_deletes_unfiltered = False  # the 2022-09..2024-08 servers (7)
         self.ignore_filters = False  # lets a test check the relay's own filter check
+        # Servers before the 2025-11 tenant migrations `20251120212548_add_action_to_subscriptions` and
+        # `20251120215549_filter_action_postgres_changes` never filtered by action: `apply_rls` sent
+        # every change type to a binding whatever its `event` (audit finding 7). False: such a server.
+        self.filter_by_action = True
+        # Phoenix's socket process answers phx_join synchronously (supabase/phoenix `channel/server.ex`
+        # `join/4` waits in `receive`), and a Realtime join can take 15-24 s on a cold project (audit
+        # finding 8): every join is answered only after this, and every frame the client sent behind it
+        # (a heartbeat too) waits, in order.
+        self.join_delay_s = 0.0
+        # A transient `postgres_changes` error retried on the same join, as the real server does
+        # (5-10 s later, then "Subscribed" or another error). False: the error is sent and nothing follows.
+        self.retry_subscriptions = False
+        self.rng = random.Random(0)
         self.upgrade_attempts = 0
         self.joins = 0
         # PostgREST on the same port (fake_rest): every request seen (newest kept), and a hold that, while
@@ -297,10 +330,24 @@ class FakeSupabase:
         self._changed = trio.Event()
         self._capture_running = True  # see stop_capture
         self.capture_restarts = 0
-        # FULL so that a DELETE still carries faction_id and reaches the faction's filtered channel.
-        self.define_table("war_calls", replica_identity="full", columns=WAR_CALLS_COLUMNS)
-        self.define_table("faction_messages", replica_identity="full", columns=FACTION_MESSAGES_COLUMNS)
-        self.define_table("wars", replica_identity="full", columns=WARS_COLUMNS)
+        # Change capture (the replication slot) is running from this moment on; None: not running
+        # until the next subscription starts it, `_cold_start_s` later (`cold_start`).
+        self._capture_from: float | None = -math.inf
+        self._cold_start_s = 0.0
+        self._tasks: trio.Nursery | None = None
+        # Postgres's DEFAULT replica identity, as a new table has: a DELETE carries only the key, so it
+        # never reaches a channel filtered by faction (7). A test redefines a table FULL, or with RLS.
+        self.define_table("war_calls", columns=WAR_CALLS_COLUMNS)
+        self.define_table("faction_messages", columns=FACTION_MESSAGES_COLUMNS)
+        self.define_table("wars", columns=WARS_COLUMNS)
+        # TOAST omission: None, or how long (as text) an unchanged value must be to be left out of an
+        # UPDATE's record under DEFAULT identity (fake_tables.TOAST_BYTES is Postgres's ~2 kB).
+        self.toast_bytes: int | None = None
+        # Realtime's `poll_max_record_bytes`: a larger change is sent as an `Error 413` record.
+        self.max_record_bytes = MAX_RECORD_BYTES
+        # While set (NO_PRIMARY_KEY or UNAUTHORIZED), each INSERT and UPDATE is sent as that error
+        # record, to every channel of the table whatever its filter, as apply_rls does.
+        self.error_records: str | None = None
 
     def __repr__(self) -> str:
         return f"<FakeSupabase port={self._port} connections={len(self._connections)}>"
@@ -368,6 +415,47 @@ class FakeSupabase:
 
     def accept_subscriptions(self) -> None:
         self._subscription_failure = None
+
+    def cold_start(self, window_s: float) -> None:
+        """The project's change capture is not running: the next subscription starts it, and it reads
+        the WAL only `window_s` after that subscription's "Subscribed" went out.
+
+        The real server pushes "Subscribed" once the subscription row is inserted (`realtime_channel.ex`
+        `after_connect` -> `Subscriptions.create`), while `ReplicationPoller` creates its temporary slot
+        on its own schedule (`replications.ex` `pg_create_logical_replication_slot`), which also waits for
+        running transactions: changes committed in between are never delivered to anyone (audit
+        finding 2; realtime-js #525 "Premature SUBSCRIBED ... approx. 1-3 seconds").
+        """
+        self._capture_from = None
+        self._cold_start_s = window_s
+
+    @property
+    def capturing(self) -> bool:
+        return self._capture_from is not None and trio.current_time() >= self._capture_from
+
+    def resubscribe(
+        self, gap_s: float = 0.0, error: str | None = None, only: Iterable[FakeConnection] | None = None
+    ) -> None:
+        """The publication's tables changed: `subscription_manager.ex` `:check_oids` runs
+        `Subscriptions.delete_all(conn)` and sends `:postgres_subscribe` to every subscribed channel,
+        which subscribes again and pushes "Subscribed to PostgreSQL", or an error (audit finding 6).
+
+        Every live channel stops receiving at once; `gap_s` later each subscribes again (changes
+        committed in the gap are never delivered), sending `error` instead when it is given (a final
+        one is not retried; any other is, when `retry_subscriptions` is on). `only`: these sockets'
+        channels (the real server re-makes every subscriber's; a test may want one socket's alone)."""
+        for connection in self._chosen(only):
+            for channel in connection._channels.values():
+                if channel.live and channel.wanted is not None:
+                    channel.live = False
+                    subscription = _Subscription(channel, channel.wanted, error)
+                    self._start_task(self._subscribe_later, connection, subscription, gap_s)
+        self._notify()
+
+    def _start_task(self, *args: Any) -> None:
+        if self._tasks is None:
+            raise RuntimeError("FakeSupabase schedules nothing before run() has started")
+        self._tasks.start_soon(*args)
 
     def connections_with(self, topic_part: str) -> list[FakeConnection]:
         """The live sockets with a joined channel whose topic contains `topic_part` (e.g. a faction id)."""
@@ -493,13 +581,15 @@ class FakeSupabase:
         key: str = "id",
         replica_identity: ReplicaIdentity = "default",
         columns: Mapping[str, str] | None = None,
+        *,
+        rls: bool = False,
     ) -> None:
         """Define or redefine a table, keeping its rows (and columns unless given: name -> Postgres type)."""
         previous = self._tables.get(name)
         if columns is None:
             columns = previous.columns if previous is not None else {key: "int8"}
         rows = previous.rows if previous is not None else {}
-        self._tables[name] = Table(name, key, replica_identity, dict(columns), rows)
+        self._tables[name] = Table(name, key, replica_identity, dict(columns), rows, rls)
 
     def insert(self, table: str, row: Mapping[str, Any], deliver: bool = True) -> Row:
         target = self._table(table)
@@ -510,7 +600,7 @@ class FakeSupabase:
         target.learn_columns(new)
         target.rows[key] = new
         if deliver:
-            self._publish(target, target.change_data("INSERT", new=new, old=None), new)
+            self._publish(target, self._change_data(target, "INSERT", new=new, old=None), new)
         self._notify()
         return copy.deepcopy(new)
 
@@ -526,7 +616,7 @@ class FakeSupabase:
         target.rows[new_key] = new
         if deliver:
             # Filters see the new row only: a row moving out of a faction is not sent to it (7).
-            self._publish(target, target.change_data("UPDATE", new=new, old=old), new)
+            self._publish(target, self._change_data(target, "UPDATE", new=new, old=old), new)
         self._notify()
         return copy.deepcopy(new)
 
@@ -535,8 +625,8 @@ class FakeSupabase:
         old = target.row(key_value)
         del target.rows[key_value]
         if deliver:
-            data = target.change_data("DELETE", new=None, old=old)
-            self._publish(target, data, data["old_record"])  # filters see only the identity columns (7)
+            data = self._change_data(target, "DELETE", new=None, old=old)
+            self._publish(target, data, target.identity(old))  # filters see only the identity columns (7)
         self._notify()
         return old
 
@@ -592,6 +682,15 @@ class FakeSupabase:
             data["old_record"] = old if target.replica_identity == "full" else {target.key: key}
         self._publish(target, data, new)
 
+    def _change_data(
+        self, table: Table, change: ChangeType, *, new: Row | None, old: Row | None
+    ) -> dict[str, Any]:
+        if self.error_records is not None and change != "DELETE":
+            return table.error_data(change, self.error_records)
+        return table.change_data(
+            change, new=new, old=old, toast_bytes=self.toast_bytes, max_record_bytes=self.max_record_bytes
+        )
+
     def _table(self, name: str) -> Table:
         try:
             return self._tables[name]
@@ -605,19 +704,26 @@ class FakeSupabase:
             if connection.frozen:
                 continue
             for channel in connection._channels.values():
-                ids = self._matching_ids(channel, table.name, data["type"], filter_row)
+                # An error record without a row (400, 401) goes to every subscription of the table:
+                # apply_rls returns them before any filter is evaluated.
+                no_row = not data.get("columns")
+                ids = self._matching_ids(channel, table.name, data["type"], filter_row, no_row)
                 if ids:  # one message per channel, listing every binding of it that matched (6.1)
                     connection._send(_frame(channel.topic, "postgres_changes", {"ids": ids, "data": data}))
 
-    def _matching_ids(self, channel: _Channel, table: str, change: ChangeType, filter_row: Row) -> list[int]:
+    def _matching_ids(
+        self, channel: _Channel, table: str, change: ChangeType, filter_row: Row, data_has_no_row: bool
+    ) -> list[int]:
         ids: list[int] = []
-        if not channel.live:
+        if not channel.live or not self.capturing:
             return ids
         for binding in channel.bindings:
-            if not binding.wants(table, change) or binding.id in ids:
+            wanted = binding.wants(table, change) if self.filter_by_action else binding.table in ("*", table)
+            if not wanted or binding.id in ids:
                 continue
             unfiltered = (
                 binding.filter is None
+                or data_has_no_row
                 or self.ignore_filters
                 or (change == "DELETE" and self.deliver_deletes_unfiltered)
             )
@@ -631,6 +737,7 @@ class FakeSupabase:
         listeners = await trio.open_tcp_listeners(self._requested_port, host=self._host)
         self._port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
+            self._tasks = nursery
             await nursery.start(trio.serve_listeners, self._handle_stream, listeners)
             logger.debug("%r listening", self)
             task_status.started()
@@ -871,6 +978,23 @@ class FakeSupabase:
         if not topic.startswith("realtime:"):
             connection._send(_reply(topic, frame.ref, "error", {"reason": "unmatched topic"}))
             return
+        held: list[_Outgoing] = []
+        if self.join_delay_s > 0:
+            # Synchronous: this socket's read loop waits here, so the frames behind the join wait too,
+            # and so does whatever its channels push meanwhile (written after this join's answer).
+            connection._held = held
+            try:
+                await trio.sleep(self.join_delay_s)
+            finally:
+                connection._held = None
+        try:
+            await self._answer_join(connection, frame, io)
+        finally:
+            for item in held:
+                connection._send(item)
+
+    async def _answer_join(self, connection: FakeConnection, frame: _Inbound, io: trio.Nursery) -> None:
+        topic = frame.topic
         # A duplicate join ends the old channel at once; its phx_close follows the new join's reply,
         # and comes before the new channel's "Subscribed", which needs a database round trip (3).
         old = connection._channels.pop(topic, None)
@@ -890,7 +1014,7 @@ class FakeSupabase:
         if reason is not None and reason.startswith(DISCONNECTING_JOIN_ERRORS):
             connection._send(_Close(1001, ""))
         if subscription is not None and self.subscribe_delay_s > 0:
-            io.start_soon(self._subscribe_later, connection, subscription)
+            io.start_soon(self._subscribe_later, connection, subscription, self.subscribe_delay_s)
         elif subscription is not None:
             self._subscribe(connection, subscription)
 
@@ -920,8 +1044,10 @@ class FakeSupabase:
         error, self._subscription_failure = _take(self._subscription_failure)
         return _Subscription(channel, bindings, error)
 
-    async def _subscribe_later(self, connection: FakeConnection, subscription: _Subscription) -> None:
-        await trio.sleep(self.subscribe_delay_s)
+    async def _subscribe_later(
+        self, connection: FakeConnection, subscription: _Subscription, delay_s: float
+    ) -> None:
+        await trio.sleep(delay_s)
         self._subscribe(connection, subscription)
         self._notify()
 
@@ -934,11 +1060,21 @@ class FakeSupabase:
             connection._send(
                 _system(channel.topic, extension="postgres_changes", status="error", message=error)
             )
+            if self.retry_subscriptions and not error.startswith(FINAL_SUBSCRIPTION_ERRORS):
+                # The same join tries again: the next attempt meets the scripted failure if any is left.
+                retry, self._subscription_failure = _take(self._subscription_failure)
+                again = _Subscription(channel, subscription.bindings, retry)
+                self._start_task(
+                    self._subscribe_later, connection, again, self.rng.uniform(*SUBSCRIPTION_RETRY_S)
+                )
             return
         if not self._capture_running:
             self._restart_capture()
         channel.bindings = subscription.bindings
+        channel.wanted = subscription.bindings
         channel.live = True
+        if self._capture_from is None:  # this subscription starts capture, which lags behind it
+            self._capture_from = trio.current_time() + self._cold_start_s
         connection._send(
             _system(channel.topic, extension="postgres_changes", status="ok", message=SUBSCRIBED)
         )

@@ -72,6 +72,20 @@ WARS_COLUMNS = {
     "created_at": "timestamptz",
 }
 
+# What `apply_rls` (supabase/realtime, migration 20260709120000_fix_apply_rls_filter_role_leak) puts in
+# `errors` when it cannot send the change whole. Over `poll_max_record_bytes` (1 MiB by default) it keeps
+# only the values of at most 64 bytes (as text) in `record` and `old_record`.
+PAYLOAD_TOO_LARGE = "Error 413: Payload Too Large"
+NO_PRIMARY_KEY = "Error 400: Bad Request, no primary key"
+UNAUTHORIZED = "Error 401: Unauthorized"  # the role cannot SELECT the primary key
+MAX_RECORD_BYTES = 1_048_576
+KEPT_VALUE_BYTES = 64
+# Postgres moves a long value out of the row (TOAST) once the row passes about 2 kB
+# (TOAST_TUPLE_THRESHOLD); wal2json then leaves it out of an UPDATE that did not change it ("don't send
+# unchanged TOAST Datum"), and apply_rls can put it back only from a FULL identity's old row. Real
+# Postgres compresses first, so a compressible value stays inline longer: the fake counts raw text.
+TOAST_BYTES = 2_000
+
 Row: TypeAlias = dict[str, Any]
 ReplicaIdentity: TypeAlias = Literal["default", "full"]
 ChangeType: TypeAlias = Literal["INSERT", "UPDATE", "DELETE"]
@@ -117,6 +131,10 @@ class Table:
     replica_identity: ReplicaIdentity
     columns: dict[str, str]  # name -> Postgres type, in table order
     rows: dict[Any, Row] = field(default_factory=dict)
+    # Row level security on: a DELETE's old_record keeps only the primary key even under FULL, while
+    # the channel filters still see the whole identity (apply_rls: "if RLS enabled, we can't secure
+    # deletes so filter to pkey"), so the DELETE still reaches the faction's filtered channel.
+    rls: bool = False
 
     def key_of(self, row: Mapping[str, Any]) -> Any:
         if row.get(self.key) is None:
@@ -133,13 +151,41 @@ class Table:
         for name, value in row.items():
             self.columns.setdefault(name, infer_type(value))
 
-    def old_record(self, old: Row) -> Row:
-        """What the WAL carries of the previous row under this table's replica identity (6.2)."""
+    def identity(self, old: Row) -> Row:
+        """What the WAL carries of the previous row under this table's replica identity (6.2): what
+        the channel filters of an UPDATE's or DELETE's old row are evaluated on."""
         if self.replica_identity == "full":
             return copy.deepcopy(old)
         return {self.key: old[self.key]}
 
-    def change_data(self, change: ChangeType, *, new: Row | None, old: Row | None) -> dict[str, Any]:
+    def old_record(self, old: Row, change: ChangeType = "UPDATE") -> Row:
+        """The `old_record` sent: the identity, less all but the key for a DELETE under RLS."""
+        identity = self.identity(old)
+        if self.rls and change == "DELETE":
+            return {self.key: identity[self.key]}
+        return identity
+
+    def new_record(self, new: Row, old: Row | None, toast_bytes: int | None) -> Row:
+        """The `record` sent: under DEFAULT identity an UPDATE leaves out each unchanged value longer
+        than `toast_bytes` (None: no TOAST modelled); a FULL identity's old row puts it back."""
+        record = copy.deepcopy(new)
+        if old is None or toast_bytes is None or self.replica_identity == "full":
+            return record
+        return {
+            name: value
+            for name, value in record.items()
+            if not (name in old and old[name] == value and _text_bytes(value) > toast_bytes)
+        }
+
+    def change_data(
+        self,
+        change: ChangeType,
+        *,
+        new: Row | None,
+        old: Row | None,
+        toast_bytes: int | None = None,
+        max_record_bytes: int = MAX_RECORD_BYTES,
+    ) -> dict[str, Any]:
         data: dict[str, Any] = {
             "schema": "public",
             "table": self.name,
@@ -150,10 +196,41 @@ class Table:
         }
         # INSERT has no old_record key and DELETE no record key at all, not empty ones (6.1).
         if new is not None:
-            data["record"] = copy.deepcopy(new)
+            data["record"] = self.new_record(new, old, toast_bytes)
         if old is not None:
-            data["old_record"] = self.old_record(old)
+            data["old_record"] = self.old_record(old, change)
+        # apply_rls measures the WAL record (new values and identity) before it builds the message.
+        wal_bytes = _text_bytes(new or {}) + (_text_bytes(self.identity(old)) if old is not None else 0)
+        if wal_bytes > max_record_bytes:
+            for records in ("record", "old_record"):
+                if records in data:
+                    data[records] = {
+                        name: value
+                        for name, value in data[records].items()
+                        if _text_bytes(value) <= KEPT_VALUE_BYTES
+                    }
+            data["errors"] = [PAYLOAD_TOO_LARGE]
         return data
+
+    def error_data(self, change: ChangeType, error: str) -> dict[str, Any]:
+        """An INSERT's or UPDATE's `Error 400`/`Error 401` record: no row and no commit time."""
+        data: dict[str, Any] = {
+            "schema": "public",
+            "table": self.name,
+            "commit_timestamp": None,
+            "type": change,
+            "columns": [],
+            "errors": [error],
+            "record": {},
+        }
+        if change == "UPDATE":
+            data["old_record"] = {}
+        return data
+
+
+def _text_bytes(value: Any) -> int:
+    # `octet_length(value::text)` of the jsonb value, which jsonb prints with ", " and ": ".
+    return len(json.dumps(value, ensure_ascii=False).encode())
 
 
 def filter_text(value: Any) -> str:

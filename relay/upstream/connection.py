@@ -45,8 +45,10 @@ from relay.upstream.phoenix import (
     HandshakeRefused,
     HeartbeatAcknowledged,
     HeartbeatTimeout,
+    Resubscribed,
     Session,
     SubscriptionFailed,
+    SubscriptionRetrying,
     UpstreamError,
     socket_url,
 )
@@ -55,7 +57,9 @@ from relay.upstream.phoenix import (
 logging.getLogger("trio-websocket").setLevel(logging.INFO)
 
 # Supabase sends "Subscribed to PostgreSQL" within ~8 s normally and retries failing subscriptions
-# every 5-10 s; a connection that is still not live after this long is cut and retried afresh.
+# every 5-10 s on the same join; a connection that is still not live after this long (from its start,
+# or from the moment a live channel's subscription failed) is cut and retried afresh: six or more of
+# the server's own retries have failed by then.
 LIVE_DEADLINE_S = 60.0
 # Closing politely is worth a moment, not more: a server that never answers the close frame must not
 # hold a reconnect hostage, nor a shutdown that arrives meanwhile (the wait is shielded, and the
@@ -128,13 +132,24 @@ def _ignore_round_trip(seconds: float) -> None:
     del seconds
 
 
+def _ignore_resubscribed(table: str, live: bool) -> None:
+    del table, live
+
+
+def _ignore_retry(table: str, message: str) -> None:
+    del table, message
+
+
 @dataclass(slots=True)
 class ConnectionHooks:
     """What a connection tells its owner. `on_read` hears of each change as soon as it is read (the
     reconciler must know of it while a snapshot read is in flight, even if it is never stored);
     `deliver` gets the changes in order, one batch at a time, while the reader goes on; `on_dropped(n)` says the n oldest changes waiting were dropped (the
     backlog was full), `on_caught_up` that the backlog stayed empty for a while after a drop, and
-    `on_heartbeat(s)` how long the latest heartbeat took to be answered."""
+    `on_heartbeat(s)` how long the latest heartbeat took to be answered. `on_retrying(table, message)`
+    says the server reported an error it retries on the same join (the channel hears nothing until
+    it is subscribed again), `on_resubscribed(table, live)` that a channel of a session once live was
+    subscribed again (changes in between were never sent), and whether every channel is live now."""
 
     deliver: Deliver
     on_live: Callable[[], None]
@@ -143,6 +158,8 @@ class ConnectionHooks:
     on_dropped: Callable[[int], None] = _ignore_drops
     on_caught_up: Callable[[], None] = _ignore_catch_up
     on_heartbeat: Callable[[float], None] = _ignore_round_trip
+    on_retrying: Callable[[str, str], None] = _ignore_retry
+    on_resubscribed: Callable[[str, bool], None] = _ignore_resubscribed
 
 
 async def run_connection(
@@ -233,7 +250,7 @@ async def _converse(
 ) -> None:
     for frame in session.join_frames():
         await ws.send_message(frame)
-    acks = _HeartbeatAcks()
+    acks = _ReaderNews()
     backlog = Backlog(
         settings.max_buffered_changes, settings.max_buffered_bytes, settings.upstream_bytes, hooks.on_dropped
     )
@@ -245,7 +262,7 @@ async def _converse(
             _read(ws, session, hooks, acks, backlog),
             _deliver_batches(backlog, hooks, pacing),
             _heartbeat(ws, session, acks, settings.heartbeat_interval_s, hooks.on_heartbeat),
-            _live_deadline(session),
+            _live_deadline(session, acks),
         ):
             nursery.start_soon(_until_ended, ending, nursery.cancel_scope, work)
 
@@ -270,13 +287,15 @@ async def _until_ended(ending: list[UpstreamError], scope: trio.CancelScope, wor
         scope.cancel()
 
 
-class _HeartbeatAcks:
-    """The reader's word to the heartbeat task that the pending heartbeat was answered, and when it
-    last read any frame."""
+class _ReaderNews:
+    """The reader's word to the timers: that the pending heartbeat was answered, when it last read any
+    frame, when every join was answered, and when a live session lost a channel's subscription."""
 
     def __init__(self) -> None:
         self.answered = trio.Event()
         self.frame_at = trio.current_time()
+        self.joins_answered = trio.Event()
+        self.live_lost = trio.Event()
 
     def expect_next(self) -> trio.Event:
         self.answered = trio.Event()
@@ -377,7 +396,7 @@ async def _read(
     ws: trio_websocket.WebSocketConnection,
     session: Session,
     hooks: ConnectionHooks,
-    acks: _HeartbeatAcks,
+    acks: _ReaderNews,
     backlog: Backlog,
 ) -> None:
     """Frames, as fast as they come: this task never waits for anything but the socket."""
@@ -385,6 +404,8 @@ async def _read(
         message = await ws.get_message()
         acks.frame_at = trio.current_time()
         outcomes = session.receive(message)
+        if not acks.joins_answered.is_set() and not session.joins_outstanding:
+            acks.joins_answered.set()
         for outcome in outcomes:
             if isinstance(outcome, ChangeReceived):
                 hooks.on_read(outcome)
@@ -395,6 +416,11 @@ async def _read(
                 hooks.on_live()
             elif isinstance(outcome, HeartbeatAcknowledged):
                 acks.answered.set()
+            elif isinstance(outcome, SubscriptionRetrying):
+                acks.live_lost.set()
+                hooks.on_retrying(outcome.table, outcome.message)
+            elif isinstance(outcome, Resubscribed):
+                hooks.on_resubscribed(outcome.table, session.live)
 
 
 async def _deliver_batches(backlog: Backlog, hooks: ConnectionHooks, pacing: ReaderFirst) -> None:
@@ -419,7 +445,7 @@ async def _deliver_batches(backlog: Backlog, hooks: ConnectionHooks, pacing: Rea
 async def _heartbeat(
     ws: trio_websocket.WebSocketConnection,
     session: Session,
-    acks: _HeartbeatAcks,
+    acks: _ReaderNews,
     interval_s: float,
     on_round_trip: Callable[[float], None],
 ) -> None:
@@ -431,32 +457,55 @@ async def _heartbeat(
     frames keep being read, a late reply is waited for up to REPLY_PATIENCE_UNDER_DATA_S. The
     server closes a socket it hears no heartbeat from, and frames stop, so that is never a dead
     socket kept: only one kept busy.
+
+    Phoenix answers a phx_join synchronously, and a Realtime join can take 15-24 s on a cold project
+    (audit finding 8): a reply sent behind outstanding joins waits in the server's queue behind them.
+    So its deadline starts when the last join is answered; the joins themselves are bounded by
+    LIVE_DEADLINE_S, which names them when they are what is late.
     """
     while True:
         sent_at = trio.current_time()
         answered = acks.expect_next()
-        with trio.move_on_after(interval_s):
+        with trio.move_on_after(interval_s) as deadline:
             await ws.send_message(session.heartbeat_frame())
+            if not acks.joins_answered.is_set():
+                deadline.deadline = math.inf
+                await acks.joins_answered.wait()
+                deadline.deadline = trio.current_time() + interval_s
             await answered.wait()
+        waited_from = max(sent_at, deadline.deadline - interval_s)
         while (
             not answered.is_set()
             and trio.current_time() - acks.frame_at < interval_s
-            and trio.current_time() - sent_at < REPLY_PATIENCE_UNDER_DATA_S
+            and trio.current_time() - waited_from < REPLY_PATIENCE_UNDER_DATA_S
         ):
             with trio.move_on_after(
-                min(interval_s, sent_at + REPLY_PATIENCE_UNDER_DATA_S - trio.current_time())
+                min(interval_s, waited_from + REPLY_PATIENCE_UNDER_DATA_S - trio.current_time())
             ):
                 await answered.wait()
         if not answered.is_set():
-            raise HeartbeatTimeout(f"no heartbeat reply within {trio.current_time() - sent_at:g} s")
+            raise HeartbeatTimeout(f"no heartbeat reply within {trio.current_time() - waited_from:g} s")
         on_round_trip(trio.current_time() - sent_at)
         await trio.sleep_until(sent_at + interval_s)
 
 
-async def _live_deadline(session: Session) -> None:
-    await trio.sleep(LIVE_DEADLINE_S)
-    if not session.live:
-        raise SubscriptionFailed("*", f"channels not live after {LIVE_DEADLINE_S:g} s")
+async def _live_deadline(session: Session, news: _ReaderNews) -> None:
+    """Every channel live within LIVE_DEADLINE_S of the start, and again within LIVE_DEADLINE_S of
+    losing a subscription (a `postgres_changes` error the server retries): its retries are waited
+    for, boundedly, on the same socket."""
+    deadline = trio.current_time() + LIVE_DEADLINE_S
+    while True:
+        await trio.sleep_until(deadline)
+        if session.joins_outstanding:
+            raise SubscriptionFailed(
+                "*", f"{session.joins_outstanding} join(s) not answered after {LIVE_DEADLINE_S:g} s"
+            )
+        if not session.live:
+            after = f" (the server's retries kept failing: {session.retrying})" if session.retrying else ""
+            raise SubscriptionFailed("*", f"channels not live after {LIVE_DEADLINE_S:g} s{after}")
+        await news.live_lost.wait()
+        news.live_lost = trio.Event()
+        deadline = trio.current_time() + LIVE_DEADLINE_S
 
 
 @contextmanager

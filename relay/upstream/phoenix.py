@@ -14,8 +14,11 @@ This module also names every way an upstream connection can end (the error tree 
     └── ChannelFailed               a channel could not be, or stopped being, live
         ├── JoinRefused             phx_reply error to our phx_join (JWT reasons: auth)
         ├── BindingMismatch         the join reply does not echo what we asked for
-        ├── SubscriptionFailed      joined, then a `system` error instead of "Subscribed to PostgreSQL"
+        ├── SubscriptionFailed      joined, then not live in time (the server's own retries failed)
+        │   └── SubscriptionMisconfigured   a `postgres_changes` error the server never retries
         └── ChannelClosedByServer   phx_close / phx_error / a `system` shutdown for our current join
+
+`misconfigured` marks errors only an operator can fix (the table, the publication, the filter).
 """
 
 from __future__ import annotations
@@ -48,14 +51,26 @@ RATE_LIMIT_REASON_PREFIXES = (
     "DatabaseConnectionRateLimitReached",
 )
 RATE_LIMITED_RETRY_S = 30.0
+# `postgres_changes` errors the server gives up on: `realtime_channel.ex` handle_info(:postgres_subscribe)
+# retries every error on the same join 5-10 s later, except `:malformed_subscription_params` and
+# `:subscription_insert_failed` ("No point in retrying if the params are invalid"), whose messages
+# start with these (protocol reference 5.2; audit finding 5). Everything else (`{:error, "Too many
+# database timeouts"}`) is the database's passing trouble: the channel stays joined and is retried.
+FINAL_SUBSCRIPTION_ERROR_PREFIXES = (
+    "Unable to subscribe to changes with given parameters",
+    "Error parsing `filter` params",
+    "No subscription params provided",
+)
 # What a WebSocket library reports when the TCP connection ended without a close frame.
 ABNORMAL_CLOSURE = 1006
 
 
 class UpstreamError(Exception):
-    """One upstream connection ended. `auth` marks credential refusals; `retry_after_s` a server's wish."""
+    """One upstream connection ended. `auth` marks credential refusals, `misconfigured` subscriptions
+    only an operator can fix, `retry_after_s` a server's wish."""
 
     auth: bool = False
+    misconfigured: bool = False
     retry_after_s: float | None = None
 
 
@@ -117,6 +132,10 @@ class SubscriptionFailed(ChannelFailed):
     pass
 
 
+class SubscriptionMisconfigured(SubscriptionFailed):
+    misconfigured = True
+
+
 class ChannelClosedByServer(ChannelFailed):
     pass
 
@@ -173,6 +192,24 @@ class AllChannelsLive:
 
 
 @dataclass(frozen=True, slots=True)
+class Resubscribed:
+    """A channel of a session already live said "Subscribed to PostgreSQL" again: the server deleted
+    and re-made its subscription (a publication change, or its own retry after an error), and changes
+    committed in between were never sent (audit finding 6)."""
+
+    table: str
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionRetrying:
+    """A `postgres_changes` error the server retries on the same join (5-10 s later): the channel
+    gets no changes until it says "Subscribed" again."""
+
+    table: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class ChangeReceived:
     """A row change in the realtime-js shape that today's userscript reads as a message's `payload`."""
 
@@ -188,7 +225,14 @@ class ChangeIgnored:
     reason: str
 
 
-Outcome = HeartbeatAcknowledged | AllChannelsLive | ChangeReceived | ChangeIgnored
+Outcome = (
+    HeartbeatAcknowledged
+    | AllChannelsLive
+    | Resubscribed
+    | SubscriptionRetrying
+    | ChangeReceived
+    | ChangeIgnored
+)
 
 
 @dataclass(slots=True)
@@ -210,6 +254,7 @@ class Session:
     _next_ref: int = field(init=False, default=0)
     _pending_heartbeat: str | None = field(init=False, default=None)
     _announced_live: bool = field(init=False, default=False)
+    retrying: str | None = field(init=False, default=None)  # the latest error the server retries
 
     def __post_init__(self) -> None:
         self._channels = {spec.topic: _Channel(spec) for spec in self.specs}
@@ -217,6 +262,11 @@ class Session:
     @property
     def live(self) -> bool:
         return all(channel.live for channel in self._channels.values())
+
+    @property
+    def joins_outstanding(self) -> int:
+        """Joins sent and not yet answered: Phoenix answers them in order, before any later frame."""
+        return sum(not channel.joined for channel in self._channels.values())
 
     @property
     def heartbeat_pending(self) -> bool:
@@ -285,12 +335,23 @@ class Session:
         status, message = payload.get("status"), str(payload.get("message", ""))
         extension = payload.get("extension")
         if status == "error" and extension == "postgres_changes":
-            raise SubscriptionFailed(channel.spec.topic, message)
+            if message.startswith(FINAL_SUBSCRIPTION_ERROR_PREFIXES):
+                raise SubscriptionMisconfigured(channel.spec.topic, message)
+            if channel.joined:
+                # The server deleted nothing it will not make again: it retries this join by itself.
+                channel.live = False
+                self.retrying = message
+                yield SubscriptionRetrying(channel.spec.table, message)
+            return
         if status == "error":
             raise ChannelClosedByServer(channel.spec.topic, message)
         if extension == "postgres_changes" and message == SUBSCRIBED_MESSAGE and channel.joined:
             channel.live = True
-            if self.live and not self._announced_live:
+            if self.live:
+                self.retrying = None
+            if self._announced_live:
+                yield Resubscribed(channel.spec.table)
+            elif self.live:
                 self._announced_live = True
                 yield AllChannelsLive()
 
@@ -303,6 +364,11 @@ class Session:
         if isinstance(ids, list) and channel.binding_id not in ids:
             return ChangeIgnored(channel.spec.table, "not addressed to our binding")
         change = to_realtime_js(data)
+        event = channel.spec.event
+        if event != "*" and change["eventType"] != event.upper():
+            # Servers before the 2025-11 migrations send every type whatever the binding's event; realtime-js
+            # drops these (`RealtimeChannel.ts` `_updateFilterMessage`), and so do we (audit finding 7).
+            return ChangeIgnored(channel.spec.table, f"{change['eventType']} on a {event} binding")
         row = change["old"] if change["eventType"] == "DELETE" else change["new"]
         mismatch = filter_mismatch(channel.spec.filter, row)
         if mismatch is not None:

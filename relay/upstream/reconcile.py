@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -42,15 +43,16 @@ SNAPSHOTS_AT_ONCE = 2
 
 # (table, filter, key column) -> the rows upstream holds now.
 ReadSnapshot = Callable[[str, str, str], Awaitable[Snapshot]]
-# (faction, table, rows, keys to leave alone, commit_timestamp) -> how many differences were stored.
-ApplySnapshot = Callable[[int, str, list[dict[str, Any]], frozenset[Any], str], Awaitable[int]]
+# (faction, table, rows, keys to leave alone (a set that grows until the call returns),
+# commit_timestamp) -> how many differences were stored.
+ApplySnapshot = Callable[[int, str, list[dict[str, Any]], AbstractSet[Any], str], Awaitable[int]]
 
 
 class ReconcileSink(Protocol):
     """Where differences are stored (`relay.ingest.Ingest`), and who tells a reconciler of live changes."""
 
     async def reconciled(
-        self, faction_id: int, table: str, rows: list[dict[str, Any]], skip: frozenset[Any], read_at: str
+        self, faction_id: int, table: str, rows: list[dict[str, Any]], skip: AbstractSet[Any], read_at: str
     ) -> int: ...
 
     def watch_live_changes(self, faction_id: int, watcher: Reconciler) -> None: ...
@@ -214,23 +216,27 @@ class Reconciler:
         entry = (channel.table, live_keys, live_log)
         self._reading.append(entry)
         read_at = self._wall_clock_ms()
+        # Noted until the differences are stored, not only while the read is in flight: a change that
+        # committed after the read reaches the socket when it does, possibly after the read returned
+        # and before the store works out the differences (it reads `live_keys` then).
         try:
-            snapshot = await self._read(channel.table, channel.filter_for(self.faction_id), channel.key)
-        except SnapshotError as exc:
-            self._rest_requests += exc.requests  # what the operator's quota pays for, failed or not
-            raise
+            try:
+                snapshot = await self._read(channel.table, channel.filter_for(self.faction_id), channel.key)
+            except SnapshotError as exc:
+                self._rest_requests += exc.requests  # what the operator's quota pays for, failed or not
+                raise
+            self._rest_requests += snapshot.requests
+            self._rest_bytes += snapshot.bytes
+            heard = {row[channel.key] for row in snapshot.rows if channel.key in row}
+            _follow(heard, live_log)  # what came live during the read is at least as new as the read
+            if self._heard_keys is None:
+                self._heard_keys = {}
+            self._heard_keys[channel.table] = heard  # from here on, live changes update it directly
+            return await self._apply(
+                self.faction_id, channel.table, snapshot.rows, live_keys, commit_timestamp(read_at)
+            )
         finally:
             self._reading.remove(entry)
-        self._rest_requests += snapshot.requests
-        self._rest_bytes += snapshot.bytes
-        heard = {row[channel.key] for row in snapshot.rows if channel.key in row}
-        _follow(heard, live_log)  # what came live during the read is at least as new as the read
-        if self._heard_keys is None:
-            self._heard_keys = {}
-        self._heard_keys[channel.table] = heard
-        return await self._apply(
-            self.faction_id, channel.table, snapshot.rows, frozenset(live_keys), commit_timestamp(read_at)
-        )
 
     def statistics(self) -> ReconcileStatistics:
         return ReconcileStatistics(

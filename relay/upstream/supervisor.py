@@ -32,6 +32,19 @@ from relay.upstream.reconcile import Reconciler, ReconcileStatistics
 
 log = logging.getLogger(__name__)
 
+# A `postgres_changes` error the server never retries (the table is not in the publication, the filter
+# names no column) is fixed by an operator, in minutes at best: trying every 10 minutes picks the fix
+# up without a restart, and until then costs a faction six joins an hour rather than one a minute
+# (the backoff's cap), which matters when every faction meets it at once.
+MISCONFIGURED_RETRY_S = 600.0
+# "Subscribed to PostgreSQL" can come before the project's replication slot exists (a cold project,
+# or capture workers restarted): the server sends it once the subscription row is inserted, while the
+# slot is created on the poller's own schedule and waits for running transactions, and changes
+# committed in between are never sent (audit finding 2; realtime-js #525 reports 1-3 s). The reconcile
+# at going live reads too early to see them; a second one this long after covers that window several
+# times over, and costs one more read per connection, not per interval.
+COLD_START_RECONCILE_S = 12.0
+
 # Where a faction's changes go (`relay.ingest.Ingest.upstream`); it raises DeliveryFailed when it
 # cannot take them.
 FactionSink = Callable[[int, Sequence[ChangeReceived]], Awaitable[object]]
@@ -73,6 +86,7 @@ class UpstreamState(enum.StrEnum):
     CONNECTED = "connected"  # every channel live
     BACKOFF = "backoff"
     AUTH_FAILED = "auth_failed"  # the key was refused; retried at the capped delay
+    MISCONFIGURED = "misconfigured"  # a subscription error the server never retries; retried slowly
     STOPPED = "stopped"  # expired for lack of polls; stays listed
 
 
@@ -108,6 +122,9 @@ class UpstreamStatistics:
     reconcile: ReconcileStatistics | None = None
     changes_dropped: int = 0  # the oldest changes of a flood the relay could not keep
     heartbeat_round_trip_s: float | None = None  # the latest heartbeat's, on this connection
+    misconfigurations: int = 0  # connections ended by a subscription error the server never retries
+    subscription_retries: int = 0  # `postgres_changes` errors the server retried on the same join
+    resubscriptions: int = 0  # "Subscribed" again on a live connection (each asks for a reconcile)
 
 
 class UpstreamSupervisor:
@@ -152,6 +169,9 @@ class UpstreamSupervisor:
         self._round_trip_s: float | None = None
         self._connection_scope: trio.CancelScope | None = None  # see `rejoin`
         self._rejoin_reason: str | None = None
+        self._misconfigurations = 0
+        self._subscription_retries = 0
+        self._resubscriptions = 0
 
     def __repr__(self) -> str:
         return self._name
@@ -212,6 +232,9 @@ class UpstreamSupervisor:
     def _flood_over(self) -> None:
         """The backlog is empty again after changes were dropped: what a kind repairs."""
 
+    def missed(self, reason: str) -> None:
+        """Upstream may have committed changes it never sent (`reason`): what a kind repairs."""
+
     async def _run_one_connection(self) -> BaseException:
         self._attempts += 1
         self._set_state(UpstreamState.CONNECTING)
@@ -223,6 +246,8 @@ class UpstreamSupervisor:
             on_dropped=self._on_dropped,
             on_caught_up=self._on_caught_up,
             on_heartbeat=self._on_heartbeat,
+            on_retrying=self._on_retrying,
+            on_resubscribed=self._on_resubscribed,
         )
         specs = self._specs
         await self._pacer.wait_turn(len(specs))
@@ -250,13 +275,19 @@ class UpstreamSupervisor:
         self._reconnects += 1
         self._last_error = f"{type(error).__name__}: {error}"
         auth = isinstance(error, UpstreamError) and error.auth
-        delay = self._backoff.capped_delay() if auth else self._backoff.next_delay()
+        misconfigured = isinstance(error, UpstreamError) and error.misconfigured
+        if misconfigured:
+            self._misconfigurations += 1
+            delay = MISCONFIGURED_RETRY_S
+            state = UpstreamState.MISCONFIGURED
+            # Upstream's configuration, not a bug here: one WARNING with the server's own words.
+            log.warning("%r: Supabase refuses the subscription: %s; retry in %.0f s", self, error, delay)
+        else:
+            delay = self._backoff.capped_delay() if auth else self._backoff.next_delay()
+            state = UpstreamState.AUTH_FAILED if auth else UpstreamState.BACKOFF
         retry_after = error.retry_after_s if isinstance(error, UpstreamError) else None
         delay = max(delay, retry_after or 0.0)
-        self._set_state(
-            UpstreamState.AUTH_FAILED if auth else UpstreamState.BACKOFF,
-            f"{self._last_error}; retry in {delay:.1f} s",
-        )
+        self._set_state(state, f"{self._last_error}; retry in {delay:.1f} s")
         self._next_attempt_at = trio.current_time() + delay
         await trio.sleep_until(self._next_attempt_at)
         self._next_attempt_at = None
@@ -274,6 +305,20 @@ class UpstreamSupervisor:
 
     def _on_heartbeat(self, round_trip_s: float) -> None:
         self._round_trip_s = round_trip_s
+
+    def _on_retrying(self, table: str, message: str) -> None:
+        """The server retries this subscription on the same join: the socket is kept (the connection
+        bounds the wait), and the faction is not live meanwhile."""
+        self._subscription_retries += 1
+        self._last_error = f"{table}: {message} (the server retries on the same join)"
+        log.warning("%r: %s", self, self._last_error)
+        self._set_state(UpstreamState.CONNECTING)
+
+    def _on_resubscribed(self, table: str, live: bool) -> None:
+        self._resubscriptions += 1
+        if live:  # every channel: another may still wait for the server's retry
+            self._set_state(UpstreamState.CONNECTED, f"{table} subscribed again")
+        self.missed(f'"Subscribed to PostgreSQL" again on {table}')
 
     def _on_dropped(self, count: int) -> None:
         """One WARNING per flood, not one per change; the summary comes when it is over."""
@@ -331,6 +376,9 @@ class UpstreamSupervisor:
             changes_ignored=self._ignored,
             changes_dropped=self._dropped,
             heartbeat_round_trip_s=self._round_trip_s,
+            misconfigurations=self._misconfigurations,
+            subscription_retries=self._subscription_retries,
+            resubscriptions=self._resubscriptions,
         )
 
 
@@ -372,10 +420,12 @@ class FactionSupervisor(UpstreamSupervisor):
     async def _deliver(self, changes: Sequence[ChangeReceived]) -> None:
         await self._sink(self.faction_id, changes)
 
-    def _connection_live(self) -> None:
+    def _connection_live(self, cold_start: bool = True) -> None:
         if self._reconciler is not None and self._nursery is not None:
             self._reconciling = trio.CancelScope()
-            self._nursery.start_soon(self._reconcile_while_live, self._reconciling, self._reconciler)
+            self._nursery.start_soon(
+                self._reconcile_while_live, self._reconciling, self._reconciler, cold_start
+            )
 
     def _connection_ended(self) -> None:
         if self._reconciling is not None:
@@ -399,16 +449,30 @@ class FactionSupervisor(UpstreamSupervisor):
         (the reconciler starts with a reconcile; one in flight is cut, its snapshot predates the end)."""
         if self._reconciling is not None:
             self._connection_ended()
-            self._connection_live()
+            self._connection_live(cold_start=False)
 
-    async def _reconcile_while_live(self, scope: trio.CancelScope, reconciler: Reconciler) -> None:
+    def missed(self, reason: str) -> None:
+        if self._reconciler is not None:
+            self._reconciler.request(reason)
+
+    async def _reconcile_while_live(
+        self, scope: trio.CancelScope, reconciler: Reconciler, cold_start: bool
+    ) -> None:
         with scope:
             try:
-                await reconciler.run_while_live()
+                async with trio.open_nursery() as nursery:
+                    if cold_start:
+                        nursery.start_soon(self._after_cold_start, reconciler)
+                    await reconciler.run_while_live()
             except Exception:  # the restart policy: a bug here must not take the connection down
                 log.exception(
                     "%r: reconciling failed unexpectedly; next try when the connection is back", self
                 )
+
+    @staticmethod
+    async def _after_cold_start(reconciler: Reconciler) -> None:
+        await trio.sleep(COLD_START_RECONCILE_S)
+        reconciler.request(f"{COLD_START_RECONCILE_S:g} s after going live (a cold start's window)")
 
     def statistics(self) -> UpstreamStatistics:
         reconcile = self._reconciler.statistics() if self._reconciler is not None else None
@@ -426,7 +490,9 @@ class SharedDeleteSupervisor(UpstreamSupervisor):
         pacer: JoinPacer,
         rng: random.Random,
         wall_clock_ms: WallClockMs,
+        on_missed: Callable[[str], None] | None = None,
     ) -> None:
+        self._on_missed = on_missed
         super().__init__(
             "SharedDeletes",
             settings,
@@ -439,6 +505,17 @@ class SharedDeleteSupervisor(UpstreamSupervisor):
 
     async def _deliver(self, changes: Sequence[ChangeReceived]) -> None:
         await self._route(changes)
+
+    def missed(self, reason: str) -> None:
+        """DELETEs of any faction may be gone: each faction's reconcile finds its own."""
+        if self._on_missed is not None:
+            self._on_missed(f"relay-wide DELETE channels: {reason}")
+
+    def _connection_live(self) -> None:
+        # Realtime never replays: a DELETE made while this socket was not live is gone, and under
+        # DEFAULT identity no faction's channel carried it either. A faction not live yet loses
+        # nothing by the reconcile: its own on going live covers the gap.
+        self.missed("live: DELETEs made while it was not are missed")
 
 
 class Supervisors:
@@ -533,8 +610,14 @@ class Supervisors:
             pacer=self._pacer,
             rng=self._rng,
             wall_clock_ms=self._wall_clock_ms,
+            on_missed=self._every_faction_missed,
         )
         self._nursery.start_soon(self._shared.run, name=repr(self._shared))
+
+    def _every_faction_missed(self, reason: str) -> None:
+        for supervisor in self._supervisors.values():
+            if not supervisor.stopping:
+                supervisor.missed(reason)
 
     async def stop(self, faction_id: int) -> None:
         supervisor = self._supervisors.get(faction_id)

@@ -65,9 +65,17 @@ async def read_status(http: httpx.AsyncClient) -> dict[str, Any]:
 
 
 async def wait_connected(http: httpx.AsyncClient, faction_id: int) -> None:
+    """The faction's socket connected, and the shared DELETE socket too when there is one: under the
+    default replica identity it is the only way a DELETE reaches the relay."""
     while True:
-        factions = {f["faction_id"]: f for f in (await read_status(http))["factions"]}
-        if faction_id in factions and factions[faction_id]["upstream"]["state"] == "connected":
+        status = await read_status(http)
+        factions = {f["faction_id"]: f for f in status["factions"]}
+        shared = status.get("shared_deletes")
+        if (
+            faction_id in factions
+            and factions[faction_id]["upstream"]["state"] == "connected"
+            and (shared is None or shared["state"] == "connected")
+        ):
             return
         await trio.sleep(POLL_S)
 
@@ -75,6 +83,7 @@ async def wait_connected(http: httpx.AsyncClient, faction_id: int) -> None:
 async def wait_reconciled(http: httpx.AsyncClient, faction_id: int) -> None:
     """Connected and its first reconcile done: a change made upstream before that reconcile reads
     the table may reach the relay as the reconcile's resync event rather than live."""
+    await wait_connected(http, faction_id)
     while True:
         factions = {f["faction_id"]: f for f in (await read_status(http))["factions"]}
         if faction_id in factions and factions[faction_id]["reconcile"]["reconciles"] >= 1:
