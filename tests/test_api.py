@@ -158,6 +158,8 @@ async def test_status_lists_each_faction_with_its_upstream(relay: RunningRelay) 
         "last_error",
         "rest_requests",
         "rest_bytes",
+        "requested",
+        "due",
     }
     assert set(faction["upstream"]) == {
         "state",

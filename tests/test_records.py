@@ -25,36 +25,26 @@ from relay.service import RunningRelay
 from relay.testing.fake_supabase import FakeSupabase
 from relay.testing.fake_tables import NO_PRIMARY_KEY, PAYLOAD_TOO_LARGE, TOAST_BYTES, UNAUTHORIZED
 from tests.helpers.factions import FACTION, OTHER_FACTION
-from tests.helpers.waits import eventually
-from tests.test_reconcile import (
+from tests.helpers.upstream_relay import (
     TIMEOUT_S,
     applied,
     call,
     changes,
     fake_rows,
     reconciles,
+    requested,
     rows,
+    settled,
     shared_deletes,
     start,
     until_ids,
 )
+from tests.helpers.waits import eventually
 
 pytestmark = pytest.mark.e2e
 
 # Random-looking, so that it would be TOASTed out of line rather than compressed in it.
 LONG_NOTE = "".join(f"{n * 7919 % 10007:05d}" for n in range(TOAST_BYTES // 4))
-
-
-def requested(relay: RunningRelay, faction_id: int = FACTION) -> int:
-    stats = relay.supervisors.statistics()[faction_id].reconcile
-    return stats.requested if stats is not None else 0
-
-
-async def settled(relay: RunningRelay, *others: int) -> None:
-    """Every faction's first reconcile done and the shared DELETE socket live (it asks each faction
-    for a reconcile when it is: such a reconcile may still run, and finds nothing)."""
-    await eventually(lambda: shared_deletes(relay).state == "connected")
-    await eventually(lambda: all(reconciles(relay, f) >= 1 for f in (FACTION, *others)))
 
 
 async def events_of(relay: RunningRelay, faction_id: int = FACTION) -> list[dict[str, Any]]:

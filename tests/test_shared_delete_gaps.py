@@ -13,19 +13,19 @@ import trio
 from relay.config import Config
 from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.factions import FACTION, OTHER_FACTION
-from tests.helpers.waits import eventually
-from tests.test_reconcile import (
+from tests.helpers.upstream_relay import (
     TIMEOUT_S,
     call,
     changes,
     fake_rows,
     reconciles,
+    requested,
     rows,
     shared_deletes,
     start,
     until_ids,
 )
-from tests.test_records import requested
+from tests.helpers.waits import eventually
 
 pytestmark = pytest.mark.e2e
 

@@ -118,6 +118,8 @@ def _reconcile_document(stats: ReconcileStatistics | None) -> dict[str, Any]:
             "last_error": None,
             "rest_requests": 0,
             "rest_bytes": 0,
+            "requested": 0,
+            "due": False,
         }
     return {
         "reconciles": stats.reconciles,
@@ -126,6 +128,8 @@ def _reconcile_document(stats: ReconcileStatistics | None) -> dict[str, Any]:
         "last_error": stats.last_error,
         "rest_requests": stats.rest_requests,
         "rest_bytes": stats.rest_bytes,
+        "requested": stats.requested,
+        "due": stats.due,
     }
 
 

@@ -73,6 +73,7 @@ class ReconcileStatistics:
     rest_requests: int  # upstream REST requests, all attempts
     requested: int = 0  # reconciles asked for before their time (`Reconciler.request`)
     rest_bytes: int = 0  # response bodies the reconciles read
+    due: bool = False  # one is running or asked for
 
 
 class Reconciler:
@@ -113,6 +114,7 @@ class Reconciler:
         self._requested = trio.Event()
         self._requests = 0
         self._rest_bytes = 0
+        self._running = False
         self._watch = watch
 
     def __repr__(self) -> str:
@@ -182,15 +184,19 @@ class Reconciler:
             # A request made while this reconcile reads may concern a change after its read: it asks
             # for the next one.
             self._requested = trio.Event()
-            while True:
-                try:
-                    await self.reconcile_once()
-                    break
-                except (SnapshotError, StoreError, UnstorableData) as exc:
-                    delay = self._backoff.next_delay()
-                    self._last_error = str(exc)
-                    log.warning("%r: reconcile failed (%s); retry in %.1f s", self, exc, delay)
-                    await trio.sleep(delay)
+            self._running = True
+            try:
+                while True:
+                    try:
+                        await self.reconcile_once()
+                        break
+                    except (SnapshotError, StoreError, UnstorableData) as exc:
+                        delay = self._backoff.next_delay()
+                        self._last_error = str(exc)
+                        log.warning("%r: reconcile failed (%s); retry in %.1f s", self, exc, delay)
+                        await trio.sleep(delay)
+            finally:
+                self._running = False
             self._backoff.reset()
             with trio.move_on_after(interval_s):
                 await self._requested.wait()
@@ -247,6 +253,7 @@ class Reconciler:
             self._rest_requests,
             self._requests,
             self._rest_bytes,
+            self._running or self._requested.is_set(),
         )
 
 
