@@ -48,7 +48,7 @@ def test_a_checkout_finds_the_repository_migrations() -> None:
     assert (CHECKOUT_DIR / "0001_initial.sql").is_file()
 
 
-SHIPPED = [(1, "initial"), (2, "relay_health"), (3, "faction_rows")]
+SHIPPED = [(1, "initial"), (2, "relay_health"), (3, "faction_rows"), (4, "faction_baselines")]
 
 
 def test_a_fresh_database_gets_every_shipped_migration_recorded(conn: sqlite3.Connection) -> None:
@@ -57,6 +57,21 @@ def test_a_fresh_database_gets_every_shipped_migration_recorded(conn: sqlite3.Co
     (applied_at,) = conn.execute("SELECT applied_at FROM schema_migrations WHERE version = 1").fetchone()
     assert applied_at.endswith("+00:00")
     assert conn.execute("SELECT id, high_water FROM relay_clock").fetchall() == [(1, 0)]
+
+
+def test_factions_served_before_baselines_keep_their_differences_as_events(
+    tmp_path: Path, conn: sqlite3.Connection
+) -> None:
+    """An upgraded relay must not take a known faction's next read for its first: members have seen
+    its history as events, and what changed while the relay was down must reach them as events too."""
+    shipped = sorted(CHECKOUT_DIR.glob("000[123]_*.sql"))
+    before = write_migrations(tmp_path / "before", {path.name: path.read_text() for path in shipped})
+    apply_migrations(conn, before)
+    conn.execute("INSERT INTO subscriptions VALUES (1, 1, 0, 0), (2, 0, 0, 0)")  # active, expired
+    conn.execute("INSERT INTO faction_rows VALUES (3, 'war_calls', '7', '{\"id\": 7}')")  # rows only
+    assert apply_migrations(conn) == [4]
+    marked = conn.execute("SELECT faction_id, table_name FROM faction_baselines ORDER BY 1").fetchall()
+    assert marked == [(1, "*"), (2, "*"), (3, "*")]
 
 
 def test_reapplying_is_a_no_op(conn: sqlite3.Connection) -> None:

@@ -72,20 +72,26 @@ def war_call(call_id: int) -> dict[str, Any]:
 
 
 async def store_every_kind_of_event(running: RunningRelay, fake: FakeSupabase) -> None:
-    """Resync INSERTs from the first reconcile, a live INSERT, UPDATE and DELETE, and a published event."""
+    """Resync INSERTs from a reconcile after an outage, a live INSERT, UPDATE and DELETE, and a published
+    event. (A faction's first reconcile is its baseline, which stores rows without events.)"""
     async with httpx.AsyncClient(base_url=running.url) as http:
         subscribed = await http.post(
             "/subscribe", json={"faction_id": EXAMPLE_FACTION, "api_key": EXAMPLE_KEY}
         )
         assert subscribed.status_code == 200, subscribed.text
 
-        def reconciled() -> bool:
+        def reconciles() -> int:
             upstream = running.supervisors.statistics().get(EXAMPLE_FACTION)
-            return (
-                upstream is not None and upstream.reconcile is not None and upstream.reconcile.reconciles > 0
-            )
+            return upstream.reconcile.reconciles if upstream and upstream.reconcile else 0
 
-        await eventually(reconciled)  # so that the changes below come live, not as its differences
+        await eventually(lambda: reconciles() > 0)  # the baseline
+        sockets = fake.connections_with(str(EXAMPLE_FACTION))
+        fake.freeze(sockets)  # an outage: its changes come as the next reconcile's differences
+        for call_id in (1, 2):
+            fake.insert("war_calls", war_call(call_id), deliver=False)
+        done = reconciles()
+        fake.drop_connections(only=sockets)
+        await eventually(lambda: reconciles() > done)
         fake.insert("war_calls", war_call(3))
         fake.update("war_calls", 3, {"caller_name": "bob"})
         fake.delete("war_calls", 1)
@@ -114,8 +120,6 @@ async def serve_seeded_relay(tmp_path: Path, handoff: queue.Queue[Any]) -> None:
     async with trio.open_nursery() as nursery:
         fake = FakeSupabase(valid_keys=(ANON_KEY,))
         await nursery.start(fake.run)
-        for call_id in (1, 2):
-            fake.insert("war_calls", war_call(call_id), deliver=False)
         env = {
             "RELAY_UPSTREAM_URL": fake.url,
             "RELAY_UPSTREAM_ANON_KEY": ANON_KEY,

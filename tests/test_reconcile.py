@@ -23,6 +23,7 @@ from tests.helpers.upstream_relay import (
     reconciles,
     rest_requests,
     rows,
+    settled,
     shared_deletes,
     start,
     until_ids,
@@ -81,19 +82,24 @@ async def test_a_live_change_during_the_snapshot_read_is_neither_lost_nor_revert
     # FULL: the DELETE comes on the faction's own channel (tests/test_shared_delete_gaps.py has the
     # DEFAULT identity's version, where it comes on the shared socket for a row not held yet).
     fake_upstream.define_table("war_calls", replica_identity="full")
-    fake_upstream.insert("war_calls", call(1), deliver=False)
-    fake_upstream.insert("war_calls", call(2), deliver=False)
-    fake_upstream.rest_hold = trio.Event()
     relay = await start(nursery, make_config)
     with trio.fail_after(TIMEOUT_S):
-        # The snapshot of war_calls is read (rows 1 and 2), its answer held back...
-        await fake_upstream.wait_until(lambda: fake_upstream.rest_request_count == 1)
+        await settled(relay)  # the baseline, of an empty table
+        sockets = fake_upstream.connections_with(str(FACTION))
+        fake_upstream.freeze(sockets)  # an outage, during which rows 1 and 2 are written
+        fake_upstream.insert("war_calls", call(1), deliver=False)
+        fake_upstream.insert("war_calls", call(2), deliver=False)
+        fake_upstream.rest_hold = trio.Event()
+        reads, done = fake_upstream.rest_request_count, reconciles(relay)
+        fake_upstream.drop_connections(only=sockets)
+        # The reconnected faction's snapshot of war_calls is read (rows 1 and 2), its answer held...
+        await fake_upstream.wait_until(lambda: fake_upstream.rest_request_count == reads + 1)
         # ...while live changes race it: a new row, and the deletion of a row the snapshot holds.
         fake_upstream.insert("war_calls", call(3))
         fake_upstream.delete("war_calls", 2)
         await eventually(lambda: relay.store.kept_count(FACTION) == 2)
         fake_upstream.rest_hold.set()
-        await eventually(lambda: reconciles(relay) == 1)
+        await eventually(lambda: reconciles(relay) == done + 1)
     events = (await relay.store.read_since(FACTION, None))[0]
     # Row 1 was missing and comes as resync; 3 and 2 changed live, so the snapshot leaves them alone.
     assert changes(events) == [("INSERT", 3, False), ("DELETE", 2, False), ("INSERT", 1, True)]

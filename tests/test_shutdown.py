@@ -80,19 +80,33 @@ async def test_sigterm_with_upstreams_that_never_answer_the_close_exits_within_t
 async def test_sigterm_cuts_a_large_reconcile_and_the_next_start_stores_the_rest(
     serve_config: tuple[Path, dict[str, str]], fake_upstream: FakeSupabase
 ) -> None:
-    """Upstream holds rows the relay never saw (changed while it was down): the first reconcile stores
-    them in chunks. SIGTERM once the first chunk is served: the relay stops after the chunk being
-    written, what it committed is whole, and the next start's reconcile stores the rest."""
+    """Upstream holds rows the relay never saw (changed while it was down): the reconcile at the next
+    start stores them in chunks. SIGTERM once the first chunk is served: the relay stops after the
+    chunk being written, what it committed is whole, and the next start's reconcile stores the rest."""
     config, env = serve_config
     database = config.parent / "data" / "relay.db"
-    for n in range(1, RECONCILE_ROWS + 1):
-        row = {"id": n, "faction_id": FACTION, "target_id": 3_000_000 + n, "caller_name": "ann"}
-        fake_upstream.insert("war_calls", row, deliver=False)
     with trio.fail_after(120):
-        async with relay_process(config, env) as relay:
+        async with relay_process(config, env) as relay:  # the faction's first read: its baseline
             async with httpx.AsyncClient(base_url=relay.url) as http:
                 response = await http.post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
                 assert response.status_code == 200
+                reconciled: list[int] = []
+
+                async def read_reconciles() -> None:
+                    factions = (await read_status(http))["factions"]
+                    reconciled[:] = [
+                        f["reconcile"]["reconciles"] for f in factions if f["faction_id"] == FACTION
+                    ]
+
+                await eventually_async(
+                    read_reconciles, lambda: reconciled and reconciled[0] >= 1, pause_s=0.05
+                )
+            assert await stop(relay) == 0
+        for n in range(1, RECONCILE_ROWS + 1):
+            row = {"id": n, "faction_id": FACTION, "target_id": 3_000_000 + n, "caller_name": "ann"}
+            fake_upstream.insert("war_calls", row, deliver=False)
+        async with relay_process(config, env) as relay:
+            async with httpx.AsyncClient(base_url=relay.url) as http:
                 served: list[object] = []
 
                 async def poll() -> None:

@@ -633,6 +633,11 @@ def open_state_store(tmp_path: Path, clock: WallClock) -> AbstractAsyncContextMa
     return open_store(db_path(tmp_path), now_ms=clock, monotonic_s=clock.monotonic_s, key_columns=KEYS)
 
 
+async def take_baseline(store: Store, faction_id: int = FACTION, table: str = "war_calls") -> None:
+    """The first reconcile of a faction's table, of an empty table: later ones store events."""
+    assert await store.reconcile(faction_id, table, [], skip=set(), commit_timestamp="t") == []
+
+
 async def test_key_only_old_records_are_completed_from_the_stored_row(tmp_path: Path) -> None:
     clock = WallClock()
     call = {"id": 7, "faction_id": FACTION, "target_id": 3001, "caller_name": "Ann"}
@@ -677,6 +682,7 @@ async def test_reconcile_emits_the_differences_and_leaves_live_keys_alone(tmp_pa
     clock = WallClock()
     with trio.fail_after(TEST_TIMEOUT_S):
         async with open_state_store(tmp_path, clock) as store:
+            await take_baseline(store)
             rows = [{"id": n, "v": "old"} for n in (1, 2, 3, 4)]
             await store.append_events(FACTION, [war_call("INSERT", row, {}) for row in rows])
             snapshot = [
@@ -712,6 +718,70 @@ async def test_reconcile_emits_the_differences_and_leaves_live_keys_alone(tmp_pa
             )
 
 
+TWO_TABLES = {"war_calls": "id", "faction_messages": "id"}
+
+
+async def test_a_tables_first_reconcile_is_its_baseline_rows_without_events(tmp_path: Path) -> None:
+    """Supabase Realtime never replays history, and today's script makes an active call of every
+    war_calls INSERT and a notification of every message: a faction's history must not arrive as
+    hundreds of INSERTs. Its first read is its rows; what differs later is an event."""
+    clock = WallClock()
+    history = [{"id": n, "v": "old"} for n in range(1, 301)]
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_store(db_path(tmp_path), now_ms=clock, key_columns=TWO_TABLES) as store:
+            (live,) = await store.append_events(FACTION, [war_call("INSERT", {"id": 500, "v": "live"}, {})])
+            baseline = await store.reconcile(FACTION, "war_calls", history, skip={500}, commit_timestamp="t")
+            assert baseline == []
+            assert [e.id for e in (await store.read_since(FACTION, None))[0]] == [live.id]
+            assert (await store.faction_state(FACTION)).tables["war_calls"] == in_key_order(
+                [*history, {"id": 500, "v": "live"}]
+            )
+            # Per table: another table's first read, or another faction's, is a baseline of its own.
+            assert (
+                await store.reconcile(
+                    FACTION, "faction_messages", [{"id": 1}], skip=set(), commit_timestamp="t"
+                )
+                == []
+            )
+            assert (
+                await store.reconcile(OTHER, "war_calls", [{"id": 9}], skip=set(), commit_timestamp="t") == []
+            )
+        async with open_state_store(tmp_path, clock) as store:  # kept across a restart
+            later = [*history[1:], {"id": 500, "v": "live"}, {"id": 501, "v": "new"}]
+            events = await store.reconcile(FACTION, "war_calls", later, skip=set(), commit_timestamp="t")
+            assert [(e.data()["eventType"], e.data()["resync"]) for e in events] == [
+                ("DELETE", True),
+                ("INSERT", True),
+            ]
+
+
+async def test_a_baseline_cut_short_is_finished_as_a_baseline(tmp_path: Path) -> None:
+    """Marked in the transaction of its last chunk: a stop before that leaves the next reconcile to
+    go on taking rows without events, never to announce the rest of the history as changes."""
+    clock = WallClock()
+    snapshot = snapshot_rows(LARGE)
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_state_store(tmp_path, clock) as store:
+            scope = trio.CancelScope()
+
+            async def reconcile() -> None:
+                with scope:
+                    await store.reconcile(FACTION, "war_calls", snapshot, skip=set(), commit_timestamp="t")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reconcile)
+                await trio.testing.wait_all_tasks_blocked()
+                scope.cancel()
+            chunked = len((await store.faction_state(FACTION)).tables["war_calls"])
+            assert chunked < LARGE
+            assert query(tmp_path, "SELECT count(*) FROM faction_baselines")[0] == (0,)
+            assert (
+                await store.reconcile(FACTION, "war_calls", snapshot, skip=set(), commit_timestamp="t") == []
+            )
+            assert (await store.faction_state(FACTION)).tables["war_calls"] == in_key_order(snapshot)
+            assert query(tmp_path, "SELECT count(*) FROM events")[0] == (0,)
+
+
 async def test_a_reconcile_row_json_cannot_carry_is_left_out_with_a_warning_and_the_rest_stored(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -720,6 +790,7 @@ async def test_a_reconcile_row_json_cannot_carry_is_left_out_with_a_warning_and_
     clock = WallClock()
     with trio.fail_after(TEST_TIMEOUT_S):
         async with open_state_store(tmp_path, clock) as store:
+            await take_baseline(store)
             snapshot: list[dict[str, Any]] = [{"id": 1, "v": math.nan}, {"id": 2, "v": 1}]
             events = await store.reconcile(FACTION, "war_calls", snapshot, skip=set(), commit_timestamp="t")
             assert [e.data()["new"] for e in events] == [{"id": 2, "v": 1}]
@@ -826,6 +897,7 @@ async def test_a_cancelled_reconcile_stops_after_the_chunk_being_written(tmp_pat
     snapshot = snapshot_rows(LARGE)
     with trio.fail_after(TEST_TIMEOUT_S):
         async with open_state_store(tmp_path, clock) as store:
+            await take_baseline(store)
             scope = trio.CancelScope()
 
             async def reconcile() -> None:
@@ -859,6 +931,7 @@ async def test_a_storage_fault_in_a_later_chunk_keeps_the_chunks_committed(tmp_p
     snapshot[poisoned] = {"id": poisoned, "v": "poison"}
     with trio.fail_after(TEST_TIMEOUT_S):
         async with open_state_store(tmp_path, clock) as store:
+            await take_baseline(store)
             query(
                 tmp_path,
                 "CREATE TRIGGER refuse_poison BEFORE INSERT ON events WHEN NEW.data LIKE '%poison%'"
@@ -883,6 +956,7 @@ async def test_an_append_waits_for_a_whole_reconcile_so_a_later_live_change_stan
     live = war_call("UPDATE", {**last, "v": "live"}, {"id": last["id"]})
     with trio.fail_after(TEST_TIMEOUT_S):
         async with open_state_store(tmp_path, clock) as store:
+            await take_baseline(store)
             appended: list[StoredEvent] = []
 
             async def reconcile() -> None:

@@ -73,6 +73,8 @@ class Plan:
     # Upstream changes that leave the faction's rows possibly unlike upstream's (an error record, an
     # UPDATE lacking columns): faction, table and why. Each asks for a reconcile (`relay.ingest`).
     stale: list[tuple[int, str, str]] = field(default_factory=list)
+    # (faction, table) whose first reconcile this plan completes: its rows are upstream's from now on.
+    baselines: list[tuple[int, str]] = field(default_factory=list)
 
 
 class Tombstones:
@@ -121,13 +123,17 @@ def plan_chunk(
     *,
     max_events: int,
     max_bytes: int,
+    baseline: bool = False,
 ) -> tuple[Plan, bool]:
     """The next chunk of a reconcile's differences, taken from `changes`, and whether it was the last:
-    at most `max_events` events and, unless one event is larger, `max_bytes` of JSON. The differences
+    at most `max_events` differences and, unless one is larger, `max_bytes` of JSON. The differences
     are of disjoint keys, so each sees `rows` as they are. A difference JSON cannot carry is left out,
-    rows and all, in `refused`: the next reconcile finds it again until upstream changes that row."""
+    rows and all, in `refused`: the next reconcile finds it again until upstream changes that row.
+
+    A `baseline` changes the rows only, without events: the first read of a faction's table is what
+    upstream holds, not what changed (see migrations/0004_faction_baselines.sql)."""
     plan = Plan()
-    size = 0
+    size = planned = 0
     for change in changes:
         completed = complete_change(faction_id, change, key_column, rows)
         served, effects = completed.served, completed.effects
@@ -136,10 +142,12 @@ def plan_chunk(
         except UnstorableData as exc:
             plan.refused.append((faction_id, str(change.get("table")), str(exc)))
             continue
-        plan.events.append(PlannedEvent(0, faction_id, CHANGE_TYPE, data_json))
+        if not baseline:
+            plan.events.append(PlannedEvent(0, faction_id, CHANGE_TYPE, data_json))
         plan.row_changes.extend(effects)
+        planned += 1
         size += len(data_json)
-        if len(plan.events) >= max_events or size >= max_bytes:
+        if planned >= max_events or size >= max_bytes:
             return plan, False
     return plan, True
 

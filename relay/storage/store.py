@@ -422,6 +422,10 @@ class Store:
         `postgres_changes` event marked `resync`; rows whose key is in `skip` (changed live since the
         snapshot was read) are left as they are. Returns the events, in key order.
 
+        The first reconcile of a faction's table is its baseline: the rows are stored without events
+        and [] is returned, since a member's script learns a table's history by other means, as it
+        does with Supabase Realtime, which never replays it (migrations/0004_faction_baselines.sql).
+
         `skip` may go on growing until this returns: it is read when the differences are worked out,
         in the write thread, so a live change delivered after the read but stored before the
         reconcile is not undone by it (a late change after that is stored after the reconcile).
@@ -498,11 +502,13 @@ class Store:
         assert snapshot is not None
         key_column = self._key_columns[snapshot.table]
         changes: Iterator[dict[str, Any]] | None = None
-        finished = False
+        finished = baseline = False
+        rows_taken = 0
 
         def next_chunk(rows: Lookup, conn: sqlite3.Connection, unreadable: list[UnreadableRow]) -> Plan:
-            nonlocal changes, finished
+            nonlocal changes, finished, baseline, rows_taken
             if changes is None:
+                baseline = not _has_baseline(conn, pending.faction_id, snapshot.table)
                 current = _table_rows(conn, pending.faction_id, snapshot.table, unreadable)
                 # set() of a set is one C call under the GIL: no Trio-side add can tear it.
                 skipped = frozenset(row_key(value) for value in set(snapshot.skip))
@@ -520,13 +526,26 @@ class Store:
                 rows,
                 max_events=RECONCILE_CHUNK_EVENTS,
                 max_bytes=RECONCILE_CHUNK_BYTES,
+                baseline=baseline,
             )
+            if baseline:
+                rows_taken += len(plan.row_changes)
+                if finished:
+                    plan.baselines.append((pending.faction_id, snapshot.table))
             return plan
 
         while not (finished or pending.stop_asked or self._closing):
             pending.fault = await self._commit(next_chunk, [pending], with_connection=True)
             if pending.fault is not None:
                 break
+        if baseline and finished and pending.fault is None:
+            log.info(
+                "%r: faction %d's first read of %s taken as its rows without events (%d row changes)",
+                self,
+                pending.faction_id,
+                snapshot.table,
+                rows_taken,
+            )
         if not finished and pending.fault is None:
             log.info(
                 "%r: reconcile of faction %d stopped after %d events; the next one stores the rest",
@@ -568,6 +587,10 @@ class Store:
                     )
                 )
             _write_rows(conn, plan.row_changes)
+            conn.executemany(
+                "INSERT OR IGNORE INTO faction_baselines (faction_id, table_name) VALUES (?, ?)",
+                plan.baselines,
+            )
             if plan.events:
                 conn.execute("UPDATE relay_clock SET high_water = ? WHERE id = 1", (self._high_water,))
             return plan
@@ -809,6 +832,13 @@ def _row_lookup(conn: sqlite3.Connection, unreadable: list[UnreadableRow]) -> Lo
         return read[place]
 
     return lookup
+
+
+def _has_baseline(conn: sqlite3.Connection, faction_id: int, table: str) -> bool:
+    found = conn.execute(
+        "SELECT 1 FROM faction_baselines WHERE faction_id = ? AND table_name IN (?, '*')", (faction_id, table)
+    ).fetchone()
+    return found is not None
 
 
 def _table_rows(
