@@ -60,3 +60,31 @@ async def test_history_under_a_max_rows_cap_is_read_whole_and_probes_agree_with_
     assert stats.rest_requests == (3 + 3 + 1) * settled_reconciles
     # The probes agree with what the reads found: no rejoin, no reconcile.
     assert (deafness.statistics().deaf_found, reconciles(relay)) == (0, settled_reconciles)
+
+
+async def test_a_factions_history_is_its_state_not_a_burst_of_events(
+    nursery: trio.Nursery, make_config: Callable[..., Config], fake_upstream: FakeSupabase
+) -> None:
+    """Today's script makes an active call of every war_calls INSERT and a notification of every
+    message: the first read of a faction with history is its baseline. What changes after is live."""
+    fake_upstream.seed_history(FACTION, HISTORY_ROWS)
+    relay: RunningRelay = await nursery.start(functools.partial(run_relay, make_config()))
+    async with httpx.AsyncClient(base_url=relay.url) as http:
+        answer = await http.post("/subscribe", json={"faction_id": FACTION, "api_key": ANON_KEY})
+        assert answer.status_code == 200
+        with trio.fail_after(TIMEOUT_S):
+            await eventually(lambda: reconciles_settled(relay))
+            polled = (await http.get("/events", params={"faction_id": FACTION})).json()
+            state = (await http.get("/state", params={"faction_id": FACTION})).json()
+            assert polled["events"] == []
+            assert (
+                len(state["tables"]["war_calls"]) == len(state["tables"]["faction_messages"]) == HISTORY_ROWS
+            )
+            call = {"id": 1, "faction_id": FACTION, "target_id": 3001, "caller_name": "ann"}
+            fake_upstream.insert("war_calls", call)
+            await eventually(lambda: relay.store.kept_count(FACTION) == 1)
+            after = (
+                await http.get("/events", params={"faction_id": FACTION, "since": polled["timestamp"]})
+            ).json()
+    ((event_type, new),) = [(e["data"]["eventType"], e["data"]["new"]) for e in after["events"]]
+    assert (event_type, new["id"]) == ("INSERT", 1)

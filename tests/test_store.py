@@ -755,6 +755,25 @@ async def test_a_tables_first_reconcile_is_its_baseline_rows_without_events(tmp_
             ]
 
 
+async def test_a_faction_taken_over_from_another_instance_gets_its_differences_as_events(
+    tmp_path: Path,
+) -> None:
+    """Known on standby, revived by a member's poll (its instance went away): the member holds the
+    history and a cursor from there, and must get what changed meanwhile. A subscribe is a baseline."""
+    clock = WallClock()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_state_store(tmp_path, clock) as store:
+            await store.stand_by(OTHER)
+            await store.revive(OTHER)
+            events = await store.reconcile(OTHER, "war_calls", [{"id": 1}], skip=set(), commit_timestamp="t")
+            assert [(e.data()["eventType"], e.data()["resync"]) for e in events] == [("INSERT", True)]
+            await store.subscribe(FACTION)
+            assert (
+                await store.reconcile(FACTION, "war_calls", [{"id": 2}], skip=set(), commit_timestamp="t")
+                == []
+            )
+
+
 async def test_a_baseline_cut_short_is_finished_as_a_baseline(tmp_path: Path) -> None:
     """Marked in the transaction of its last chunk: a stop before that leaves the next reconcile to
     go on taking rows without events, never to announce the rest of the history as changes."""

@@ -104,7 +104,7 @@ class Subscriptions:
         return subscription
 
     async def revive(self, faction_id: int) -> Subscription:
-        subscription = await self._activate(faction_id)
+        subscription = await self._activate(faction_id, revived=True)
         log.info("%r: faction %d revived by a poll", self, faction_id)
         return subscription
 
@@ -131,7 +131,7 @@ class Subscriptions:
             log.info("%r: faction %d known, on standby", self, faction_id)
         return subscription
 
-    async def _activate(self, faction_id: int) -> Subscription:
+    async def _activate(self, faction_id: int, *, revived: bool = False) -> Subscription:
         now = self._now_ms()
         known = self._subscriptions.get(faction_id)
         subscription = Subscription(faction_id, True, known.subscribed_at if known else now, now)
@@ -145,6 +145,15 @@ class Subscriptions:
             )
             if known is None:
                 _write_known_factions(conn, self._database.path)
+            if revived:
+                # Polled with a cursor from elsewhere (another instance that went away; see
+                # deploy/nginx.conf): its members hold its history, and need what changed since as
+                # events, so its first read here is not a baseline (0004_faction_baselines.sql).
+                conn.execute(
+                    "INSERT INTO faction_baselines (faction_id, table_name) SELECT ?, '*'"
+                    " WHERE NOT EXISTS (SELECT 1 FROM faction_baselines WHERE faction_id = ?)",
+                    (faction_id, faction_id),
+                )
 
         await self._database.write(upsert)
         self._subscriptions[faction_id] = subscription
