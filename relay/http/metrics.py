@@ -354,6 +354,11 @@ def _deafness(stats: DeafStatistics) -> Iterator[Metric]:
         stats.deaf_found,
     )
     yield CounterMetricFamily(
+        f"{PREFIX}_deaf_behind",
+        "Silent factions whose rows differed upstream while their socket held unread bytes (not deaf).",
+        stats.behind,
+    )
+    yield CounterMetricFamily(
         f"{PREFIX}_deaf_rejoins",
         "Faction rejoins asked for because the project's channels were deaf.",
         stats.rejoins,

@@ -103,6 +103,7 @@ def _deafness_document(services: Services) -> dict[str, Any] | None:
         "probe_requests": stats.probe_requests,
         "probe_errors": stats.probe_errors,
         "deaf_found": stats.deaf_found,
+        "behind": stats.behind,
         "rejoins": stats.rejoins,
         "last_found_at": stats.last_found_at,
         "last_factions": list(stats.last_factions),

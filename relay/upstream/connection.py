@@ -33,7 +33,7 @@ from typing import NoReturn
 import trio
 import trio_websocket
 
-from relay.upstream.pacing import ReaderFirst, unread_probe
+from relay.upstream.pacing import ReaderFirst, Unread, unread_probe
 from relay.upstream.phoenix import (
     AllChannelsLive,
     ChangeIgnored,
@@ -136,6 +136,10 @@ def _ignore_resubscribed(table: str, live: bool) -> None:
     del table, live
 
 
+def _ignore_open(unread: Unread) -> None:
+    del unread
+
+
 def _ignore_retry(table: str, message: str) -> None:
     del table, message
 
@@ -149,7 +153,8 @@ class ConnectionHooks:
     `on_heartbeat(s)` how long the latest heartbeat took to be answered. `on_retrying(table, message)`
     says the server reported an error it retries on the same join (the channel hears nothing until
     it is subscribed again), `on_resubscribed(table, live)` that a channel of a session once live was
-    subscribed again (changes in between were never sent), and whether every channel is live now."""
+    subscribed again (changes in between were never sent), and whether every channel is live now.
+    `on_open(unread)` hands over, once the socket is open, how to ask how many bytes it holds unread."""
 
     deliver: Deliver
     on_live: Callable[[], None]
@@ -160,6 +165,7 @@ class ConnectionHooks:
     on_heartbeat: Callable[[float], None] = _ignore_round_trip
     on_retrying: Callable[[str, str], None] = _ignore_retry
     on_resubscribed: Callable[[str, bool], None] = _ignore_resubscribed
+    on_open: Callable[[Unread], None] = _ignore_open
 
 
 async def run_connection(
@@ -176,7 +182,9 @@ async def run_connection(
                 async with trio.open_nursery() as ws_nursery:
                     ws = await _handshake(ws_nursery, stream, target, settings.connect_timeout_s)
                     try:
-                        pacing = ReaderFirst(unread_probe(stream))
+                        unread = unread_probe(stream)
+                        hooks.on_open(unread)
+                        pacing = ReaderFirst(unread)
                         await _converse(ws, session, hooks, settings, ending, pacing)
                     finally:
                         await _close_politely(ws)

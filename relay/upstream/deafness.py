@@ -14,8 +14,9 @@ of their last snapshot, followed by every live change since (`Reconciler.heard_o
 newest keys compared only when they are integers: Postgres orders text by a collation Python does
 not follow): nothing was missed. Different: either a change is still on its way (committed, not yet read from the socket)
 or one was missed. So the round waits `probe_grace_s` and looks again, faction by faction, only at
-the factions that heard nothing meanwhile: a faction that heard a change is not deaf, and a silent
-one whose rows still differ is. A filter that is not `<column>=eq.{faction_id}` cannot be folded into
+the factions that heard nothing meanwhile: a faction that heard a change is not deaf, nor is one
+whose socket holds bytes not yet read (the relay is behind, under load), and a silent one whose rows
+still differ is. A filter that is not `<column>=eq.{faction_id}` cannot be folded into
 one request: such tables are probed per faction.
 
 Deafness is the project's, not a channel's: when one faction is found deaf, every faction and the
@@ -56,6 +57,7 @@ class DeafStatistics:
     probe_bytes: int  # response bodies
     probe_errors: int
     deaf_found: int  # times the project was found deaf
+    behind: int  # silent factions whose rows differed while their socket held unread bytes
     rejoins: int  # faction rejoins asked for because of it
     last_found_at: int | None  # wall-clock ms
     last_factions: tuple[int, ...]  # the factions found deaf that time
@@ -96,6 +98,7 @@ class DeafWatch:
         self._bytes = 0
         self._errors = 0
         self._found = 0
+        self._behind_seen = 0
         self._rejoins = 0
         self._last_found_at: int | None = None
         self._last_factions: tuple[int, ...] = ()
@@ -141,7 +144,7 @@ class DeafWatch:
         for fid in deaf:
             if silent[fid].loss_pending:
                 silent[fid].request("a probe found rows missed since changes were dropped")
-        deaf = [fid for fid in deaf if not silent[fid].loss_pending]
+        deaf = [fid for fid in deaf if not silent[fid].loss_pending and not self._behind(fid, silent[fid])]
         if deaf:
             self._deaf(deaf)
 
@@ -171,6 +174,19 @@ class DeafWatch:
                     )
                     return True
         return False
+
+    def _behind(self, faction_id: int, reconciler: Reconciler) -> bool:
+        """A silent faction whose socket holds bytes not yet read is behind, not deaf: its changes
+        are on their way (an overloaded relay reads them late). Looked at again next round."""
+        unread = reconciler.unread_upstream()
+        if unread > 0:
+            self._behind_seen += 1
+            log.info(
+                "deafness probe: faction %d differs, but its socket holds %d byte(s) unread: behind, not deaf",
+                faction_id,
+                unread,
+            )
+        return unread > 0
 
     def _heal_quiet_losses(self) -> None:
         """A faction whose changes a flood dropped, quiet for a whole round since: its reconcile.
@@ -202,6 +218,7 @@ class DeafWatch:
             self._bytes,
             self._errors,
             self._found,
+            self._behind_seen,
             self._rejoins,
             self._last_found_at,
             self._last_factions,

@@ -106,6 +106,8 @@ class Reconciler:
         self._heard_keys: dict[str, set[Any]] | None = None
         self.heard = 0  # live changes noted; a faction whose count stands still is silent
         self.loss_pending = False  # changes dropped since the last reconcile began (`note_lost`)
+        # Bytes the faction's socket holds unread, set by its supervisor: a socket behind is not deaf.
+        self.unread_upstream: Callable[[], int] = _nothing_unread
         self._reconciles = 0
         self._last_at: int | None = None
         self._last_differences: int | None = None
@@ -255,6 +257,10 @@ class Reconciler:
             self._rest_bytes,
             self._running or self._requested.is_set(),
         )
+
+
+def _nothing_unread() -> int:
+    return 0
 
 
 def _key_steps(change: dict[str, Any], key: str) -> list[tuple[str, Any]]:

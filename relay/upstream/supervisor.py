@@ -27,6 +27,7 @@ import trio
 from relay.config import ChannelConfig
 from relay.upstream.backoff import Backoff
 from relay.upstream.connection import ConnectionHooks, ConnectionSettings, run_connection
+from relay.upstream.pacing import Unread
 from relay.upstream.phoenix import ChangeIgnored, ChangeReceived, ChannelSpec, UpstreamError
 from relay.upstream.reconcile import Reconciler, ReconcileStatistics
 
@@ -167,6 +168,7 @@ class UpstreamSupervisor:
         self._dropped = 0
         self._flood: _Flood | None = None  # from the first change dropped until the backlog is empty
         self._round_trip_s: float | None = None
+        self._unread: Unread | None = None  # the open socket's unread byte count (FIONREAD)
         self._connection_scope: trio.CancelScope | None = None  # see `rejoin`
         self._rejoin_reason: str | None = None
         self._misconfigurations = 0
@@ -248,6 +250,7 @@ class UpstreamSupervisor:
             on_heartbeat=self._on_heartbeat,
             on_retrying=self._on_retrying,
             on_resubscribed=self._on_resubscribed,
+            on_open=self._on_open,
         )
         specs = self._specs
         await self._pacer.wait_turn(len(specs))
@@ -263,6 +266,7 @@ class UpstreamSupervisor:
         finally:
             self._connection_scope = None
             self._rejoin_reason = None
+            self._unread = None
             self._end_flood()  # cut short by the connection's end: the reconcile after the next join repairs it
 
     async def _wait_after(self, error: BaseException) -> None:
@@ -302,6 +306,13 @@ class UpstreamSupervisor:
         self._connected_since = self._wall_clock_ms()
         self._set_state(UpstreamState.CONNECTED)
         self._connection_live()
+
+    def _on_open(self, unread: Unread) -> None:
+        self._unread = unread
+
+    def unread_bytes(self) -> int:
+        """Bytes the kernel holds received on the open socket and not yet read: a reader behind."""
+        return self._unread() if self._unread is not None else 0
 
     def _on_heartbeat(self, round_trip_s: float) -> None:
         self._round_trip_s = round_trip_s
@@ -414,6 +425,8 @@ class FactionSupervisor(UpstreamSupervisor):
         self.faction_id = faction_id
         self._sink = sink
         self._reconciler = reconciler
+        if reconciler is not None:
+            reconciler.unread_upstream = self.unread_bytes
         self._reconciling: trio.CancelScope | None = None
         self._on_lost = on_lost
 
