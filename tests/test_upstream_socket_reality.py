@@ -147,6 +147,37 @@ async def test_a_write_in_the_cold_start_window_is_reconciled_seconds_after_goin
 
 
 @pytest.mark.virtual_time
+async def test_a_join_onto_capture_running_for_a_while_costs_one_full_read_not_two(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """Another connection of the relay has been live for the cold start's window, so capture runs
+    and "Subscribed" is not early: a faction joining then (a new one, or one healing a dropped
+    socket) reconciles once, at going live."""
+    b = A + 1
+    with trio.fail_after(120):
+        harness = await start(nursery)
+        await harness.wait_state(UpstreamState.CONNECTED)
+        await eventually(lambda: harness.stats().reconcile.reconciles == 2)  # cold: at live, and 12 s on
+        harness.supervisors.ensure_running(b)
+        await eventually(lambda: harness.supervisors.statistics()[b].state == UpstreamState.CONNECTED)
+        await eventually(lambda: reconciles(harness, b) == 1)
+        # The socket of A drops and comes back once B has been live a while: A's rejoin reads once too.
+        await trio.sleep(COLD_START_RECONCILE_S)
+        harness.fake.drop_connections(only=harness.fake.connections_with(str(A)))
+        await eventually(
+            lambda: harness.stats().reconnects == 1 and harness.stats().reconcile.reconciles == 3
+        )
+        await trio.sleep(COLD_START_RECONCILE_S * 2)
+    assert harness.stats().reconcile.reconciles == 3
+    assert reconciles(harness, b) == 1
+
+
+def reconciles(harness: Harness, faction_id: int) -> int:
+    stats = harness.supervisors.statistics()[faction_id].reconcile
+    return stats.reconciles if stats is not None else 0
+
+
+@pytest.mark.virtual_time
 async def test_a_second_subscribed_asks_for_a_reconcile_that_covers_the_gap(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:

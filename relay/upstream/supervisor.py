@@ -307,6 +307,10 @@ class UpstreamSupervisor:
         self._set_state(UpstreamState.CONNECTED)
         self._connection_live()
 
+    def live_for(self) -> float:
+        """Seconds the current connection has been live; 0 when it is not."""
+        return 0.0 if self._live_since is None else trio.current_time() - self._live_since
+
     def _on_open(self, unread: Unread) -> None:
         self._unread = unread
 
@@ -413,6 +417,7 @@ class FactionSupervisor(UpstreamSupervisor):
         wall_clock_ms: WallClockMs,
         reconciler: Reconciler | None = None,
         on_lost: Callable[[int], None] | None = None,
+        capture_warm: Callable[[UpstreamSupervisor], bool] | None = None,
     ) -> None:
         super().__init__(
             f"FactionSupervisor({faction_id})",
@@ -429,11 +434,16 @@ class FactionSupervisor(UpstreamSupervisor):
             reconciler.unread_upstream = self.unread_bytes
         self._reconciling: trio.CancelScope | None = None
         self._on_lost = on_lost
+        self._capture_warm = capture_warm
 
     async def _deliver(self, changes: Sequence[ChangeReceived]) -> None:
         await self._sink(self.faction_id, changes)
 
     def _connection_live(self, cold_start: bool = True) -> None:
+        # A join onto capture that has run for a while is not in a cold start's window: one full
+        # read (the one at going live) heals a gap, not two.
+        if cold_start and self._capture_warm is not None and self._capture_warm(self):
+            cold_start = False
         if self._reconciler is not None and self._nursery is not None:
             self._reconciling = trio.CancelScope()
             self._nursery.start_soon(
@@ -598,6 +608,7 @@ class Supervisors:
             wall_clock_ms=self._wall_clock_ms,
             reconciler=self._reconciler_for(faction_id) if self._reconciler_for is not None else None,
             on_lost=self._on_lost,
+            capture_warm=self._capture_warm,
         )
         self._supervisors[faction_id] = supervisor
         self._start(supervisor)
@@ -643,6 +654,15 @@ class Supervisors:
             self._shared = None
             shared.stop()
             await shared.stopped.wait()
+
+    def _capture_warm(self, asking: UpstreamSupervisor) -> bool:
+        """Whether the project's change capture has been running for a cold start's window: another
+        of the relay's connections has been live that long (a join then lands on running capture,
+        and "Subscribed" is not early). Deaf capture looks warm too; the probes find that."""
+        others: list[UpstreamSupervisor] = [*self._supervisors.values()]
+        if self._shared is not None:
+            others.append(self._shared)
+        return any(other is not asking and other.live_for() >= COLD_START_RECONCILE_S for other in others)
 
     def rejoin_all(self, reason: str) -> int:
         """Every running faction, and the shared DELETE socket, joins afresh (paced); how many
