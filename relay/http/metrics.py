@@ -359,6 +359,16 @@ def _deafness(stats: DeafStatistics) -> Iterator[Metric]:
         stats.behind,
     )
     yield CounterMetricFamily(
+        f"{PREFIX}_deaf_checks",
+        "One faction's probes made instead of a reconcile that might not be needed (cold start, shared DELETE gap).",
+        stats.checks,
+    )
+    yield CounterMetricFamily(
+        f"{PREFIX}_deaf_checks_differed",
+        "Of those checks, the ones that found a difference, so a reconcile followed.",
+        stats.checks_differed,
+    )
+    yield CounterMetricFamily(
         f"{PREFIX}_deaf_rejoins",
         "Faction rejoins asked for because the project's channels were deaf.",
         stats.rejoins,

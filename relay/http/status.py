@@ -104,6 +104,8 @@ def _deafness_document(services: Services) -> dict[str, Any] | None:
         "probe_errors": stats.probe_errors,
         "deaf_found": stats.deaf_found,
         "behind": stats.behind,
+        "checks": stats.checks,
+        "checks_differed": stats.checks_differed,
         "rejoins": stats.rejoins,
         "last_found_at": stats.last_found_at,
         "last_factions": list(stats.last_factions),

@@ -58,6 +58,8 @@ class DeafStatistics:
     probe_errors: int
     deaf_found: int  # times the project was found deaf
     behind: int  # silent factions whose rows differed while their socket held unread bytes
+    checks: int  # one faction's probes, made instead of a reconcile that might not be needed
+    checks_differed: int  # of those, the ones that found a difference (a reconcile followed)
     rejoins: int  # faction rejoins asked for because of it
     last_found_at: int | None  # wall-clock ms
     last_factions: tuple[int, ...]  # the factions found deaf that time
@@ -99,6 +101,8 @@ class DeafWatch:
         self._errors = 0
         self._found = 0
         self._behind_seen = 0
+        self._checks = 0
+        self._checks_differed = 0
         self._rejoins = 0
         self._last_found_at: int | None = None
         self._last_factions: tuple[int, ...] = ()
@@ -175,6 +179,27 @@ class DeafWatch:
                     return True
         return False
 
+    async def differs_for(self, reconciler: Reconciler) -> bool:
+        """Whether upstream's rows of this one faction differ from what it heard (its tables probed
+        one request each), for a reconcile asked for only if so (`Reconciler.request`). True when
+        that cannot be told: a table not read yet in this live period, keys that do not compare, a
+        failed probe. A change committed and not yet heard also differs: a whole read too many,
+        never one too few."""
+        self._checks += 1
+        if not all(reconciler.heard_of(table) is not None for table in reconciler.tables):
+            return True
+        try:
+            differs = await self._differs({reconciler.faction_id: reconciler}, together=False)
+        except SnapshotError as exc:
+            self._errors += 1
+            log.warning("%r: check probe failed (%s); reconciling instead", reconciler, exc)
+            return True
+        if differs:
+            self._checks_differed += 1
+        else:
+            log.info("%r: check probe agrees with what was heard; no reconcile needed", reconciler)
+        return differs
+
     def _behind(self, faction_id: int, reconciler: Reconciler) -> bool:
         """A silent faction whose socket holds bytes not yet read is behind, not deaf: its changes
         are on their way (an overloaded relay reads them late). Looked at again next round."""
@@ -219,6 +244,8 @@ class DeafWatch:
             self._errors,
             self._found,
             self._behind_seen,
+            self._checks,
+            self._checks_differed,
             self._rejoins,
             self._last_found_at,
             self._last_factions,

@@ -117,6 +117,7 @@ class Reconciler:
         self._requests = 0
         self._rest_bytes = 0
         self._running = False
+        self._must_reconcile = False  # a request that a probe cannot settle (`request`)
         self._watch = watch
 
     def __repr__(self) -> str:
@@ -161,13 +162,19 @@ class Reconciler:
     def key_of(self, table: str) -> str:
         return self._keys[table]
 
-    def request(self, reason: str) -> None:
+    def request(self, reason: str, *, check_first: bool = False) -> None:
         """Reconcile as soon as the one in progress, if any, has ended, rather than at the next interval:
         something upstream said may have been missed (a second "Subscribed", a change that could not
-        be applied). Requests made meanwhile are one reconcile."""
+        be applied). Requests made meanwhile are one reconcile.
+
+        `check_first`: only maybe missed, and an INSERT or DELETE if anything (a cold start's window,
+        the shared DELETE socket's gap); while deafness probes run, one probe of the faction's tables
+        decides, and the whole read follows only if upstream differs from what was heard."""
         if not self._requested.is_set():
-            log.info("%r: reconcile asked for: %s", self, reason)
+            log.info("%r: %s asked for: %s", self, "check" if check_first else "reconcile", reason)
         self._requests += 1
+        if not check_first or self._watch is None:
+            self._must_reconcile = True
         self._requested.set()
 
     async def run_while_live(self) -> None:
@@ -182,26 +189,35 @@ class Reconciler:
 
     async def _reconcile_when_due(self) -> None:
         interval_s = math.inf if self._watch is not None else self._interval_s
+        must = True  # at going live
         while True:
             # A request made while this reconcile reads may concern a change after its read: it asks
             # for the next one.
             self._requested = trio.Event()
+            self._must_reconcile = False
             self._running = True
             try:
-                while True:
-                    try:
-                        await self.reconcile_once()
-                        break
-                    except (SnapshotError, StoreError, UnstorableData) as exc:
-                        delay = self._backoff.next_delay()
-                        self._last_error = str(exc)
-                        log.warning("%r: reconcile failed (%s); retry in %.1f s", self, exc, delay)
-                        await trio.sleep(delay)
+                if not must and self._watch is not None:  # only checks were asked for
+                    must = await self._watch.differs_for(self)
+                if must:
+                    await self._reconcile_until_done()
             finally:
                 self._running = False
             self._backoff.reset()
-            with trio.move_on_after(interval_s):
+            with trio.move_on_after(interval_s) as waited:
                 await self._requested.wait()
+            must = waited.cancelled_caught or self._must_reconcile
+
+    async def _reconcile_until_done(self) -> None:
+        while True:
+            try:
+                await self.reconcile_once()
+                return
+            except (SnapshotError, StoreError, UnstorableData) as exc:
+                delay = self._backoff.next_delay()
+                self._last_error = str(exc)
+                log.warning("%r: reconcile failed (%s); retry in %.1f s", self, exc, delay)
+                await trio.sleep(delay)
 
     async def reconcile_once(self) -> int:
         """Read every table, store the differences; returns how many there were."""

@@ -234,8 +234,9 @@ class UpstreamSupervisor:
     def _flood_over(self) -> None:
         """The backlog is empty again after changes were dropped: what a kind repairs."""
 
-    def missed(self, reason: str) -> None:
-        """Upstream may have committed changes it never sent (`reason`): what a kind repairs."""
+    def missed(self, reason: str, *, check_first: bool = False) -> None:
+        """Upstream may have committed changes it never sent (`reason`): what a kind repairs. With
+        `check_first`, a cheap probe decides whether a whole read is needed (`Reconciler.request`)."""
 
     async def _run_one_connection(self) -> BaseException:
         self._attempts += 1
@@ -474,9 +475,9 @@ class FactionSupervisor(UpstreamSupervisor):
             self._connection_ended()
             self._connection_live(cold_start=False)
 
-    def missed(self, reason: str) -> None:
+    def missed(self, reason: str, *, check_first: bool = False) -> None:
         if self._reconciler is not None:
-            self._reconciler.request(reason)
+            self._reconciler.request(reason, check_first=check_first)
 
     async def _reconcile_while_live(
         self, scope: trio.CancelScope, reconciler: Reconciler, cold_start: bool
@@ -495,7 +496,11 @@ class FactionSupervisor(UpstreamSupervisor):
     @staticmethod
     async def _after_cold_start(reconciler: Reconciler) -> None:
         await trio.sleep(COLD_START_RECONCILE_S)
-        reconciler.request(f"{COLD_START_RECONCILE_S:g} s after going live (a cold start's window)")
+        # What a cold start loses is an INSERT or DELETE as often as not: a probe finds it, and the
+        # whole read follows only then (an UPDATE in the window is healed by the next reconcile).
+        reconciler.request(
+            f"{COLD_START_RECONCILE_S:g} s after going live (a cold start's window)", check_first=True
+        )
 
     def statistics(self) -> UpstreamStatistics:
         reconcile = self._reconciler.statistics() if self._reconciler is not None else None
@@ -513,7 +518,7 @@ class SharedDeleteSupervisor(UpstreamSupervisor):
         pacer: JoinPacer,
         rng: random.Random,
         wall_clock_ms: WallClockMs,
-        on_missed: Callable[[str], None] | None = None,
+        on_missed: Callable[[str, bool], None] | None = None,
     ) -> None:
         self._on_missed = on_missed
         super().__init__(
@@ -529,16 +534,17 @@ class SharedDeleteSupervisor(UpstreamSupervisor):
     async def _deliver(self, changes: Sequence[ChangeReceived]) -> None:
         await self._route(changes)
 
-    def missed(self, reason: str) -> None:
+    def missed(self, reason: str, *, check_first: bool = False) -> None:
         """DELETEs of any faction may be gone: each faction's reconcile finds its own."""
         if self._on_missed is not None:
-            self._on_missed(f"relay-wide DELETE channels: {reason}")
+            self._on_missed(f"relay-wide DELETE channels: {reason}", check_first)
 
     def _connection_live(self) -> None:
         # Realtime never replays: a DELETE made while this socket was not live is gone, and under
         # DEFAULT identity no faction's channel carried it either. A faction not live yet loses
-        # nothing by the reconcile: its own on going live covers the gap.
-        self.missed("live: DELETEs made while it was not are missed")
+        # nothing by the reconcile: its own on going live covers the gap. A DELETE missed lowers the
+        # faction's row count, so a probe tells which factions need the whole read.
+        self.missed("live: DELETEs made while it was not are missed", check_first=True)
 
 
 class Supervisors:
@@ -638,10 +644,10 @@ class Supervisors:
         )
         self._nursery.start_soon(self._shared.run, name=repr(self._shared))
 
-    def _every_faction_missed(self, reason: str) -> None:
+    def _every_faction_missed(self, reason: str, check_first: bool) -> None:
         for supervisor in self._supervisors.values():
             if not supervisor.stopping:
-                supervisor.missed(reason)
+                supervisor.missed(reason, check_first=check_first)
 
     async def stop(self, faction_id: int) -> None:
         supervisor = self._supervisors.get(faction_id)
