@@ -166,7 +166,13 @@ async def run_plan(plan: Plan, data_dir: Path) -> Outcome:
     async with AsyncExitStack() as stack:
         upstream = await stack.enter_async_context(open_seeded_upstream(seed_file))
         relay: Relay = await stack.enter_async_context(
-            open_relay(upstream.url, data_dir, gc_probe=True, extra_config=RELAY_EXTRA_CONFIG)
+            open_relay(
+                upstream.url,
+                data_dir,
+                gc_probe=True,
+                # RELAY_TOML ends inside its [server] table.
+                extra_config=("" if plan.hot_path else "hot_path = false\n") + RELAY_EXTRA_CONFIG,
+            )
         )
         floor = await stack.enter_async_context(open_floor())
         node = await stack.enter_async_context(open_node(seed_file))
@@ -290,6 +296,12 @@ def parse_args(argv: Sequence[str]) -> tuple[Plan, Path | None]:
     parser.add_argument(
         "--output", type=Path, default=None, help="default bench/RESULTS-shortpoll.md (none with --quick)"
     )
+    parser.add_argument(
+        "--no-hot-path",
+        dest="hot_path",
+        action="store_false",
+        help="run the relay with server.hot_path = false: every poll through hypercorn (design B)",
+    )
     args = parser.parse_args(argv)
     plan = Plan(
         factions=args.factions,
@@ -301,6 +313,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Plan, Path | None]:
         pin=args.pin,
         profile=args.profile,
         profile_raw=args.profile_raw,
+        hot_path=args.hot_path,
     )
     if plan.repetitions < 1 or plan.duration_s < 1 or plan.connections < 1:
         parser.error("--repetitions, --duration-s and --connections must be at least 1")

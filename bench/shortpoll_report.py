@@ -120,6 +120,8 @@ class Plan:
     pin: bool
     profile: bool
     profile_raw: Path | None
+    # The relay's `server.hot_path`; off measures the ASGI path (bench/DESIGNS-hotpath.md).
+    hot_path: bool = True
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,12 @@ def setup_lines(plan: Plan, outcome: Outcome) -> list[str]:
         "floor: a bare ASGI app answering every request with the relay's empty /events body and headers, under "
         "hypercorn's trio worker with the relay's own settings (`relay.http.server.hypercorn_config`). node: Express 5, "
         "events in an in-memory list per faction filtered by since, `res.json` (Express defaults: ETag, X-Powered-By).",
+        "relay: `server.hot_path = "
+        + (
+            "true`: plain polls answered at the request boundary (`relay/http/hotpath.py`)."
+            if plan.hot_path
+            else "false`: every poll through hypercorn's protocol and the ASGI app (`--no-hot-path`)."
+        ),
     ]
 
 

