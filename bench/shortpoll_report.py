@@ -100,13 +100,22 @@ def repetition_rows(runs: Sequence[WrkRun]) -> list[str]:
     return rows
 
 
+NODE_GOAL = 1.0  # issue 18, point 1: short polls at least as fast as the Node relay's
+
+
 def verdict(runs: Sequence[WrkRun]) -> str:
     to_floor = ratios(runs, "relay", "floor")
     if not to_floor:
         return "no relay ÷ floor ratio measured"
     median = statistics.median(to_floor)
     met = "met" if median >= FLOOR_GOAL else f"not met: short by {FLOOR_GOAL - median:.3f}"
-    return f"Goal (issue 6, point 2): relay ÷ floor ≥ {FLOOR_GOAL:g}: median {median:.3f}, {met}."
+    line = f"Goal (issue 6, point 2): relay ÷ floor ≥ {FLOOR_GOAL:g}: median {median:.3f}, {met}."
+    to_node = ratios(runs, "relay", "node")
+    if to_node:
+        median = statistics.median(to_node)
+        met = "met" if median >= NODE_GOAL else f"not met: short by {NODE_GOAL - median:.3f}"
+        line += f" Goal (issue 18, point 1): relay ÷ node ≥ {NODE_GOAL:g}: median {median:.3f}, {met}."
+    return line
 
 
 @dataclass(frozen=True)

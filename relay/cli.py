@@ -6,6 +6,7 @@ import argparse
 import functools
 import gc
 import logging
+import math
 import resource
 import signal
 import sys
@@ -70,10 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--factions", type=int, nargs="+", default=[46666, 11581, 9356], help="demo faction ids"
     )
     demo.add_argument(
-        "--changes-per-s", type=float, default=2.0, help="upstream changes per second, all factions"
+        "--changes-per-s",
+        type=_positive_rate,
+        default=2.0,
+        help="upstream changes per second, all factions (above 0)",
     )
     add_operator_commands(commands)
     return parser
+
+
+def _positive_rate(text: str) -> float:
+    """argparse's one-line refusal (exit 2) rather than the demo's traceback once it has started."""
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(rate) or rate <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return rate
 
 
 # When the hard limit is unlimited, a fixed generous target (setrlimit refuses RLIM_INFINITY for files).

@@ -134,6 +134,22 @@ async def test_an_old_key_name_is_served_with_one_warning_naming_the_new_one(
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("rate", ["0", "-1", "nan", "fast"])
+async def test_a_demo_rate_that_is_not_above_zero_is_refused_before_it_starts(rate: str) -> None:
+    result = await trio.run_process(
+        [RELAY, "demo", "--port", "0", "--changes-per-s", rate], capture_stderr=True, check=False
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr.decode()
+    assert (
+        result.stderr.decode()
+        .strip()
+        .splitlines()[-1]
+        .startswith("relay demo: error: argument --changes-per-s")
+    )
+
+
+@pytest.mark.e2e
 async def test_demo_serves_live_war_traffic_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     process = await trio.lowlevel.open_process(
         [RELAY, "demo", "--port", "0", "--changes-per-s", "50"],
