@@ -19,6 +19,7 @@ import pytest
 import trio
 
 from relay.config import Config
+from relay.http import hotpath
 from relay.http.hotpath import HotPath
 from relay.http.server import MAX_HEAD_BYTES
 from relay.service import RunningRelay, run_relay
@@ -91,9 +92,17 @@ def get(target: str, *headers: str, version: str = "1.1", method: str = "GET") -
     return "\r\n".join(lines).encode()
 
 
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
 async def test_both_paths_answer_byte_for_byte_alike(
-    nursery: trio.Nursery, make_config: Callable[..., Config], fake_upstream: FakeSupabase
+    nursery: trio.Nursery,
+    make_config: Callable[..., Config],
+    fake_upstream: FakeSupabase,
+    monkeypatch: pytest.MonkeyPatch,
+    parser: str,
 ) -> None:
+    """h11 parses the hot heads where httptools cannot be loaded (the pyz on another Python)."""
+    if parser == "h11":
+        monkeypatch.setattr(hotpath, "httptools", None)
     relay = await start(nursery, make_config, fake_upstream)
     events = (await relay.store.read_since(FACTION, None))[0]
     middle, newest = events[0].timestamp, events[-1].timestamp

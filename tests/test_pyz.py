@@ -27,9 +27,10 @@ PYZ = REPO / "dist" / "cat-relay.pyz"
 CLIENT_JS = REPO / "relay" / "static" / "client.js"
 MIGRATIONS = sorted((REPO / "migrations").glob("*.sql"))
 # Compiled code that may ride along: markupsafe's optional speedups, which it replaces with pure
-# Python on any other interpreter or platform. Anything else would tie the pyz to the build
-# machine's platform, and the README's deploy section would have to say so.
-OPTIONAL_EXTENSIONS = {"markupsafe"}
+# Python on any other interpreter or platform, and httptools, the hot path's parser, which it
+# replaces with h11 (relay.http.hotpath). Anything else would tie the pyz to the build machine's
+# platform, and the README's deploy section would have to say so.
+OPTIONAL_EXTENSIONS = {"markupsafe", "httptools"}
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ head with httptools and writing the answer in one piece, without h11, gained 3x.
 So, on a connection between requests (hypercorn's protocol idle, h11 idle with nothing buffered),
 each whole request head at the front of what was read is looked at here:
 
-- `parse_hot_head`: httptools (Node's llhttp) parses it; it is hot only if it is exactly a bodyless
+- `parse_hot_head`: httptools (Node's llhttp) parses it (h11 where httptools cannot be loaded: the
+  pyz run by another Python than it was built with); it is hot only if it is exactly a bodyless
   HTTP/1.1 GET of /events without `wait` or of /ping, with one Host, no body framing, no Expect,
   Upgrade or Connection header, every name and value within h11's own grammar, and the head under
   the relay's head limit. Anything else, and everything after it on the connection until the
@@ -45,9 +46,13 @@ from urllib.parse import unquote
 from wsgiref.handlers import format_date_time
 
 import h11
-import httptools
 import trio
 from hypercorn.utils import wrap_app
+
+try:
+    import httptools
+except ImportError:  # the pyz on another Python or platform than it was built on: h11 parses them
+    httptools = None
 
 if TYPE_CHECKING:
     from hypercorn.config import Config as HypercornConfig
@@ -89,13 +94,8 @@ class HotHead:
 
 def parse_hot_head(head: bytes) -> HotHead | None:
     """`head` (a request line and fields up to the blank line) if it is one the hot path answers."""
-    parsed = HotHead()
-    parser = httptools.HttpRequestParser(parsed)
-    try:
-        parser.feed_data(head)
-    except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # the latter is no HttpParserError
-        return None
-    if not parsed.complete or parser.get_method() != b"GET" or parser.get_http_version() != "1.1":
+    parsed = _parsed_by_httptools(head) if httptools is not None else _parsed_by_h11(head)
+    if parsed is None:
         return None
     path, _, query = parsed.target.partition(b"?")
     if path not in HOT_PATHS or b"wait" in query or not _TARGET.fullmatch(parsed.target):
@@ -106,6 +106,35 @@ def parse_hot_head(head: bytes) -> HotHead | None:
             return None
         hosts += name == b"host"
     return parsed if hosts == 1 else None
+
+
+def _parsed_by_httptools(head: bytes) -> HotHead | None:
+    parsed = HotHead()
+    parser = httptools.HttpRequestParser(parsed)
+    try:
+        parser.feed_data(head)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # the latter is no HttpParserError
+        return None
+    if not parsed.complete or parser.get_method() != b"GET" or parser.get_http_version() != "1.1":
+        return None
+    return parsed
+
+
+def _parsed_by_h11(head: bytes) -> HotHead | None:
+    """The same head read by h11, where httptools cannot be imported: slower, and the same answers."""
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(head)
+    try:
+        request, end = connection.next_event(), connection.next_event()
+    except h11.RemoteProtocolError:
+        return None
+    if not isinstance(request, h11.Request) or not isinstance(end, h11.EndOfMessage):
+        return None
+    if request.method != b"GET" or request.http_version != b"1.1":
+        return None
+    parsed = HotHead()
+    parsed.target, parsed.headers, parsed.complete = request.target, list(request.headers), True
+    return parsed
 
 
 class HotPath:
