@@ -52,6 +52,10 @@ async def start(
     return relay
 
 
+def held_long_polls(relay: RunningRelay) -> int:
+    return relay.services.held.statistics().held_long_polls
+
+
 def hot_path(relay: RunningRelay) -> HotPath:
     assert relay.hot_path is not None
     return relay.hot_path
@@ -119,6 +123,8 @@ async def test_both_paths_answer_byte_for_byte_alike(
         get(f"/events?faction_id={FACTION}&since=99999999999999"),
         get("/ping?x=%20y", "X-Forwarded-For: 10.0.0.1", "User-Agent: Mozilla/5.0 (TornPDA)"),
         get(f"/events?faction_id={FACTION}", "Cookie: a=b;  c=d", "Accept-Language:   en  "),
+        get(f"/events?faction_id={FACTION}&wait=0"),
+        get(f"/events?faction_id={FACTION}&since={middle}&wait=25"),  # events already there: at once
     ]
     cold = [
         get(f"/events?faction_id={FACTION}", version="1.0"),
@@ -126,7 +132,6 @@ async def test_both_paths_answer_byte_for_byte_alike(
         get(f"/events?faction_id={FACTION}", "Connection: keep-alive"),
         get(f"/events?faction_id={FACTION}", method="HEAD"),
         get("/events", method="OPTIONS"),
-        get(f"/events?faction_id={FACTION}&wait=0"),
         get(f"/state?faction_id={FACTION}"),
         get("/health"),
         get("/pingx"),
@@ -215,3 +220,36 @@ async def test_hostile_clients_on_the_hot_path_cost_only_their_own_connection(
         await flooder.aclose()
     assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
     assert relay.services.http.connections.failed == 0
+
+
+async def test_a_held_long_poll_on_the_hot_path_sees_its_client_hang_up_and_keeps_what_follows(
+    nursery: trio.Nursery, make_config: Callable[..., Config], fake_upstream: FakeSupabase
+) -> None:
+    """Held in the reader's task, the connection is read for a hang-up meanwhile: a client gone is
+    counted as such and never answered; a request pipelined behind the held one is answered after it."""
+    relay = await start(nursery, make_config, fake_upstream)
+    newest = (await relay.store.read_since(FACTION, None))[0][-1].timestamp
+    host, port = relay.url.removeprefix("http://").rsplit(":", 1)
+    held = get(f"/events?faction_id={FACTION}&since={newest}&wait=20")
+    answered = hot_path(relay).answered
+    with trio.fail_after(TIMEOUT_S):
+        # Hangs up while held: the relay lets go of it at once.
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(held)
+        await eventually(lambda: held_long_polls(relay) == 1)
+        await stream.aclose()
+        await eventually(lambda: held_long_polls(relay) == 0)
+        # A /ping pipelined behind a held poll: answered after the poll, which an event releases.
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(held + get("/ping"))
+        await eventually(lambda: held_long_polls(relay) == 1)
+        fake_upstream.insert("war_calls", call(9))
+        received = b""
+        while _whole_answers(received) < 2:
+            received += await stream.receive_some(65536)
+        await stream.aclose()
+    assert hot_path(relay).answered - answered == 3  # the hung-up poll, the released one, the ping
+    first = received.partition(b"\r\n\r\n")[0]
+    assert first.startswith(b"HTTP/1.1 200 ")
+    assert b'"id":9' in received.split(b"HTTP/1.1 200 ")[1]
+    assert b'"status":"ok"' in received.split(b"HTTP/1.1 200 ")[2]

@@ -1,6 +1,6 @@
 """The hot read paths answered at the request boundary, before hypercorn's protocol sees them.
 
-A member's plain poll (`GET /events` without `wait`) and `GET /ping` are most of what the relay is
+A member's poll (`GET /events`, plain or long) and `GET /ping` are most of what the relay is
 asked, and each answer is cheap to make: what cost was the request cycle around it. Measured with the
 short-poll mix (bench/DESIGNS-hotpath.md): the ASGI path through hypercorn's `H11Protocol` and
 `HTTPStream` (h11 parsing and framing, a task and a channel per request, the ASGI messages walked
@@ -13,10 +13,13 @@ each whole request head at the front of what was read is looked at here:
 
 - `parse_hot_head`: httptools (Node's llhttp) parses it (h11 where httptools cannot be loaded: the
   pyz run by another Python than it was built with); it is hot only if it is exactly a bodyless
-  HTTP/1.1 GET of /events without `wait` or of /ping, with one Host, no body framing, no Expect,
+  HTTP/1.1 GET of /events (a long-poll too) or of /ping, with one Host, no body framing, no Expect,
   Upgrade or Connection header, every name and value within h11's own grammar, and the head under
   the relay's head limit. Anything else, and everything after it on the connection until the
   protocol is idle again, goes to hypercorn unchanged: h11 answers what is malformed as before.
+- A long-poll is held in the reader's task; meanwhile the connection is read (`listen`), so a client
+  that hangs up is seen at once (the app's `receive()` answers `http.disconnect`, as hypercorn's
+  would), and a request pipelined behind it is kept for after the answer.
 - `HotPath.answer`: the relay's own ASGI app (the whole stack, so the answer, its headers and every
   refusal are the ones the ASGI path gives) is called in the reader's task with the scope hypercorn's
   `HTTPStream` builds from that head, and the answer is framed as hypercorn and h11 frame it: the
@@ -40,6 +43,7 @@ Written against hypercorn 0.18.0 (`relay.http.server.HYPERCORN_VERSION`), h11 0.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from time import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -72,6 +76,11 @@ _REQUEST = {"type": "http.request", "body": b"", "more_body": False}
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
+# Reads the connection while a request is held: True once the client has gone (end of stream or a
+# reset); what else it sends meanwhile (a pipelined request) is kept for after the answer.
+Listen = Callable[[], Awaitable[bool]]
+
+
 class HotHead:
     """A request head as httptools hands it over."""
 
@@ -97,8 +106,8 @@ def parse_hot_head(head: bytes) -> HotHead | None:
     parsed = _parsed_by_httptools(head) if httptools is not None else _parsed_by_h11(head)
     if parsed is None:
         return None
-    path, _, query = parsed.target.partition(b"?")
-    if path not in HOT_PATHS or b"wait" in query or not _TARGET.fullmatch(parsed.target):
+    path, _, _ = parsed.target.partition(b"?")
+    if path not in HOT_PATHS or not _TARGET.fullmatch(parsed.target):
         return None
     hosts = 0
     for name, value in parsed.headers:
@@ -156,6 +165,7 @@ class HotPath:
         client: tuple[str, int] | None,
         server: tuple[str, int] | None,
         state: ConnectionState,
+        listen: Listen | None = None,
     ) -> tuple[bytes, bool]:
         """The whole answer to `head`, as bytes to write, and whether the connection closes after it
         (an answer saying `Connection: close`)."""
@@ -176,7 +186,7 @@ class HotPath:
             "state": state.copy(),
             "extensions": {},
         }
-        exchange = _Exchange()
+        exchange = _Exchange(listen)
         await self._app(scope, exchange.receive, exchange.send, trio.to_thread.run_sync, trio.from_thread.run)
         self.answered += 1
         status, headers, body = exchange.answer()
@@ -215,7 +225,8 @@ class _Exchange:
     """The app's side of one request answered whole: its request is the empty body, its answer is
     gathered. A second receive waits, as hypercorn's inbox does until the client goes."""
 
-    def __init__(self) -> None:
+    def __init__(self, listen: Listen | None = None) -> None:
+        self._listen = listen
         self._asked = False
         self._start: dict[str, Any] | None = None
         self._body: list[bytes] = []
@@ -225,6 +236,8 @@ class _Exchange:
         if not self._asked:
             self._asked = True
             return _REQUEST
+        if self._listen is not None and await self._listen():
+            return {"type": "http.disconnect"}
         await trio.sleep_forever()
         raise AssertionError("unreachable")
 

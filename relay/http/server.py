@@ -21,7 +21,7 @@ Here, per connection:
 - a failure while serving is contained in that connection: logged once (WARNING, the peer and the
   traceback), counted, the connection closed; everything else goes on.
 
-Between requests, a whole head of a hot read path (a plain `GET /events`, `GET /ping`) is answered
+Between requests, a whole head of a hot read path (`GET /events`, long-polls included, `GET /ping`) is answered
 before hypercorn's protocol sees it (`relay.http.hotpath`): the same answer, without h11 and
 hypercorn's per-request machinery, measured at three times the requests per second.
 
@@ -200,6 +200,7 @@ class Connection:
     ) -> None:
         self._stream = stream
         self._hot = hot
+        self._held_extra = b""
         self._app = app
         self._config = config
         self._context = context
@@ -321,7 +322,12 @@ class Connection:
             self._set_idle(False)
             protocol.keep_alive_requests += 1
             await self._context.mark_request()
-            answer, close = await self._hot.answer(head, raw_head, self._client, self._server, self._state)
+            self._held_extra = b""
+            answer, close = await self._hot.answer(
+                head, raw_head, self._client, self._server, self._state, self._listen_while_held
+            )
+            data = data + self._held_extra  # what the client sent while its request was held
+            self._held_extra = b""
             await self._write(answer)
             if close:
                 await self._close()
@@ -330,6 +336,21 @@ class Connection:
             if self._closed:
                 return b""
         return data
+
+    async def _listen_while_held(self) -> bool:
+        """Read the connection while a hot request is held (a long-poll): True once the client has
+        gone; what it sends meanwhile (a pipelined request) is kept, up to a head's limit, for after
+        the answer, and reading stops there."""
+        while len(self._held_extra) < MAX_HEAD_BYTES:
+            try:
+                data = await self._stream.receive_some(MAX_RECV)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return True
+            if not data:
+                return True
+            self._held_extra += data
+        await trio.sleep_forever()
+        return False
 
     async def _protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):
