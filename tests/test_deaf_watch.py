@@ -9,8 +9,9 @@ relay's own. No worker threads: the clock is a MockClock with autojump.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from collections.abc import Set as AbstractSet
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -80,21 +81,29 @@ def watching(upstream: Upstream) -> tuple[DeafWatch, Reconciler, list[Sequence[i
     return watch, reconciler, found
 
 
+@asynccontextmanager
+async def live(upstream: Upstream) -> AsyncIterator[tuple[DeafWatch, Reconciler, list[Sequence[int]]]]:
+    """The faction live, its first reconcile read (rows 1 and 2) and the first probe round agreeing,
+    until the block ends."""
+    watch, reconciler, found = watching(upstream)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reconciler.run_while_live)
+        await trio.sleep(1.0)
+        yield watch, reconciler, found
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("unread_bytes", [0, 512])
 async def test_a_silent_faction_that_differs_is_deaf_unless_its_socket_holds_unread_bytes(
     autojump_clock: trio.testing.MockClock, unread_bytes: int
 ) -> None:
     upstream = Upstream()
-    watch, reconciler, found = watching(upstream)
-    reconciler.unread_upstream = lambda: unread_bytes
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(reconciler.run_while_live)
-        await trio.sleep(1.0)  # the first reconcile has read rows 1 and 2; the first round agreed
+    async with live(upstream) as (watch, reconciler, found):
+        reconciler.unread_upstream = lambda: unread_bytes
         assert reconciler.heard_of("war_calls") == (2, 2)
         upstream.keys.append(3)  # committed upstream, never heard
         await trio.sleep(INTERVAL_S + GRACE_S + 1.0)  # one round and its grace
         stats = watch.statistics()
-        nursery.cancel_scope.cancel()
     if unread_bytes:
         assert (found, stats.deaf_found, stats.behind) == ([], 0, 1)
     else:
@@ -105,16 +114,12 @@ async def test_a_faction_that_hears_during_the_grace_is_not_deaf(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     upstream = Upstream()
-    watch, reconciler, found = watching(upstream)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(reconciler.run_while_live)
-        await trio.sleep(1.0)
+    async with live(upstream) as (watch, reconciler, found):
         upstream.keys.append(3)
         await trio.sleep(INTERVAL_S - 1.0 + GRACE_S / 2)  # the round found a difference; in its grace...
         reconciler.note_live_change("war_calls", {"eventType": "INSERT", "new": {"id": 3}, "old": {}})
         await trio.sleep(GRACE_S)
         stats = watch.statistics()
-        nursery.cancel_scope.cancel()
     assert (found, stats.deaf_found) == ([], 0)
     assert reconciler.heard_of("war_calls") == (3, 3)
 
@@ -126,17 +131,13 @@ async def test_a_check_reads_the_whole_table_only_when_a_probe_differs(
     """A cold start's window or the shared DELETE socket's gap may have lost an INSERT or DELETE:
     one probe per table tells, and a faction that lost nothing is not read whole."""
     upstream = Upstream()
-    watch, reconciler, found = watching(upstream)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(reconciler.run_while_live)
-        await trio.sleep(1.0)
+    async with live(upstream) as (watch, reconciler, found):
         before = reconciler.statistics()
         if missed:
             upstream.keys.remove(1)  # a DELETE the shared socket never carried
         reconciler.request("a check", check_first=True)
         await trio.sleep(1.0)
         after, stats = reconciler.statistics(), watch.statistics()
-        nursery.cancel_scope.cancel()
     assert (stats.checks, stats.checks_differed) == (1, int(missed))
     assert after.reconciles - before.reconciles == int(missed)
     assert after.rest_requests - before.rest_requests == int(missed)  # the snapshot: one page
@@ -149,13 +150,9 @@ async def test_a_request_that_a_probe_cannot_settle_always_reads(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     upstream = Upstream()
-    watch, reconciler, _ = watching(upstream)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(reconciler.run_while_live)
-        await trio.sleep(1.0)
+    async with live(upstream) as (watch, reconciler, _):
         reconciler.request("a check", check_first=True)
         reconciler.request('"Subscribed to PostgreSQL" again')  # an UPDATE may be lost: no probe sees it
         await trio.sleep(1.0)
         reconciles = reconciler.statistics().reconciles
-        nursery.cancel_scope.cancel()
     assert (reconciles, watch.statistics().checks) == (2, 0)

@@ -47,7 +47,6 @@ from collections.abc import Awaitable, Callable
 from time import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
-from wsgiref.handlers import format_date_time
 
 import h11
 import trio
@@ -129,12 +128,17 @@ def _parsed_by_httptools(head: bytes) -> HotHead | None:
     return parsed
 
 
-def _parsed_by_h11(head: bytes) -> HotHead | None:
-    """The same head read by h11, where httptools cannot be imported: slower, and the same answers."""
+def _h11_reading(head: bytes) -> tuple[h11.Connection, object, object]:
+    """A fresh h11 server connection fed `head`, and the two events it makes of it."""
     connection = h11.Connection(h11.SERVER)
     connection.receive_data(head)
+    return connection, connection.next_event(), connection.next_event()
+
+
+def _parsed_by_h11(head: bytes) -> HotHead | None:
+    """The same head read by h11, where httptools cannot be imported: slower, and the same answers."""
     try:
-        request, end = connection.next_event(), connection.next_event()
+        _, request, end = _h11_reading(head)
     except h11.RemoteProtocolError:
         return None
     if not isinstance(request, h11.Request) or not isinstance(end, h11.EndOfMessage):
@@ -155,8 +159,8 @@ class HotPath:
         self._config = config
         self.enabled = True
         self.answered = 0
-        self._date_second = -1
-        self._date = b""
+        self._headers_second = -1
+        self._headers: list[tuple[bytes, bytes]] = []
 
     async def answer(
         self,
@@ -207,18 +211,12 @@ class HotPath:
         return b"".join(lines), False
 
     def _server_headers(self) -> list[tuple[bytes, bytes]]:
-        """hypercorn's `Config.response_headers("h11")`, its date made once a second."""
-        config = self._config
-        if not config.include_date_header or config.alt_svc_headers:
-            return config.response_headers("h11")
-        now = time()
-        second = int(now)
-        if second != self._date_second:
-            self._date_second, self._date = second, format_date_time(now).encode("ascii")
-        headers = [(b"date", self._date)]
-        if config.include_server_header:
-            headers.append((b"server", b"hypercorn-h11"))
-        return headers
+        """hypercorn's own `Config.response_headers("h11")`, made once a second: its `date` changes
+        no oftener, and formatting it was a measurable part of every poll."""
+        second = int(time())
+        if second != self._headers_second:
+            self._headers_second, self._headers = second, self._config.response_headers("h11")
+        return self._headers
 
 
 class _Exchange:
@@ -259,10 +257,7 @@ def _framed_by_h11(
 ) -> tuple[bytes, bool]:
     """What h11 writes for this answer to this head, and whether it closes the connection after: the
     rare answers the fast framing does not take (no Content-Length, no body, `Connection: close`)."""
-    connection = h11.Connection(h11.SERVER)
-    connection.receive_data(raw_head)
-    connection.next_event()  # the request
-    connection.next_event()  # its end
+    connection, _, _ = _h11_reading(raw_head)  # the request and its end, taken before answering
     pieces = [connection.send(h11.Response(status_code=status, headers=headers))]
     if body:
         pieces.append(connection.send(h11.Data(data=body)))

@@ -322,7 +322,6 @@ class Connection:
             self._set_idle(False)
             protocol.keep_alive_requests += 1
             await self._context.mark_request()
-            self._held_extra = b""
             answer, close = await self._hot.answer(
                 head, raw_head, self._client, self._server, self._state, self._listen_while_held
             )
