@@ -1,16 +1,19 @@
-"""Members per core with sub-second delivery: the relay's SSE against the Node relay polled every second.
+"""Members per core with sub-second delivery: the relay's SSE and long-poll against the Node relay
+polled every second.
 
-Issue 6, point 3. In one invocation, each on CPU 0 alone:
+Issue 6, point 3 and issue 18, points 2-4. In one invocation, each on CPU 0 alone:
 
 1. The Node relay (bench/peers/node-relay, the predecessor's design) answering the short-polling mix
    of bench/shortpoll.py as fast as it can, several wrk runs: its median requests/s is how many
    members it serves when each polls once a second, which is what sub-second delivery costs by polling.
-2. The relay holding N SSE streams under the delivery benchmark's load (100 factions, one upstream
-   change per faction every 2 s; bench/delivery.py), for each N asked for: the largest N whose p99
-   from the upstream frame to the client is within 1 s, with every event delivered, is its capacity.
+2. The relay holding N SSE streams, then N long-polling members, under the delivery benchmark's load
+   (100 factions, one upstream change per faction every 2 s; bench/delivery.py), for each N asked
+   for: the largest N whose p99 from the upstream frame to the client is within 1 s, with every event
+   delivered, is its capacity. The long-poll rows beyond it are the overload curve: latency, CPU and
+   `/ping` from half to twice that capacity.
 
-    .venv/bin/python -m bench.capacity                       # N = 12000,15000,19500; writes bench/RESULTS-capacity.md
-    .venv/bin/python -m bench.capacity --clients 5000 --node-runs 1 --duration-s 10 --output -   # smoke
+    .venv/bin/python -m bench.capacity                       # writes bench/RESULTS-capacity.md
+    .venv/bin/python -m bench.capacity --clients 5000 --longpoll-clients 1000 --node-runs 1 --duration-s 10 --output -   # smoke
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from bench.shortpoll_servers import ensure_node_modules, open_node, pin
 from bench.wrk_runs import WrkRun, run_wrk, wrk_command
 
 P99_LIMIT_MS = 1000.0
+SSE_GOAL, LONG_POLL_GOAL = 3.0, 1.5  # members per core, ÷ the Node relay's (issues 6 and 18)
+PING_P99_GOAL_MS = 250.0  # issue 18 point 3, at twice the long-poll capacity
 DELIVERED_AT_LEAST = 0.999  # of the expected events: a capacity that drops events is none
 SERVER_CPU, LOAD_CPU = 0, 1
 NODE_CONNECTIONS = 50
@@ -81,12 +86,15 @@ def holds(result: ScenarioResult) -> bool:
     )
 
 
-def render(command: str, node_runs: Sequence[WrkRun], results: Sequence[ScenarioResult]) -> str:
+def render(
+    command: str,
+    node_runs: Sequence[WrkRun],
+    sse: Sequence[ScenarioResult],
+    long_polls: Sequence[ScenarioResult],
+) -> str:
     rates = sorted(run.requests / run.duration_s for run in node_runs)
     node_members = statistics.median(rates)
     node_per_cpu_s = statistics.median(run.requests / run.server_cpu_s for run in node_runs)
-    held = [result for result in results if holds(result)]
-    capacity = max((result.clients for result in held), default=0)
     lines = [
         "# Capacity: members per core with sub-second delivery",
         "",
@@ -96,60 +104,139 @@ def render(command: str, node_runs: Sequence[WrkRun], results: Sequence[Scenario
         "answering bench/shortpoll.py's mix (100 factions, 90 % empty polls, 10 % with 1-5 events of ~400 bytes) "
         f"from wrk with {NODE_CONNECTIONS} connections, as fast as it can, alone on CPU 0: a member polling every "
         "second costs it one request, so its requests/s is the members it serves at 1-s polling.",
-        "- Relay: bench/delivery.py's SSE scenario (100 factions, one upstream INSERT per faction every 2 s, the "
-        "clients spread evenly, each from its own loopback address), a fresh relay per N, alone on CPU 0. It "
-        f"holds N when the window's p99 is ≤ {P99_LIMIT_MS:.0f} ms and ≥ {DELIVERED_AT_LEAST:.1%} of the "
-        "expected events arrived.",
+        "- Relay: bench/delivery.py's SSE and long-poll scenarios (100 factions, one upstream INSERT per faction "
+        "every 2 s, the clients spread evenly, each from its own loopback address; a long-poller asks again "
+        "at once with its answer's cursor), a fresh relay per N, alone on CPU 0. It holds N when the window's "
+        f"p99 is ≤ {P99_LIMIT_MS:.0f} ms and ≥ {DELIVERED_AT_LEAST:.1%} of the expected events arrived.",
         "",
-        "| server | members | how measured | p50 ms | p99 ms | server CPU % |",
-        "|---|---|---|---|---|---|",
+        "| server | members | how measured | p50 ms | p99 ms | server CPU % | /ping p99 ms | client errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for run in node_runs:
         rate = run.requests / run.duration_s
         cpu = 100 * run.server_cpu_s / run.duration_s
         lines.append(
             f"| node | {rate:,.0f} | wrk run {run.repetition}, {run.duration_s:.0f} s | "
-            f"{run.p50_ms:.1f} | {run.p99_ms:.1f} | {cpu:.0f} |"
+            f"{run.p50_ms:.1f} | {run.p99_ms:.1f} | {cpu:.0f} | - | - |"
         )
-    for result in results:
-        p50, p99 = result.percentile_ms(0.5), result.percentile_ms(0.99)
-        verdict = "holds" if holds(result) else "does not hold"
-        share = result.delivered / result.expected if result.expected else 0.0
-        lines.append(
-            f"| relay SSE | {result.clients:,} | {verdict}: {share:.1%} delivered | "
-            f"{p50 or 0:.1f} | {p99 or 0:.1f} | {100 * result.measurement.relay_cpu_s / result.measurement.elapsed_s:.0f} |"
-        )
-    ratio = capacity / node_members if node_members else 0.0
+    lines += [_relay_row(result) for result in [*sse, *long_polls]]
     lines += [
         "",
         f"Node relay, 1-s polling: **{node_members:,.0f} members** on one core (median of {len(rates)} runs, "
         f"{rates[0]:,.0f}-{rates[-1]:,.0f}; {node_per_cpu_s:,.0f} requests per CPU-second).",
         "",
-        f"Relay, SSE: **{capacity:,} members** held at p99 ≤ 1 s (the largest N tried that held"
-        + (
-            "; every N tried held, so the relay's capacity is at least this: the load generator opens one "
-            f"socket per client and its descriptor limit (RLIMIT_NOFILE {descriptor_limit():,}) bounds N)."
-            if held and capacity == max(result.clients for result in results)
-            else ")."
-        ),
-        "",
-        f"Relay ÷ Node: **{ratio:.2f}x** members per core (goal, issue 6 point 3: ≥ 3x: "
-        f"{'met' if ratio >= 3 else f'not met, short by {3 - ratio:.2f}x'}).",
-        "",
     ]
+    for name, results, goal, issue in (
+        ("SSE", sse, SSE_GOAL, "issue 6 point 3 and issue 18 point 4"),
+        ("long-poll", long_polls, LONG_POLL_GOAL, "issue 18 point 2"),
+    ):
+        if results:
+            lines += _capacity_lines(name, results, node_members, goal, issue)
+    if long_polls:
+        lines += _overload_lines(long_polls)
     return "\n".join(lines)
 
 
-async def main(args: argparse.Namespace, command: str) -> str:
-    with tempfile.TemporaryDirectory(prefix="cat-relay-capacity-") as data_dir:
-        node_runs = await node_capacity(args.node_runs, args.duration_s, Path(data_dir))
-    plan = delivery.Plan(
-        kinds=["sse"],
-        clients=[int(n) for n in args.clients.split(",")],
+def capacity_of(results: Sequence[ScenarioResult]) -> int:
+    return max((result.clients for result in results if holds(result)), default=0)
+
+
+def _ping_p99_ms(result: ScenarioResult) -> float | None:
+    rtts = sorted(result.measurement.probes.ping_rtt_s)
+    if not rtts:
+        return None
+    return 1000 * rtts[min(len(rtts) - 1, int(0.99 * len(rtts)))]
+
+
+def _relay_row(result: ScenarioResult) -> str:
+    p50, p99, ping = result.percentile_ms(0.5), result.percentile_ms(0.99), _ping_p99_ms(result)
+    verdict = "holds" if holds(result) else "does not hold"
+    share = result.delivered / result.expected if result.expected else 0.0
+    tally, probes = result.tally, result.measurement.probes
+    errors = ", ".join(f"{kind} {count}" for kind, count in sorted(tally.errors.items())) or "0"
+    if tally.duplicates:
+        errors += f", duplicates {tally.duplicates}"
+    failed = f" ({probes.ping_failures} failed)" if probes.ping_failures else ""
+    return (
+        f"| relay {result.kind} | {result.clients:,} | {verdict}: {share:.1%} delivered | "
+        f"{p50 or 0:.1f} | {p99 or 0:.1f} | {result.cpu_percent(result.measurement.relay_cpu_s):.0f} | "
+        f"{'-' if ping is None else f'{ping:.1f}'}{failed} | {errors} |"
+    )
+
+
+def _capacity_lines(
+    name: str, results: Sequence[ScenarioResult], node_members: float, goal: float, issue: str
+) -> list[str]:
+    capacity = capacity_of(results)
+    every_n_held = capacity and capacity == max(result.clients for result in results)
+    ratio = capacity / node_members if node_members else 0.0
+    return [
+        f"Relay, {name}: **{capacity:,} members** held at p99 ≤ 1 s (the largest N tried that held"
+        + (
+            "; every N tried held, so the relay's capacity is at least this: the load generator opens one "
+            f"socket per client and its descriptor limit (RLIMIT_NOFILE {descriptor_limit():,}) bounds N)."
+            if every_n_held
+            else ")."
+        ),
+        "",
+        f"Relay {name} ÷ Node: **{ratio:.2f}x** members per core (goal, {issue}: ≥ {goal:g}x: "
+        f"{'met' if ratio >= goal else f'not met, short by {goal - ratio:.2f}x'}).",
+        "",
+    ]
+
+
+def _overload_lines(results: Sequence[ScenarioResult]) -> list[str]:
+    """Issue 18 point 3: each long-poll N as a multiple of the capacity, and whether, at twice it,
+    every event still arrives exactly once with `/ping` answered in time."""
+    capacity = capacity_of(results)
+    if not capacity:
+        return ["Long-poll overload curve: no N held, so there is no capacity to scale by.", ""]
+    lines = [
+        f"Long-poll overload curve (capacity {capacity:,} = 1.0x; delivered counts the events that arrived "
+        "within the window's grace, each exactly once or it is an error):",
+        "",
+        "| members | x capacity | delivered | p50 ms | p99 ms | relay CPU % | relay CPU µs/event | /ping p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for result in sorted(results, key=lambda result: result.clients):
+        ping = _ping_p99_ms(result)
+        share = result.delivered / result.expected if result.expected else 0.0
+        lines.append(
+            f"| {result.clients:,} | {result.clients / capacity:.2f} | {share:.1%} | "
+            f"{result.percentile_ms(0.5) or 0:.0f} | {result.percentile_ms(0.99) or 0:.0f} | "
+            f"{result.cpu_percent(result.measurement.relay_cpu_s):.0f} | "
+            f"{result.relay_cpu_us_per_event or 0:.0f} | {'-' if ping is None else f'{ping:.0f}'} |"
+        )
+    twice = [result for result in results if result.clients >= 2 * capacity]
+    if not twice:
+        verdict = "not measured: add an N of at least twice the capacity"
+    else:
+        at = min(twice, key=lambda result: result.clients)
+        ping = _ping_p99_ms(at)
+        whole = at.delivered >= at.expected and not at.tally.duplicates
+        fast_ping = ping is not None and ping <= PING_P99_GOAL_MS and not at.measurement.probes.ping_failures
+        verdict = (
+            f"at {at.clients:,} ({at.clients / capacity:.1f}x): {at.delivered / max(at.expected, 1):.1%} of the "
+            f"events delivered, {at.tally.duplicates} duplicates, /ping p99 "
+            f"{'-' if ping is None else f'{ping:.0f} ms'}: " + ("met" if whole and fast_ping else "not met")
+        )
+    lines += [
+        "",
+        f"Goal, issue 18 point 3 (at 2x capacity every event delivered exactly once, /ping p99 ≤ "
+        f"{PING_P99_GOAL_MS:.0f} ms): {verdict}.",
+        "",
+    ]
+    return lines
+
+
+def relay_plan(kind: str, clients: str, duration_s: float) -> delivery.Plan:
+    return delivery.Plan(
+        kinds=[kind],
+        clients=[int(n) for n in clients.split(",") if n],
         factions=100,
         interval_s=2.0,
         warmup_s=5.0,
-        duration_s=args.duration_s,
+        duration_s=duration_s,
         grace_s=5.0,
         wait_s=25.0,
         connect_concurrency=64,
@@ -157,20 +244,40 @@ async def main(args: argparse.Namespace, command: str) -> str:
         gc_probe=True,
         relay_setup=None,
     )
-    results = await delivery.run_plan(plan, lambda result: print(result.one_line(), file=sys.stderr))
-    return render(command, node_runs, [result for result in results if result.clients])
+
+
+async def main(args: argparse.Namespace, command: str) -> str:
+    with tempfile.TemporaryDirectory(prefix="cat-relay-capacity-") as data_dir:
+        node_runs = await node_capacity(args.node_runs, args.duration_s, Path(data_dir))
+    measured: dict[str, list[ScenarioResult]] = {}
+    for kind, clients in (("sse", args.clients), ("longpoll", args.longpoll_clients)):
+        if not clients:
+            continue
+        results = await delivery.run_plan(
+            relay_plan(kind, clients, args.duration_s),
+            lambda result: print(result.one_line(), file=sys.stderr),
+        )
+        measured[kind] = [result for result in results if result.clients]
+    return render(command, node_runs, measured.get("sse", []), measured.get("longpoll", []))
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.capacity", description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--clients", default="12000,15000,19500", help="SSE client counts to try")
+    parser.add_argument(
+        "--clients", default="12000,15000,19500", help="SSE client counts to try ('' for none)"
+    )
+    parser.add_argument(
+        "--longpoll-clients",
+        default="1000,1500,2000,2500,3000,4000,5000",
+        help="long-polling member counts to try ('' for none): around the capacity and up to twice it",
+    )
     parser.add_argument("--node-runs", type=int, default=5)
     parser.add_argument("--duration-s", type=float, default=20.0, help="each wrk run and each SSE window")
     parser.add_argument(
         "--output", default=str(Path(__file__).with_name("RESULTS-capacity.md")), help="- prints only"
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    needed = max(int(n) for n in args.clients.split(",")) + 300
+    needed = max(int(n) for n in f"{args.clients},{args.longpoll_clients},0".split(",") if n) + 300
     if delivery.raise_open_files_limit() < needed:
         print(f"bench: RLIMIT_NOFILE hard limit below the {needed} descriptors needed", file=sys.stderr)
         return 2
