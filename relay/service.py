@@ -271,6 +271,8 @@ async def _run_relay(
             app = create_app(services)
             server_config = hypercorn_config(config)
             hot = HotPath(app.asgi_app, server_config) if config.server.hot_path else None
+            if hot is not None:
+                nursery.start_soon(hot.turns.watch_lag, name="turns")
             urls = await nursery.start(
                 serve_http, app, server_config, hub, services.http.connections, http_done, hot, name="http"
             )

@@ -15,6 +15,7 @@ A held long-poll or stream ends when its client goes away: hypercorn reports tha
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
@@ -44,6 +45,7 @@ from relay.http.responses import (
     refusal,
 )
 from relay.http.stats import LONG_POLL_ROUTE, PollKind, PollOutcome
+from relay.http.turns import TURN_EXTENSION
 
 if TYPE_CHECKING:  # the composition root builds Services and imports the HTTP side
     from relay.service import Services
@@ -164,7 +166,10 @@ class EventsEndpoint:
                     waiting = wait_for_events(
                         store, hub, faction_id, since, linger_s=limits.long_poll_linger_s
                     )
-                    if await until_hung_up(receive, waiting, deadline=trio.current_time() + wait_s):
+                    turn = scope.get("extensions", {}).get(TURN_EXTENSION)
+                    async with turn.paused() if turn is not None else nullcontext():
+                        hung_up = await until_hung_up(receive, waiting, deadline=trio.current_time() + wait_s)
+                    if hung_up:
                         services.http.polled(kind, PollOutcome.HUNG_UP)
                         return  # nobody is left to answer
                     found, cursor = await store.read_since(faction_id, since)

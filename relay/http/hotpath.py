@@ -52,6 +52,8 @@ import h11
 import trio
 from hypercorn.utils import wrap_app
 
+from relay.http.turns import TURN_EXTENSION, Turns
+
 try:
     import httptools
 except ImportError:  # the pyz on another Python or platform than it was built on: h11 parses them
@@ -61,7 +63,8 @@ if TYPE_CHECKING:
     from hypercorn.config import Config as HypercornConfig
     from hypercorn.typing import ConnectionState
 
-HOT_PATHS = frozenset({b"/events", b"/ping"})
+EVENTS_PATH = b"/events"
+HOT_PATHS = frozenset({EVENTS_PATH, b"/ping"})
 # Request headers after which hypercorn must decide: a body or its framing, an upgrade, an expectation,
 # a connection option (h11 answers `Connection: close` in kind).
 _LEFT_TO_HYPERCORN = frozenset(
@@ -159,6 +162,7 @@ class HotPath:
         self._config = config
         self.enabled = True
         self.answered = 0
+        self.turns = Turns()
         self._headers_second = -1
         self._headers: list[tuple[bytes, bytes]] = []
 
@@ -191,7 +195,12 @@ class HotPath:
             "extensions": {},
         }
         exchange = _Exchange(listen)
-        await self._app(scope, exchange.receive, exchange.send, trio.to_thread.run_sync, trio.from_thread.run)
+        if path == EVENTS_PATH:  # a poll's answer waits its turn (relay.http.turns); /ping never does
+            async with self.turns.turn() as turn:
+                scope["extensions"] = {TURN_EXTENSION: turn}
+                await self._app(*self._call_arguments(scope, exchange))
+        else:
+            await self._app(*self._call_arguments(scope, exchange))
         self.answered += 1
         status, headers, body = exchange.answer()
         headers = [(bytes(name).strip(), bytes(value).strip()) for name, value in headers]
@@ -209,6 +218,10 @@ class HotPath:
         lines.append(b"\r\n")
         lines.append(body)
         return b"".join(lines), False
+
+    @staticmethod
+    def _call_arguments(scope: dict[str, Any], exchange: _Exchange) -> tuple[Any, ...]:
+        return (scope, exchange.receive, exchange.send, trio.to_thread.run_sync, trio.from_thread.run)
 
     def _server_headers(self) -> list[tuple[bytes, bytes]]:
         """hypercorn's own `Config.response_headers("h11")`, made once a second: its `date` changes

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from functools import partial
@@ -91,6 +92,25 @@ LINGER_S = 1.0
 # How long to wait before accepting again when the process is out of descriptors or buffers.
 ACCEPT_RETRY_S = 0.1
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# A connection reset or refused between the kernel's handshake and our accept (as trio's own list).
+_IGNORABLE_ACCEPT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EPERM",
+        "ECONNABORTED",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+    )
+    if hasattr(errno, name)
+)
+# Connections taken each time the listening socket is ready (see `_accept_forever`).
+ACCEPT_BATCH = 256
 
 
 class _HTTP2Refused(Exception):
@@ -458,37 +478,53 @@ async def _serve_connection(
 
 
 async def _accept_forever(
-    listener: trio.SocketListener,
+    listening: socket.socket,
     handlers: trio.Nursery,
     serve_one: Callable[[trio.SocketStream, object], Awaitable[None]],
     slots: ConnectionSlots,
     counters: ConnectionCounters,
 ) -> None:
+    """Accept every connection waiting, up to ACCEPT_BATCH, each time the listening socket is ready.
+
+    trio's `SocketListener.accept` takes one connection per pass of the scheduler, and a pass runs
+    every ready task once: under load a pass takes tens of milliseconds, and at twice the long-poll
+    capacity, with members reconnecting after their timeouts, 1,500 connections waited in the
+    backlog and a new one (a `/ping`) for 27 s (bench/RESULTS-capacity.md)."""
     short_of_descriptors = False
     while True:
-        slot = object()  # held by the connection accepted with it, released when it ends
-        await slots.limiter.acquire_on_behalf_of(slot)
-        try:
-            stream = await listener.accept()
-        except BaseException as exc:
-            slots.limiter.release_on_behalf_of(slot)
-            if not isinstance(exc, OSError) or exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                raise
-            counters.accept_errors += 1
-            if not short_of_descriptors:
-                log.warning(
-                    "cannot accept connections: %s (%d open); new members wait until some close",
-                    errno.errorcode.get(exc.errno or 0, str(exc.errno)),
-                    counters.open_connections,
-                )
-                short_of_descriptors = True
-            await trio.sleep(ACCEPT_RETRY_S)
-            continue
-        if short_of_descriptors:
-            log.warning("accepting connections again (%d open)", counters.open_connections)
-            short_of_descriptors = False
-        counters.accepted += 1
-        handlers.start_soon(serve_one, stream, slot)
+        await trio.lowlevel.wait_readable(listening)
+        for _ in range(ACCEPT_BATCH):
+            slot = object()  # held by the connection accepted with it, released when it ends
+            try:
+                slots.limiter.acquire_on_behalf_of_nowait(slot)
+            except trio.WouldBlock:
+                await slots.limiter.acquire_on_behalf_of(slot)
+            try:
+                accepted, _ = listening.accept()
+            except BlockingIOError:
+                slots.limiter.release_on_behalf_of(slot)
+                break
+            except OSError as exc:
+                slots.limiter.release_on_behalf_of(slot)
+                if exc.errno in _IGNORABLE_ACCEPT_ERRNOS:
+                    continue  # that connection was gone before it was taken
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                counters.accept_errors += 1
+                if not short_of_descriptors:
+                    log.warning(
+                        "cannot accept connections: %s (%d open); new members wait until some close",
+                        errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                        counters.open_connections,
+                    )
+                    short_of_descriptors = True
+                await trio.sleep(ACCEPT_RETRY_S)
+                break
+            if short_of_descriptors:
+                log.warning("accepting connections again (%d open)", counters.open_connections)
+                short_of_descriptors = False
+            counters.accepted += 1
+            handlers.start_soon(serve_one, trio.SocketStream(trio.socket.from_stdlib_socket(accepted)), slot)
 
 
 async def serve(
@@ -530,10 +566,8 @@ async def serve(
             )
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as acceptors:
-                    for listener in listeners:
-                        acceptors.start_soon(
-                            _accept_forever, listener, connections, serve_one, slots, counters
-                        )
+                    for sock in sockets:
+                        acceptors.start_soon(_accept_forever, sock, connections, serve_one, slots, counters)
                     task_status.started(urls)
                     await shutdown_trigger()
                     acceptors.cancel_scope.cancel()
