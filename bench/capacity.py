@@ -253,14 +253,17 @@ def relay_plan(kind: str, clients: str, duration_s: float) -> delivery.Plan:
 SSE_MULTIPLES = (2.5, 3.0, 3.5)
 LONG_POLL_MULTIPLES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 OVERLOAD_MULTIPLES = (1.5, 2.0)
-AUTO_MAX_CLIENTS = 20_000  # the descriptors `auto` may need: 3.5x a fast day's Node relay
+DESCRIPTORS_SPARE = 300  # beyond one per client: the bench's own files and sockets
 
 
 def counts(spec: str, node_members: float, multiples: Sequence[float]) -> list[int]:
     """`spec` as a comma-separated list, or ("auto") the multiples of the Node relay's members,
     rounded to hundreds."""
     if spec == "auto":
-        return sorted({max(100, round(node_members * multiple / 100) * 100) for multiple in multiples})
+        most = descriptor_limit() - DESCRIPTORS_SPARE  # the load generator's sockets bound N
+        return sorted(
+            {min(most, max(100, round(node_members * multiple / 100) * 100)) for multiple in multiples}
+        )
     return [int(n) for n in spec.split(",") if n]
 
 
@@ -305,7 +308,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     listed = [n for n in f"{args.clients},{args.longpoll_clients}".split(",") if n and n != "auto"]
-    needed = max([int(n) for n in listed] + [AUTO_MAX_CLIENTS]) + 300
+    needed = max([int(n) for n in listed] + [0]) + DESCRIPTORS_SPARE
     if delivery.raise_open_files_limit() < needed:
         print(f"bench: RLIMIT_NOFILE hard limit below the {needed} descriptors needed", file=sys.stderr)
         return 2
