@@ -84,6 +84,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.flood
 	$(BIN)/python -m bench.footprint
 	$(BIN)/python -m bench.budget
+	$(BIN)/python -m bench.big_answers
 	$(BIN)/python -m bench.upstream_cost
 	$(BIN)/python -m bench.delivery --kinds sse --clients 5000 --duration-s 20 --profile bench/PROFILE-sse.md
 	$(BIN)/python -m bench.footprint --tracemalloc --parts clients,factions --kinds sse --clients 3000 --factions 200 --output bench/PROFILE-footprint.md

@@ -18,6 +18,7 @@ import trio
 import relay
 from relay.config import LOG_LEVELS, Config, ConfigError, LoggingConfig, load_config
 from relay.http.descriptors import check_file_limit, open_file_limit
+from relay.http.server import CannotListen
 from relay.logs import configure_logging
 from relay.memory import return_large_blocks_to_the_system
 from relay.ops.checkconfig import check_config
@@ -158,6 +159,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, MigrationError, Unreachable, DatabaseUnreadable) as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BaseExceptionGroup as group:  # raised inside the task tree: from start-up, one line
+        sole = sole_exception(group)
+        if not isinstance(sole, CannotListen):
+            raise
+        print(f"relay: {sole}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except StaleWriteAheadLog as exc:  # its message is the advice
         print(f"relay: {exc}", file=sys.stderr)
         return EXIT_STORAGE_ERROR
@@ -168,6 +175,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"relay: {exc}", file=sys.stderr)
         return EXIT_RUNTIME_ERROR
     return 0
+
+
+def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception inside `group` and the groups nested in it, if there is exactly one."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending and len(leaves) < 2:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 and not pending else None
 
 
 def log_warnings(config: Config) -> Config:

@@ -14,6 +14,9 @@ is a request or the relay's own upkeep.
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from relay.config import LimitsConfig
 from relay.http.responses import ApiError
@@ -30,6 +33,10 @@ class Factions:
         self._max_active = limits.max_factions
         self._max_standby = limits.max_standby_factions
         self._standing_by: set[int] = set()  # standby subscribes still being written
+        # Factions being made active (subscribed or revived) whose write is still in its thread: they
+        # hold their place under max_factions from the check on, so that requests arriving during the
+        # write cannot all pass the same check (50 concurrent subscribes once made 50 sockets of 5).
+        self._activating: Counter[int] = Counter()
         self._standby_full = False  # for one log line when it fills, and one when there is room again
 
     def __repr__(self) -> str:
@@ -37,9 +44,9 @@ class Factions:
 
     async def subscribe(self, faction_id: int) -> None:
         """Active from now on, with its upstream socket; `429 too_many_factions` beyond capacity."""
-        self._ensure_capacity(faction_id)
-        await self._store.subscribe(faction_id)
-        self._supervisors.ensure_running(faction_id)
+        with self._activation(faction_id):
+            await self._store.subscribe(faction_id)
+            self._supervisors.ensure_running(faction_id)
 
     async def stand_by(self, faction_id: int) -> None:
         """Known, without a socket (`X-CAT-Relay-Standby: 1`), unless already known: a later poll
@@ -65,9 +72,9 @@ class Factions:
             )
         if not subscription.active:
             # Today's script never re-subscribes, so its poll is what brings an expired faction back.
-            self._ensure_capacity(faction_id)
-            await self._store.revive(faction_id)
-            self._supervisors.ensure_running(faction_id)
+            with self._activation(faction_id):
+                await self._store.revive(faction_id)
+                self._supervisors.ensure_running(faction_id)
         self._store.touch(faction_id)
 
     async def expire_idle(self, ttl_s: float) -> list[int]:
@@ -77,12 +84,28 @@ class Factions:
             await self._supervisors.stop(faction_id)
         return expired
 
-    def _ensure_capacity(self, faction_id: int) -> None:
+    @contextmanager
+    def _activation(self, faction_id: int) -> Iterator[None]:
+        """Checks capacity and holds the faction's place until the `with` ends, before any await:
+        by then it is active (counted by the store) or its write failed (the place is given back)."""
         # One upstream socket per active faction counts against the Supabase project's connections.
+        if not self._active(faction_id) and faction_id not in self._activating:
+            being_activated = sum(1 for other in self._activating if not self._active(other))
+            if len(self._store.active_factions()) + being_activated >= self._max_active:
+                raise ApiError(
+                    429, "too_many_factions", f"this relay serves at most {self._max_active} factions"
+                )
+        self._activating[faction_id] += 1
+        try:
+            yield
+        finally:
+            self._activating[faction_id] -= 1
+            if not self._activating[faction_id]:
+                del self._activating[faction_id]
+
+    def _active(self, faction_id: int) -> bool:
         subscription = self._store.subscription(faction_id)
-        already_active = subscription is not None and subscription.active
-        if not already_active and len(self._store.active_factions()) >= self._max_active:
-            raise ApiError(429, "too_many_factions", f"this relay serves at most {self._max_active} factions")
+        return subscription is not None and subscription.active
 
     def _make_standby_room(self, faction_id: int) -> None:
         counts = self._store.statistics()

@@ -117,6 +117,29 @@ async def test_a_config_error_is_one_line_and_exit_status_2(tmp_path: Path) -> N
 
 
 @pytest.mark.e2e
+async def test_a_port_in_use_is_one_line_and_exit_status_2(
+    serve_config: tuple[Path, dict[str, str]], fake_upstream: FakeSupabase
+) -> None:
+    config, env = serve_config
+    with trio.socket.socket() as taken:
+        await taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config.write_text(config.read_text().replace("port = 0", f"port = {port}"))
+        with trio.fail_after(30):
+            result = await trio.run_process(
+                [RELAY, "serve", "--config", str(config)], env=env, capture_stderr=True, check=False
+            )
+    stderr = result.stderr.decode()
+    assert result.returncode == 2
+    assert "Traceback" not in stderr, stderr
+    assert "Exception" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"relay: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+
+
+@pytest.mark.e2e
 async def test_an_old_key_name_is_served_with_one_warning_naming_the_new_one(
     serve_config: tuple[Path, dict[str, str]], fake_upstream: FakeSupabase
 ) -> None:

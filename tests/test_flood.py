@@ -32,7 +32,7 @@ from relay.upstream.reconcile import Reconciler
 from relay.upstream.snapshot import Snapshot
 from relay.upstream.supervisor import Supervisors, SupervisorSettings, UpstreamState
 from tests.helpers.factions import FACTION
-from tests.helpers.flood import HeldSink, change_number, numbered_calls
+from tests.helpers.flood import HeldSink, change_number, numbered_calls, stored
 from tests.helpers.supervisors import KEY, war_calls_settings
 from tests.helpers.userscript import Userscript, read_status, wait_reconciled
 from tests.helpers.waits import eventually
@@ -216,11 +216,6 @@ def by_id(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def upstream_stats(running: RunningRelay) -> Any:
     return running.supervisors.statistics()[FACTION]
-
-
-def stored(running: RunningRelay, source: Source) -> int:
-    flow = running.services.traffic.statistics(trio.current_time()).get(FACTION)
-    return 0 if flow is None else flow.stored[source]
 
 
 @pytest.mark.e2e

@@ -100,3 +100,34 @@ async def test_a_since_older_than_what_is_retained_is_answered_truncated(
     assert "id" not in signal  # the resume point stays the client's own
     assert json.loads(signal["data"]) == {"faction_id": FACTION, "since": first.timestamp - 1}
     assert following["id"] == str(second.timestamp)
+
+
+async def test_a_large_state_is_the_same_json_sent_in_slices(
+    nursery: trio.Nursery, make_config: Callable[..., Config], fake_upstream: FakeSupabase
+) -> None:
+    """Over 256 KiB, `/state` is encoded off the loop and handed over a slice at a time: the bytes,
+    the Content-Length and the framing are those of the answer built whole."""
+    rows = [{"id": n, "faction_id": FACTION, "caller_name": f"Zoë {n} " + "x" * 1_000} for n in range(1, 401)]
+    for row in rows:
+        fake_upstream.insert("war_calls", row)
+    relay = await start(nursery, make_config)
+    in_key_order = sorted(rows, key=lambda row: json.dumps(row["id"]))  # the keys' JSON text order
+    with trio.fail_after(20):
+        await eventually_holds(lambda: war_calls_are(relay, in_key_order))
+    async with httpx.AsyncClient(base_url=relay.url) as http:
+        response = await http.get("/state", params={"faction_id": FACTION})
+    state = await relay.store.faction_state(FACTION)
+    expected = {
+        "faction_id": FACTION,
+        "timestamp": state.timestamp,
+        "tables": state.tables,
+        "keys": {"war_calls": "id", "faction_messages": "id", "wars": "id"},
+    }
+    body = json.dumps(expected, separators=(",", ":")).encode()
+    assert len(body) > 256 * 1024
+    assert response.status_code == 200
+    assert response.content == body
+    assert response.headers["content-length"] == str(len(body))
+    assert "transfer-encoding" not in response.headers
+    assert response.headers["content-type"] == "application/json; charset=utf-8"
+    assert response.headers["access-control-allow-origin"] == "*"

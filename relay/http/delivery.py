@@ -126,21 +126,25 @@ async def stream_events(
     since: int | None,
     send_chunk: Callable[[bytes], Awaitable[None]],
 ) -> bool:
-    """An SSE body: `retry:`, a `truncated` event when `since` is older than what is retained, then
-    every event after `since` (or after now), keep-alives, until shutdown (then True: the stream
-    ended because the relay ended it).
+    """An SSE body: `retry:`, then every event after `since` (or after now), keep-alives, until
+    shutdown (then True: the stream ended because the relay ended it).
+
+    A gap is looked for after every read, not only at the start: a stream whose reader fell behind
+    (TCP back-pressure on a slow phone during a burst) wakes up to find its next events trimmed, and
+    is told so by a `truncated` event before the events that are left, once per gap.
     """
     await send_chunk(f"retry: {SSE_RETRY_MS}\n\n".encode())
-    if store.missed_since(faction_id, since):
-        # No id: the resume point stays the last event the client really has.
-        await send_chunk(
-            f'event: truncated\ndata: {{"faction_id":{faction_id},"since":{since}}}\n\n'.encode()
-        )
     cursor = store.cursor() if since is None else since
+    announced_gap_at: int | None = None
     last_sent = trio.current_time()
     while not hub.stopping.is_set():
         store.touch(faction_id)  # an open stream is a member still watching
         found, _ = await store.read_since(faction_id, cursor)
+        # After the read: a trim during it can take events it meant to return (`Store.read_since`).
+        if announced_gap_at != cursor and store.missed_since(faction_id, cursor):
+            announced_gap_at = cursor
+            await send_chunk(truncated_chunk(faction_id, cursor))
+            last_sent = trio.current_time()
         if found:
             await send_chunk(answers.stream_chunk(faction_id, found))
             cursor = found[-1].timestamp
@@ -154,6 +158,12 @@ async def stream_events(
         # (`Hub.wake_quiet_factions_every`), so a silent stream says something every 7.5-22.5 s.
         await hub.wait_for_notify(faction_id)
     return True
+
+
+def truncated_chunk(faction_id: int, since: int) -> bytes:
+    """The SSE event saying events after `since` are gone. No id: the resume point stays the last
+    event the client really has, so a reconnect from it is told again rather than skipping the gap."""
+    return f'event: truncated\ndata: {{"faction_id":{faction_id},"since":{since}}}\n\n'.encode()
 
 
 def next_poll_ms(store: Store, held: HeldRequests, faction_id: int) -> int:

@@ -113,6 +113,11 @@ _IGNORABLE_ACCEPT_ERRNOS = frozenset(
 ACCEPT_BATCH = 256
 
 
+class CannotListen(Exception):
+    """The relay's address cannot be listened on (in use, a privileged port, no such address): a
+    start-up problem of the operator's, said in one line (`relay.cli`)."""
+
+
 class _HTTP2Refused(Exception):
     """Raised out of the protocol once a prior-knowledge HTTP/2 preface has been answered 505."""
 
@@ -547,7 +552,10 @@ async def serve(
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
-        sockets = config.create_sockets().insecure_sockets
+        try:
+            sockets = config.create_sockets().insecure_sockets
+        except OSError as exc:
+            raise CannotListen(f"cannot listen on {', '.join(config.bind)}: {exc.strerror or exc}") from exc
         try:
             for sock in sockets:
                 sock.listen(config.backlog)

@@ -23,7 +23,7 @@ from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -44,6 +44,7 @@ from relay.storage.state import Lookup, Row, RowChange, RowKey, diff, row_key
 from relay.storage.subscriptions import Subscription as Subscription  # a result type of the API, named here
 from relay.storage.subscriptions import Subscriptions, load_subscriptions
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 # /health proves the database writable by committing a no-op write, but not more often than this.
@@ -333,10 +334,16 @@ class Store:
         cursor is the clock as that transaction sees it, so it may be a moment ahead of `cursor()`;
         `read_since` never hands a member back a cursor below the one it brings.
         """
+        return await self.faction_state_encoded(faction_id, lambda state: state)
+
+    async def faction_state_encoded(self, faction_id: int, encode: Callable[[FactionState], T]) -> T:
+        """`encode(faction_state(faction_id))`, called in the worker thread that read the rows: a
+        faction's state can be tens of MB (67,025 rows are 59 MB of JSON), and building its answer
+        on the event loop stalled every member for over a second."""
         tables = list(self._key_columns)
         unreadable: list[UnreadableRow] = []
 
-        def read(conn: sqlite3.Connection) -> tuple[int, dict[str, list[Row]]]:
+        def read(conn: sqlite3.Connection) -> T:
             conn.execute("BEGIN")
             try:
                 (cursor,) = conn.execute("SELECT high_water FROM relay_clock WHERE id = 1").fetchone()
@@ -345,11 +352,11 @@ class Store:
                     found[table] = list(_table_rows(conn, faction_id, table, unreadable).values())
             finally:
                 conn.execute("COMMIT")
-            return cursor, found
+            return encode(FactionState(cursor, found))
 
-        cursor, found = await self._database.read(read)
+        encoded = await self._database.read(read)
         quarantine_rows(unreadable, self._quarantined)
-        return FactionState(cursor, found)
+        return encoded
 
     async def row_owners(self, places: Sequence[tuple[str, RowKey]]) -> dict[tuple[str, RowKey], int]:
         """The faction whose stored rows hold each (table, key): where a key-only DELETE belongs."""

@@ -9,8 +9,10 @@ from typing import Any
 
 import trio
 
+from relay.service import RunningRelay
+from relay.traffic import Source
 from relay.upstream.phoenix import ChangeReceived
-from tests.helpers.factions import call
+from tests.helpers.factions import FACTION, call
 
 
 def numbered_calls(faction_id: int, keys: int, first_key: int = 1) -> Callable[[int], dict[str, Any]]:
@@ -21,6 +23,12 @@ def numbered_calls(faction_id: int, keys: int, first_key: int = 1) -> Callable[[
         return {**call(faction_id, first_key + n % keys), "caller_name": f"n{n}"}
 
     return row_at
+
+
+def stored(running: RunningRelay, source: Source, faction_id: int = FACTION) -> int:
+    """How many of the faction's changes from `source` the relay has stored."""
+    flow = running.services.traffic.statistics(trio.current_time()).get(faction_id)
+    return 0 if flow is None else flow.stored[source]
 
 
 def change_number(change: dict[str, Any]) -> int:
