@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import httpx
 import pytest
@@ -33,7 +33,7 @@ def shared_deletes_state(relay: RunningRelay) -> str | None:
     return None if stats is None else stats.state
 
 
-async def war_calls_are(relay: RunningRelay, rows: list[dict[str, int]]) -> bool:
+async def war_calls_are(relay: RunningRelay, rows: Sequence[Mapping[str, object]]) -> bool:
     return (await relay.store.faction_state(FACTION)).tables["war_calls"] == rows
 
 
