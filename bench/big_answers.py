@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sqlite3
 import statistics
 import sys
@@ -31,7 +30,7 @@ if __package__ in (None, ""):  # run as `python bench/big_answers.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.processes import cpu_seconds, open_relay
-from bench.report import machine_lines
+from bench.report import machine_lines, run_and_write
 from bench.shortpoll_servers import pin
 from relay.config import UpstreamConfig
 from relay.storage.store import open_store
@@ -213,13 +212,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         "--output", default=str(Path(__file__).with_name("RESULTS-big-answers.md")), help="- prints only"
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    command = shlex.join([os.path.relpath(sys.executable), *sys.orig_argv[1:]])
-    text = trio.run(main, args, command)
-    print(text)
-    if args.output != "-":
-        Path(args.output).write_text(text)
-        print(f"written to {args.output}", file=sys.stderr)
-    return 0
+    return run_and_write(main, args, args.output)
 
 
 if __name__ == "__main__":

@@ -21,20 +21,17 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shlex
 import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import trio
-
 if __package__ in (None, ""):  # run as `python bench/capacity.py`: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import delivery, shortpoll
-from bench.report import ScenarioResult, machine_lines
+from bench.report import ScenarioResult, machine_lines, run_and_write
 from bench.shortpoll_data import request_mix, seed_relay_database, write_paths, write_seed_file
 from bench.shortpoll_servers import ensure_node_modules, open_node, pin
 from bench.wrk_runs import WrkRun, run_wrk, wrk_command
@@ -312,13 +309,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     if delivery.raise_open_files_limit() < needed:
         print(f"bench: RLIMIT_NOFILE hard limit below the {needed} descriptors needed", file=sys.stderr)
         return 2
-    command = shlex.join([os.path.relpath(sys.executable), *sys.orig_argv[1:]])
-    text = trio.run(main, args, command)
-    print(text)
-    if args.output != "-":
-        Path(args.output).write_text(text)
-        print(f"written to {args.output}", file=sys.stderr)
-    return 0
+    return run_and_write(main, args, args.output)
 
 
 if __name__ == "__main__":

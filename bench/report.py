@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import trio
 
 from bench.clients import Tally
 from bench.probes import Probes, percentile
@@ -325,3 +329,14 @@ def render(
             *ratios,
         ]
     return "\n".join(lines) + "\n"
+
+
+def run_and_write(main: Callable[[Any, str], Awaitable[str]], args: Any, output: str) -> int:
+    """`main(args, command)` under trio; its report printed, and written to `output` unless "-"."""
+    command = shlex.join([os.path.relpath(sys.executable), *sys.orig_argv[1:]])
+    text = trio.run(main, args, command)
+    print(text)
+    if output != "-":
+        Path(output).write_text(text)
+        print(f"written to {output}", file=sys.stderr)
+    return 0
