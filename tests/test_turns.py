@@ -57,7 +57,7 @@ async def test_a_lagging_loop_puts_polls_in_line_and_a_held_poll_gives_its_turn_
 ) -> None:
     turns = Turns(limit=2)
     order: list[str] = []
-    release = trio.Event()
+    done = {name: trio.Event() for name in ("held", "a", "b", "c")}
     events = trio.Event()
 
     async def poll(name: str, held: bool) -> None:
@@ -66,7 +66,7 @@ async def test_a_lagging_loop_puts_polls_in_line_and_a_held_poll_gives_its_turn_
                 async with turn.paused():  # waiting for events holds no turn
                     await events.wait()
             order.append(name)
-            await release.wait()
+            await done[name].wait()
 
     turns.engaged = True  # as `watch_lag` leaves it (the tests below): no timer, so no release meanwhile
     async with trio.open_nursery() as nursery:
@@ -80,10 +80,13 @@ async def test_a_lagging_loop_puts_polls_in_line_and_a_held_poll_gives_its_turn_
         await trio.testing.wait_all_tasks_blocked()
         assert order == ["a", "b"]  # in line behind c, which came first
         assert turns.waiting == 2
-        release.set()
+        done["a"].set()  # one turn free: the first in line has it
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == ["a", "b", "c"]
+        done["b"].set()
         await trio.testing.wait_all_tasks_blocked()
         assert order == ["a", "b", "c", "held"]
-        assert turns.waited >= 2
+        assert turns.waited == 2
         nursery.cancel_scope.cancel()
 
 
