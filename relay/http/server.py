@@ -86,6 +86,8 @@ WRITE_STALL_S = 15.0
 # Writes are sliced so that the stall bound is on progress, not on the whole answer: a 5 MB answer
 # to a slow phone is not a stalled one.
 WRITE_SLICE_BYTES = 256 * 1024
+# Up to this, a body's data is copied into one write with its framing: cheaper than two more send(2)s.
+JOINED_DATA_BYTES = 64 * 1024
 # After answering and sending our end of stream, how long a connection keeps reading (and dropping)
 # what the client still sends, so that the answer is not destroyed by an RST.
 LINGER_S = 1.0
@@ -150,8 +152,10 @@ class RelayH11(H11Protocol):
             raise _HeadTooLarge
 
     async def _send_h11_event(self, event: Any) -> None:
-        # h11's `send` joins an answer's body into one new bytes object; with the data passed
-        # through, every member sent the same answer shares one object, however slowly each reads.
+        # h11's `send` joins an answer's body into one new bytes object; with a large body's data
+        # passed through, every member sent the same answer shares one object, however slowly each
+        # reads. A small body (an SSE message, with its chunk framing either side) is joined into
+        # one write: three writes, each a send(2), made an SSE message cost 1.45x the CPU.
         connection = self.connection
         if not isinstance(connection, h11.Connection):  # a WebSocket's pass-through connection
             await super()._send_h11_event(event)
@@ -162,11 +166,11 @@ class RelayH11(H11Protocol):
             if connection.their_state != h11.ERROR:
                 raise
             return
-        if isinstance(event, h11.Data):
+        if isinstance(event, h11.Data) and len(event.data) > JOINED_DATA_BYTES:
             for piece in pieces or ():
                 await self.send(RawData(data=piece))
         elif pieces:
-            await self.send(RawData(data=b"".join(pieces)))  # a head's small pieces, one write
+            await self.send(RawData(data=b"".join(pieces)))  # a head, or a small body and its framing
 
 
 class _AppTasks:
