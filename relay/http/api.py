@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -32,6 +32,7 @@ from relay.http.inputs import (
     parse_faction_id,
     parse_json_object,
 )
+from relay.http.large import pieces_response, state_answer
 from relay.http.metrics import metrics_registry, render
 from relay.http.responses import (
     CORS_HEADERS,
@@ -44,7 +45,7 @@ from relay.http.responses import (
     refusal,
 )
 from relay.http.status import status_document
-from relay.storage.store import FactionState, StoreError
+from relay.storage.store import StateTexts, StoreError
 
 if TYPE_CHECKING:  # the composition root builds Services and imports the HTTP side
     from relay.service import Services
@@ -60,27 +61,10 @@ BODY_TIMEOUT_S = 10
 # Set by the proxy in front of several relay instances (deploy/nginx.conf) on the copy of a subscribe
 # it mirrors to every instance: each learns the faction, so that it can take over its polls.
 STANDBY_HEADER = "X-CAT-Relay-Standby"
-# A slice of a large answer handed to hypercorn at once (the connection writes 256 KiB slices too).
-BODY_SLICE_BYTES = 256 * 1024
 
 
 def json_response(payload: Any, status: int = 200) -> Response:
     return Response(json.dumps(payload, separators=(",", ":")), status=status, content_type=JSON_TYPE)
-
-
-def json_body_response(body: bytes) -> Response:
-    """A 200 answer of JSON already encoded. A large one is handed to hypercorn a slice at a time,
-    each slice a checkpoint, with its Content-Length set here: whole, its copies through Quart,
-    hypercorn and h11 would each hold the loop for milliseconds per ten MB."""
-    if len(body) <= BODY_SLICE_BYTES:
-        return Response(body, content_type=JSON_TYPE)
-
-    async def slices() -> AsyncIterator[bytes]:
-        view = memoryview(body)
-        for start in range(0, len(view), BODY_SLICE_BYTES):
-            yield bytes(view[start : start + BODY_SLICE_BYTES])
-
-    return Response(slices(), content_type=JSON_TYPE, headers={"Content-Length": str(len(body))})
 
 
 class RelayApp(QuartTrio):
@@ -132,17 +116,11 @@ def create_app(services: Services) -> RelayApp:
         await factions.admit(faction_id)
         services.traffic.seen(faction_id, request.remote_addr or UNKNOWN_ADDRESS, trio.current_time())
 
-        def encode(current: FactionState) -> bytes:  # in the store's worker thread: it can be 59 MB
-            answer = {
-                "faction_id": faction_id,
-                "timestamp": current.timestamp,
-                "tables": current.tables,
-                # Which column identifies a row of each table: what a client mirroring rows keys them by.
-                "keys": config.upstream.key_columns,
-            }
-            return json.dumps(answer, separators=(",", ":")).encode()
+        def encode(current: StateTexts) -> list[bytes]:  # in the store's worker thread
+            # `keys`: which column identifies a row of each table, what a client mirroring rows keys them by.
+            return state_answer(faction_id, current, config.upstream.key_columns)
 
-        return json_body_response(await store.faction_state_encoded(faction_id, encode))
+        return pieces_response(await store.faction_state_encoded(faction_id, encode))
 
     async def publish(faction_id: int, event_type: str, data: object) -> Response:
         if event_type not in config.publish.types:

@@ -23,7 +23,7 @@ from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import trio
 
@@ -45,6 +45,7 @@ from relay.storage.subscriptions import Subscription as Subscription  # a result
 from relay.storage.subscriptions import Subscriptions, load_subscriptions
 
 T = TypeVar("T")
+R = TypeVar("R")
 log = logging.getLogger(__name__)
 
 # /health proves the database writable by committing a no-op write, but not more often than this.
@@ -100,12 +101,16 @@ class _Loaded:
     quarantined: QuarantineCounts
 
 
-@dataclass(frozen=True, slots=True)
-class FactionState:
+@dataclass(frozen=True)  # no slots: a frozen generic dataclass with slots cannot be made (Python 3.11)
+class _State(Generic[R]):
     """A faction's current rows per table, and the cursor they correspond to."""
 
     timestamp: int
-    tables: dict[str, list[Row]]
+    tables: dict[str, list[R]]
+
+
+FactionState = _State[Row]  # the rows parsed
+StateTexts = _State[bytes]  # each row as the JSON text of an object, as stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,12 +339,22 @@ class Store:
         cursor is the clock as that transaction sees it, so it may be a moment ahead of `cursor()`;
         `read_since` never hands a member back a cursor below the one it brings.
         """
-        return await self.faction_state_encoded(faction_id, lambda state: state)
+        return await self._read_state(faction_id, _table_rows, lambda state: state)
 
-    async def faction_state_encoded(self, faction_id: int, encode: Callable[[FactionState], T]) -> T:
-        """`encode(faction_state(faction_id))`, called in the worker thread that read the rows: a
-        faction's state can be tens of MB (67,025 rows are 59 MB of JSON), and building its answer
-        on the event loop stalled every member for over a second."""
+    async def faction_state_encoded(self, faction_id: int, encode: Callable[[StateTexts], T]) -> T:
+        """`encode` of the faction's state as `faction_state` reads it, but each row as the JSON text
+        it is stored as, called in the worker thread that read them: a faction's state can be tens of
+        MB (67,025 rows are 59 MB of JSON). Parsing each row only to check it, and re-encoding none,
+        halves the work, and no single call holds the GIL for the whole answer: one `json.dumps` of
+        59 MB held it, and so stalled the event loop, for over half a second."""
+        return await self._read_state(faction_id, _table_row_texts, encode)
+
+    async def _read_state(
+        self,
+        faction_id: int,
+        rows_of: Callable[[sqlite3.Connection, int, str, list[UnreadableRow]], list[R]],
+        encode: Callable[[_State[R]], T],
+    ) -> T:
         tables = list(self._key_columns)
         unreadable: list[UnreadableRow] = []
 
@@ -347,12 +362,10 @@ class Store:
             conn.execute("BEGIN")
             try:
                 (cursor,) = conn.execute("SELECT high_water FROM relay_clock WHERE id = 1").fetchone()
-                found: dict[str, list[Row]] = {table: [] for table in tables}
-                for table in tables:
-                    found[table] = list(_table_rows(conn, faction_id, table, unreadable).values())
+                found = {table: rows_of(conn, faction_id, table, unreadable) for table in tables}
             finally:
                 conn.execute("COMMIT")
-            return encode(FactionState(cursor, found))
+            return encode(_State(cursor, found))
 
         encoded = await self._database.read(read)
         quarantine_rows(unreadable, self._quarantined)
@@ -516,7 +529,7 @@ class Store:
             nonlocal changes, finished, baseline, rows_taken
             if changes is None:
                 baseline = not _has_baseline(conn, pending.faction_id, snapshot.table)
-                current = _table_rows(conn, pending.faction_id, snapshot.table, unreadable)
+                current = dict(_keyed_table_rows(conn, pending.faction_id, snapshot.table, unreadable))
                 # set() of a set is one C call under the GIL: no Trio-side add can tear it.
                 skipped = frozenset(row_key(value) for value in set(snapshot.skip))
                 changes = diff(
@@ -850,15 +863,36 @@ def _has_baseline(conn: sqlite3.Connection, faction_id: int, table: str) -> bool
 
 def _table_rows(
     conn: sqlite3.Connection, faction_id: int, table: str, unreadable: list[UnreadableRow]
-) -> dict[RowKey, Row]:
+) -> list[Row]:
     """One faction's rows of one table, in key order (the text order of their keys as JSON)."""
-    rows = {}
-    for key, raw in conn.execute(
+    return [row for _, row in _keyed_table_rows(conn, faction_id, table, unreadable)]
+
+
+def _keyed_table_rows(
+    conn: sqlite3.Connection, faction_id: int, table: str, unreadable: list[UnreadableRow]
+) -> Iterator[tuple[RowKey, Row]]:
+    for key, raw in _stored_rows(conn, faction_id, table):
+        row = _parsed_row(faction_id, table, key, raw, unreadable)
+        if row is not None:
+            yield key, row
+
+
+def _table_row_texts(
+    conn: sqlite3.Connection, faction_id: int, table: str, unreadable: list[UnreadableRow]
+) -> list[bytes]:
+    """`_table_rows`, each row as its stored text: the relay stores a row as the compact JSON its
+    answers are made of (`relay.storage.planning.encode`), so the text is the row's answer as is. A
+    row that does not parse is left out here as there."""
+    return [
+        raw
+        for key, raw in _stored_rows(conn, faction_id, table)
+        if _parsed_row(faction_id, table, key, raw, unreadable) is not None
+    ]
+
+
+def _stored_rows(conn: sqlite3.Connection, faction_id: int, table: str) -> sqlite3.Cursor:
+    return conn.execute(
         "SELECT row_key, CAST(row AS BLOB) FROM faction_rows WHERE faction_id = ? AND table_name = ?"
         " ORDER BY row_key",
         (faction_id, table),
-    ):
-        row = _parsed_row(faction_id, table, key, raw, unreadable)
-        if row is not None:
-            rows[key] = row
-    return rows
+    )
