@@ -13,7 +13,8 @@ DEV_LOCK := requirements/dev.txt
 BENCH_LOCK := requirements/bench.txt
 # Everything that goes into the pyz (README.md is the package description), so that an unchanged
 # checkout is not built again.
-PYZ_SOURCES := pyproject.toml README.md $(shell find relay migrations -type f -not -path '*/__pycache__/*')
+PYZ_SOURCES := pyproject.toml README.md $(RUNTIME_LOCK) \
+    $(shell find relay migrations -type f -not -path '*/__pycache__/*')
 
 .PHONY: demo test lint typecheck pytest serve bench clean pyz lock
 
@@ -45,14 +46,21 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
-# One file to copy to a server (README, "Deploy on a Debian VM"): this checkout and its dependencies,
-# run by the server's own python3. --reproducible fixes every file's date, so rebuilding the same
-# checkout with the same dependency versions gives the same bytes. Written aside first, so that a
-# failed build leaves no pyz that looks up to date.
+PYZ_BUILD := build/pyz
+
+# One file to copy to a server (README, "Deploy on a Debian VM"): this checkout and exactly the
+# runtime lock's dependencies, run by the server's own python3. --reproducible fixes every file's
+# date, so rebuilding the same checkout in the same place gives the same bytes. The dependencies and
+# the relay are installed into two folders that shiv packs together, because pip --target skips a
+# folder that is already there (bin/, which both have). Written aside first, so that a failed build
+# leaves no pyz that looks up to date.
 $(PYZ): $(STAMP) $(PYZ_SOURCES)
-	mkdir -p dist
+	rm -rf $(PYZ_BUILD) && mkdir -p dist
+	$(BIN)/pip install --quiet --require-hashes --no-compile --target $(PYZ_BUILD)/dependencies \
+	    -r $(RUNTIME_LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation --no-compile --target $(PYZ_BUILD)/relay .
 	$(BIN)/shiv --reproducible --console-script relay --python '/usr/bin/env python3' \
-	    --output-file $@.tmp --quiet .
+	    --site-packages $(PYZ_BUILD)/dependencies --site-packages $(PYZ_BUILD)/relay --output-file $@.tmp
 	mv $@.tmp $@
 
 pyz: $(PYZ)
