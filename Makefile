@@ -3,18 +3,28 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEPLOY_STAMP := $(VENV)/.deploy-installed
 PYZ := dist/cat-relay.pyz
+# The locks (README, "Updating dependencies"): what goes into the pyz; what the venv of `make test`
+# and CI holds (the same versions, plus the tests' and the build's tools); that plus the benchmark's.
+# Every line is pinned with its hashes, and each file says `--only-binary :all:`, so that no source
+# distribution runs a build with unlocked build dependencies of its own.
+RUNTIME_LOCK := requirements/runtime.txt
+DEV_LOCK := requirements/dev.txt
+BENCH_LOCK := requirements/bench.txt
 # Everything that goes into the pyz (README.md is the package description), so that an unchanged
 # checkout is not built again.
-PYZ_SOURCES := pyproject.toml README.md $(shell find relay migrations -type f -not -path '*/__pycache__/*')
+PYZ_SOURCES := pyproject.toml README.md $(RUNTIME_LOCK) \
+    $(shell find relay migrations -type f -not -path '*/__pycache__/*')
 
-.PHONY: demo test lint typecheck pytest serve bench clean pyz
+.PHONY: demo test lint typecheck pytest serve bench clean pyz lock
 
-$(STAMP): pyproject.toml
+# Without --no-deps, so that pip refuses a lock that misses a dependency of what it lists. The project
+# itself last, without its dependencies (the lock's) and built by the lock's hatchling: nothing that
+# the venv holds comes from outside the lock.
+$(STAMP): pyproject.toml $(DEV_LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --require-hashes -r $(DEV_LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -36,28 +46,40 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
-# shiv, pinned in the `deploy` extra.
-$(DEPLOY_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,deploy]'
-	touch $(DEPLOY_STAMP)
+PYZ_BUILD := build/pyz
 
-# One file to copy to a server (README, "Deploy on a Debian VM"): this checkout and its dependencies,
-# run by the server's own python3. --reproducible fixes every file's date, so rebuilding the same
-# checkout with the same dependency versions gives the same bytes. Written aside first, so that a
-# failed build leaves no pyz that looks up to date.
-$(PYZ): $(DEPLOY_STAMP) $(PYZ_SOURCES)
-	mkdir -p dist
+# One file to copy to a server (README, "Deploy on a Debian VM"): this checkout and exactly the
+# runtime lock's dependencies, run by the server's own python3. --reproducible fixes every file's
+# date, so rebuilding the same checkout in the same place gives the same bytes. The dependencies and
+# the relay are installed into two folders that shiv packs together, because pip --target skips a
+# folder that is already there (bin/, which both have). Written aside first, so that a failed build
+# leaves no pyz that looks up to date.
+$(PYZ): $(STAMP) $(PYZ_SOURCES)
+	rm -rf $(PYZ_BUILD) && mkdir -p dist
+	$(BIN)/pip install --quiet --require-hashes --no-compile --target $(PYZ_BUILD)/dependencies \
+	    -r $(RUNTIME_LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation --no-compile --target $(PYZ_BUILD)/relay .
 	$(BIN)/shiv --reproducible --console-script relay --python '/usr/bin/env python3' \
-	    --output-file $@.tmp --quiet .
+	    --site-packages $(PYZ_BUILD)/dependencies --site-packages $(PYZ_BUILD)/relay --output-file $@.tmp
 	mv $@.tmp $@
 
 pyz: $(PYZ)
 
+# The newest versions that pyproject.toml admits, resolved with uv for the pyz's and CI's Python
+# (3.11 on Debian 12's x86-64, glibc 2.36) whatever machine runs it; each lock within the one
+# before, so that the tests run on exactly the versions the pyz ships.
+LOCK := $(BIN)/uv pip compile pyproject.toml --quiet --upgrade --generate-hashes --only-binary :all: \
+    --emit-build-options --python-version 3.11 --python-platform x86_64-manylinux_2_36
+lock: $(STAMP)
+	$(LOCK) --output-file $(RUNTIME_LOCK)
+	$(LOCK) --extra test --extra deploy --constraint $(RUNTIME_LOCK) --output-file $(DEV_LOCK)
+	$(LOCK) --extra test --extra deploy --extra bench --constraint $(DEV_LOCK) --output-file $(BENCH_LOCK)
+
 BENCH_STAMP := $(VENV)/.bench-installed
 
-# The benchmark's own tools: py-spy (pip, the `bench` extra), wrk (Debian), Express (npm ci, locked).
-$(BENCH_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+# The benchmark's own tools: py-spy (the `bench` extra, locked), wrk (Debian), Express (npm ci, locked).
+$(BENCH_STAMP): $(STAMP) $(BENCH_LOCK)
+	$(BIN)/pip install --quiet --require-hashes -r $(BENCH_LOCK)
 	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq nodejs npm; }
 	touch $(BENCH_STAMP)

@@ -1,5 +1,5 @@
-"""The one-file build (`make pyz`), run as a server runs it: Debian's python3, a bare environment, and
-nothing of this checkout or its venv within reach."""
+"""The one-file build (`make pyz`): exactly the runtime lock's dependencies, and run as a server runs
+it: Debian's python3, a bare environment, and nothing of this checkout or its venv within reach."""
 
 from __future__ import annotations
 
@@ -7,15 +7,20 @@ import json
 import signal
 import sqlite3
 import subprocess
+import tomllib
 import zipfile
+from email.parser import BytesHeaderParser
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
+from packaging.utils import NormalizedName, canonicalize_name
+from packaging.version import Version
 
 from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.factions import FACTION, call
+from tests.helpers.locks import RUNTIME_LOCK, read_lock
 from tests.helpers.relay_process import relay_process
 from tests.helpers.userscript import Userscript, wait_connected
 from tests.helpers.waits import eventually_async
@@ -71,6 +76,40 @@ def test_the_pyz_carries_this_checkout_the_migrations_and_client_js(pyz: Path) -
     assert not stale, f"dist/cat-relay.pyz is older than the checkout (make pyz): {stale}"
     compiled = {name.split("/")[1] for name in names if name.endswith(".so")}
     assert compiled <= OPTIONAL_EXTENSIONS
+
+
+def packed_distributions(pyz: Path) -> list[tuple[NormalizedName, Version]]:
+    """Each distribution that shiv packed, by the name and version in its METADATA."""
+    with zipfile.ZipFile(pyz) as archive:
+        return [
+            (canonicalize_name(metadata["Name"]), Version(metadata["Version"]))
+            for metadata in (
+                BytesHeaderParser().parsebytes(archive.read(name))
+                for name in archive.namelist()
+                if name.startswith("site-packages/")
+                and name.endswith(".dist-info/METADATA")
+                and name.count("/") == 2
+            )
+        ]
+
+
+def test_the_pyz_holds_exactly_the_runtime_locks_versions(pyz: Path) -> None:
+    packed = packed_distributions(pyz)
+    found = dict(packed)
+    assert len(found) == len(packed), f"a distribution packed twice: {sorted(packed)}"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert found.pop(canonicalize_name(project["name"])) == Version(project["version"])
+    locked = {line.name: line.version for line in read_lock(RUNTIME_LOCK).lines}
+    missing = sorted(locked.keys() - found.keys())
+    extra = sorted(found.keys() - locked.keys())
+    other = sorted(
+        f"{name} {found[name]} (locked {locked[name]})"
+        for name in found.keys() & locked.keys()
+        if found[name] != locked[name]
+    )
+    assert (missing, extra, other) == ([], [], []), (
+        f"the pyz against requirements/runtime.txt: missing {missing}, not locked {extra}, other {other}"
+    )
 
 
 async def test_the_pyz_serves_from_the_zip_alone_and_stops_on_sigterm(
