@@ -28,7 +28,7 @@ def stored(tables: dict[str, list[object]]) -> dict[str, list[bytes]]:
 def test_every_kind_of_value_reads_as_the_whole_encoding() -> None:
     tables: dict[str, list[object]] = {
         "war_calls": [
-            {"id": 1, "caller_name": "Zoë \u2603 \"quoted\" \\ back\nslash", "target": None, "ok": True},
+            {"id": 1, "caller_name": 'Zoë \u2603 "quoted" \\ back\nslash', "target": None, "ok": True},
             {"id": 2, "hp": 1.5e-7, "big": 2**70, "neg": -0.0, "nested": {"a": [1, {"b": []}], "c": {}}},
             {"id": "3", "emoji": "\U0001f408", "control": "\x00\x1f"},
         ],
@@ -46,7 +46,9 @@ def test_no_rows_at_all() -> None:
 
 
 def test_a_large_state_comes_in_bounded_pieces_that_join_to_the_whole() -> None:
-    rows: list[object] = [{"id": n, "caller_name": f"member {n}", "pad": "x" * (n % 3_000)} for n in range(3_000)]
+    rows: list[object] = [
+        {"id": n, "caller_name": f"member {n}", "pad": "x" * (n % 3_000)} for n in range(3_000)
+    ]
     tables = {"war_calls": rows, "faction_messages": rows[:10], "wars": []}
     pieces = state_answer(7, StateTexts(42, stored(tables)), KEYS)
     assert b"".join(pieces) == whole(7, 42, tables)
