@@ -13,6 +13,7 @@ it inside the window, and its latency is the client's receive time minus `emitte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -54,6 +55,9 @@ DRAINING_SHARE = 0.8  # a step whose median latency is below this share of the o
 END_OF_TIME_NS = 2**63
 PROFILE_TOP = 30  # functions listed in a profile summary, by self and by inclusive samples
 HELD_SLACK = 1_000  # held requests allowed beyond the clients: a reconnect overlaps its old request
+# Descriptors the relay wants beyond its held requests (it refuses to start without them: upstream
+# sockets, the database, its reserve).
+RELAY_DESCRIPTORS_SPARE = HELD_SLACK + 1_000
 # - max_held_requests: the relay's default cap (10,000) would refuse the largest runs' reconnects; the
 #   benchmark measures delivery, not the cap.
 # - reconcile_interval_s: bench/upstream.py drops each row from its table right after announcing it (so
@@ -340,11 +344,17 @@ def pin(relay_pid: int, upstream_pid: int) -> None:
         pin_threads(pid, BENCH_CPUS[1:])
 
 
-def raise_open_files_limit() -> int:
-    """Each client holds a socket here and one in the relay: lift the soft limit to the hard one."""
+def raise_open_files_limit(wanted: int = 0) -> int:
+    """Each client holds a socket here and one in the relay: lift the soft limit to the hard one, and
+    the hard one to `wanted` where this process may (root; these VMs start at 20,000, below the
+    clients an SSE capacity run needs). Inherited by the relay we start; returns the hard limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        with contextlib.suppress(ValueError, OSError):  # not allowed: keep the limit we have
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            soft = hard = wanted
     if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the relay we start
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return sys.maxsize if hard == resource.RLIM_INFINITY else hard
 
 
@@ -461,8 +471,8 @@ def parse_args(argv: Sequence[str]) -> tuple[Plan, Path | None]:
 def run(argv: Sequence[str] | None = None) -> int:
     plan, output = parse_args(sys.argv[1:] if argv is None else argv)
     command = shlex.join([os.path.relpath(sys.executable), *sys.orig_argv[1:]])
-    limit = raise_open_files_limit()
     needed = max(plan.clients) + plan.factions + 100
+    limit = raise_open_files_limit(needed + RELAY_DESCRIPTORS_SPARE)
     if limit < needed:
         print(f"bench: RLIMIT_NOFILE hard limit {limit} < {needed} needed", file=sys.stderr)
         return 2
