@@ -563,7 +563,7 @@ async def serve(
         try:
             for sock in sockets:
                 sock.listen(config.backlog)
-            listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets]
+                sock.setblocking(False)  # `_accept_forever` takes what is waiting, until BlockingIOError
             urls = [f"http://{repr_socket_addr(sock.family, sock.getsockname())}" for sock in sockets]
             serve_one = partial(
                 _serve_connection,
@@ -583,8 +583,8 @@ async def serve(
                     task_status.started(urls)
                     await shutdown_trigger()
                     acceptors.cancel_scope.cancel()
-                for listener in listeners:
-                    await listener.aclose()
+                for sock in sockets:  # no new connections while the open ones drain
+                    sock.close()
                 await context.terminated.set()
                 for connection in list(slots.live):
                     connection.stop_if_idle()
