@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from time import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -195,12 +196,13 @@ class HotPath:
             "extensions": {},
         }
         exchange = _Exchange(listen)
-        if path == EVENTS_PATH:  # a poll's answer waits its turn (relay.http.turns); /ping never does
-            async with self.turns.turn() as turn:
+        # A poll's answer waits its turn (relay.http.turns); /ping never does.
+        async with self.turns.turn() if path == EVENTS_PATH else nullcontext() as turn:
+            if turn is not None:
                 scope["extensions"] = {TURN_EXTENSION: turn}
-                await self._app(*self._call_arguments(scope, exchange))
-        else:
-            await self._app(*self._call_arguments(scope, exchange))
+            await self._app(
+                scope, exchange.receive, exchange.send, trio.to_thread.run_sync, trio.from_thread.run
+            )
         self.answered += 1
         status, headers, body = exchange.answer()
         headers = [(bytes(name).strip(), bytes(value).strip()) for name, value in headers]
@@ -218,10 +220,6 @@ class HotPath:
         lines.append(b"\r\n")
         lines.append(body)
         return b"".join(lines), False
-
-    @staticmethod
-    def _call_arguments(scope: dict[str, Any], exchange: _Exchange) -> tuple[Any, ...]:
-        return (scope, exchange.receive, exchange.send, trio.to_thread.run_sync, trio.from_thread.run)
 
     def _server_headers(self) -> list[tuple[bytes, bytes]]:
         """hypercorn's own `Config.response_headers("h11")`, made once a second: its `date` changes

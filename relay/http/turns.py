@@ -26,7 +26,8 @@ import trio
 # while the poll is held).
 TURN_EXTENSION = "cat_relay.turn"
 # Answers being made at once while the loop lags: a poll's own work is ~0.3 ms of CPU over a few
-# passes, so 32 of them keep a pass to tens of milliseconds. Measured at 1x and 2x capacity.
+# passes, so 64 of them keep a pass to a few tens of milliseconds. Measured at 1x and 2x capacity
+# (bench/RESULTS-capacity.md).
 ANSWERS_AT_ONCE = 64
 # The loop lags when a timer fires this late: a pass of the scheduler taking that long. Within
 # capacity on a small VM a pass stays under ~30 ms (a garbage collection ~100 ms, once); over it,
@@ -64,7 +65,7 @@ class Turns:
             await trio.sleep_until(due)
             now = trio.current_time()
             if self.engaged:
-                if self._limiter.statistics().tasks_waiting:
+                if self.waiting:
                     needed_at = now
                 elif now - needed_at >= RELEASE_AFTER_S:
                     self.engaged = False
