@@ -127,19 +127,7 @@ class MirroringMember:
 
 async def read_whole_answer(stream: trio.SocketStream) -> bytes:
     """The body of one HTTP/1.1 answer with a Content-Length."""
-    buffer = b""
-    while b"\r\n\r\n" not in buffer:
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            raise EOFError("closed before the answer's head")
-        buffer += chunk
-    head, body = buffer.split(b"\r\n\r\n", 1)
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    assert status_line.startswith("HTTP/1.1 200"), status_line
-    length = next(int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:"))
-    while len(body) < length:
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            raise EOFError("closed before the answer's end")
-        body += chunk
-    return body
+    answer = SseStream(stream)
+    await answer.read_head()
+    assert answer.status == 200, answer.status
+    return await answer.read_sized_body()

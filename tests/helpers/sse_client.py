@@ -43,6 +43,15 @@ class SseStream:
             pass
         return self._buffer
 
+    async def read_sized_body(self) -> bytes:
+        """The body of an answer with a Content-Length (after `read_head`), leaving what follows."""
+        length = int(self.headers["content-length"])
+        while len(self._buffer) < length:
+            if not await self._fill():
+                raise EOFError("connection closed before the answer's end")
+        body, self._buffer = self._buffer[:length], self._buffer[length:]
+        return body
+
     async def next_record(self) -> dict[str, str]:
         """The next event (its `id`, `event`, `data` fields) or comment (`comment`); EOFError at the end."""
         while True:
