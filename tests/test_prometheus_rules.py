@@ -81,3 +81,4 @@ def test_every_alert_says_what_members_see_and_links_its_runbook_entry() -> None
         assert rule["annotations"]["runbook"] == f"README.md#{name.lower()}", name
     # One entry per alert, in the order of the rules file, and none for an alert that is gone.
     assert runbook_entries() == list(rules)
+    assert f"lists the {len(rules)} alerts" in README.read_text()  # "Watching it"
