@@ -112,6 +112,11 @@ class UpstreamConfig:
     reconcile_interval_s: float = 300.0  # only while probe_interval_s is 0 (relay.upstream.deafness)
     probe_interval_s: float = 40.0  # 0: no deafness probes, a full reconcile every reconcile_interval_s
     probe_grace_s: float = 10.0
+    # Not enforced: exported as cat_relay_upstream_rest_daily_budget_bytes for the egress alert
+    # (deploy/prometheus/alerts.yml), so that the threshold lives in one place. 50 MB is a third of
+    # Supabase Free's 5 GB of egress a month; a healthy relay reads far less (README "What a faction
+    # costs upstream").
+    rest_daily_budget_bytes: int = 50_000_000
     channels: tuple[ChannelConfig, ...] = (
         ChannelConfig("war_calls", "faction_id=eq.{faction_id}"),
         ChannelConfig("faction_messages", "faction_id=eq.{faction_id}"),
@@ -408,6 +413,7 @@ def _upstream(table: _Table, where: str) -> UpstreamConfig:
         reconcile_interval_s=table.seconds("reconcile_interval_s"),
         probe_interval_s=table.seconds("probe_interval_s", allow_zero=True),
         probe_grace_s=table.seconds("probe_grace_s"),
+        rest_daily_budget_bytes=table.integer("rest_daily_budget_bytes", low=1),
         channels=_channels(table),
     )
     if upstream.backoff_initial_s > upstream.backoff_max_s:

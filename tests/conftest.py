@@ -18,7 +18,15 @@ from relay.service import BuiltRelay, RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.contract import contract_config, open_relay_app
 from tests.helpers.factions import ANON_KEY
-from tests.helpers.programs import CHROMIUM, NGINX, OPENSSL, SYSTEM_PYTHON, SYSTEMD_ANALYZE
+from tests.helpers.programs import (
+    CHROMIUM,
+    NGINX,
+    OPENSSL,
+    PROMETHEUS,
+    PROMTOOL,
+    SYSTEM_PYTHON,
+    SYSTEMD_ANALYZE,
+)
 
 # The tiers of style.md's "Tests", registered as markers in pyproject.toml: `pytest -m unit` runs one.
 TIERS = ("unit", "virtual_time", "contract", "e2e", "external")
@@ -80,6 +88,16 @@ def nginx_binary() -> Path:
     """nginx, and openssl for the test's certificate."""
     require_program(OPENSSL, "openssl", "the nginx tests")
     return require_program(NGINX, "nginx", "the nginx tests")
+
+
+@pytest.fixture
+def promtool_binary() -> Path:
+    return require_program(PROMTOOL, "prometheus", "the alerting rules' unit tests")
+
+
+@pytest.fixture
+def prometheus_binary() -> Path:
+    return require_program(PROMETHEUS, "prometheus", "the dashboard's and alerts' queries against a relay")
 
 
 @pytest.fixture

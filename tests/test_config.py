@@ -116,6 +116,7 @@ def test_file_values(tmp_path: Path) -> None:
         connect_timeout_s = 2.5
         backoff_initial_s = 0.5
         backoff_max_s = 30.0
+        rest_daily_budget_bytes = 1000000
         [[upstream.channels]]
         table = "wars"
         filter = "faction_id=eq.{faction_id}"
@@ -136,7 +137,14 @@ def test_file_values(tmp_path: Path) -> None:
     assert config.server == ServerConfig("0.0.0.0", 9000, 4096, ("10.0.0.7", "::1"))
     assert config.storage.path == Path("/var/lib/relay/relay.db")
     assert config.upstream == UpstreamConfig(
-        URL, KEY, 5.0, 2.5, 0.5, 30.0, channels=(ChannelConfig("wars", "faction_id=eq.{faction_id}"),)
+        URL,
+        KEY,
+        5.0,
+        2.5,
+        0.5,
+        30.0,
+        rest_daily_budget_bytes=1_000_000,
+        channels=(ChannelConfig("wars", "faction_id=eq.{faction_id}"),),
     )
     assert type(config.upstream.heartbeat_interval_s) is float
     assert config.retention == RetentionConfig(10, 60.0, 600.0)
@@ -296,6 +304,11 @@ def test_a_relative_config_path_is_made_absolute(tmp_path: Path, monkeypatch: py
         ("[retention]\nevents_per_faction = 0\n", {}, ["retention.events_per_faction", "at least 1", "0"]),
         ("[limits]\nmax_factions = 0\n", {}, ["limits.max_factions", "at least 1", "0"]),
         ("[limits]\nmax_standby_factions = -1\n", {}, ["limits.max_standby_factions", "at least 0", "-1"]),
+        (
+            "[upstream]\nrest_daily_budget_bytes = 0\n",
+            {},
+            ["upstream.rest_daily_budget_bytes", "at least 1", "0"],
+        ),
         ("[server]\nport = 65536\n", {}, ["server.port", "from 0 to 65535", "65536"]),
         ("[server]\nport = -1\n", {}, ["server.port", "-1"]),
         ("", {"RELAY_SERVER_PORT": "http"}, ["RELAY_SERVER_PORT", "an integer", '"http"']),

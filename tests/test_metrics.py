@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import httpx
 import pytest
 import trio
@@ -9,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 import relay
-from relay.service import RunningRelay
+from relay.config import Config
+from relay.service import RunningRelay, run_relay
 from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.factions import FACTION, OTHER_FACTION, call
 from tests.helpers.userscript import Userscript, wait_connected, wait_reconciled
@@ -91,6 +95,9 @@ async def test_metrics_count_what_flowed_through_the_relay(
     assert value(samples, "cat_relay_database_size_bytes") > 0
     assert value(samples, "cat_relay_database_wal_size_bytes") > 0  # events written since the last checkpoint
     assert value(samples, "cat_relay_factions", subscription="active") == 2
+    assert value(samples, "cat_relay_factions_limit") == 150  # limits.max_factions
+    assert value(samples, "cat_relay_storage_file_replaced") == 0
+    assert value(samples, "cat_relay_storage_write_failing") == 0
     assert "process_resident_memory_bytes" in samples
 
 
@@ -121,3 +128,36 @@ async def test_a_refused_key_shows_as_auth_failed_beside_a_connected_faction(
 
 def relay_version() -> str:
     return relay.__version__
+
+
+def rest_bodies_read(running: RunningRelay) -> tuple[int, int]:
+    """The response bodies the faction's reconciles and the project's probes have read so far."""
+    reconcile = running.supervisors.statistics()[FACTION].reconcile
+    assert reconcile is not None
+    assert running.services.deafness is not None
+    return reconcile.rest_bytes, running.services.deafness.statistics().probe_bytes
+
+
+async def test_rest_egress_is_counted_beside_its_budget_and_the_faction_limit(
+    nursery: trio.Nursery, make_config: Callable[..., Config], fake_upstream: FakeSupabase
+) -> None:
+    fake_upstream.seed_history(FACTION, 20)
+    config = make_config(
+        "probe_interval_s = 0.3\nprobe_grace_s = 0.2\nrest_daily_budget_bytes = 123456\n"
+        "[limits]\nmax_factions = 7\n"
+    )
+    running: RunningRelay = await nursery.start(functools.partial(run_relay, config))
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(base_url=running.url, timeout=10) as http:
+            await Userscript(http, FACTION).start()
+            await wait_reconciled(http, FACTION)
+            await eventually(lambda: rest_bodies_read(running)[1] > 0)  # a probe round has run
+            before = rest_bodies_read(running)
+            samples = await scrape(http)
+            after = rest_bodies_read(running)
+    # Counters only grow: what the scrape read lies between the snapshots taken around it.
+    reconciled = value(samples, "cat_relay_reconcile_rest_bytes_total", faction_id=str(FACTION))
+    assert 0 < before[0] <= reconciled <= after[0]
+    assert before[1] <= value(samples, "cat_relay_deaf_probe_bytes_total") <= after[1]
+    assert value(samples, "cat_relay_upstream_rest_daily_budget_bytes") == 123456
+    assert value(samples, "cat_relay_factions_limit") == 7

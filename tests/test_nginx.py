@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +25,7 @@ import trio
 
 from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.factions import ANON_KEY, call
+from tests.helpers.ports import free_port
 from tests.helpers.programs import NGINX, OPENSSL
 from tests.helpers.relay_process import RelayProcess, relay_process
 from tests.helpers.sse_client import open_sse
@@ -68,13 +68,6 @@ class Deployment:
     async def state(self, instance: int, faction_id: int) -> str | None:
         faction = (await self.factions(instance)).get(faction_id)
         return None if faction is None else str(faction["upstream"]["state"])
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def render(text: str, *, https_port: int, http_port: int, instances: list[int], cert: Path, key: Path) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from relay.testing.fake_supabase import FakeSupabase
 from tests.helpers.factions import ANON_KEY, FACTION, call
@@ -46,6 +47,13 @@ async def wait_health(http: httpx.AsyncClient, status: int) -> dict[str, str]:
     raise AssertionError(f"/health never answered {status}")
 
 
+async def write_failing(http: httpx.AsyncClient) -> float:
+    """`cat_relay_storage_write_failing` as Prometheus would scrape it."""
+    families = text_string_to_metric_families((await http.get("/metrics", timeout=30)).text)
+    (sample,) = [s for f in families for s in f.samples if s.name == "cat_relay_storage_write_failing"]
+    return sample.value
+
+
 async def test_a_full_disk_is_reported_served_around_and_recovered_from(
     serve_config: tuple[Path, dict[str, str]], fake_upstream: FakeSupabase
 ) -> None:
@@ -64,6 +72,7 @@ async def test_a_full_disk_is_reported_served_around_and_recovered_from(
                 unhealthy = await wait_health(http, 503)
                 assert unhealthy["code"] == "storage_unavailable"
                 assert "write failed" in unhealthy["error"]
+                assert await write_failing(http) == 1
                 served = await http.get("/events", params={"faction_id": FACTION, "since": 0})
                 assert served.status_code == 200
                 assert [e["data"]["new"]["id"] for e in served.json()["events"]] == [1, 2]
@@ -82,6 +91,7 @@ async def test_a_full_disk_is_reported_served_around_and_recovered_from(
 
             assert (await wait_health(http, 200)) == {"status": "ok"}
             await eventually(lambda: "writes work again after" in relay.text())
+            assert await write_failing(http) == 0
             await wait_connected(http, FACTION)
             fake_upstream.insert("war_calls", call(FACTION, 4))
             await script.poll_until(4)

@@ -121,6 +121,9 @@ class RelayCollector(Collector):
         rest_requests = _per_faction(
             CounterMetricFamily, "reconcile_rest_requests", "Supabase REST requests made by reconciles."
         )
+        rest_bytes = _per_faction(
+            CounterMetricFamily, "reconcile_rest_bytes", "Response bodies the faction's reconciles read."
+        )
         failing = _per_faction(
             GaugeMetricFamily, "reconcile_failing", "1 while the faction's latest reconcile attempt failed."
         )
@@ -141,6 +144,7 @@ class RelayCollector(Collector):
             if stats.reconcile is not None:
                 reconciles.add_metric([label], stats.reconcile.reconciles)
                 rest_requests.add_metric([label], stats.reconcile.rest_requests)
+                rest_bytes.add_metric([label], stats.reconcile.rest_bytes)
                 failing.add_metric([label], 1 if stats.reconcile.last_error else 0)
         yield from (
             state,
@@ -154,7 +158,14 @@ class RelayCollector(Collector):
             resubscribed,
             reconciles,
             rest_requests,
+            rest_bytes,
             failing,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_upstream_rest_daily_budget_bytes",
+            "upstream.rest_daily_budget_bytes: REST response bodies (reconciles and probes) allowed a day,"
+            " for the egress alert; not enforced.",
+            services.config.upstream.rest_daily_budget_bytes,
         )
         yield from _shared_deletes(services.supervisors.shared_deletes_statistics())
         yield from _delete_routing(services.ingest.shared_deletes_statistics())
@@ -267,6 +278,12 @@ class RelayCollector(Collector):
             " replaced or moved); /health says which.",
             int(store.file_fault() is not None),
         )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_storage_write_failing",
+            "1 while the database's latest write failed (a full disk or quota, a read-only file, a lock"
+            " held too long): new events are not stored; /health says why.",
+            int(store.write_fault() is not None),
+        )
         stats = store.statistics()
         factions = GaugeMetricFamily(
             f"{PREFIX}_factions",
@@ -276,6 +293,11 @@ class RelayCollector(Collector):
         factions.add_metric(["active"], stats.active_factions)
         factions.add_metric(["expired"], stats.factions - stats.active_factions)
         yield factions
+        yield GaugeMetricFamily(
+            f"{PREFIX}_factions_limit",
+            "limits.max_factions: active factions at most; a new one beyond it is refused (429).",
+            self._services.config.limits.max_factions,
+        )
         yield CounterMetricFamily(
             f"{PREFIX}_group_commits", "Transactions that stored appended events.", stats.group_commits
         )
@@ -380,6 +402,9 @@ def _deafness(stats: DeafStatistics) -> Iterator[Metric]:
     )
     yield CounterMetricFamily(
         f"{PREFIX}_deaf_probe_requests", "REST requests made by deafness probes.", stats.probe_requests
+    )
+    yield CounterMetricFamily(
+        f"{PREFIX}_deaf_probe_bytes", "Response bodies the deafness probes read.", stats.probe_bytes
     )
     yield CounterMetricFamily(
         f"{PREFIX}_deaf_probe_errors", "Deafness probe rounds that failed.", stats.probe_errors

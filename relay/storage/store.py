@@ -743,6 +743,11 @@ class Store:
         moved), or None; checked again by this call (a `stat`)."""
         return self._database.check_file()
 
+    def write_fault(self) -> str | None:
+        """Why the database's latest write failed, or None once one works again (a write after the
+        fault ends: an event, a maintenance pass, a /health probe)."""
+        return self._database.write_fault
+
     def file_sizes(self) -> FileSizes:
         """The database file and its write-ahead log, in bytes: a `stat` each, cheap enough to call
         from Trio. The maintenance checkpoint truncates the log; between passes it grows."""

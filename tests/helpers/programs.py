@@ -18,6 +18,9 @@ CHROMIUM_FLAGS = [
 ]
 NGINX = Path("/usr/sbin/nginx")
 OPENSSL = Path("/usr/bin/openssl")
+# deploy/prometheus/: the rules' unit tests (promtool) and a live Prometheus scraping a relay.
+PROMETHEUS = Path("/usr/bin/prometheus")
+PROMTOOL = Path("/usr/bin/promtool")
 # What deploy/cat-relay.service runs the one-file build with (tests/test_deploy.py holds the unit to it).
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 SYSTEMD_ANALYZE = Path("/usr/bin/systemd-analyze")

@@ -1,0 +1,13 @@
+"""A free loopback port for a program that must be told its port (nginx, Prometheus): the kernel's
+pick, released just before the program binds it."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
