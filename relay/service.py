@@ -12,7 +12,7 @@ change and the invariants are drawn in docs/architecture.md.
             │   │                            └── reconciler (REST reads), while live
             │   └── SharedDeletes ── the relay-wide DELETE channels, routed by key
             ├── run_schedule(maintenance_pass)
-            ├── run_schedule(collect_young_garbage)  # cycles holding large buffers, every second
+            ├── run_schedule(YoungGarbage.look)       # cycles holding large buffers: when memory grew
             ├── hub.wake_quiet_factions_every         # SSE keep-alives: one timer for all streams
             └── relay.http.server.serve(app)          # hypercorn's HTTP/1.1 protocol on the relay's sockets
 
@@ -51,7 +51,7 @@ from relay.http.stats import ConnectionCounters, HttpCounters
 from relay.hub import Hub
 from relay.ingest import Ingest
 from relay.maintenance import maintenance_pass, run_schedule
-from relay.memory import COLLECT_EVERY_S, collect_young_garbage
+from relay.memory import COLLECT_EVERY_S, YoungGarbage
 from relay.storage.store import Store, open_store, wall_clock_ms
 from relay.traffic import Traffic
 from relay.upstream.connection import ConnectionSettings
@@ -266,7 +266,7 @@ async def _run_relay(
             await nursery.start(
                 run_schedule, config.retention.maintenance_interval_s, run_pass, name="maintenance"
             )
-            await nursery.start(run_schedule, COLLECT_EVERY_S, collect_young_garbage, name="garbage")
+            await nursery.start(run_schedule, COLLECT_EVERY_S, YoungGarbage().look, name="garbage")
             http_done = trio.Event()
             app = create_app(services)
             server_config = hypercorn_config(config)

@@ -1,0 +1,100 @@
+"""When the relay collects its young garbage: as soon as the process grows, else every BACKSTOP_S."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import trio
+import trio.testing
+
+from relay.memory import BACKSTOP_S, COLLECT_EVERY_S, GROWTH_BYTES, YoungGarbage, resident_bytes
+
+MIB = 1024 * 1024
+
+
+class Buffer:
+    """A large buffer held by a reference cycle: only the cyclic collector frees it."""
+
+    def __init__(self) -> None:
+        self.data = bytearray(MIB)
+        self.me = self
+
+
+def cycle_holding_a_buffer() -> weakref.ref[Buffer]:
+    return weakref.ref(Buffer())
+
+
+class Rss:
+    def __init__(self) -> None:
+        self.now: int | None = 100 * MIB
+
+    def __call__(self) -> int | None:
+        return self.now
+
+
+async def looks(garbage: YoungGarbage, count: int) -> None:
+    for _ in range(count):
+        await trio.sleep(COLLECT_EVERY_S)
+        await garbage.look()
+
+
+@pytest.mark.virtual_time
+async def test_a_process_that_does_not_grow_is_collected_only_every_backstop(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rss = Rss()
+    garbage = YoungGarbage(rss)
+    await garbage.look()  # the first look collects and takes the baseline
+    assert garbage.collections == 1
+    held = cycle_holding_a_buffer()
+    steps = int(BACKSTOP_S / COLLECT_EVERY_S)
+    await looks(garbage, steps - 1)
+    assert garbage.collections == 1
+    assert held() is not None  # not collected yet: nothing said it was worth a walk of the young objects
+    await looks(garbage, 1)
+    assert garbage.collections == 2
+    assert held() is None
+
+
+@pytest.mark.virtual_time
+async def test_growth_is_collected_at_the_next_look_and_measured_from_the_lowest_point(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rss = Rss()
+    garbage = YoungGarbage(rss)
+    await garbage.look()
+    assert rss.now is not None
+    rss.now -= 3 * MIB  # memory given back: the growth counts from here
+    await looks(garbage, 1)
+    rss.now += GROWTH_BYTES - 1
+    await looks(garbage, 1)
+    assert garbage.collections == 1
+    held = cycle_holding_a_buffer()
+    rss.now += 1
+    await looks(garbage, 1)
+    assert garbage.collections == 2
+    assert held() is None
+
+
+@pytest.mark.virtual_time
+async def test_where_the_rss_cannot_be_read_every_look_collects(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rss = Rss()
+    rss.now = None
+    garbage = YoungGarbage(rss)
+    await looks(garbage, 3)
+    assert garbage.collections == 3
+
+
+@pytest.mark.unit
+def test_a_large_buffer_shows_in_the_rss_at_once() -> None:
+    """What the trigger relies on: a large block is pages of its own, counted as soon as written."""
+    before = resident_bytes()
+    assert before is not None
+    buffer = b"x" * (8 * MIB)
+    after = resident_bytes()
+    assert after is not None
+    assert after - before >= 7 * MIB
+    del buffer
