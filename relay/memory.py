@@ -14,11 +14,12 @@ only by the cyclic collector, which `relay serve` runs rarely (`relay.cli.GC_THR
 allocate fast). A cycle can hold megabytes (a REST snapshot page, a frame of large rows): 36 snapshot
 answers of 5 MiB each were found waiting for a collection under the worst-case load. So the young
 generations are also collected, whatever the allocation count, within a second of the process growing
-by `GROWTH_BYTES` (large blocks are mappings of their own, so what such a cycle holds shows in the
-RSS at once), and every `BACKSTOP_S` anyway. Not every second regardless: a collection walks every
-young object still alive, and thousands of held long-polls are thousands of young tasks and scopes;
-collected every second they cost 5 % of the loop's time and 60 ms pauses (2,000 long-polling members,
-bench.delivery).
+by `GROWTH_BYTES`: large blocks are mappings of their own, so what such a cycle holds shows in the RSS
+at once. Not every second regardless: a collection walks every young object still alive, and each
+held long-poll is about 90 of them (its coroutines, tasks, scopes, its ASGI scope), alive for its
+hold. Collected every second, 2,000 long-polling members cost 50 ms a second in collections
+(bench.delivery); collected every 10 s, 100 ms pauses, as each collection walked every held request.
+Small cyclic garbage is left to the collector's own thresholds.
 """
 
 from __future__ import annotations
@@ -27,11 +28,8 @@ import ctypes
 import ctypes.util
 import gc
 import logging
-import math
 import os
 from collections.abc import Callable
-
-import trio
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +42,6 @@ MMAP_THRESHOLD_BYTES = 128 * 1024
 ARENAS = 2
 COLLECT_EVERY_S = 1.0  # how often the growth is looked at
 GROWTH_BYTES = 4 * 1024 * 1024  # over the lowest RSS since the last collection
-BACKSTOP_S = 10.0
 # Generations 0 and 1: where a cycle made in the last moments is (the older objects are frozen at
 # start or collected with generation 2 as usual).
 YOUNG_GENERATIONS = 1
@@ -73,23 +70,20 @@ def resident_bytes() -> int | None:
 
 
 class YoungGarbage:
-    """Collects the young generations when the process has grown or a while has passed (see the
-    module's docstring); `look` is called every `COLLECT_EVERY_S`."""
+    """Collects the young generations when the process has grown (see the module's docstring);
+    `look` is called every `COLLECT_EVERY_S`."""
 
     def __init__(self, rss: Callable[[], int | None] = resident_bytes) -> None:
         self._rss = rss
         self._lowest: int | None = None
-        self._collected_at = -math.inf
         self.collections = 0
 
     async def look(self) -> None:
-        now = trio.current_time()
         resident = self._rss()
         if resident is not None and self._lowest is not None:
             self._lowest = min(self._lowest, resident)
-            if resident - self._lowest < GROWTH_BYTES and now - self._collected_at < BACKSTOP_S:
+            if resident - self._lowest < GROWTH_BYTES:
                 return
         gc.collect(YOUNG_GENERATIONS)  # where the RSS cannot be read: every time, as before
         self.collections += 1
-        self._collected_at = now
         self._lowest = self._rss()
