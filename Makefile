@@ -96,6 +96,7 @@ $(BENCH_STAMP): $(STAMP) $(BENCH_LOCK)
 #   RESULTS-budget.md      issue 16: the relay's RSS under the worst legitimate load at the defaults, against its budget
 #   RESULTS-upstream-cost.md issue 17: REST requests and bytes, connects, joins, heartbeats per faction-hour and day
 #   PROFILE-sse.md         py-spy of the relay delivering to 5,000 SSE clients (short polls: in RESULTS-shortpoll.md)
+#   PROFILE-longpoll.md    py-spy of the relay holding 3,000 long-polling members (issue 18's shortfall)
 #   PROFILE-footprint.md   tracemalloc: where a held SSE client's and an idle faction's memory goes
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.shortpoll
@@ -109,6 +110,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.big_answers
 	$(BIN)/python -m bench.upstream_cost
 	$(BIN)/python -m bench.delivery --kinds sse --clients 5000 --duration-s 20 --profile bench/PROFILE-sse.md
+	$(BIN)/python -m bench.delivery --kinds longpoll --clients 3000 --duration-s 20 --profile bench/PROFILE-longpoll.md
 	$(BIN)/python -m bench.footprint --tracemalloc --parts clients,factions --kinds sse --clients 3000 --factions 200 --output bench/PROFILE-footprint.md
 
 clean:
