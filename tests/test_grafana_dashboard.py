@@ -215,13 +215,20 @@ class Scene:
 
 @asynccontextmanager
 async def watched_relay(folder: Path, fake: FakeSupabase, prometheus: Path) -> AsyncIterator[Scene]:
+    """`relay serve` scraped by Prometheus, its members' traffic running (`member_traffic`) until the
+    `with` ends."""
     config = folder / "relay.toml"
     await trio.Path(config).write_text(RELAY_TOML)
     env = {**os.environ, "RELAY_UPSTREAM_URL": fake.url, "RELAY_UPSTREAM_ANON_KEY": ANON_KEY}
     async with relay_process(config, env) as relay:
         target = urllib.parse.urlsplit(relay.url).netloc
-        async with open_prometheus(prometheus, folder / "prometheus", target) as url:
+        async with (
+            open_prometheus(prometheus, folder / "prometheus", target) as url,
+            trio.open_nursery() as traffic,
+        ):
+            await traffic.start(member_traffic, relay.url, fake)
             yield Scene(relay.url, url)
+            traffic.cancel_scope.cancel()
 
 
 async def member_traffic(
@@ -379,10 +386,8 @@ async def test_every_panel_reads_series_from_a_relay_under_traffic(
     with trio.fail_after(120):
         async with (
             watched_relay(tmp_path, fake_upstream, prometheus_binary) as scene,
-            trio.open_nursery() as traffic,
             httpx.AsyncClient(base_url=scene.prometheus_url, timeout=10) as prometheus,
         ):
-            await traffic.start(member_traffic, scene.relay_url, fake_upstream)
             variables = await grafana_variables(prometheus)
             queries = list(panel_queries())
             for title, expr in queries:
@@ -390,7 +395,6 @@ async def test_every_panel_reads_series_from_a_relay_under_traffic(
                 await wait_for_some(
                     functools.partial(query, prometheus, panel_query), f"panel {title!r}: {panel_query}"
                 )
-            traffic.cancel_scope.cancel()
     assert len(queries) == sum(len(panel.get("targets", [])) for panel in dashboard()["panels"])
 
 
@@ -402,10 +406,8 @@ async def test_every_alert_reads_series_from_a_relay_and_every_rule_loads(
     with trio.fail_after(120):
         async with (
             watched_relay(tmp_path, fake_upstream, prometheus_binary) as scene,
-            trio.open_nursery() as traffic,
             httpx.AsyncClient(base_url=scene.prometheus_url, timeout=10) as prometheus,
         ):
-            await traffic.start(member_traffic, scene.relay_url, fake_upstream)
             for rule in rules:
                 await query(prometheus, rule["expr"])  # parses (a healthy relay: mostly no series)
                 selectors = [found[0] for found in SELECTOR.finditer(rule["expr"])]
@@ -415,7 +417,6 @@ async def test_every_alert_reads_series_from_a_relay_and_every_rule_loads(
                         functools.partial(query, prometheus, selector), f"{rule['alert']}: {selector}"
                     )
             loaded = await wait_evaluated(prometheus, len(rules))
-            traffic.cancel_scope.cancel()
     assert sorted(group["name"] for group in loaded) == sorted(groups)  # Prometheus lists them by name
     evaluated = [rule for group in loaded for rule in group["rules"]]
     assert sorted(rule["name"] for rule in evaluated) == sorted(rule["alert"] for rule in rules)
@@ -452,11 +453,7 @@ async def write_screenshot(path: Path, duration_s: int) -> None:
         async with trio.open_nursery() as nursery:
             fake = FakeSupabase(valid_keys=(ANON_KEY,))
             await nursery.start(fake.run)
-            async with (
-                watched_relay(Path(directory), fake, PROMETHEUS) as scene,
-                trio.open_nursery() as traffic,
-            ):
-                await traffic.start(member_traffic, scene.relay_url, fake)
+            async with watched_relay(Path(directory), fake, PROMETHEUS) as scene:
                 await trio.sleep(duration_s)  # the history the graphs show: a picture, not a test
                 width, height = SCREENSHOT_SIZE
                 await trio.run_process(
@@ -472,7 +469,6 @@ async def write_screenshot(path: Path, duration_s: int) -> None:
                     capture_stdout=True,
                     capture_stderr=True,
                 )
-                traffic.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
 
 

@@ -28,11 +28,20 @@ def cycle_holding_a_buffer() -> weakref.ref[Buffer]:
 
 
 class Rss:
-    def __init__(self) -> None:
-        self.now: int | None = 100 * MIB
+    def __init__(self, readable: bool = True) -> None:
+        self.now = 100 * MIB
+        self.readable = readable
 
     def __call__(self) -> int | None:
-        return self.now
+        return self.now if self.readable else None
+
+
+async def past_first_look(rss: Rss) -> YoungGarbage:
+    """A YoungGarbage after its first look, which collects and takes the baseline."""
+    garbage = YoungGarbage(rss)
+    await garbage.look()
+    assert garbage.collections == 1
+    return garbage
 
 
 @pytest.fixture
@@ -55,10 +64,7 @@ async def looks(garbage: YoungGarbage, count: int) -> None:
 async def test_a_process_that_does_not_grow_is_not_collected(
     autojump_clock: trio.testing.MockClock, only_our_collections: None
 ) -> None:
-    rss = Rss()
-    garbage = YoungGarbage(rss)
-    await garbage.look()  # the first look collects and takes the baseline
-    assert garbage.collections == 1
+    garbage = await past_first_look(Rss())
     held = cycle_holding_a_buffer()
     await looks(garbage, 100)
     assert garbage.collections == 1
@@ -71,9 +77,7 @@ async def test_growth_is_collected_at_the_next_look_and_measured_from_the_lowest
     autojump_clock: trio.testing.MockClock, only_our_collections: None
 ) -> None:
     rss = Rss()
-    garbage = YoungGarbage(rss)
-    await garbage.look()
-    assert rss.now is not None
+    garbage = await past_first_look(rss)
     rss.now -= 3 * MIB  # memory given back: the growth counts from here
     await looks(garbage, 1)
     rss.now += GROWTH_BYTES - 1
@@ -90,9 +94,7 @@ async def test_growth_is_collected_at_the_next_look_and_measured_from_the_lowest
 async def test_where_the_rss_cannot_be_read_every_look_collects(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    rss = Rss()
-    rss.now = None
-    garbage = YoungGarbage(rss)
+    garbage = YoungGarbage(Rss(readable=False))
     await looks(garbage, 3)
     assert garbage.collections == 3
 
