@@ -29,6 +29,7 @@ import trio
 if __package__ in (None, ""):  # run as `python bench/big_answers.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.probes import percentile
 from bench.processes import cpu_seconds, open_relay
 from bench.report import machine_lines, run_and_write
 from bench.shortpoll_servers import pin
@@ -90,8 +91,8 @@ class Prober:
                 await trio.sleep(PING_EVERY_S)
 
     def percentile_ms(self, fraction: float) -> float:
-        ordered = sorted(self.rtts_s)
-        return 1000 * ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
+        found = percentile(self.rtts_s, fraction)
+        return 0.0 if found is None else 1000 * found
 
 
 async def fetch_all(url: str, path: str, requests: int, at_once: int) -> tuple[list[float], int]:

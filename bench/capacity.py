@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as `python bench/capacity.py`: make the `be
 
 from bench import delivery, shortpoll
 from bench.probes import percentile
-from bench.report import ScenarioResult, machine_lines, run_and_write
+from bench.report import ScenarioResult, errors_cell, machine_lines, run_and_write
 from bench.shortpoll_data import request_mix, seed_relay_database, write_paths, write_seed_file
 from bench.shortpoll_servers import ensure_node_modules, open_node, pin
 from bench.wrk_runs import WrkRun, run_wrk, wrk_command
@@ -147,20 +147,18 @@ def _ping_p99_ms(result: ScenarioResult) -> float | None:
 
 def _relay_row(result: ScenarioResult) -> str:
     p50, p99, ping = result.percentile_ms(0.5), result.percentile_ms(0.99), _ping_p99_ms(result)
-    verdict = "holds" if holds(result) else "does not hold"
+    held = holds(result)
+    verdict = "holds" if held else "does not hold"
     loadgen_cpu = result.cpu_percent(result.measurement.loadgen_cpu_s)
-    if not holds(result) and loadgen_cpu >= LOADGEN_SATURATED_PERCENT:
+    if not held and loadgen_cpu >= LOADGEN_SATURATED_PERCENT:
         verdict += f" (the load generator at {loadgen_cpu:.0f}% CPU: its limit, maybe not the relay's)"
     share = result.delivered / result.expected if result.expected else 0.0
-    tally, probes = result.tally, result.measurement.probes
-    errors = ", ".join(f"{kind} {count}" for kind, count in sorted(tally.errors.items())) or "0"
-    if tally.duplicates:
-        errors += f", duplicates {tally.duplicates}"
+    probes = result.measurement.probes
     failed = f" ({probes.ping_failures} failed)" if probes.ping_failures else ""
     return (
         f"| relay {result.kind} | {result.clients:,} | {verdict}: {share:.1%} delivered | "
         f"{p50 or 0:.1f} | {p99 or 0:.1f} | {result.cpu_percent(result.measurement.relay_cpu_s):.0f} | "
-        f"{loadgen_cpu:.0f} | {'-' if ping is None else f'{ping:.1f}'}{failed} | {errors} |"
+        f"{loadgen_cpu:.0f} | {'-' if ping is None else f'{ping:.1f}'}{failed} | {errors_cell(result.tally)} |"
     )
 
 

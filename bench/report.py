@@ -170,12 +170,18 @@ SCENARIO_HEADER = (
 )
 
 
-def scenario_row(result: ScenarioResult, ingest_cpu_share: float) -> str:
-    m = result.measurement
-    tally = result.tally
+def errors_cell(tally: Tally) -> str:
+    """A scenario's client errors by kind, and the events the relay sent twice."""
     errors = ", ".join(f"{kind} {count}" for kind, count in sorted(tally.errors.items())) or "0"
     if tally.duplicates:
         errors += f", duplicates {tally.duplicates}"
+    return errors
+
+
+def scenario_row(result: ScenarioResult, ingest_cpu_share: float) -> str:
+    m = result.measurement
+    tally = result.tally
+    errors = errors_cell(tally)
     if tally.gave_up:
         errors += f", gave up {tally.gave_up}"
     share = f"{result.delivered} / {result.expected}"

@@ -1,5 +1,5 @@
 """Memory given back as soon as it is free: glibc's malloc told to return large blocks to the system,
-and the young garbage collected every second.
+and the young garbage collected as soon as the process grows.
 
 The relay's large allocations are short-lived: a 1 MiB upstream change is held as a frame, a string, a
 parsed row and two encodings for a few milliseconds, a page of old events for one answer. By default

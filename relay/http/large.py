@@ -68,7 +68,7 @@ class _Pieces:
 
     def done(self) -> list[bytes]:
         self._flush()
-        return self._done or [b""]
+        return self._done
 
     def _flush(self) -> None:
         if self._pending:
